@@ -1,0 +1,1 @@
+//! Command line: clap arguments, validated configs, one file per subcommand.

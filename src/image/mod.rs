@@ -1,0 +1,388 @@
+//! The image engine: a compressed, in-place, crash-consistent block store.
+//!
+//! Nothing here knows about virtio, vhost-user or guest memory. Callers see a byte-addressed disk
+//! (`read`/`write`/`flush`/`discard`/`write_zeroes` at 512-byte-aligned offsets) that is safe to use
+//! from many threads at once (`&self` everywhere); the engine's own metadata writer thread makes
+//! writes durable in group commits (see `docs/ARCHITECTURE.md` and `docs/FORMAT.md`).
+//!
+//! API CONTRACT (skeleton: the bodies are filled in by the engine work, issue #2).
+
+pub mod storage;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use storage::{FileStorage, MemStorage, Storage};
+
+/// Logical sector size: every offset and length handed to the engine is a multiple of this.
+pub const SECTOR_SIZE: u64 = 512;
+/// Smallest and largest cluster sizes the format allows.
+pub const MIN_CLUSTER_SIZE: u32 = 16 * 1024;
+/// See [`MIN_CLUSTER_SIZE`].
+pub const MAX_CLUSTER_SIZE: u32 = 128 * 1024;
+/// Cluster size used when none is given.
+pub const DEFAULT_CLUSTER_SIZE: u32 = 64 * 1024;
+/// Interval of the metadata writer's timer commit when none is given (like dm-thin).
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Compression algorithm of an image (the default for new writes) or of one stored cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Store clusters uncompressed (all-zero clusters still store nothing).
+    None,
+    /// LZ4 block format (`lz4_flex`). The default.
+    #[default]
+    Lz4,
+    /// Snappy raw format (`snap`).
+    Snappy,
+    /// Zstandard at a level (1..=22; negative levels are the fast modes).
+    Zstd {
+        /// Compression level.
+        level: i32,
+    },
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Compression::None => f.write_str("none"),
+            Compression::Lz4 => f.write_str("lz4"),
+            Compression::Snappy => f.write_str("snappy"),
+            Compression::Zstd { level } => write!(f, "zstd:{level}"),
+        }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    /// Parses `none`, `lz4`, `snappy`, `zstd` (level 3) or `zstd:LEVEL`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "snappy" => Ok(Compression::Snappy),
+            "zstd" => Ok(Compression::Zstd { level: 3 }),
+            other => {
+                let Some(level) = other.strip_prefix("zstd:") else {
+                    return Err(format!(
+                        "unknown compression '{other}' (expected lz4, snappy, zstd[:LEVEL] or none)"
+                    ));
+                };
+                let level: i32 = level
+                    .parse()
+                    .map_err(|_| format!("zstd level '{level}' is not a number"))?;
+                if !(-7..=22).contains(&level) || level == 0 {
+                    return Err(format!(
+                        "zstd level {level} is out of range (-7..=22, not 0)"
+                    ));
+                }
+                Ok(Compression::Zstd { level })
+            }
+        }
+    }
+}
+
+/// Parameters of a new image.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Logical disk size in bytes (rounded up to a multiple of the cluster size is NOT done:
+    /// must be a multiple of 512; the last cluster may be partial).
+    pub size: u64,
+    /// Cluster size in bytes: a power of two in [`MIN_CLUSTER_SIZE`]..=[`MAX_CLUSTER_SIZE`].
+    pub cluster_size: u32,
+    /// Algorithm for new writes.
+    pub compression: Compression,
+}
+
+impl CreateOptions {
+    /// Defaults (64 KiB clusters, lz4) for a disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            compression: Compression::default(),
+        }
+    }
+}
+
+/// What to do when another process holds the image's writer lock (I8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockPolicy {
+    /// Fail at once with [`ImageError::Locked`].
+    Fail,
+    /// Retry until the lock is free, up to this long, then fail with [`ImageError::Locked`].
+    Wait(Duration),
+}
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open read-only: no lock, no writer thread, nothing is ever written (not even recovery).
+    pub read_only: bool,
+    /// Interval of the timer commit.
+    pub commit_interval: Duration,
+    /// What to do when the writer lock is taken.
+    pub lock: LockPolicy,
+    /// Open in the quiesced state: read and validate the superblock only (geometry is available),
+    /// take no lock and load no table. [`Image::resume`] later takes the lock and loads the
+    /// metadata. This is how `serve` starts: it must answer GET_CONFIG before the device runs.
+    pub start_quiesced: bool,
+    /// TEST ONLY: write the commit record *before* making the data durable (breaks I2/I3).
+    /// Exists so the crash simulator can show that its oracle catches a broken commit order.
+    #[doc(hidden)]
+    pub test_break_commit_order: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
+            lock: LockPolicy::Fail,
+            start_quiesced: false,
+            test_break_commit_order: false,
+        }
+    }
+}
+
+/// Fixed properties of an image, from its superblock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Geometry {
+    /// Logical size in bytes.
+    pub size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Algorithm for new writes.
+    pub compression: Compression,
+    /// Image UUID (hyphenated).
+    pub uuid: String,
+    /// On-disk format version.
+    pub format_version: u32,
+}
+
+/// Live statistics of an open image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Logical size of the disk in bytes.
+    pub logical_bytes: u64,
+    /// Bytes of guest data that are not known zero (non-zero clusters × cluster size).
+    pub allocated_logical_bytes: u64,
+    /// Payload bytes stored (4 KiB units in use, committed or pending).
+    pub stored_bytes: u64,
+    /// Clusters that read as zeros and store nothing.
+    pub clusters_zero: u64,
+    /// Clusters stored compressed.
+    pub clusters_compressed: u64,
+    /// Clusters stored raw (compression saved no 4 KiB unit).
+    pub clusters_raw: u64,
+    /// Payload checksum mismatches seen by reads since open.
+    pub checksum_errors: u64,
+    /// Metadata commits since open.
+    pub commits: u64,
+    /// Checkpoints written since open.
+    pub checkpoints: u64,
+    /// Read requests served since open.
+    pub reads: u64,
+    /// Write requests (including write-zeroes/discard) served since open.
+    pub writes: u64,
+    /// Flush requests served since open.
+    pub flushes: u64,
+    /// Bytes of RAM held by the cluster table.
+    pub table_ram_bytes: u64,
+    /// True while the engine is quiesced (writer parked, nothing uncommitted).
+    pub quiesced: bool,
+    /// Number of writes accepted but not yet in a durable commit.
+    pub uncommitted_writes: u64,
+}
+
+impl Stats {
+    /// Compression ratio: allocated logical bytes / stored bytes (1.0 when nothing is stored).
+    pub fn ratio(&self) -> f64 {
+        if self.stored_bytes == 0 {
+            return 1.0;
+        }
+        self.allocated_logical_bytes as f64 / self.stored_bytes as f64
+    }
+}
+
+/// Result of `check`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckReport {
+    /// Metadata or payload problems: each a sentence naming what and where.
+    pub corruptions: Vec<String>,
+    /// Space that is allocated on the host but referenced by nothing (harmless, reclaimable).
+    pub leaked_bytes: u64,
+    /// What `--repair` changed, if it ran.
+    pub repairs: Vec<String>,
+    /// Clusters whose payload was read and verified.
+    pub clusters_checked: u64,
+    /// Geometry, when the superblock could be read.
+    pub geometry: Option<Geometry>,
+    /// Statistics of the recovered state, when it could be loaded.
+    pub stats: Option<Stats>,
+}
+
+/// Errors of the engine. `kind` tells callers (the virtio-blk layer) how to answer the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Host I/O failed (EIO, ENOSPC, ...).
+    #[error("{op} at byte {offset}: {source}")]
+    Io {
+        /// What the engine was doing.
+        op: &'static str,
+        /// Byte offset in the image file.
+        offset: u64,
+        /// The host error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored payload failed its checksum or did not decompress to a cluster.
+    #[error("cluster {cluster}: stored data is corrupt ({reason})")]
+    CorruptPayload {
+        /// Cluster index.
+        cluster: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// Metadata failed validation; the image refuses to open read-write.
+    #[error("image metadata is corrupt: {0}")]
+    CorruptMetadata(String),
+    /// Not an insitu-blk image (wrong magic), or an unsupported version.
+    #[error("not an insitu-blk image: {0}")]
+    NotAnImage(String),
+    /// Request outside the disk, unaligned, or otherwise malformed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Write to an image opened read-only.
+    #[error("image is open read-only")]
+    ReadOnly,
+    /// Another process holds the writer lock.
+    #[error("image is locked by another process (in use?)")]
+    Locked,
+    /// The engine is quiesced; call `resume` first.
+    #[error("image is quiesced")]
+    Quiesced,
+    /// Invalid option (bad cluster size, size, ...).
+    #[error("{0}")]
+    InvalidOption(String),
+    /// The metadata writer failed earlier; the image no longer accepts writes.
+    #[error("metadata writer failed: {0}")]
+    WriterFailed(String),
+}
+
+/// Result alias of the engine.
+pub type Result<T, E = ImageError> = std::result::Result<T, E>;
+
+/// An open image. `Send + Sync`; share it with `Arc`.
+#[derive(Debug)]
+pub struct Image {
+    _storage: Arc<dyn Storage>,
+}
+
+#[allow(unused_variables)]
+impl Image {
+    /// Creates a new image at `path` (a new regular file, or an existing block device).
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Creates a new image on `storage` (overwrites whatever is there).
+    pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Opens the image at `path`, runs recovery (unless read-only or `start_quiesced`).
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        unimplemented!("issue #2")
+    }
+
+    /// Opens an image on `storage`.
+    pub fn open_on(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
+        unimplemented!("issue #2")
+    }
+
+    /// Geometry from the superblock.
+    pub fn geometry(&self) -> &Geometry {
+        unimplemented!("issue #2")
+    }
+
+    /// Logical size in bytes.
+    pub fn size(&self) -> u64 {
+        unimplemented!("issue #2")
+    }
+
+    /// True when opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        unimplemented!("issue #2")
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both multiples of 512, inside the disk).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Writes `data` at `offset` (both multiples of 512, inside the disk). Returns when the data
+    /// is in the engine (it survives a crash only after a later `flush` returns).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Makes the range read as zeros. `unmap`: release the space (whole clusters become zero
+    /// entries either way; the flag only matters for partial clusters).
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Discards a range: it reads as zeros afterwards and its space is released.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// I2: returns once every write that completed before the call is durable.
+    pub fn flush(&self) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// I7: commits everything accepted so far, parks the metadata writer and releases the writer
+    /// lock. Returns when that is done. I/O while quiesced fails with [`ImageError::Quiesced`].
+    /// Idempotent.
+    pub fn quiesce(&self) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Re-takes the writer lock (per [`OpenOptions::lock`]), reloads the metadata if another
+    /// process committed meanwhile (or loads it the first time after `start_quiesced`), and
+    /// restarts the writer. Idempotent.
+    pub fn resume(&self) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+
+    /// Live statistics.
+    pub fn stats(&self) -> Stats {
+        unimplemented!("issue #2")
+    }
+
+    /// Commits, checkpoints, stops the writer and releases the lock.
+    pub fn close(self) -> Result<()> {
+        unimplemented!("issue #2")
+    }
+}
+
+/// Checks the image at `path`: validates all metadata, replays the journal (in memory), reads and
+/// verifies every stored payload, and finds leaked space. `repair` (needs the writer lock) writes a
+/// fresh checkpoint of the recovered table and punches leaked space.
+pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    unimplemented!("issue #2: {path:?} {repair}")
+}
+
+/// [`check`] on any storage.
+pub fn check_on(storage: Arc<dyn Storage>, repair: bool) -> Result<CheckReport> {
+    unimplemented!("issue #2: {storage:?} {repair}")
+}

@@ -1,0 +1,11 @@
+//! insitu-blk: a vhost-user virtio-blk backend that stores guest data compressed, in place,
+//! crash-consistently.
+//!
+//! Layers (who may import whom): `image` imports nothing of `blk`, `vhost`, `cli`, vm-memory or
+//! the virtio crates; `blk` uses `image`'s public API plus virtio-queue/vm-memory; `vhost` is the
+//! only user of vhost/vhost-user-backend; nothing imports `cli`.
+
+pub mod blk;
+pub mod cli;
+pub mod image;
+pub mod vhost;
