@@ -1,1 +1,3 @@
 //! Command line: clap arguments, validated configs, one file per subcommand.
+
+pub mod serve;
