@@ -1002,9 +1002,8 @@ fn recovers_acceptably(image: Vec<u8>, acceptable: &[Vec<Vec<u8>>]) -> bool {
         return false;
     };
     let mut buf = vec![0u8; cs];
-    let ok = (0..acceptable.len()).all(|k| {
-        back.read((k * cs) as u64, &mut buf).is_ok() && acceptable[k].iter().any(|v| *v == buf)
-    });
+    let ok = (0..acceptable.len())
+        .all(|k| back.read((k * cs) as u64, &mut buf).is_ok() && acceptable[k].contains(&buf));
     back.abandon();
     ok
 }
