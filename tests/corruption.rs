@@ -42,7 +42,12 @@ type Written = Vec<(u64, Vec<u8>)>;
 /// Creates an image on `backend`, runs `work` on it, then either closes it (`close`) or flushes
 /// and takes its bytes while it is still open (a crash right after a FLUSH: the journal holds
 /// commits that no checkpoint has yet). Returns the image bytes.
-fn build(backend: Backend, compression: Compression, close: bool, work: &dyn Fn(&Image)) -> Vec<u8> {
+fn build(
+    backend: Backend,
+    compression: Compression,
+    close: bool,
+    work: &dyn Fn(&Image),
+) -> Vec<u8> {
     let mut opts = CreateOptions::new(CLUSTERS * u64::from(CLUSTER));
     opts.cluster_size = CLUSTER;
     opts.compression = compression;
@@ -130,7 +135,8 @@ impl Corrupted {
         match self.backend {
             Backend::File => Image::open(self.path.as_ref().expect("file"), &opts),
             Backend::Mem => {
-                let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(self.bytes.clone()));
+                let storage: Arc<dyn Storage> =
+                    Arc::new(MemStorage::from_bytes(self.bytes.clone()));
                 Image::open_on(storage, &opts)
             }
         }
@@ -140,7 +146,8 @@ impl Corrupted {
         match self.backend {
             Backend::File => check(self.path.as_ref().expect("file"), false),
             Backend::Mem => {
-                let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(self.bytes.clone()));
+                let storage: Arc<dyn Storage> =
+                    Arc::new(MemStorage::from_bytes(self.bytes.clone()));
                 check_on(storage, false)
             }
         }
@@ -255,7 +262,9 @@ fn flipped_payload_bit_fails_that_cluster_only_and_is_counted() {
                     "{backend:?}: wrong error for a corrupt payload: {err:?}"
                 );
                 // A sub-cluster read of the same cluster fails too; other clusters are fine.
-                assert!(image.read(5 * u64::from(CLUSTER) + 512, &mut buf[..512]).is_err());
+                assert!(image
+                    .read(5 * u64::from(CLUSTER) + 512, &mut buf[..512])
+                    .is_err());
                 assert!(image.stats().checksum_errors >= 2, "{:?}", image.stats());
                 let wrong = wrong_clusters(&image, &written);
                 assert_eq!(wrong.len(), 1, "{backend:?}: {wrong:?}");
@@ -313,7 +322,9 @@ fn both_superblock_copies_bad_refuses_with_a_clear_message() {
         flip_bit(&mut bytes, BLOCK + 4000, 7);
         let img = Corrupted::new(backend, bytes);
         for read_only in [false, true] {
-            let err = img.open(read_only).expect_err("opened with both superblocks bad");
+            let err = img
+                .open(read_only)
+                .expect_err("opened with both superblocks bad");
             assert!(
                 matches!(err, ImageError::CorruptMetadata(_)),
                 "{backend:?}: {err:?}"
@@ -379,7 +390,10 @@ fn flipped_bit_in_the_checkpoint_is_detected() {
             write_three(image);
         });
         let headers = blocks_with_magic(&bytes, b"INSITUCP");
-        assert!(!headers.is_empty(), "{backend:?}: no checkpoint header found");
+        assert!(
+            !headers.is_empty(),
+            "{backend:?}: no checkpoint header found"
+        );
         // The newest checkpoint (highest sequence number, u64 at byte 16).
         let newest = *headers
             .iter()
@@ -439,7 +453,15 @@ fn truncated_images_are_refused_without_panic() {
             write_three(image);
         });
         let total = bytes.len();
-        for len in [0, 100, BLOCK, BLOCK + 1, 2 * BLOCK, total / 2, total - BLOCK] {
+        for len in [
+            0,
+            100,
+            BLOCK,
+            BLOCK + 1,
+            2 * BLOCK,
+            total / 2,
+            total - BLOCK,
+        ] {
             let img = Corrupted::new(backend, bytes[..len].to_vec());
             for read_only in [false, true] {
                 match img.open(read_only) {
@@ -471,7 +493,10 @@ fn assert_not_an_image(img: &Corrupted, what: &str) {
     }
     match img.check() {
         Err(ImageError::NotAnImage(_)) => {}
-        Ok(report) => assert!(!report.corruptions.is_empty(), "{what}: check found nothing"),
+        Ok(report) => assert!(
+            !report.corruptions.is_empty(),
+            "{what}: check found nothing"
+        ),
         Err(other) => panic!("{what}: check: expected NotAnImage, got {other:?}"),
     }
 }
@@ -506,7 +531,10 @@ fn qcow2_image_is_not_an_image() {
     assert!(status.success());
     let file = Corrupted::from_file(&path);
     assert_not_an_image(&file, "qcow2 file");
-    assert_not_an_image(&Corrupted::new(Backend::Mem, file.bytes.clone()), "qcow2 bytes");
+    assert_not_an_image(
+        &Corrupted::new(Backend::Mem, file.bytes.clone()),
+        "qcow2 bytes",
+    );
 }
 
 #[test]

@@ -330,6 +330,80 @@ fn write_patterns_compress_as_intended_and_differ_per_request() {
     );
 }
 
+#[test]
+fn generator_covers_every_kind_size_and_alignment_within_its_range() {
+    use workload::{Generator, Op};
+    let cs = 16 * 1024u64;
+    let (lo, hi) = (8, 24);
+    let mut gen = Generator::new(11, cs, lo, hi, Profile::Mixed);
+    let (mut flushes, mut reads, mut discards, mut zeroes, mut writes) = (0, 0, 0, 0, 0);
+    let (mut sub_cluster, mut whole, mut multi, mut unaligned, mut hot_hits) = (0, 0, 0, 0, 0);
+    let mut per_cluster = vec![0u32; hi as usize];
+    for _ in 0..5000 {
+        let op = gen.next();
+        let (offset, len) = match op {
+            Op::Flush => {
+                flushes += 1;
+                continue;
+            }
+            Op::Read { offset, len } => {
+                reads += 1;
+                (offset, len)
+            }
+            Op::Discard { offset, len } => {
+                discards += 1;
+                (offset, len)
+            }
+            Op::WriteZeroes { offset, len, .. } => {
+                zeroes += 1;
+                (offset, len)
+            }
+            Op::Write { offset, len, .. } => {
+                writes += 1;
+                (offset, len)
+            }
+        };
+        assert!(len > 0 && offset % 512 == 0 && len % 512 == 0, "{op:?}");
+        assert!(
+            offset >= lo * cs && offset + len <= hi * cs,
+            "{op:?} outside its clusters"
+        );
+        per_cluster[(offset / cs) as usize] += 1;
+        if len < cs {
+            sub_cluster += 1;
+        }
+        if offset % cs == 0 && len % cs == 0 {
+            whole += 1;
+        }
+        if (offset + len - 1) / cs > offset / cs {
+            multi += 1;
+        }
+        if offset % 4096 != 0 {
+            unaligned += 1;
+        }
+    }
+    for (c, &n) in per_cluster.iter().enumerate() {
+        if n > 600 {
+            hot_hits += 1;
+        }
+        assert!(c >= lo as usize || n == 0);
+    }
+    for (what, n) in [
+        ("flush", flushes),
+        ("read", reads),
+        ("discard", discards),
+        ("write_zeroes", zeroes),
+        ("write", writes),
+        ("sub-cluster", sub_cluster),
+        ("whole-cluster", whole),
+        ("multi-cluster", multi),
+        ("not 4K-aligned", unaligned),
+    ] {
+        assert!(n > 150, "too few {what} requests: {n}");
+    }
+    assert!(hot_hits >= 2, "no hot clusters: {per_cluster:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real engine under crashes.
 

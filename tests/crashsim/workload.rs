@@ -180,7 +180,7 @@ pub fn fill(pattern: Pattern, tag: u64, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// Generates requests inside clusters `[lo, hi)`.
-struct Generator {
+pub struct Generator {
     rng: SmallRng,
     cluster_size: u64,
     lo: u64,
@@ -190,7 +190,8 @@ struct Generator {
 }
 
 impl Generator {
-    fn new(seed: u64, cluster_size: u64, lo: u64, hi: u64, profile: Profile) -> Self {
+    /// A generator for clusters `[lo, hi)`.
+    pub fn new(seed: u64, cluster_size: u64, lo: u64, hi: u64, profile: Profile) -> Self {
         let mut rng = SmallRng::seed_from_u64(seed);
         let hot = (0..3).map(|_| rng.gen_range(lo..hi)).collect();
         Generator {
@@ -252,7 +253,8 @@ impl Generator {
         }
     }
 
-    fn next(&mut self) -> Op {
+    /// The next request.
+    pub fn next(&mut self) -> Op {
         let cs = self.cluster_size;
         match self.profile {
             Profile::Mixed => {
@@ -287,8 +289,8 @@ impl Generator {
                 }
             }
             Profile::Pressure => match self.rng.gen_range(0..100) {
-                0..=2 => Op::Flush,
-                3..=6 => Op::Read {
+                0 => Op::Flush,
+                1..=4 => Op::Read {
                     offset: self.rng.gen_range(self.lo..self.hi) * cs,
                     len: cs,
                 },
