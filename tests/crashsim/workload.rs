@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::model::{Model, Verdict};
-use super::sim::{CrashMode, CrashSnapshot, SimStorage};
+use super::sim::{CrashMode, CrashSnapshot, PendingOp, SimStorage};
 
 /// Data written by a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +57,9 @@ pub enum Profile {
     Pressure,
     /// Several threads racing on the SAME few clusters with whole-cluster writes/discards.
     SharedClusters,
+    /// Small writes each followed by a flush: one commit per request, so the journal fills and
+    /// checkpoints are written (and crashed) during the workload.
+    Journal,
 }
 
 /// Everything that defines one run.
@@ -133,17 +136,65 @@ pub struct Outcome {
     pub double_crashes: u64,
     /// Violations (each a full report).
     pub violations: Vec<String>,
+    /// Crash points that had unflushed storage operations to choose from.
+    pub points_with_pending: u64,
+    /// Crash states with at least one torn write or punch.
+    pub torn: u64,
+    /// Crash points with an unflushed checkpoint header write (a crash inside a checkpoint).
+    pub points_in_checkpoint: u64,
+    /// Clusters recovered to a version written after the last completed flush.
+    pub clusters_unflushed_survived: u64,
+    /// Clusters recovered to an older allowed version than the newest one (unflushed loss).
+    pub clusters_unflushed_lost: u64,
+    /// Crash states repaired with `check_on(repair)` before recovery (then re-checked).
+    pub repaired: u64,
+    /// Leaked bytes `check` found after crashes (allowed: uncommitted data and punches lost).
+    pub leaked_bytes: u64,
+    /// Engine commits and checkpoints during the workloads (Stats at the end of each round).
+    pub commits: u64,
+    /// See `commits`.
+    pub checkpoints: u64,
     /// Wall time.
     pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Adds another run's numbers to this one (violations are moved).
+    pub fn absorb(&mut self, other: Outcome) {
+        self.crash_points += other.crash_points;
+        self.double_crashes += other.double_crashes;
+        self.violations.extend(other.violations);
+        self.points_with_pending += other.points_with_pending;
+        self.torn += other.torn;
+        self.points_in_checkpoint += other.points_in_checkpoint;
+        self.clusters_unflushed_survived += other.clusters_unflushed_survived;
+        self.clusters_unflushed_lost += other.clusters_unflushed_lost;
+        self.repaired += other.repaired;
+        self.leaked_bytes += other.leaked_bytes;
+        self.commits += other.commits;
+        self.checkpoints += other.checkpoints;
+        self.elapsed += other.elapsed;
+    }
 }
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} crash points ({} re-crashed after recovery), {} violations, {:.1?}",
+            "{} crash points ({} re-crashed after recovery, {} repaired first, {} with unflushed \
+             operations, {} with torn ones, {} inside a checkpoint); clusters recovered with unflushed data {} / without \
+             {}; {} leaked bytes found; engine: {} commits, {} checkpoints; {} violations; {:.1?}",
             self.crash_points,
             self.double_crashes,
+            self.repaired,
+            self.points_with_pending,
+            self.torn,
+            self.points_in_checkpoint,
+            self.clusters_unflushed_survived,
+            self.clusters_unflushed_lost,
+            self.leaked_bytes,
+            self.commits,
+            self.checkpoints,
             self.violations.len(),
             self.elapsed
         )
@@ -187,6 +238,7 @@ pub struct Generator {
     hi: u64,
     hot: Vec<u64>,
     profile: Profile,
+    flush_next: bool,
 }
 
 impl Generator {
@@ -201,6 +253,7 @@ impl Generator {
             hi,
             hot,
             profile,
+            flush_next: false,
         }
     }
 
@@ -304,6 +357,27 @@ impl Generator {
                     },
                 },
             },
+            Profile::Journal => {
+                self.flush_next = !self.flush_next;
+                if !self.flush_next {
+                    return Op::Flush;
+                }
+                let c = self.cluster();
+                let sectors = self.rng.gen_range(1..=8);
+                let first = self.rng.gen_range(0..=cs / 512 - sectors);
+                let offset = c * cs + first * 512;
+                match self.rng.gen_range(0..10) {
+                    0 => Op::Discard {
+                        offset,
+                        len: sectors * 512,
+                    },
+                    _ => Op::Write {
+                        offset,
+                        len: sectors * 512,
+                        pattern: Pattern::Compressible,
+                    },
+                }
+            }
             Profile::SharedClusters => {
                 let offset = self.rng.gen_range(self.lo..self.hi) * cs;
                 match self.rng.gen_range(0..100) {
@@ -474,6 +548,9 @@ fn run_round(
     let errors = Mutex::new(Vec::new());
     let round_seed = spec.seed.wrapping_add(round as u64 * 0x1000_0000_0001);
     sim.start_capture(clock.clone(), spec.crash_points, round_seed ^ 0xC4A5);
+    // Checkpoints are rare and multi-step: crash at every step of (some of) them. The magic is
+    // the checkpoint header's, as documented in the format.
+    sim.focus_capture(b"INSITUCP", spec.crash_points);
     let ctx = Round {
         image,
         clock: &clock,
@@ -542,11 +619,13 @@ fn verify_state(
     model: &Model,
     t: u64,
     expect_exact: Option<&[Arc<[u8]>]>,
+    repair: bool,
+    outcome: &mut Outcome,
 ) -> Result<Recovered, String> {
     let cs = spec.cluster_size as usize;
     let dyn_storage: Arc<dyn Storage> = storage.clone();
     match check_on(dyn_storage.clone(), false) {
-        Ok(report) if report.corruptions.is_empty() => {}
+        Ok(report) if report.corruptions.is_empty() => outcome.leaked_bytes += report.leaked_bytes,
         Ok(report) => {
             return Err(format!(
                 "check_on reports corruption after the crash: {:?}",
@@ -554,6 +633,31 @@ fn verify_state(
             ))
         }
         Err(e) => return Err(format!("check_on failed after the crash: {e}")),
+    }
+    if repair {
+        // `check --repair` on a crashed image: afterwards nothing is leaked or corrupt, and the
+        // oracle below still holds for what it left.
+        outcome.repaired += 1;
+        match check_on(dyn_storage.clone(), true) {
+            Ok(report) if report.corruptions.is_empty() => {}
+            Ok(report) => {
+                return Err(format!(
+                    "check_on(repair) reports corruption after the crash: {:?}",
+                    report.corruptions
+                ))
+            }
+            Err(e) => return Err(format!("check_on(repair) failed after the crash: {e}")),
+        }
+        match check_on(dyn_storage.clone(), false) {
+            Ok(report) if report.corruptions.is_empty() && report.leaked_bytes == 0 => {}
+            Ok(report) => {
+                return Err(format!(
+                    "check_on after check_on(repair): {} leaked bytes, corruptions {:?}",
+                    report.leaked_bytes, report.corruptions
+                ))
+            }
+            Err(e) => return Err(format!("check_on after check_on(repair) failed: {e}")),
+        }
     }
     let image = Image::open_on(dyn_storage, &open_options(spec))
         .map_err(|e| format!("recovery (open_on) failed after the crash: {e}"))?;
@@ -577,7 +681,15 @@ fn verify_state(
             }
         }
         match model.judge(c, t, &buf) {
-            Verdict::Matches(_) => {}
+            Verdict::Matches(i) => {
+                let version = &model.clusters[c][i];
+                if version.end >= model.guarantee(t) {
+                    outcome.clusters_unflushed_survived += 1;
+                }
+                if model.allowed(c, t).last() != Some(&i) {
+                    outcome.clusters_unflushed_lost += 1;
+                }
+            }
             Verdict::Violation(text) => problems.push(text),
         }
         contents.push(Arc::from(buf.as_slice()));
@@ -643,6 +755,9 @@ pub fn run(spec: &Spec) -> Outcome {
             &current.storage,
             current.contents.clone(),
         );
+        let stats = current.image.stats();
+        outcome.commits += stats.commits;
+        outcome.checkpoints += stats.checkpoints;
         if !errors.is_empty() {
             outcome.violations.push(format!(
                 "engine request failed during the workload (no crash involved), seed {}:\n{}\n\
@@ -660,12 +775,33 @@ pub fn run(spec: &Spec) -> Outcome {
         let mut next: Option<Recovered> = None;
         let last = snaps.len() - 1;
         for (si, snap) in snaps.iter().enumerate() {
-            for k in 0..spec.crashes_per_point {
+            // Focus points (the steps of a checkpoint) are rare: draw more crashes from each.
+            let draws = if snap.after.ends_with("(focus)") {
+                spec.crashes_per_point * 4
+            } else {
+                spec.crashes_per_point
+            };
+            for k in 0..draws {
                 let mode = CrashMode::random(&mut rng);
                 let (pages, desc) = snap.materialize(mode, &mut rng);
                 outcome.crash_points += 1;
+                outcome.points_with_pending += u64::from(!snap.pending.is_empty());
+                outcome.torn += u64::from(desc.contains("TORN"));
+                outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(|op| {
+                    matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP"))
+                }));
                 let storage = Arc::new(SimStorage::from_pages(pages));
-                let recovered = match verify_state(spec, storage, &model, snap.clock, None) {
+                let repair = rng.gen_ratio(1, 8);
+                let verified = verify_state(
+                    spec,
+                    storage,
+                    &model,
+                    snap.clock,
+                    None,
+                    repair,
+                    &mut outcome,
+                );
+                let recovered = match verified {
                     Ok(r) => r,
                     Err(problem) => {
                         outcome
@@ -687,7 +823,16 @@ pub fn run(spec: &Spec) -> Outcome {
                     outcome.double_crashes += 1;
                     outcome.crash_points += 1;
                     let again = Arc::new(again);
-                    match verify_state(spec, again, &model, snap.clock, Some(&first)) {
+                    let verified = verify_state(
+                        spec,
+                        again,
+                        &model,
+                        snap.clock,
+                        Some(&first),
+                        false,
+                        &mut outcome,
+                    );
+                    match verified {
                         Ok(r) => r,
                         Err(problem) => {
                             let desc = format!(
@@ -706,7 +851,7 @@ pub fn run(spec: &Spec) -> Outcome {
                 } else {
                     recovered
                 };
-                if si == last && k + 1 == spec.crashes_per_point && next.is_none() {
+                if si == last && k + 1 == draws && next.is_none() {
                     next = Some(recovered);
                 } else {
                     drop(recovered);
