@@ -163,8 +163,25 @@ impl Source {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` (inside [`Source::len`]).
+    /// Reads `buf.len()` bytes at `offset` (inside [`Source::len`]). When a large read fails, the
+    /// error names the first failing cluster-sized block, not just the start of the chunk.
     fn read(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        let Err(err) = self.read_once(offset, buf) else {
+            return Ok(());
+        };
+        let step = match self {
+            Source::Raw { .. } => DEFAULT_CLUSTER_SIZE as usize,
+            Source::Insitu(image) => image.geometry().cluster_size.max(512) as usize,
+        };
+        if buf.len() > step {
+            for (index, piece) in buf.chunks_mut(step).enumerate() {
+                self.read_once(offset + (index * step) as u64, piece)?;
+            }
+        }
+        Err(err)
+    }
+
+    fn read_once(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
         match self {
             Source::Raw {
                 storage, data_len, ..
@@ -635,6 +652,48 @@ mod tests {
         source.read(0, &mut buf).unwrap();
         assert!(buf[..1000].iter().all(|&b| b == 0xAA));
         assert!(buf[1000..].iter().all(|&b| b == 0));
+    }
+
+    fn raw_pair(a: &[u8], b: &[u8]) -> (tempfile::TempDir, ConvertConfig, Source) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a.raw");
+        let dst = dir.path().join("b.raw");
+        fs::write(&src, a).unwrap();
+        fs::write(&dst, b).unwrap();
+        let cfg = config(&[
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--threads",
+            "3",
+        ])
+        .unwrap();
+        let source = Source::open_raw(&src).unwrap();
+        (dir, cfg, source)
+    }
+
+    #[test]
+    fn compare_reports_the_first_differing_offset_across_threads() {
+        let len = 5 * CHUNK_SIZE as usize + 4096;
+        let a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let (_dir, cfg, source) = raw_pair(&a, &a);
+        compare(&cfg, &source, Format::Raw, len as u64).unwrap();
+
+        let mut b = a.clone();
+        for offset in [
+            4 * CHUNK_SIZE as usize + 3,
+            CHUNK_SIZE as usize + 17,
+            len - 1,
+        ] {
+            b[offset] ^= 1;
+        }
+        let (_dir, cfg, source) = raw_pair(&a, &b);
+        let err = compare(&cfg, &source, Format::Raw, len as u64).unwrap_err();
+        let expected = format!("first at byte offset {}", CHUNK_SIZE + 17);
+        assert!(err.to_string().contains(&expected), "{err}");
+
+        let (_dir, cfg, source) = raw_pair(&a, &a[..len - 512]);
+        let err = compare(&cfg, &source, Format::Raw, len as u64).unwrap_err();
+        assert!(err.to_string().contains("shorter"), "{err}");
     }
 
     #[test]
