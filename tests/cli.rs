@@ -587,3 +587,69 @@ fn info_works_while_another_process_holds_the_image_read_write() {
     );
     held.close().expect("close");
 }
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(output.status.success(), "losetup: {output:?}");
+        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        LoopDevice { path }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// Block devices as SRC and DST of convert and as the target of create. Needs root and loop
+/// devices, so it runs only with INSITU_BLK_LOOP_TESTS=1 (it says so when skipped).
+#[test]
+fn block_devices_work_as_source_and_destination() {
+    if std::env::var_os("INSITU_BLK_LOOP_TESTS").is_none() {
+        eprintln!("skipped: set INSITU_BLK_LOOP_TESTS=1 (root, loop devices) to run");
+        return;
+    }
+    let dir = tempdir();
+    let len = 8 << 20;
+    let disk = sample_disk(len, 21);
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, &disk).unwrap();
+
+    // raw file -> raw block device: zeros must be written too (the device holds old bytes).
+    let backing = dir.path().join("dev.backing");
+    fs::write(&backing, vec![0xFFu8; len + (1 << 20)]).unwrap();
+    let device = LoopDevice::attach(&backing);
+    let dev = path_str(&device.path);
+    let run = ok(["convert", "--compare", "-O", "raw", path_str(&raw), dev]);
+    assert!(run.stderr.contains("left as they are"), "{run:#?}");
+    let written = fs::read(&backing).unwrap();
+    assert_eq!(&written[..len], &disk[..], "block device copy differs");
+
+    // block device -> insitu image: SRC size comes from the device (9 MiB here).
+    let image = dir.path().join("from-dev.img");
+    ok(["convert", "--compare", "-f", "raw", dev, path_str(&image)]);
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["virtual_size"], (len + (1 << 20)) as u64);
+
+    // create on a block device formats it; info then sees a block device.
+    let blank = dir.path().join("blank.backing");
+    fs::write(&blank, vec![0u8; 32 << 20]).unwrap();
+    let target = LoopDevice::attach(&blank);
+    ok(["create", path_str(&target.path), "--size", "16M"]);
+    let info = json(&ok(["info", "--json", path_str(&target.path)]));
+    assert_eq!(info["block_device"], true);
+    assert_eq!(info["host_allocated_bytes"], serde_json::Value::Null);
+    assert_eq!(info["virtual_size"], 16u64 << 20);
+    ok(["check", path_str(&target.path)]);
+}

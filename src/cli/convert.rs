@@ -409,6 +409,13 @@ fn create_sink(
                 if capacity < len {
                     bail!("block device holds {capacity} bytes, the disk needs {len}");
                 }
+                if capacity > len {
+                    eprintln!(
+                        "insitu-blk: note: '{}' holds {capacity} bytes; bytes past {len} are left \
+                         as they are",
+                        dst.display()
+                    );
+                }
             } else {
                 // Holes from the start: only non-zero data is written afterwards.
                 storage.set_len(len)?;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use insitu_blk::image::{FileStorage, Geometry, Image, OpenOptions, Stats, Storage};
+use insitu_blk::image::{FileStorage, Geometry, Image, ImageError, OpenOptions, Stats, Storage};
 use serde::Serialize;
 
 use super::size::human_size;
@@ -176,8 +176,13 @@ pub fn run(config: InfoConfig) -> anyhow::Result<()> {
         read_only: true,
         ..OpenOptions::default()
     };
-    let image =
-        Image::open(path, &open).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let image = Image::open(path, &open).map_err(|err| {
+        let hint = match err {
+            ImageError::CorruptMetadata(_) => " ('insitu-blk check' explains what is wrong)",
+            _ => "",
+        };
+        anyhow::Error::new(err).context(format!("cannot open '{}'{hint}", path.display()))
+    })?;
     let host = FileStorage::open(path, true)
         .with_context(|| format!("cannot open '{}'", path.display()))?;
     let report = InfoReport::new(path, image.geometry(), &image.stats(), &host)
