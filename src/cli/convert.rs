@@ -224,20 +224,25 @@ impl Source {
         match forced {
             Some(Format::Raw) => Source::open_raw(path),
             Some(Format::Insitu) => Ok(Source::open_insitu(path)?),
-            None => match Source::open_insitu(path) {
-                Ok(source) => Ok(source),
-                Err(ImageError::NotAnImage(_)) => Source::open_raw(path),
-                // Too short to hold a superblock: certainly not an image.
-                Err(ImageError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    Source::open_raw(path)
+            None => {
+                // A missing or unreadable file fails here, plainly, before any format guessing.
+                let raw = Source::open_raw(path)?;
+                match Source::open_insitu(path) {
+                    Ok(image) => Ok(image),
+                    Err(ImageError::NotAnImage(_)) => Ok(raw),
+                    // Too short to hold a superblock: certainly not an image.
+                    Err(ImageError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        Ok(raw)
+                    }
+                    Err(err @ ImageError::CorruptMetadata(_)) => Err(anyhow!(err).context(
+                        "it is an insitu-blk image with corrupt metadata ('insitu-blk check' \
+                         explains; -f raw would copy its bytes as they are)",
+                    )),
+                    Err(err) => Err(err.into()),
                 }
-                Err(err) => Err(anyhow!(err).context(
-                    "it looks like an insitu-blk image but cannot be opened \
-                     (-f raw copies its bytes as they are)",
-                )),
-            },
+            }
         }
     }
 }
@@ -377,7 +382,7 @@ fn progress_bar(total: u64, message: &'static str) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        "{msg} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} ETA {eta}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -465,6 +470,10 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
     {
         bail!("--cluster-size and --compression only apply to insitu output (-O insitu)");
     }
+    if identity(&config.dst).is_some() && identity(&config.dst) == identity(&config.src) {
+        bail!("'{src_name}' and '{dst_name}' are the same file");
+    }
+    let dst_is_block_device = ensure_new_or_block_device(&config.dst)?;
     if let Source::Raw { data_len, len, .. } = &source {
         if data_len != len {
             eprintln!(
@@ -473,11 +482,6 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
             );
         }
     }
-
-    if identity(&config.dst).is_some() && identity(&config.dst) == identity(&config.src) {
-        bail!("'{src_name}' and '{dst_name}' are the same file");
-    }
-    let dst_is_block_device = ensure_new_or_block_device(&config.dst)?;
 
     let result = convert_and_compare(&config, &source, output_format, len);
     if result.is_err() && !dst_is_block_device {
