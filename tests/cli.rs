@@ -653,3 +653,62 @@ fn block_devices_work_as_source_and_destination() {
     assert_eq!(info["virtual_size"], 16u64 << 20);
     ok(["check", path_str(&target.path)]);
 }
+
+/// Flips one byte of the file in place.
+fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    byte[0] ^= 0x5A;
+    file.write_all_at(&byte, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// docs/FORMAT.md: two superblock copies, 4 KiB each, at bytes 0 and 4096, each starting with the
+/// magic `INSITUBK` and covered by a crc32c in its last 4 bytes.
+#[test]
+fn check_explains_damaged_superblocks() {
+    let dir = tempdir();
+    let disk = sample_disk(1 << 20, 9);
+    let image = converted_image(dir.path(), &disk, &[]);
+    ok(["check", path_str(&image)]);
+
+    // One damaged copy: the image still opens from the other, but check reports the damage.
+    flip_byte(&image, 100);
+    let run = insitu_blk(["check", path_str(&image)]);
+    assert_eq!(run.code, 2, "{run:#?}");
+    assert!(run.stdout.contains("ERROR"), "{run:#?}");
+    assert!(run.stdout.contains("superblock"), "{run:#?}");
+    ok(["info", path_str(&image)]);
+
+    // Both copies damaged (magic intact): corrupt, and nothing opens it.
+    flip_byte(&image, 4096 + 100);
+    let run = insitu_blk(["check", "--json", path_str(&image)]);
+    assert_eq!(run.code, 2, "{run:#?}");
+    let report = json(&run);
+    assert_eq!(report["result"], "corrupt");
+    let corruptions = report["found"]["corruptions"].to_string();
+    assert!(corruptions.contains("superblock"), "{report:#}");
+    fails_with(&insitu_blk(["info", path_str(&image)]), 1, "corrupt");
+    let out = dir.path().join("out.raw");
+    fails_with(
+        &insitu_blk(["convert", path_str(&image), path_str(&out)]),
+        1,
+        "corrupt metadata",
+    );
+    assert!(!out.exists());
+
+    // No magic left anywhere: not an insitu-blk image at all.
+    flip_byte(&image, 0);
+    flip_byte(&image, 4096);
+    fails_with(
+        &insitu_blk(["check", path_str(&image)]),
+        63,
+        "not an insitu-blk image",
+    );
+}
