@@ -7,7 +7,7 @@ use insitu_blk::image::{self, CheckReport, ImageError};
 use serde::Serialize;
 
 use super::size::human_size;
-use super::{one_line, PROG};
+use super::{one_line, print_err, print_out, PROG};
 
 /// No problems found (after `--repair`: the image is now consistent).
 pub const EXIT_CLEAN: u8 = 0;
@@ -209,17 +209,20 @@ pub fn run(config: CheckConfig) -> ExitCode {
 
     if config.json {
         match serde_json::to_string_pretty(&output) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => print_out(&format!("{json}\n")),
             Err(err) => {
-                eprintln!("{PROG}: error: cannot encode JSON: {err}");
+                print_err(&format!("{PROG}: error: cannot encode JSON: {err}"));
                 return ExitCode::from(EXIT_NOT_COMPLETED);
             }
         }
     } else {
-        print!("{text}");
+        print_out(&text);
     }
     if let Some(error) = &output.error {
-        eprintln!("{PROG}: error: cannot check '{}': {error}", path.display());
+        print_err(&format!(
+            "{PROG}: error: cannot check '{}': {error}",
+            path.display()
+        ));
     }
     ExitCode::from(output.exit_code)
 }

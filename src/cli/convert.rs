@@ -20,9 +20,9 @@ use insitu_blk::image::{
 };
 
 use super::create::ensure_new_or_block_device;
-use super::parse_compression;
 use super::size::ByteSize;
 use super::validate_cluster_size;
+use super::{note, parse_compression, print_out};
 
 /// Bytes copied per step of a worker: several clusters of any allowed size (a multiple of the
 /// largest, so chunks never share a cluster and workers never read-modify-write the same one).
@@ -415,11 +415,10 @@ fn create_sink(
                     bail!("block device holds {capacity} bytes, the disk needs {len}");
                 }
                 if capacity > len {
-                    eprintln!(
-                        "insitu-blk: note: '{}' holds {capacity} bytes; bytes past {len} are left \
-                         as they are",
+                    note(&format!(
+                        "'{}' holds {capacity} bytes; bytes past {len} are left as they are",
                         dst.display()
-                    );
+                    ));
                 }
             } else {
                 // Holes from the start: only non-zero data is written afterwards.
@@ -476,10 +475,10 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
     let dst_is_block_device = ensure_new_or_block_device(&config.dst)?;
     if let Source::Raw { data_len, len, .. } = &source {
         if data_len != len {
-            eprintln!(
-                "insitu-blk: note: '{src_name}' is {data_len} bytes, not a multiple of {SECTOR_SIZE}; \
-                 the disk is rounded up to {len} bytes (zero-padded)"
-            );
+            note(&format!(
+                "'{src_name}' is {data_len} bytes, not a multiple of {SECTOR_SIZE}; the disk is \
+                 rounded up to {len} bytes (zero-padded)"
+            ));
         }
     }
 
@@ -516,7 +515,7 @@ fn convert_and_compare(
 
     if config.compare {
         compare(config, source, output_format, len)?;
-        println!("Images are identical.");
+        print_out("Images are identical.\n");
     }
     Ok(())
 }

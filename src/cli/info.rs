@@ -9,6 +9,7 @@ use anyhow::Context;
 use insitu_blk::image::{FileStorage, Geometry, Image, ImageError, OpenOptions, Stats, Storage};
 use serde::Serialize;
 
+use super::print_out;
 use super::size::human_size;
 
 /// Arguments of `info`.
@@ -190,9 +191,9 @@ pub fn run(config: InfoConfig) -> anyhow::Result<()> {
     drop(image);
     if config.json {
         let text = serde_json::to_string_pretty(&report).context("cannot encode JSON")?;
-        println!("{text}");
+        print_out(&format!("{text}\n"));
     } else {
-        print!("{}", report.to_text());
+        print_out(&report.to_text());
     }
     Ok(())
 }

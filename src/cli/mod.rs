@@ -89,7 +89,10 @@ where
                 ExitCode::from(EXIT_FAILURE)
             }
             _ => {
-                eprintln!("{PROG}: error: {} (see --help)", clap_error_line(&err));
+                print_err(&format!(
+                    "{PROG}: error: {} (see --help)",
+                    clap_error_line(&err)
+                ));
                 ExitCode::from(EXIT_FAILURE)
             }
         }
@@ -139,7 +142,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Prints `insitu-blk: error: context: cause: cause` as one line.
 pub fn report_error(err: &anyhow::Error) {
-    eprintln!("{PROG}: error: {}", error_line(err));
+    print_err(&format!("{PROG}: error: {}", error_line(err)));
 }
 
 /// The error and its causes joined by `: `, leaving out a cause whose text the previous message
@@ -157,6 +160,27 @@ pub fn error_line(err: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line
+}
+
+/// Writes `text` to stdout. A reader that went away (`insitu-blk info x | head -1`) is not an
+/// error worth reporting; `println!` would panic on it.
+pub fn print_out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// Writes one line to stderr, ignoring failures (there is nowhere left to report them).
+pub fn print_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Prints an `insitu-blk: note: ...` line on stderr.
+pub fn note(message: &str) {
+    print_err(&format!("{PROG}: note: {message}"));
 }
 
 /// Joins a possibly multi-line message into one line.
