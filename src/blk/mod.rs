@@ -18,6 +18,9 @@ pub mod config;
 pub mod exec;
 pub mod request;
 
+#[cfg(test)]
+mod tests;
+
 use std::cell::RefCell;
 use std::ops::Deref;
 use std::sync::Arc;
