@@ -1,0 +1,731 @@
+//! Random workloads against the real engine on a [`SimStorage`], crash points taken while they run,
+//! and the check of every crash point: `check_on`, recovery (`open_on`), the I2/I3 oracle, and
+//! (for some) a second crash right after recovery to show recovery is idempotent.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use insitu_blk::image::{check_on, Compression, CreateOptions, Image, OpenOptions, Storage};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use super::model::{Model, Verdict};
+use super::sim::{CrashMode, CrashSnapshot, SimStorage};
+
+/// Data written by a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Mostly repeated bytes: compresses far below half a cluster (in-place ping-pong).
+    Compressible,
+    /// One third random per 4 KiB: compresses to roughly 40 %.
+    Mixed,
+    /// Random bytes: stored raw.
+    Incompressible,
+    /// Zeros written through the normal write path.
+    Zeros,
+}
+
+/// A request of the workload.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// `Image::write`.
+    Write {
+        offset: u64,
+        len: u64,
+        pattern: Pattern,
+    },
+    /// `Image::write_zeroes`.
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+    /// `Image::discard`.
+    Discard { offset: u64, len: u64 },
+    /// `Image::flush`.
+    Flush,
+    /// `Image::read`, compared with the model (no crash involved).
+    Read { offset: u64, len: u64 },
+}
+
+/// The shape of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// Mixed sizes and alignments, hot clusters, discards, zeroes, flushes, verified reads. With
+    /// several threads each owns a contiguous range of clusters.
+    Mixed,
+    /// Incompressible whole-cluster overwrites with rare flushes: slots run out (free-slot
+    /// pressure commits).
+    Pressure,
+    /// Several threads racing on the SAME few clusters with whole-cluster writes/discards.
+    SharedClusters,
+}
+
+/// Everything that defines one run.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// Seed of everything random in the run.
+    pub seed: u64,
+    /// Number of clusters of the disk.
+    pub clusters: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Compression of the image.
+    pub compression: Compression,
+    /// Workload shape.
+    pub profile: Profile,
+    /// Writer threads.
+    pub threads: usize,
+    /// Requests per thread and round.
+    pub ops_per_thread: usize,
+    /// Timer commit interval of the engine.
+    pub commit_interval: Duration,
+    /// Crash points sampled per round.
+    pub crash_points: usize,
+    /// Crashes drawn per crash point (different surviving subsets).
+    pub crashes_per_point: usize,
+    /// Rounds: after a round, one crash is recovered and the workload continues on it.
+    pub rounds: usize,
+    /// Open with `test_break_commit_order` (the oracle must catch it).
+    pub break_commit_order: bool,
+    /// Stop at the first violation.
+    pub stop_at_first: bool,
+}
+
+impl Spec {
+    /// A spec with everything random but the seed-independent knobs given by the caller.
+    pub fn random(seed: u64, profile: Profile, threads: usize) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed_c0de);
+        let compression = match rng.gen_range(0..6) {
+            0 => Compression::Snappy,
+            1 => Compression::Zstd { level: 1 },
+            2 => Compression::None,
+            _ => Compression::Lz4,
+        };
+        let cluster_size = [16 * 1024, 16 * 1024, 32 * 1024, 64 * 1024][rng.gen_range(0..4)];
+        let commit_interval = [
+            Duration::from_millis(1),
+            Duration::from_millis(5),
+            Duration::from_secs(1),
+        ][rng.gen_range(0..3)];
+        Spec {
+            seed,
+            clusters: rng.gen_range(32..=64),
+            cluster_size,
+            compression,
+            profile,
+            threads,
+            ops_per_thread: 40,
+            commit_interval,
+            crash_points: 25,
+            crashes_per_point: 2,
+            rounds: 2,
+            break_commit_order: false,
+            stop_at_first: true,
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Crash states checked (each: check_on + recovery + oracle).
+    pub crash_points: u64,
+    /// Crash states whose recovery was crashed and recovered again.
+    pub double_crashes: u64,
+    /// Violations (each a full report).
+    pub violations: Vec<String>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} crash points ({} re-crashed after recovery), {} violations, {:.1?}",
+            self.crash_points,
+            self.double_crashes,
+            self.violations.len(),
+            self.elapsed
+        )
+    }
+}
+
+/// Deterministic content for a write request: distinct per request (`tag`) and per sector, so
+/// every version of a cluster is distinguishable.
+pub fn fill(pattern: Pattern, tag: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    if pattern == Pattern::Zeros {
+        return out;
+    }
+    let mut rng = SmallRng::seed_from_u64(tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ offset);
+    match pattern {
+        Pattern::Incompressible => rng.fill_bytes(&mut out),
+        Pattern::Compressible | Pattern::Mixed => {
+            for (i, sector) in out.chunks_mut(512).enumerate() {
+                let sector_no = offset / 512 + i as u64;
+                sector.fill((tag as u8) ^ 0x5A);
+                sector[..8].copy_from_slice(&tag.to_le_bytes());
+                sector[8..16].copy_from_slice(&sector_no.to_le_bytes());
+            }
+            if pattern == Pattern::Mixed {
+                for block in out.chunks_mut(4096) {
+                    let third = block.len() / 3;
+                    rng.fill_bytes(&mut block[..third]);
+                }
+            }
+        }
+        Pattern::Zeros => unreachable!(),
+    }
+    out
+}
+
+/// Generates requests inside clusters `[lo, hi)`.
+pub struct Generator {
+    rng: SmallRng,
+    cluster_size: u64,
+    lo: u64,
+    hi: u64,
+    hot: Vec<u64>,
+    profile: Profile,
+}
+
+impl Generator {
+    /// A generator for clusters `[lo, hi)`.
+    pub fn new(seed: u64, cluster_size: u64, lo: u64, hi: u64, profile: Profile) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let hot = (0..3).map(|_| rng.gen_range(lo..hi)).collect();
+        Generator {
+            rng,
+            cluster_size,
+            lo,
+            hi,
+            hot,
+            profile,
+        }
+    }
+
+    fn pattern(&mut self) -> Pattern {
+        match self.rng.gen_range(0..10) {
+            0..=3 => Pattern::Compressible,
+            4..=5 => Pattern::Mixed,
+            6..=8 => Pattern::Incompressible,
+            _ => Pattern::Zeros,
+        }
+    }
+
+    /// A 512-aligned range starting in cluster `c`, not beyond cluster `hi`.
+    fn range_in(&mut self, c: u64) -> (u64, u64) {
+        let cs = self.cluster_size;
+        let end_limit = self.hi * cs;
+        let (offset, len) = match self.rng.gen_range(0..10) {
+            // Whole clusters, aligned (1..=3).
+            0..=2 => (c * cs, cs * self.rng.gen_range(1..=3)),
+            // One 4 KiB-aligned run of blocks inside the cluster.
+            3..=4 => {
+                let blocks = cs / 4096;
+                let first = self.rng.gen_range(0..blocks);
+                let n = self.rng.gen_range(1..=blocks - first);
+                (c * cs + first * 4096, n * 4096)
+            }
+            // Sub-cluster, 512-aligned, may straddle into the next cluster.
+            5..=7 => {
+                let sectors = cs / 512;
+                let first = self.rng.gen_range(0..sectors);
+                let n = self.rng.gen_range(1..=sectors);
+                (c * cs + first * 512, n * 512)
+            }
+            // Multi-cluster, unaligned both ends.
+            _ => {
+                let first = self.rng.gen_range(0..cs / 512);
+                let n = self.rng.gen_range(cs / 512..=3 * cs / 512);
+                (c * cs + first * 512, n * 512)
+            }
+        };
+        let len = len.min(end_limit - offset);
+        (offset, len)
+    }
+
+    fn cluster(&mut self) -> u64 {
+        if self.rng.gen_bool(0.7) {
+            self.hot[self.rng.gen_range(0..self.hot.len())]
+        } else {
+            self.rng.gen_range(self.lo..self.hi)
+        }
+    }
+
+    /// The next request.
+    pub fn next(&mut self) -> Op {
+        let cs = self.cluster_size;
+        match self.profile {
+            Profile::Mixed => {
+                let c = self.cluster();
+                match self.rng.gen_range(0..100) {
+                    0..=7 => Op::Flush,
+                    8..=15 => {
+                        let (offset, len) = self.range_in(c);
+                        Op::Read { offset, len }
+                    }
+                    16..=21 => {
+                        let (offset, len) = self.range_in(c);
+                        Op::Discard { offset, len }
+                    }
+                    22..=28 => {
+                        let (offset, len) = self.range_in(c);
+                        Op::WriteZeroes {
+                            offset,
+                            len,
+                            unmap: self.rng.gen_bool(0.5),
+                        }
+                    }
+                    _ => {
+                        let (offset, len) = self.range_in(c);
+                        let pattern = self.pattern();
+                        Op::Write {
+                            offset,
+                            len,
+                            pattern,
+                        }
+                    }
+                }
+            }
+            Profile::Pressure => match self.rng.gen_range(0..100) {
+                0 => Op::Flush,
+                1..=4 => Op::Read {
+                    offset: self.rng.gen_range(self.lo..self.hi) * cs,
+                    len: cs,
+                },
+                _ => Op::Write {
+                    offset: self.rng.gen_range(self.lo..self.hi) * cs,
+                    len: cs,
+                    pattern: if self.rng.gen_bool(0.85) {
+                        Pattern::Incompressible
+                    } else {
+                        Pattern::Mixed
+                    },
+                },
+            },
+            Profile::SharedClusters => {
+                let offset = self.rng.gen_range(self.lo..self.hi) * cs;
+                match self.rng.gen_range(0..100) {
+                    0..=9 => Op::Flush,
+                    10..=17 => Op::Discard { offset, len: cs },
+                    18..=22 => Op::WriteZeroes {
+                        offset,
+                        len: cs,
+                        unmap: self.rng.gen_bool(0.5),
+                    },
+                    _ => {
+                        let pattern = self.pattern();
+                        Op::Write {
+                            offset,
+                            len: cs,
+                            pattern,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn describe(op: &Op, tag: u64) -> String {
+    match op {
+        Op::Write {
+            offset,
+            len,
+            pattern,
+        } => format!("write {len}@{offset:#x} {pattern:?} tag {tag}"),
+        Op::WriteZeroes { offset, len, unmap } => {
+            format!("write_zeroes {len}@{offset:#x} unmap={unmap}")
+        }
+        Op::Discard { offset, len } => format!("discard {len}@{offset:#x}"),
+        Op::Flush => "flush".into(),
+        Op::Read { offset, len } => format!("read {len}@{offset:#x}"),
+    }
+}
+
+/// Shared state of one round.
+struct Round<'a> {
+    image: &'a Image,
+    clock: &'a AtomicU64,
+    model: &'a Mutex<Model>,
+    cluster_size: u64,
+    errors: &'a Mutex<Vec<String>>,
+}
+
+impl Round<'_> {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn model(&self) -> std::sync::MutexGuard<'_, Model> {
+        self.model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail(&self, msg: String) {
+        self.errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(msg);
+    }
+
+    /// Runs one request and records it. `owned`: this thread is the only writer of the clusters
+    /// it touches (reads can be checked, partial writes merge into the model's latest version).
+    fn run(&self, thread: usize, op: &Op, tag: u64, owned: bool) -> bool {
+        let cs = self.cluster_size;
+        let desc = describe(op, tag);
+        let (offset, len, data) = match op {
+            Op::Flush => {
+                let start = self.tick();
+                let res = self.image.flush();
+                let end = self.tick();
+                let mut model = self.model();
+                model.record_op(thread, start, end, desc.clone());
+                if let Err(e) = res {
+                    drop(model);
+                    self.fail(format!("{desc} failed: {e}"));
+                    return false;
+                }
+                model.record_flush(start, end);
+                return true;
+            }
+            Op::Read { offset, len } => {
+                let mut buf = vec![0u8; *len as usize];
+                if let Err(e) = self.image.read(*offset, &mut buf) {
+                    self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                    return false;
+                }
+                if owned {
+                    let model = self.model();
+                    for (i, chunk) in buf.chunks(512).enumerate() {
+                        let pos = offset + i as u64 * 512;
+                        let (c, within) = ((pos / cs) as usize, (pos % cs) as usize);
+                        if chunk != &model.latest(c)[within..within + 512] {
+                            let msg = format!(
+                                "thread {thread}: {desc} (no crash) returned wrong data at byte \
+                                 {pos:#x} (cluster {c})"
+                            );
+                            drop(model);
+                            self.fail(msg);
+                            return false;
+                        }
+                    }
+                }
+                return true;
+            }
+            Op::Write {
+                offset,
+                len,
+                pattern,
+            } => (*offset, *len, fill(*pattern, tag, *offset, *len as usize)),
+            Op::WriteZeroes { offset, len, .. } | Op::Discard { offset, len } => {
+                (*offset, *len, vec![0u8; *len as usize])
+            }
+        };
+        let start = self.tick();
+        let res = match op {
+            Op::Write { .. } => self.image.write(offset, &data),
+            Op::WriteZeroes { unmap, .. } => self.image.write_zeroes(offset, len, *unmap),
+            Op::Discard { .. } => self.image.discard(offset, len),
+            Op::Flush | Op::Read { .. } => unreachable!(),
+        };
+        let end = self.tick();
+        let mut model = self.model();
+        let index = model.record_op(thread, start, end, desc.clone());
+        if let Err(e) = res {
+            drop(model);
+            self.fail(format!("thread {thread}: {desc} failed: {e}"));
+            return false;
+        }
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        for c in first..=last {
+            let mut content = model.latest(c as usize).to_vec();
+            let lo = offset.max(c * cs);
+            let hi = (offset + len).min((c + 1) * cs);
+            content[(lo - c * cs) as usize..(hi - c * cs) as usize]
+                .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+            model.record_version(c as usize, index, Arc::from(content));
+        }
+        true
+    }
+}
+
+/// The engine options of a run.
+fn open_options(spec: &Spec) -> OpenOptions {
+    OpenOptions {
+        commit_interval: spec.commit_interval,
+        test_break_commit_order: spec.break_commit_order,
+        ..OpenOptions::default()
+    }
+}
+
+/// Runs one round of the workload on `image`; returns the model and the crash points taken.
+fn run_round(
+    spec: &Spec,
+    round: usize,
+    image: &Image,
+    sim: &SimStorage,
+    initial: Vec<Arc<[u8]>>,
+) -> (Model, Vec<CrashSnapshot>, Vec<String>) {
+    let cs = spec.cluster_size as u64;
+    let clock = Arc::new(AtomicU64::new(1));
+    let model = Mutex::new(Model::new(cs as usize, initial));
+    let errors = Mutex::new(Vec::new());
+    let round_seed = spec.seed.wrapping_add(round as u64 * 0x1000_0000_0001);
+    sim.start_capture(clock.clone(), spec.crash_points, round_seed ^ 0xC4A5);
+    let ctx = Round {
+        image,
+        clock: &clock,
+        model: &model,
+        cluster_size: cs,
+        errors: &errors,
+    };
+    std::thread::scope(|scope| {
+        for thread in 0..spec.threads {
+            let ctx = &ctx;
+            scope.spawn(move || {
+                let (lo, hi, owned) = match spec.profile {
+                    Profile::SharedClusters => (0, 3.min(spec.clusters), false),
+                    _ => {
+                        let n = spec.clusters / spec.threads as u64;
+                        (thread as u64 * n, (thread as u64 + 1) * n, true)
+                    }
+                };
+                let mut gen = Generator::new(
+                    round_seed ^ (thread as u64 + 1).wrapping_mul(0xABCD_EF01),
+                    cs,
+                    lo,
+                    hi,
+                    spec.profile,
+                );
+                if spec.profile == Profile::Pressure && round == 0 {
+                    // Fill every cluster first so later overwrites find no free home space.
+                    for c in lo..hi {
+                        let op = Op::Write {
+                            offset: c * cs,
+                            len: cs,
+                            pattern: Pattern::Incompressible,
+                        };
+                        if !ctx.run(thread, &op, round_seed ^ c, owned) {
+                            return;
+                        }
+                    }
+                }
+                for i in 0..spec.ops_per_thread {
+                    let op = gen.next();
+                    let tag = round_seed ^ ((thread as u64) << 48) ^ (i as u64 + 1);
+                    if !ctx.run(thread, &op, tag, owned) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let snaps = sim.take_captured();
+    let model = model.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let errors = errors.into_inner().unwrap_or_else(PoisonError::into_inner);
+    (model, snaps, errors)
+}
+
+/// A crash state that passed: the recovered image and what each cluster read as.
+struct Recovered {
+    image: Image,
+    storage: Arc<SimStorage>,
+    contents: Vec<Arc<[u8]>>,
+}
+
+/// Checks one crash state: check_on, recovery, oracle per cluster. Returns the recovered image.
+fn verify_state(
+    spec: &Spec,
+    storage: Arc<SimStorage>,
+    model: &Model,
+    t: u64,
+    expect_exact: Option<&[Arc<[u8]>]>,
+) -> Result<Recovered, String> {
+    let cs = spec.cluster_size as usize;
+    let dyn_storage: Arc<dyn Storage> = storage.clone();
+    match check_on(dyn_storage.clone(), false) {
+        Ok(report) if report.corruptions.is_empty() => {}
+        Ok(report) => {
+            return Err(format!(
+                "check_on reports corruption after the crash: {:?}",
+                report.corruptions
+            ))
+        }
+        Err(e) => return Err(format!("check_on failed after the crash: {e}")),
+    }
+    let image = Image::open_on(dyn_storage, &open_options(spec))
+        .map_err(|e| format!("recovery (open_on) failed after the crash: {e}"))?;
+    let mut contents = Vec::with_capacity(model.clusters.len());
+    let mut problems = Vec::new();
+    let mut buf = vec![0u8; cs];
+    for c in 0..model.clusters.len() {
+        if let Err(e) = image.read(c as u64 * cs as u64, &mut buf) {
+            problems.push(format!(
+                "read of cluster {c} failed after recovery (I3: no error caused by a crash): {e}"
+            ));
+            contents.push(Arc::from(vec![0u8; cs]));
+            continue;
+        }
+        if let Some(expected) = expect_exact {
+            if *expected[c] != *buf {
+                problems.push(format!(
+                    "cluster {c} changed between two recoveries of the same crash state \
+                     (recovery is not idempotent)"
+                ));
+            }
+        }
+        match model.judge(c, t, &buf) {
+            Verdict::Matches(_) => {}
+            Verdict::Violation(text) => problems.push(text),
+        }
+        contents.push(Arc::from(buf.as_slice()));
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("\n"));
+    }
+    Ok(Recovered {
+        image,
+        storage,
+        contents,
+    })
+}
+
+fn report(spec: &Spec, round: usize, model: &Model, crash_desc: &str, problem: &str) -> String {
+    format!(
+        "CRASH ORACLE VIOLATION\n  replay: INSITU_CRASH_SEED={} (profile {:?}, {} threads; \
+         thread timing may differ on replay)\n  spec: {spec:?}\n  round {round}, {crash_desc}\n\
+         problem:\n{problem}\nrequest history of the round (clock stamps; flushes guarantee \
+         writes that ended before they started):\n{}",
+        spec.seed,
+        spec.profile,
+        spec.threads,
+        model.history_text(400)
+    )
+}
+
+/// Runs a whole spec: create, rounds of workload + crash checks, continuation on a recovered crash.
+pub fn run(spec: &Spec) -> Outcome {
+    let started = Instant::now();
+    let mut outcome = Outcome::default();
+    let mut rng = SmallRng::seed_from_u64(spec.seed ^ 0xC1A5_4000);
+    let cs = spec.cluster_size as usize;
+    let mut create = CreateOptions::new(spec.clusters * spec.cluster_size as u64);
+    create.cluster_size = spec.cluster_size;
+    create.compression = spec.compression;
+    let sim = Arc::new(SimStorage::new());
+    if let Err(e) = Image::create_on(sim.clone(), &create) {
+        outcome
+            .violations
+            .push(format!("create_on failed: {e} (spec {spec:?})"));
+        return outcome;
+    }
+    let image = match Image::open_on(sim.clone(), &open_options(spec)) {
+        Ok(image) => image,
+        Err(e) => {
+            outcome.violations.push(format!(
+                "open_on of a new image failed: {e} (spec {spec:?})"
+            ));
+            return outcome;
+        }
+    };
+    let mut current = Recovered {
+        image,
+        storage: sim,
+        contents: vec![Arc::from(vec![0u8; cs]); spec.clusters as usize],
+    };
+    for round in 0..spec.rounds {
+        let (model, snaps, errors) = run_round(
+            spec,
+            round,
+            &current.image,
+            &current.storage,
+            current.contents.clone(),
+        );
+        if !errors.is_empty() {
+            outcome.violations.push(format!(
+                "engine request failed during the workload (no crash involved), seed {}:\n{}\n\
+                 history:\n{}",
+                spec.seed,
+                errors.join("\n"),
+                model.history_text(400)
+            ));
+            return finish(outcome, started);
+        }
+        // A final crash point after the workload, with the writer possibly still committing.
+        let mut snaps = snaps;
+        let clock_end = model.history.iter().map(|r| r.end + 1).max().unwrap_or(1);
+        snaps.push(current.storage.snapshot(&AtomicU64::new(clock_end)));
+        let mut next: Option<Recovered> = None;
+        let last = snaps.len() - 1;
+        for (si, snap) in snaps.iter().enumerate() {
+            for k in 0..spec.crashes_per_point {
+                let mode = CrashMode::random(&mut rng);
+                let (pages, desc) = snap.materialize(mode, &mut rng);
+                outcome.crash_points += 1;
+                let storage = Arc::new(SimStorage::from_pages(pages));
+                let recovered = match verify_state(spec, storage, &model, snap.clock, None) {
+                    Ok(r) => r,
+                    Err(problem) => {
+                        outcome
+                            .violations
+                            .push(report(spec, round, &model, &desc, &problem));
+                        if spec.stop_at_first {
+                            return finish(outcome, started);
+                        }
+                        continue;
+                    }
+                };
+                // Crash again right after recovery (its own writes may be cut short), recover
+                // again: the same contents must come back (idempotent recovery).
+                let recovered = if rng.gen_ratio(1, 4) {
+                    let mode2 = CrashMode::random(&mut rng);
+                    let (again, desc2) = recovered.storage.crash(mode2, &mut rng);
+                    let first = recovered.contents.clone();
+                    drop(recovered);
+                    outcome.double_crashes += 1;
+                    outcome.crash_points += 1;
+                    let again = Arc::new(again);
+                    match verify_state(spec, again, &model, snap.clock, Some(&first)) {
+                        Ok(r) => r,
+                        Err(problem) => {
+                            let desc = format!(
+                                "{desc}\n  then recovered, and crashed again right after \
+                                 recovery: {desc2}"
+                            );
+                            outcome
+                                .violations
+                                .push(report(spec, round, &model, &desc, &problem));
+                            if spec.stop_at_first {
+                                return finish(outcome, started);
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    recovered
+                };
+                if si == last && k + 1 == spec.crashes_per_point && next.is_none() {
+                    next = Some(recovered);
+                } else {
+                    drop(recovered);
+                }
+            }
+        }
+        let Some(recovered) = next else {
+            break;
+        };
+        // Continue the workload on the recovered image (the old one is abandoned, as after a
+        // power failure).
+        let old = std::mem::replace(&mut current, recovered);
+        drop(old);
+    }
+    drop(current);
+    finish(outcome, started)
+}
+
+fn finish(mut outcome: Outcome, started: Instant) -> Outcome {
+    outcome.elapsed = started.elapsed();
+    outcome
+}
