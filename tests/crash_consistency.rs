@@ -342,7 +342,7 @@ fn generator_covers_every_kind_size_and_alignment_within_its_range() {
     for _ in 0..5000 {
         let op = gen.next();
         let (offset, len) = match op {
-            Op::Flush => {
+            Op::Flush | Op::QuiesceResume => {
                 flushes += 1;
                 continue;
             }

@@ -44,6 +44,10 @@ pub enum Op {
     Flush,
     /// `Image::read`, compared with the model (no crash involved).
     Read { offset: u64, len: u64 },
+    /// `Image::quiesce` then `Image::resume` (I7: quiesce commits everything accepted before it,
+    /// so for the oracle it is a FLUSH). Single-writer workloads only: other writers would see
+    /// `Quiesced` errors.
+    QuiesceResume,
 }
 
 /// The shape of a workload.
@@ -239,6 +243,8 @@ pub struct Generator {
     hot: Vec<u64>,
     profile: Profile,
     flush_next: bool,
+    /// Whether `Op::QuiesceResume` may be generated.
+    pub allow_quiesce: bool,
 }
 
 impl Generator {
@@ -254,6 +260,7 @@ impl Generator {
             hot,
             profile,
             flush_next: false,
+            allow_quiesce: false,
         }
     }
 
@@ -313,6 +320,7 @@ impl Generator {
             Profile::Mixed => {
                 let c = self.cluster();
                 match self.rng.gen_range(0..100) {
+                    0..=1 if self.allow_quiesce => Op::QuiesceResume,
                     0..=7 => Op::Flush,
                     8..=15 => {
                         let (offset, len) = self.range_in(c);
@@ -414,6 +422,7 @@ fn describe(op: &Op, tag: u64) -> String {
         }
         Op::Discard { offset, len } => format!("discard {len}@{offset:#x}"),
         Op::Flush => "flush".into(),
+        Op::QuiesceResume => "quiesce + resume".into(),
         Op::Read { offset, len } => format!("read {len}@{offset:#x}"),
     }
 }
@@ -449,9 +458,13 @@ impl Round<'_> {
         let cs = self.cluster_size;
         let desc = describe(op, tag);
         let (offset, len, data) = match op {
-            Op::Flush => {
+            Op::Flush | Op::QuiesceResume => {
                 let start = self.tick();
-                let res = self.image.flush();
+                let res = if matches!(op, Op::Flush) {
+                    self.image.flush()
+                } else {
+                    self.image.quiesce().and_then(|()| self.image.resume())
+                };
                 let end = self.tick();
                 let mut model = self.model();
                 model.record_op(thread, start, end, desc.clone());
@@ -501,7 +514,7 @@ impl Round<'_> {
             Op::Write { .. } => self.image.write(offset, &data),
             Op::WriteZeroes { unmap, .. } => self.image.write_zeroes(offset, len, *unmap),
             Op::Discard { .. } => self.image.discard(offset, len),
-            Op::Flush | Op::Read { .. } => unreachable!(),
+            Op::Flush | Op::Read { .. } | Op::QuiesceResume => unreachable!(),
         };
         let end = self.tick();
         let mut model = self.model();
@@ -576,6 +589,7 @@ fn run_round(
                     hi,
                     spec.profile,
                 );
+                gen.allow_quiesce = spec.threads == 1;
                 if spec.profile == Profile::Pressure && round == 0 {
                     // Fill every cluster first so later overwrites find no free home space.
                     for c in lo..hi {
@@ -610,6 +624,14 @@ struct Recovered {
     image: Image,
     storage: Arc<SimStorage>,
     contents: Vec<Arc<[u8]>>,
+}
+
+impl Recovered {
+    /// Stops the image like a killed process: nothing more is committed (the storage is
+    /// discarded or was already crashed from).
+    fn abandon(self) {
+        self.image.abandon();
+    }
 }
 
 /// Checks one crash state: check_on, recovery, oracle per cluster. Returns the recovered image.
@@ -819,7 +841,7 @@ pub fn run(spec: &Spec) -> Outcome {
                     let mode2 = CrashMode::random(&mut rng);
                     let (again, desc2) = recovered.storage.crash(mode2, &mut rng);
                     let first = recovered.contents.clone();
-                    drop(recovered);
+                    recovered.abandon();
                     outcome.double_crashes += 1;
                     outcome.crash_points += 1;
                     let again = Arc::new(again);
@@ -854,7 +876,7 @@ pub fn run(spec: &Spec) -> Outcome {
                 if si == last && k + 1 == draws && next.is_none() {
                     next = Some(recovered);
                 } else {
-                    drop(recovered);
+                    recovered.abandon();
                 }
             }
         }
@@ -864,9 +886,9 @@ pub fn run(spec: &Spec) -> Outcome {
         // Continue the workload on the recovered image (the old one is abandoned, as after a
         // power failure).
         let old = std::mem::replace(&mut current, recovered);
-        drop(old);
+        old.abandon();
     }
-    drop(current);
+    current.abandon();
     finish(outcome, started)
 }
 
