@@ -562,6 +562,49 @@ fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
     }
 }
 
+#[test]
+fn crash_after_injected_io_errors() {
+    let name = "crash_after_injected_io_errors";
+    let seeds = seeds(7, 12);
+    let total = run_seeds(name, &seeds, |seed| {
+        let mut spec = Spec::random(seed, Profile::Mixed, 1);
+        spec.inject_fault = true;
+        spec.ops_per_thread = 80;
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 40);
+    if env_u64("INSITU_CRASH_SEED").is_none() {
+        assert!(
+            total.faults_injected >= seeds.len() as u64,
+            "{name}: {total}"
+        );
+        assert!(total.requests_failed_by_fault > 0, "{name}: {total}");
+    }
+}
+
+/// The oracle also bites on a broken device: a storage whose flush makes nothing durable must
+/// be caught losing flushed writes.
+#[test]
+fn oracle_catches_a_storage_that_ignores_flush() {
+    let mut checked = 0;
+    for attempt in 0..20u64 {
+        let seed = 0xF1_0000 + attempt;
+        let mut spec = Spec::random(seed, Profile::Mixed, 1);
+        spec.lying_flush = true;
+        spec.rounds = 1;
+        let outcome = workload::run(&spec);
+        checked += outcome.crash_points;
+        if let Some(first) = outcome.violations.first() {
+            eprintln!(
+                "oracle caught the lying flush after {checked} crash points (seed {seed}):\n{}",
+                first.lines().take(8).collect::<Vec<_>>().join("\n")
+            );
+            return;
+        }
+    }
+    panic!("no violation in {checked} crash points although flush made nothing durable");
+}
+
 /// The oracle bites: with the commit record written before the data is durable (the test-only
 /// switch), the simulator must find a violation within a bounded number of crash points.
 #[test]

@@ -407,6 +407,12 @@ struct SimState {
     storage_ops: u64,
     flushes: u64,
     capture: Option<Capture>,
+    /// Fault injection: the mutating operation this many operations from now fails with EIO
+    /// (and is not applied).
+    fail_countdown: Option<u64>,
+    injected_faults: u64,
+    /// Broken-device mode for showing the oracle bites: `flush` succeeds but makes nothing durable.
+    lying_flush: bool,
 }
 
 /// The crash-simulating storage. Thread-safe; one lock (tests only).
@@ -450,6 +456,9 @@ impl SimStorage {
                 storage_ops: 0,
                 flushes: 0,
                 capture: None,
+                fail_countdown: None,
+                injected_faults: 0,
+                lying_flush: false,
             }),
             locked: AtomicBool::new(false),
         }
@@ -482,6 +491,39 @@ impl SimStorage {
     /// Number of mutating storage operations (write, punch, set_len, flush) served.
     pub fn storage_ops(&self) -> u64 {
         self.lock().storage_ops
+    }
+
+    /// Makes the `n`-th mutating operation from now (write, punch, flush, set_len; 1 = the next)
+    /// fail with EIO without any effect, once.
+    pub fn fail_after(&self, n: u64) {
+        self.lock().fail_countdown = Some(n.max(1));
+    }
+
+    /// Number of faults injected so far.
+    pub fn injected_faults(&self) -> u64 {
+        self.lock().injected_faults
+    }
+
+    /// A broken device for negative tests: `flush` returns success but makes nothing durable.
+    pub fn lie_about_flush(&self, on: bool) {
+        self.lock().lying_flush = on;
+    }
+
+    /// Called with the lock held before a mutating operation: `Err` when a fault is due.
+    fn inject(state: &mut SimState, what: &str) -> io::Result<()> {
+        let Some(n) = state.fail_countdown.as_mut() else {
+            return Ok(());
+        };
+        *n -= 1;
+        if *n > 0 {
+            return Ok(());
+        }
+        state.fail_countdown = None;
+        state.injected_faults += 1;
+        Err(io::Error::new(
+            io::ErrorKind::Other,
+            format!("injected EIO on {what} (SimStorage fault injection)"),
+        ))
     }
 
     /// A crash point now, stamped with `clock`'s value.
@@ -607,6 +649,7 @@ impl Storage for SimStorage {
             }
         }
         let mut state = self.lock();
+        Self::inject(&mut state, "write")?;
         state.current.write(offset, data);
         let op = PendingOp::Write {
             offset,
@@ -621,8 +664,11 @@ impl Storage for SimStorage {
 
     fn flush(&self) -> io::Result<()> {
         let mut state = self.lock();
-        state.durable = state.current.clone();
-        state.pending.clear();
+        Self::inject(&mut state, "flush")?;
+        if !state.lying_flush {
+            state.durable = state.current.clone();
+            state.pending.clear();
+        }
         state.flushes += 1;
         Self::after_op(&mut state, None, || "flush".into());
         Ok(())
@@ -630,6 +676,7 @@ impl Storage for SimStorage {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut state = self.lock();
+        Self::inject(&mut state, "punch")?;
         state.current.punch(offset, len);
         state.pending.push(PendingOp::Punch { offset, len });
         Self::after_op(&mut state, None, || format!("punch {len}@{offset:#x}"));
@@ -649,6 +696,7 @@ impl Storage for SimStorage {
             ));
         }
         let mut state = self.lock();
+        Self::inject(&mut state, "set_len")?;
         state.current.set_len(len);
         state.pending.push(PendingOp::SetLen { len });
         Self::after_op(&mut state, None, || format!("set_len {len}"));

@@ -95,6 +95,11 @@ pub struct Spec {
     pub break_commit_order: bool,
     /// Stop at the first violation.
     pub stop_at_first: bool,
+    /// Inject one EIO per round at a random storage operation (single writer only): the request
+    /// that sees an error ends the round, and the crash states must still pass the oracle.
+    pub inject_fault: bool,
+    /// Negative test: the storage's flush lies (returns success, makes nothing durable).
+    pub lying_flush: bool,
 }
 
 impl Spec {
@@ -127,6 +132,8 @@ impl Spec {
             rounds: 2,
             break_commit_order: false,
             stop_at_first: true,
+            inject_fault: false,
+            lying_flush: false,
         }
     }
 }
@@ -160,6 +167,11 @@ pub struct Outcome {
     pub checkpoints: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Injected storage faults that fired.
+    pub faults_injected: u64,
+    /// Requests that failed because of an injected fault (allowed; their effect may or may not
+    /// survive).
+    pub requests_failed_by_fault: u64,
 }
 
 impl Outcome {
@@ -178,6 +190,8 @@ impl Outcome {
         self.commits += other.commits;
         self.checkpoints += other.checkpoints;
         self.elapsed += other.elapsed;
+        self.faults_injected += other.faults_injected;
+        self.requests_failed_by_fault += other.requests_failed_by_fault;
     }
 }
 
@@ -187,7 +201,8 @@ impl fmt::Display for Outcome {
             f,
             "{} crash points ({} re-crashed after recovery, {} repaired first, {} with unflushed \
              operations, {} with torn ones, {} inside a checkpoint); clusters recovered with unflushed data {} / without \
-             {}; {} leaked bytes found; engine: {} commits, {} checkpoints; {} violations; {:.1?}",
+             {}; {} leaked bytes found; engine: {} commits, {} checkpoints; {} faults injected, {} \
+             requests failed by them; {} violations; {:.1?}",
             self.crash_points,
             self.double_crashes,
             self.repaired,
@@ -199,6 +214,8 @@ impl fmt::Display for Outcome {
             self.leaked_bytes,
             self.commits,
             self.checkpoints,
+            self.faults_injected,
+            self.requests_failed_by_fault,
             self.violations.len(),
             self.elapsed
         )
@@ -430,6 +447,8 @@ fn describe(op: &Op, tag: u64) -> String {
 /// Shared state of one round.
 struct Round<'a> {
     image: &'a Image,
+    sim: &'a SimStorage,
+    failed_by_fault: &'a AtomicU64,
     clock: &'a AtomicU64,
     model: &'a Mutex<Model>,
     cluster_size: u64,
@@ -443,6 +462,11 @@ impl Round<'_> {
 
     fn model(&self) -> std::sync::MutexGuard<'_, Model> {
         self.model.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An error after an injected fault fired is expected: it ends this thread's requests.
+    fn fault_fired(&self) -> bool {
+        self.sim.injected_faults() > 0
     }
 
     fn fail(&self, msg: String) {
@@ -470,7 +494,11 @@ impl Round<'_> {
                 model.record_op(thread, start, end, desc.clone());
                 if let Err(e) = res {
                     drop(model);
-                    self.fail(format!("{desc} failed: {e}"));
+                    if self.fault_fired() {
+                        self.failed_by_fault.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.fail(format!("{desc} failed: {e}"));
+                    }
                     return false;
                 }
                 model.record_flush(start, end);
@@ -479,7 +507,12 @@ impl Round<'_> {
             Op::Read { offset, len } => {
                 let mut buf = vec![0u8; *len as usize];
                 if let Err(e) = self.image.read(*offset, &mut buf) {
-                    self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                    if self.fault_fired() {
+                        // Reads need no storage writes; still, stop here (conservative).
+                        self.fail(format!("thread {thread}: {desc} failed after a fault: {e}"));
+                    } else {
+                        self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                    }
                     return false;
                 }
                 if owned {
@@ -518,12 +551,29 @@ impl Round<'_> {
         };
         let end = self.tick();
         let mut model = self.model();
-        let index = model.record_op(thread, start, end, desc.clone());
-        if let Err(e) = res {
-            drop(model);
-            self.fail(format!("thread {thread}: {desc} failed: {e}"));
-            return false;
-        }
+        let failed = match res {
+            Ok(()) => false,
+            Err(e) if self.fault_fired() => {
+                // The request failed because of the injected fault: what it wrote may or may
+                // not survive, so its versions are recorded (allowed, never required: they
+                // end after any flush that could guarantee them) and this thread stops.
+                self.failed_by_fault.fetch_add(1, Ordering::Relaxed);
+                let _ = e;
+                true
+            }
+            Err(e) => {
+                model.record_op(thread, start, end, desc.clone());
+                drop(model);
+                self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                return false;
+            }
+        };
+        let desc = if failed {
+            format!("{desc} -> FAILED (injected fault)")
+        } else {
+            desc
+        };
+        let index = model.record_op(thread, start, end, desc);
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
         for c in first..=last {
@@ -534,7 +584,7 @@ impl Round<'_> {
                 .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
             model.record_version(c as usize, index, Arc::from(content));
         }
-        true
+        !failed
     }
 }
 
@@ -554,18 +604,25 @@ fn run_round(
     image: &Image,
     sim: &SimStorage,
     initial: Vec<Arc<[u8]>>,
-) -> (Model, Vec<CrashSnapshot>, Vec<String>) {
+) -> (Model, Vec<CrashSnapshot>, Vec<String>, u64) {
     let cs = spec.cluster_size as u64;
     let clock = Arc::new(AtomicU64::new(1));
     let model = Mutex::new(Model::new(cs as usize, initial));
     let errors = Mutex::new(Vec::new());
+    let failed_by_fault = AtomicU64::new(0);
     let round_seed = spec.seed.wrapping_add(round as u64 * 0x1000_0000_0001);
+    if spec.inject_fault {
+        let mut rng = SmallRng::seed_from_u64(round_seed ^ 0xFA17);
+        sim.fail_after(rng.gen_range(1..120));
+    }
     sim.start_capture(clock.clone(), spec.crash_points, round_seed ^ 0xC4A5);
     // Checkpoints are rare and multi-step: crash at every step of (some of) them. The magic is
     // the checkpoint header's, as documented in the format.
     sim.focus_capture(b"INSITUCP", spec.crash_points);
     let ctx = Round {
         image,
+        sim,
+        failed_by_fault: &failed_by_fault,
         clock: &clock,
         model: &model,
         cluster_size: cs,
@@ -614,9 +671,11 @@ fn run_round(
         }
     });
     let snaps = sim.take_captured();
+    // Disarm a fault that did not fire (so recovery checks never see it).
+    sim.fail_after(u64::MAX);
     let model = model.into_inner().unwrap_or_else(PoisonError::into_inner);
     let errors = errors.into_inner().unwrap_or_else(PoisonError::into_inner);
-    (model, snaps, errors)
+    (model, snaps, errors, failed_by_fault.into_inner())
 }
 
 /// A crash state that passed: the recovered image and what each cluster read as.
@@ -764,19 +823,25 @@ pub fn run(spec: &Spec) -> Outcome {
             return outcome;
         }
     };
+    if spec.lying_flush {
+        sim.lie_about_flush(true);
+    }
     let mut current = Recovered {
         image,
         storage: sim,
         contents: vec![Arc::from(vec![0u8; cs]); spec.clusters as usize],
     };
     for round in 0..spec.rounds {
-        let (model, snaps, errors) = run_round(
+        let faults_before = current.storage.injected_faults();
+        let (model, snaps, errors, failed_by_fault) = run_round(
             spec,
             round,
             &current.image,
             &current.storage,
             current.contents.clone(),
         );
+        outcome.faults_injected += current.storage.injected_faults() - faults_before;
+        outcome.requests_failed_by_fault += failed_by_fault;
         let stats = current.image.stats();
         outcome.commits += stats.commits;
         outcome.checkpoints += stats.checkpoints;
