@@ -520,10 +520,9 @@ impl SimStorage {
         }
         state.fail_countdown = None;
         state.injected_faults += 1;
-        Err(io::Error::new(
-            io::ErrorKind::Other,
-            format!("injected EIO on {what} (SimStorage fault injection)"),
-        ))
+        Err(io::Error::other(format!(
+            "injected EIO on {what} (SimStorage fault injection)"
+        )))
     }
 
     /// A crash point now, stamped with `clock`'s value.
