@@ -233,12 +233,16 @@ pub fn describe_findings(report: &CheckReport) -> String {
     for corruption in &report.corruptions {
         out.push_str(&format!("ERROR: {}\n", one_line(corruption)));
     }
+    for warning in &report.warnings {
+        out.push_str(&format!("Warning: {}\n", one_line(warning)));
+    }
     if !report.corruptions.is_empty() {
         out.push_str(&format!(
             "\n{} corruption{} found in the image.\n\
              Data may be corrupted, or further writes to the image may corrupt it.\n\
-             Reads of the affected clusters fail with an I/O error; the image refuses to open \
-             read-write while its metadata is corrupt.\n",
+             Reads of a damaged cluster fail with an I/O error; other clusters are unaffected.\n\
+             'insitu-blk check --repair' rewrites damaged metadata from what is intact; damaged \
+             cluster data cannot be repaired (the guest must rewrite it).\n",
             report.corruptions.len(),
             if report.corruptions.len() == 1 {
                 " was"
@@ -361,6 +365,7 @@ mod tests {
     fn findings_are_explained() {
         let report = CheckReport {
             corruptions: vec!["cluster 12: payload checksum mismatch".into()],
+            warnings: vec!["checkpoint area 1 is torn".into()],
             leaked_bytes: 8192,
             ..CheckReport::default()
         };
@@ -370,6 +375,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1 corruption was found"), "{text}");
+        assert!(
+            text.contains("Warning: checkpoint area 1 is torn"),
+            "{text}"
+        );
         assert!(
             text.contains("8 KiB (8192 bytes) of leaked space"),
             "{text}"
