@@ -762,3 +762,47 @@ fn check_reports_leaked_space_with_3_and_repair_reclaims_it() {
     );
     ok(["check", path_str(&image)]);
 }
+
+/// Ctrl-C during a convert stops it, removes the partial DST and says so in one line.
+#[test]
+fn interrupted_convert_leaves_no_partial_output() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+
+    let dir = tempdir();
+    // 64 GiB, nearly all holes: reading it takes far longer than the test waits.
+    let raw = dir.path().join("huge.raw");
+    let file = fs::File::create(&raw).unwrap();
+    file.set_len(64 << 30).unwrap();
+    for gib in 0..64u64 {
+        file.write_all_at(b"data", gib << 30).unwrap();
+    }
+    drop(file);
+    let out = dir.path().join("huge.img");
+    let child = Command::new(env!("CARGO_BIN_EXE_insitu-blk"))
+        .args(["convert", path_str(&raw), path_str(&out)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn convert");
+    // Wait until the copy is under way (DST created), then interrupt.
+    let start = Instant::now();
+    while !out.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(out.exists(), "convert never created its output");
+    std::thread::sleep(Duration::from_millis(200));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("wait");
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    fails_with(&run, 1, "interrupted");
+    assert!(!out.exists(), "the partial output was left behind");
+}

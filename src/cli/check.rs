@@ -175,7 +175,14 @@ pub fn run(config: CheckConfig) -> ExitCode {
     };
     let mut text = String::new();
 
-    match run_engine_check(path, config.repair) {
+    let first = match std::fs::metadata(path) {
+        Err(err) => Outcome::Failed(Verdict::Error, err.to_string()),
+        Ok(meta) if meta.is_dir() => {
+            Outcome::Failed(Verdict::Error, "it is a directory, not a disk image".into())
+        }
+        Ok(_) => run_engine_check(path, config.repair),
+    };
+    match first {
         Outcome::Failed(verdict, message) => {
             output.result = verdict;
             output.error = Some(one_line(&message));

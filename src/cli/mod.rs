@@ -233,6 +233,17 @@ fn init_logging(flag: Option<&str>, command: &Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails plainly for a path that cannot be an image or a disk: missing, unreadable metadata, or a
+/// directory (which would otherwise surface as "not an image" or a read error at byte 0).
+pub fn ensure_input_exists(path: &std::path::Path) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    if meta.is_dir() {
+        bail!("'{}' is a directory, not a disk image", path.display());
+    }
+    Ok(())
+}
+
 /// Parses a compression algorithm (`lz4`, `snappy`, `zstd`, `zstd:LEVEL`, `none`), any case.
 pub fn parse_compression(text: &str) -> Result<Compression, String> {
     text.trim().to_ascii_lowercase().parse()
