@@ -35,8 +35,10 @@ Exit codes (as qemu-img check):
       reclaims it)
   63  not an insitu-blk image, or an unsupported format version
 
-Without --repair the image is only read (no lock taken, nothing written). --repair needs the \
-image's lock, so it fails with 1 while the image is in use by another process.")]
+Without --repair the image is only read (no lock taken, nothing written), so check also runs on \
+an image in use; it then sees the last committed state, and space written since the last commit \
+may show up as leaked (3). --repair needs the image's lock, so it fails with 1 while the image is \
+in use by another process.")]
 pub struct CheckArgs {
     /// The image to check.
     #[arg(value_name = "IMAGE")]
