@@ -49,6 +49,11 @@ pub trait Device: Send + Sync + 'static {
 
     /// Live statistics of the image behind the device.
     fn stats(&self) -> Stats;
+
+    /// Commits, checkpoints, stops the writer and releases the lock (at shutdown).
+    fn close(self) -> Result<(), ImageError>
+    where
+        Self: Sized;
 }
 
 /// How long a failed resume is not retried: requests arriving meanwhile fail at once (the engine
@@ -104,6 +109,11 @@ impl<D: Device> SharedDisk<D> {
     /// The device.
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// Takes the device back (at shutdown, once no connection uses it).
+    pub fn into_device(self) -> D {
+        self.device
     }
 
     /// Number of queues offered.

@@ -115,6 +115,10 @@ impl Device for FakeDevice {
         Ok(())
     }
 
+    fn close(self) -> Result<(), ImageError> {
+        Ok(())
+    }
+
     fn stats(&self) -> Stats {
         Stats {
             reads: self.processed.load(Ordering::SeqCst) as u64,
