@@ -221,9 +221,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = ServeConfig::try_from(args)?;
+    // Installed before anything else: a SIGTERM during start-up then leads to a clean shutdown
+    // once serving begins, instead of killing the process in the middle of opening the image.
+    let signals =
+        Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("cannot install signal handlers")?;
     let image = open_image(&config)?;
     let listener = bind_listener(&config.socket)?;
-    let _ = (image, listener);
+    let _ = (image, listener, signals);
     // Wired to `serve_device` with the virtio-blk layer's device once that layer is merged.
     bail!("serve: the virtio-blk request layer is not merged yet")
 }
@@ -235,6 +239,7 @@ fn serve_device<D: Device>(
     device: D,
     describe_image: String,
     listener: vhost::vhost_user::Listener,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
     let mut daemon = Daemon::new(
         device,
@@ -253,8 +258,6 @@ fn serve_device<D: Device>(
 
     let disk = daemon.disk();
     let stop = daemon.stop_handle();
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("cannot install signal handlers")?;
     let signals_handle = signals.handle();
     let server = thread::Builder::new()
         .name("listener".into())
@@ -300,6 +303,22 @@ fn serve_device<D: Device>(
     if let Some(signal) = signalled {
         tracing::info!("signal {signal} received: shutting down");
         stop.stop();
+        // A second SIGTERM/SIGINT (an impatient operator) ends the process at once.
+        let spawned = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if signal != SIGUSR1 {
+                        tracing::warn!(
+                            "signal {signal} received again: exiting without a clean shutdown"
+                        );
+                        std::process::exit(1);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot watch for a second signal: {e}");
+        }
     }
     let served = server
         .join()

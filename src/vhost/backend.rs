@@ -63,6 +63,9 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set while queue `q` is started (a worker saw it started and enabled); changed only
     /// under that queue's gate, read under all gates.
     started_queues: AtomicU64,
+    /// Bit `q` set once queue `q` logged a fault of the frontend's ring set-up at warn level;
+    /// later ones go to debug, so a hostile guest cannot flood the log.
+    ring_fault_logged: AtomicU64,
     /// Raw fds of the exit eventfd consumers handed to the crate's worker event loops, which
     /// never close them (vhost-user-backend 0.24 `VringEpollHandler::new` keeps only the raw fd
     /// in its epoll set). Closed by [`ConnectionBackend::close_exit_fds`] once the workers are
@@ -81,6 +84,7 @@ impl<D: Device> ConnectionBackend<D> {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             started_queues: AtomicU64::new(0),
+            ring_fault_logged: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
         }
     }
@@ -96,6 +100,17 @@ impl<D: Device> ConnectionBackend<D> {
             // it. The caller guarantees the workers and their epoll instances are gone, so no
             // one else uses or owns this fd; wrapping it takes ownership and closes it once.
             drop(unsafe { std::fs::File::from_raw_fd(fd) });
+        }
+    }
+
+    /// Logs a fault of the frontend's ring set-up (bad addresses, broken indexes): the first of
+    /// each queue at warn, the rest at debug.
+    fn ring_fault(&self, queue: usize, message: std::fmt::Arguments<'_>) {
+        let bit = 1u64 << (queue % MAX_QUEUES);
+        if self.ring_fault_logged.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+            tracing::warn!("queue {queue}: {message} (further ring faults of this queue are logged at debug level)");
+        } else {
+            tracing::debug!("queue {queue}: {message}");
         }
     }
 
@@ -146,7 +161,7 @@ impl<D: Device> ConnectionBackend<D> {
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
-                    tracing::warn!("queue {queue}: cannot disable notifications: {e}");
+                    self.ring_fault(queue, format_args!("cannot disable notifications: {e}"));
                     return false;
                 }
             }
@@ -163,7 +178,7 @@ impl<D: Device> ConnectionBackend<D> {
                 if let Err(e) = vring.add_used(head, used_len) {
                     // The used ring is unreachable (bad address from the frontend): nothing more
                     // can be completed on this ring until the frontend sets it up again.
-                    tracing::warn!("queue {queue}: cannot complete request {head}: {e}");
+                    self.ring_fault(queue, format_args!("cannot complete request {head}: {e}"));
                     return false;
                 }
                 self.notify_guest(queue, vring);
@@ -176,7 +191,7 @@ impl<D: Device> ConnectionBackend<D> {
                 Ok(true) => continue,
                 Ok(false) => return false,
                 Err(e) => {
-                    tracing::warn!("queue {queue}: cannot enable notifications: {e}");
+                    self.ring_fault(queue, format_args!("cannot enable notifications: {e}"));
                     return false;
                 }
             }
@@ -193,7 +208,7 @@ impl<D: Device> ConnectionBackend<D> {
             Err(e) => {
                 // E.g. an available index more than the queue size ahead: the driver is broken
                 // or hostile; leave the ring alone until it is set up again.
-                tracing::warn!("queue {queue}: invalid available ring: {e}");
+                self.ring_fault(queue, format_args!("invalid available ring: {e}"));
                 None
             }
         }
@@ -204,10 +219,10 @@ impl<D: Device> ConnectionBackend<D> {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
-                    tracing::warn!("queue {queue}: cannot signal the used ring: {e}");
+                    self.ring_fault(queue, format_args!("cannot signal the used ring: {e}"));
                 }
             }
-            Err(e) => tracing::warn!("queue {queue}: cannot read the used event index: {e}"),
+            Err(e) => self.ring_fault(queue, format_args!("cannot read the used event index: {e}")),
         }
     }
 }

@@ -620,3 +620,45 @@ fn socket_path_rules() {
         Err(DaemonError::BadFd { .. })
     ));
 }
+
+#[test]
+fn guest_memory_the_backend_writes_is_marked_in_the_dirty_log() {
+    use vhost::VhostUserDirtyLogRegion;
+    const PAGE: u64 = 4096;
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let log_size = (MEM_SIZE as u64 / PAGE).div_ceil(8);
+    let log = memfd(log_size as usize);
+    fe.frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log_size,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .unwrap();
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    let region = MmapRegion::<()>::from_file(FileOffset::new(log, 0), log_size as usize).unwrap();
+    let bitmap =
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()])
+            .unwrap();
+    let dirty = |addr: u64| {
+        let page = addr / PAGE;
+        let byte: u8 = bitmap.read_obj(GuestAddress(page / 8)).unwrap();
+        byte & (1 << (page % 8)) != 0
+    };
+    let (rings, _, _) = fe.queues[0].as_ref().unwrap();
+    assert!(dirty(status.0), "the status byte's page is not logged");
+    assert!(dirty(rings.used.0), "the used ring's page is not logged");
+    // Pages the backend only read stay clean.
+    assert!(
+        !dirty(rings.desc.0 + 2 * PAGE),
+        "an untouched page is logged"
+    );
+    assert!(!dirty(BUFFER_AREA + 0x10_0000));
+    served.stop();
+}
