@@ -17,9 +17,10 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use insitu_blk::blk::BlkConfig;
 use insitu_blk::image::{CreateOptions, Image, LockPolicy, OpenOptions, DEFAULT_COMMIT_INTERVAL};
 use insitu_blk::vhost::{
-    bind_listener, Daemon, DaemonConfig, Device, SharedDisk, SocketSource, StatsReporter,
+    bind_listener, BlkDisk, Daemon, DaemonConfig, Device, SharedDisk, SocketSource, StatsReporter,
     MAX_QUEUES,
 };
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
@@ -116,7 +117,6 @@ pub struct ServeConfig {
     /// Largest queue size accepted.
     pub queue_size: u16,
     /// GET_ID serial (empty: derived from the image UUID).
-    #[allow(dead_code)] // read by the virtio-blk device set-up once that layer is merged
     pub serial: String,
     /// Timer commit interval.
     pub commit_interval: Duration,
@@ -226,14 +226,29 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let signals =
         Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("cannot install signal handlers")?;
     let image = open_image(&config)?;
+    let geometry = image.geometry().clone();
+    let mut blk_config = BlkConfig::new(config.num_queues, config.queue_size);
+    blk_config.read_only = config.read_only;
+    blk_config.serial = config.serial.clone();
+    let device = BlkDisk::new(image, blk_config, config.lock)
+        .with_context(|| format!("cannot serve image {}", config.image.display()))?;
     let listener = bind_listener(&config.socket)?;
-    let _ = (image, listener, signals);
-    // Wired to `serve_device` with the virtio-blk layer's device once that layer is merged.
-    bail!("serve: the virtio-blk request layer is not merged yet")
+    let describe_image = format!(
+        "{} ({} bytes, {} KiB clusters, {}{})",
+        config.image.display(),
+        geometry.size,
+        geometry.cluster_size / 1024,
+        geometry.compression,
+        if device.blk().is_read_only() {
+            ", read-only"
+        } else {
+            ""
+        },
+    );
+    serve_device(&config, device, describe_image, listener, signals)
 }
 
 /// Serves `device` on `listener` until SIGTERM/SIGINT, then shuts down cleanly.
-#[allow(dead_code)]
 fn serve_device<D: Device>(
     config: &ServeConfig,
     device: D,

@@ -39,6 +39,11 @@ pub trait Device: Send + Sync + 'static {
     /// fails alone.
     fn process_chain(&self, chain: Chain, acked_features: u64) -> u32;
 
+    /// True when the device refuses writes (then resuming takes no writer lock).
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
     /// Commits everything accepted so far, parks the metadata writer and releases the writer
     /// lock. Idempotent.
     fn quiesce(&self) -> Result<(), ImageError>;
@@ -150,12 +155,21 @@ impl<D: Device> SharedDisk<D> {
         {
             return false;
         }
-        tracing::info!("{reason}: taking the image's writer lock and resuming");
+        let read_only = self.device.is_read_only();
+        if read_only {
+            tracing::info!("{reason}: loading the image's metadata (read-only)");
+        } else {
+            tracing::info!("{reason}: taking the image's writer lock and resuming");
+        }
         match self.device.resume() {
             Ok(()) => {
                 life.last_resume_failure = None;
                 self.running.store(true, Ordering::Release);
-                tracing::info!("device resumed: writer lock taken, metadata writer running");
+                if read_only {
+                    tracing::info!("device resumed (read-only: no writer lock, no writer)");
+                } else {
+                    tracing::info!("device resumed: writer lock taken, metadata writer running");
+                }
                 true
             }
             Err(e) => {
@@ -188,9 +202,14 @@ impl<D: Device> SharedDisk<D> {
         match self.device.quiesce() {
             Ok(()) => {
                 self.running.store(false, Ordering::Release);
-                tracing::info!(
-                    "device quiesced ({reason}): metadata committed, writer parked, writer lock released"
-                );
+                if self.device.is_read_only() {
+                    tracing::info!("device quiesced ({reason}, read-only)");
+                } else {
+                    tracing::info!(
+                        "device quiesced ({reason}): metadata committed, writer parked, \
+                         writer lock released"
+                    );
+                }
                 Ok(())
             }
             Err(e) => {

@@ -9,11 +9,13 @@
 mod backend;
 mod daemon;
 mod device;
+mod disk;
 mod stats;
 
 pub use backend::{ConnectionBackend, Vring, MAX_QUEUES};
 pub use daemon::{bind_listener, Daemon, DaemonConfig, DaemonError, SocketSource, StopHandle};
 pub use device::{Chain, Device, GuestMemory, GuestMemoryHandle, SharedDisk};
+pub use disk::BlkDisk;
 pub use stats::StatsReporter;
 
 #[cfg(test)]
