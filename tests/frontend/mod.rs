@@ -210,7 +210,7 @@ pub struct GuestMem {
 }
 
 impl GuestMem {
-    fn new() -> GuestMem {
+    pub fn new() -> GuestMem {
         // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd is checked and
         // then owned by exactly one File.
         let fd = unsafe { libc::memfd_create(c"insitu-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
@@ -248,6 +248,24 @@ impl GuestMem {
             always_allowed: Vec::new(),
             next_alloc: DATA_START,
         }
+    }
+
+    /// The regions as SET_MEM_TABLE describes them.
+    pub fn region_infos(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        self.mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info"))
+            .collect()
+    }
+
+    /// The host (frontend user-space) address of a guest address: vring addresses travel as
+    /// frontend virtual addresses in vhost-user.
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        let region = self
+            .mem
+            .find_region(GuestAddress(gpa))
+            .expect("test bug: host_addr outside guest memory");
+        region.as_ptr() as u64 + (gpa - region.start_addr().0)
     }
 
     fn shadow_mut(&mut self, gpa: u64, len: usize) -> &mut [u8] {
@@ -302,6 +320,12 @@ impl GuestMem {
     /// Lets the device write `[gpa, gpa+len)` (a device-writable descriptor) until the next check.
     pub fn allow(&mut self, gpa: u64, len: u64) {
         self.allowed.push((gpa, gpa.saturating_add(len)));
+    }
+
+    /// Withdraws the device's right to write the buffer at `gpa` (for requests that must be
+    /// rejected before any access, even to their device-writable buffers).
+    pub fn revoke(&mut self, gpa: u64) {
+        self.allowed.retain(|r| r.0 != gpa);
     }
 
     /// Compares guest memory with the shadow: any changed byte outside the allowed ranges is a
@@ -507,12 +531,8 @@ impl Device {
             ));
         }
         let gm = GuestMem::new();
-        let regions: Vec<VhostUserMemoryRegionInfo> = gm
-            .mem
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).expect("region info"))
-            .collect();
-        fe.set_mem_table(&regions).map_err(err("SET_MEM_TABLE"))?;
+        fe.set_mem_table(&gm.region_infos())
+            .map_err(err("SET_MEM_TABLE"))?;
         let mut dev = Device {
             fe,
             gm,
@@ -529,15 +549,8 @@ impl Device {
         Ok(dev)
     }
 
-    /// The host (frontend user-space) address of a guest address: vring addresses travel as
-    /// frontend virtual addresses in vhost-user.
     pub fn host_addr(&self, gpa: u64) -> u64 {
-        let region = self
-            .gm
-            .mem
-            .find_region(GuestAddress(gpa))
-            .expect("test bug: host_addr outside guest memory");
-        region.as_ptr() as u64 + (gpa - region.start_addr().0)
+        self.gm.host_addr(gpa)
     }
 
     fn start_queue(&mut self, index: u16, size: u16) -> Result<(), String> {
