@@ -269,7 +269,7 @@ impl GuestMem {
     }
 
     fn shadow_mut(&mut self, gpa: u64, len: usize) -> &mut [u8] {
-        if gpa >= REGION_A_GPA && gpa + len as u64 <= REGION_A_GPA + REGION_A_SIZE {
+        if gpa + len as u64 <= REGION_A_GPA + REGION_A_SIZE {
             let o = (gpa - REGION_A_GPA) as usize;
             &mut self.shadow_a[o..o + len]
         } else if gpa >= REGION_B_GPA && gpa + len as u64 <= REGION_B_GPA + REGION_B_SIZE {
