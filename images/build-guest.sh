@@ -66,7 +66,7 @@ done
 bins=(/sbin/mke2fs /sbin/e2fsck /sbin/tune2fs /sbin/dumpe2fs "$(command -v fio)")
 for b in "${bins[@]}"; do
     cp -L "$b" "$root/sbin/"
-    ldd "$b" | awk '/=> \//{print $3} /^\s*\/lib64/{print $1}' | while read -r lib; do
+    ldd "$b" | awk '/=> \//{print $3} /^[[:space:]]*\/lib64\//{print $1}' | while read -r lib; do
         case "$lib" in
             */ld-linux-x86-64.so.2) cp -Ln "$lib" "$root/lib64/" ;;
             *) cp -Ln "$lib" "$root/lib/x86_64-linux-gnu/" ;;
