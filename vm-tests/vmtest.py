@@ -322,7 +322,7 @@ class Guest:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", os.path.join(GUEST_DIR, "vmlinuz"),
             "-initrd", os.path.join(GUEST_DIR, "initramfs.cpio"),
-            "-append", "console=ttyS0 loglevel=4 panic=-1 rdinit=/init",
+            "-append", "console=ttyS0 loglevel=6 panic=-1 rdinit=/init",
             "-chardev", f"file,id=con,path={self.console}", "-serial", "chardev:con",
             "-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off", "-serial", "chardev:ctl",
             "-fw_cfg", f"name=opt/insitu/test,file={self.script_path}",
@@ -470,8 +470,8 @@ class Test:
     def register(self, proc_owner):
         self.processes.append(proc_owner)
 
-    def backend(self, label, image=None):
-        return self.backend_cls(self, image or self.image, self.sock(label), label)
+    def backend(self, label, image=None, sock=None):
+        return self.backend_cls(self, image or self.image, sock or self.sock(label), label)
 
     def guest(self, label, script, sock, **kw):
         return Guest(self, label, script, sock, **kw)
@@ -539,7 +539,7 @@ cat /tmp/fio.out
 echo "INSITU-FIO-DONE rc=$rc"
 [ $rc = 0 ]
 grep -q 'err= 0' /tmp/fio.out
-""" % {"fio": FIO_VERIFY.format(size="128M"), "max": COUNTER_MAX, "base": COUNTER_BASE_BLOCK}
+""" % {"fio": FIO_VERIFY.format(size="64M"), "max": COUNTER_MAX, "base": COUNTER_BASE_BLOCK}
 
 
 def counters_announced(*texts):
@@ -655,7 +655,7 @@ def test_pause(t):
     t.backend_cls.create_image(t.image, DISK_SIZE)
     b = t.backend("b1").start()
     g = t.guest("boot1", WORKLOAD, b.sock).start()
-    g.wait_for(r"^INSITU-W 20\s*$", scaled(120))
+    g.wait_for(r"^INSITU-W 5\s*$", scaled(120))
     time.sleep(1)
     log_offset = len(b.log_text())
     g.qmp.cmd("stop")
@@ -693,7 +693,7 @@ def test_migrate(t):
     dst_b = t.backend("dst").start(wait_lock=True, wait_socket=False)
     mig_sock = os.path.join(t.sock_dir, "mig.sock")
     dst = t.guest("dst", WORKLOAD, dst_b.sock, reconnect=True, incoming=f"unix:{mig_sock}").start()
-    src.wait_for(r"^INSITU-W 20\s*$", scaled(120))
+    src.wait_for(r"^INSITU-W 5\s*$", scaled(120))
     if dst.qmp.cmd("query-status")["status"] != "inmigrate":
         raise TestFailure(f"destination not waiting for migration: {dst.qmp.cmd('query-status')}")
     t0 = time.monotonic()
@@ -775,7 +775,7 @@ e2fsck -fn /dev/vda
     stalled = dict(re.findall(r"^INSITU-SYNCED (\d+) (\w+)\s*$", g.text(), re.M))
     if len(stalled) > len(before) + 1:
         raise TestFailure(f"the guest kept syncing with no backend: {len(before)} -> {len(stalled)}")
-    b2 = t.backend("b2").start()
+    b2 = t.backend("b2", sock=b1.sock).start()
     t.note(f"backend restarted; {len(before)} files synced before the kill")
     g.wait_for(rf"^INSITU-SYNCED {len(stalled) + 3} ", scaled(120))
     t.note("QEMU reconnected and the guest's writes progress again")
