@@ -59,6 +59,25 @@ def allocated_bytes(path):
     return os.stat(path).st_blocks * 512
 
 
+def image_lock_holders(path):
+    """Pids holding a lock on path, from /proc/locks (OFD locks show pid -1)."""
+    ino = os.stat(path).st_ino
+    pids = []
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (blocked waiters have a "->" field)
+            if "->" in fields:
+                continue
+            try:
+                pid, dev_ino = int(fields[4]), fields[5]
+            except (IndexError, ValueError):
+                continue
+            if dev_ino.rsplit(":", 1)[-1] == str(ino):
+                pids.append(pid)
+    return pids
+
+
 def tail(path, lines=80):
     try:
         with open(path, "rb") as f:
@@ -136,24 +155,9 @@ class Backend:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
-    def holds_image_open(self):
-        """True while the backend process has an fd open on the image (a lock needs one)."""
-        if not self.alive():
-            return False
-        target = os.stat(self.image)
-        fd_dir = f"/proc/{self.proc.pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            return False
-        for fd in fds:
-            try:
-                st = os.stat(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-                return True
-        return False
+    def holds_lock(self):
+        """True while the backend process holds a file lock (flock/POSIX) on the image."""
+        return self.alive() and self.proc.pid in image_lock_holders(self.image)
 
     # Image helpers (class methods: they need no running backend)
     @classmethod
@@ -716,15 +720,17 @@ def test_migrate(t):
     st = dst.qmp.cmd("query-status")
     if st["status"] != "running":
         raise TestFailure(f"destination not running after migration: {st}")
-    src.quit()
     if src_b.name == "insitu":
-        deadline = time.monotonic() + scaled(15)
-        while src_b.holds_image_open():
-            if time.monotonic() > deadline:
-                raise TestFailure("the source backend still holds the image open 15s after the source QEMU quit")
-            time.sleep(0.1)
-        t.note("source backend released the image")
-    else:
+        # The destination can only resume (take the writer lock) once the source released it.
+        quiesce_log_check(t, dst_b, 0, "resumed")
+        if src_b.holds_lock():
+            raise TestFailure("the source backend still holds a lock on the image after the migration")
+        if dst_b.proc.pid not in image_lock_holders(t.image):
+            raise TestFailure(f"the destination backend does not hold the image lock: "
+                              f"holders {image_lock_holders(t.image)}")
+        t.note("source backend released the image; the destination holds its lock")
+    src.quit()
+    if src_b.name != "insitu":
         src_b.stop()
     text = dst.wait_result(scaled(400))
     t.note(f"guest finished and verified on the destination; counters on source up to {src_last}")
