@@ -33,6 +33,20 @@ pub enum DataSource {
     /// The file's non-zero `block_size` chunks, cycled through in order: every write carries real,
     /// non-zero data (what a compressor sees when a guest writes files).
     FileNonZero(PathBuf),
+    /// Pre-built payloads, `block_size` each, back to back, cycled through in order (lets a
+    /// driver that runs many loads read its data file once; see [`nonzero_blocks`]).
+    Blocks(Arc<Vec<u8>>),
+}
+
+/// The non-zero `block_size` chunks of `data`, back to back.
+pub fn nonzero_blocks(data: &[u8], block_size: usize) -> Vec<u8> {
+    let mut pool = Vec::new();
+    for chunk in data.chunks_exact(block_size) {
+        if chunk.iter().any(|&b| b != 0) {
+            pool.extend_from_slice(chunk);
+        }
+    }
+    pool
 }
 
 /// Access pattern.
@@ -199,6 +213,9 @@ fn read_file(path: &Path) -> Result<Vec<u8>, LoadError> {
 }
 
 fn prepare_payload(spec: &LoadSpec) -> Result<Payload, LoadError> {
+    if spec.read_pct >= 100 {
+        return Ok(Payload::Random);
+    }
     Ok(match &spec.data {
         DataSource::Random => Payload::Random,
         DataSource::FileSameOffset(path) => {
@@ -209,17 +226,17 @@ fn prepare_payload(spec: &LoadSpec) -> Result<Payload, LoadError> {
             Payload::SameOffset(Arc::new(data))
         }
         DataSource::FileNonZero(path) => {
-            let data = read_file(path)?;
-            let mut pool = Vec::new();
-            for chunk in data.chunks_exact(spec.block_size) {
-                if chunk.iter().any(|&b| b != 0) {
-                    pool.extend_from_slice(chunk);
-                }
-            }
+            let pool = nonzero_blocks(&read_file(path)?, spec.block_size);
             if pool.is_empty() {
                 return err("data file", "has no non-zero block");
             }
             Payload::Pool(Arc::new(pool))
+        }
+        DataSource::Blocks(pool) => {
+            if pool.is_empty() || pool.len() % spec.block_size != 0 {
+                return err("payload blocks", "not a whole number of blocks");
+            }
+            Payload::Pool(Arc::clone(pool))
         }
     })
 }
