@@ -5,15 +5,26 @@
 //! from many threads at once (`&self` everywhere); the engine's own metadata writer thread makes
 //! writes durable in group commits (see `docs/ARCHITECTURE.md` and `docs/FORMAT.md`).
 //!
-//! API CONTRACT (skeleton: the bodies are filled in by the engine work, issue #2).
+//! Module map: `format` (on-disk layouts), `codec` (compression with output bounds), `table`
+//! (striped cluster table), `alloc` (sharded free-slot allocator), `recovery` (load and replay,
+//! shared with `check`), `engine` (data path and metadata writer), `check` (verification and
+//! repair), `storage` (the only door to bytes).
 
+mod alloc;
+mod check;
+mod codec;
+mod engine;
+pub mod format;
+mod recovery;
 pub mod storage;
+mod table;
 
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -221,6 +232,9 @@ pub struct CheckReport {
     pub leaked_bytes: u64,
     /// What `--repair` changed, if it ran.
     pub repairs: Vec<String>,
+    /// Harmless findings (a torn inactive checkpoint left by a crash, an unused superblock copy
+    /// that is invalid but recoverable, ...).
+    pub warnings: Vec<String>,
     /// Clusters whose payload was read and verified.
     pub clusters_checked: u64,
     /// Geometry, when the superblock could be read.
@@ -281,97 +295,288 @@ pub enum ImageError {
 pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 
 /// An open image. `Send + Sync`; share it with `Arc`.
-#[derive(Debug)]
 pub struct Image {
-    _storage: Arc<dyn Storage>,
+    core: Arc<engine::Core>,
+    life: Mutex<Life>,
 }
 
-#[allow(unused_variables)]
+#[derive(Default)]
+struct Life {
+    writer: Option<JoinHandle<()>>,
+    lock_held: bool,
+    closed: bool,
+}
+
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image").field("core", &self.core).finish()
+    }
+}
+
+fn take_lock(storage: &dyn Storage, policy: LockPolicy) -> Result<()> {
+    let deadline = match policy {
+        LockPolicy::Fail => None,
+        LockPolicy::Wait(d) => Some(Instant::now() + d),
+    };
+    loop {
+        match storage.try_lock_exclusive() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(source) => {
+                return Err(ImageError::Io {
+                    op: "lock image",
+                    offset: 0,
+                    source,
+                })
+            }
+        }
+        match deadline {
+            Some(d) if Instant::now() < d => {
+                let left = d.saturating_duration_since(Instant::now());
+                std::thread::sleep(left.min(Duration::from_millis(50)));
+            }
+            _ => return Err(ImageError::Locked),
+        }
+    }
+}
+
 impl Image {
     /// Creates a new image at `path` (a new regular file, or an existing block device).
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        unimplemented!("issue #2")
+        format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
+        let existed = path.exists();
+        let storage = FileStorage::create(path).map_err(|source| ImageError::Io {
+            op: "create image",
+            offset: 0,
+            source,
+        })?;
+        let r = Self::create_on(Arc::new(storage), opts);
+        if r.is_err() && !existed {
+            let _ = std::fs::remove_file(path);
+        }
+        r
     }
 
     /// Creates a new image on `storage` (overwrites whatever is there).
     pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<()> {
-        unimplemented!("issue #2")
+        let layout =
+            format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
+        if let Compression::Zstd { level } = opts.compression {
+            if !(-7..=22).contains(&level) || level == 0 {
+                return Err(ImageError::InvalidOption(format!(
+                    "zstd level {level} is out of range (-7..=22, not 0)"
+                )));
+            }
+        }
+        take_lock(storage.as_ref(), LockPolicy::Fail)?;
+        let r = check::format_storage(storage.as_ref(), layout, opts.compression);
+        let _ = storage.unlock();
+        r
     }
 
     /// Opens the image at `path`, runs recovery (unless read-only or `start_quiesced`).
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        unimplemented!("issue #2")
+        let storage = FileStorage::open(path, opts.read_only).map_err(|source| ImageError::Io {
+            op: "open image",
+            offset: 0,
+            source,
+        })?;
+        Self::open_on(Arc::new(storage), opts)
     }
 
     /// Opens an image on `storage`.
     pub fn open_on(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
-        unimplemented!("issue #2")
+        let sbr = recovery::read_superblock(storage.as_ref())?;
+        let core = engine::Core::new(
+            storage,
+            sbr.sb,
+            opts.read_only,
+            opts.test_break_commit_order,
+            opts.commit_interval.max(Duration::from_millis(1)),
+            opts.lock,
+        );
+        let image = Image {
+            core: Arc::new(core),
+            life: Mutex::new(Life::default()),
+        };
+        if !opts.start_quiesced {
+            image.resume()?;
+        }
+        Ok(image)
     }
 
     /// Geometry from the superblock.
     pub fn geometry(&self) -> &Geometry {
-        unimplemented!("issue #2")
+        &self.core.geometry
     }
 
     /// Logical size in bytes.
     pub fn size(&self) -> u64 {
-        unimplemented!("issue #2")
+        self.core.layout.size
     }
 
     /// True when opened read-only.
     pub fn is_read_only(&self) -> bool {
-        unimplemented!("issue #2")
+        self.core.read_only
     }
 
     /// Reads `buf.len()` bytes at `offset` (both multiples of 512, inside the disk).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        unimplemented!("issue #2")
+        self.core.read(offset, buf)
     }
 
     /// Writes `data` at `offset` (both multiples of 512, inside the disk). Returns when the data
     /// is in the engine (it survives a crash only after a later `flush` returns).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        unimplemented!("issue #2")
+        self.core.write(offset, data)
     }
 
     /// Makes the range read as zeros. `unmap`: release the space (whole clusters become zero
     /// entries either way; the flag only matters for partial clusters).
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        unimplemented!("issue #2")
+        // Partial clusters are rewritten without the zeroed bytes either way: a compressed
+        // cluster stores no zeros explicitly, so `unmap` changes nothing here.
+        let _ = unmap;
+        self.core.zero_range(offset, len)
     }
 
     /// Discards a range: it reads as zeros afterwards and its space is released.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        unimplemented!("issue #2")
+        self.core.zero_range(offset, len)
     }
 
     /// I2: returns once every write that completed before the call is durable.
     pub fn flush(&self) -> Result<()> {
-        unimplemented!("issue #2")
+        self.core.flush()
     }
 
     /// I7: commits everything accepted so far, parks the metadata writer and releases the writer
     /// lock. Returns when that is done. I/O while quiesced fails with [`ImageError::Quiesced`].
     /// Idempotent.
     pub fn quiesce(&self) -> Result<()> {
-        unimplemented!("issue #2")
+        let mut life = table::lock(&self.life);
+        self.park(&mut life, false)
+    }
+
+    fn park(&self, life: &mut Life, checkpoint: bool) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.core.state.load(Ordering::SeqCst) != engine::RUNNING {
+            return Ok(());
+        }
+        self.core.state.store(engine::QUIESCED, Ordering::SeqCst);
+        self.core.drain();
+        let mut result = Ok(());
+        if let Some(writer) = life.writer.take() {
+            result = self.core.sync(checkpoint);
+            table::lock(&self.core.ctl).stop = true;
+            self.core.writer_cv.notify_all();
+            if writer.join().is_err() {
+                log::error!("metadata writer thread panicked");
+            }
+        }
+        if life.lock_held {
+            if let Err(e) = self.core.storage.unlock() {
+                log::warn!("releasing the writer lock failed: {e}");
+            }
+            life.lock_held = false;
+            log::info!("image quiesced, writer lock released");
+        }
+        result
     }
 
     /// Re-takes the writer lock (per [`OpenOptions::lock`]), reloads the metadata if another
     /// process committed meanwhile (or loads it the first time after `start_quiesced`), and
     /// restarts the writer. Idempotent.
     pub fn resume(&self) -> Result<()> {
-        unimplemented!("issue #2")
+        use std::sync::atomic::Ordering;
+        let mut life = table::lock(&self.life);
+        if life.closed {
+            return Err(ImageError::Quiesced);
+        }
+        if self.core.state.load(Ordering::SeqCst) == engine::RUNNING {
+            return Ok(());
+        }
+        let core = &self.core;
+        if !core.read_only && !life.lock_held {
+            take_lock(core.storage.as_ref(), core.lock_policy)?;
+            life.lock_held = true;
+            log::info!("writer lock taken");
+        }
+        let failed = table::lock(&core.ctl).failed.is_some();
+        if failed || core.disk_changed() {
+            let loaded = core.load().and_then(|l| core.install(l));
+            if let Err(e) = loaded {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
+                }
+                return Err(e);
+            }
+        }
+        if !core.read_only {
+            table::lock(&core.ctl).stop = false;
+            let worker = Arc::clone(core);
+            let handle = std::thread::Builder::new()
+                .name("insitu-commit".into())
+                .spawn(move || engine::Core::writer_main(worker))
+                .map_err(|source| ImageError::Io {
+                    op: "start metadata writer",
+                    offset: 0,
+                    source,
+                })?;
+            life.writer = Some(handle);
+        }
+        core.state.store(engine::RUNNING, Ordering::SeqCst);
+        log::info!("image running");
+        Ok(())
     }
 
     /// Live statistics.
     pub fn stats(&self) -> Stats {
-        unimplemented!("issue #2")
+        self.core.stats()
     }
 
     /// Commits, checkpoints, stops the writer and releases the lock.
     pub fn close(self) -> Result<()> {
-        unimplemented!("issue #2")
+        let mut life = table::lock(&self.life);
+        let r = self.park(&mut life, true);
+        life.closed = true;
+        r
+    }
+
+    /// TEST SUPPORT: stops the writer and releases the lock *without* committing what is not
+    /// yet durable, like a killed process (the storage keeps whatever was written to it).
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        use std::sync::atomic::Ordering;
+        let mut life = table::lock(&self.life);
+        self.core.state.store(engine::QUIESCED, Ordering::SeqCst);
+        self.core.drain();
+        if let Some(writer) = life.writer.take() {
+            table::lock(&self.core.ctl).stop = true;
+            self.core.writer_cv.notify_all();
+            let _ = writer.join();
+        }
+        if life.lock_held {
+            let _ = self.core.storage.unlock();
+            life.lock_held = false;
+        }
+        life.closed = true;
+    }
+}
+
+impl Drop for Image {
+    /// Dropping without `close` commits what was accepted (best effort) and releases the lock;
+    /// it never writes a checkpoint, so the next open exercises journal recovery.
+    fn drop(&mut self) {
+        let mut life = table::lock(&self.life);
+        if life.closed {
+            return;
+        }
+        if let Err(e) = self.park(&mut life, false) {
+            log::error!("final commit while dropping the image failed: {e}");
+        }
+        life.closed = true;
     }
 }
 
@@ -379,10 +584,18 @@ impl Image {
 /// verifies every stored payload, and finds leaked space. `repair` (needs the writer lock) writes a
 /// fresh checkpoint of the recovered table and punches leaked space.
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    unimplemented!("issue #2: {path:?} {repair}")
+    let storage = FileStorage::open(path, !repair).map_err(|source| ImageError::Io {
+        op: "open image",
+        offset: 0,
+        source,
+    })?;
+    check_on(Arc::new(storage), repair)
 }
 
 /// [`check`] on any storage.
 pub fn check_on(storage: Arc<dyn Storage>, repair: bool) -> Result<CheckReport> {
-    unimplemented!("issue #2: {storage:?} {repair}")
+    check::check_storage(storage, repair)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,296 @@
+//! Formatting a new image, and `check`: validate all metadata through the same loader `open`
+//! uses, verify every payload, find leaked host space; `repair` writes a fresh checkpoint of the
+//! recovered table, rewrites bad superblock copies and punches leaks.
+
+use std::sync::Arc;
+
+use super::alloc::Allocator;
+use super::codec::Codecs;
+use super::format::{self, Layout, Superblock, BLOCK, BLOCK_USIZE, SB_OFFSETS};
+use super::recovery::{self, RecoveryMode};
+use super::storage::Storage;
+use super::table::{lock, Table};
+use super::{take_lock, CheckReport, Compression, Geometry, ImageError, LockPolicy, Result, Stats};
+
+fn io(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
+    move |source| ImageError::Io { op, offset, source }
+}
+
+/// Writes an empty image: checkpoint 0 (no chunks), a journal starting with marker record 1, an
+/// invalid second checkpoint area, then both superblock copies last.
+pub fn format_storage(st: &dyn Storage, layout: Layout, compression: Compression) -> Result<()> {
+    if st.is_block_device() {
+        let cap = st.len().map_err(io("size of device", 0))?;
+        if cap < layout.total_len {
+            return Err(ImageError::InvalidOption(format!(
+                "the device holds {cap} bytes, the image needs {}",
+                layout.total_len
+            )));
+        }
+    }
+    st.set_len(layout.total_len)
+        .map_err(io("set image length", layout.total_len))?;
+    let sb = Superblock {
+        layout,
+        compression,
+        uuid: *uuid::Uuid::new_v4().as_bytes(),
+    };
+    let l = &sb.layout;
+    let zero = vec![0u8; BLOCK_USIZE];
+    for off in SB_OFFSETS {
+        st.write_at(off, &zero)
+            .map_err(io("write superblock", off))?;
+    }
+    st.write_at(l.checkpoint_offsets[1], &zero)
+        .map_err(io("write checkpoint header", l.checkpoint_offsets[1]))?;
+    let empty = Table::new(l);
+    recovery::write_checkpoint(st, &sb, &empty, 0, 0, false)?;
+    let mut rec = Vec::new();
+    format::encode_record(&mut rec, 1, &sb.uuid, &[]);
+    st.write_at(l.journal_offset, &rec)
+        .map_err(io("write journal", l.journal_offset))?;
+    if st.is_block_device() {
+        // Thin-provisioned devices: release whatever an earlier user left in the data area.
+        let _ = st.punch_hole(l.data_offset, l.total_len - l.data_offset);
+    }
+    st.flush().map_err(io("flush", 0))?;
+    let block = sb.encode();
+    for off in SB_OFFSETS {
+        st.write_at(off, &block)
+            .map_err(io("write superblock", off))?;
+    }
+    st.flush().map_err(io("flush", 0))?;
+    Ok(())
+}
+
+/// Geometry for reports.
+pub fn geometry_of(sb: &Superblock) -> Geometry {
+    Geometry {
+        size: sb.layout.size,
+        cluster_size: sb.layout.cluster_size,
+        compression: sb.compression,
+        uuid: uuid::Uuid::from_bytes(sb.uuid).hyphenated().to_string(),
+        format_version: format::FORMAT_VERSION,
+    }
+}
+
+fn table_stats(table: &Table, layout: &Layout) -> Stats {
+    let mut s = Stats {
+        logical_bytes: layout.size,
+        ..Stats::default()
+    };
+    let mut units = 0;
+    for cell in table.cells.iter() {
+        let st = lock(&cell.stripe);
+        s.clusters_compressed += st.compressed;
+        s.clusters_raw += st.raw;
+        units += st.stored_units;
+        s.table_ram_bytes += st.ram_bytes();
+    }
+    s.clusters_zero = layout.cluster_count - s.clusters_compressed - s.clusters_raw;
+    s.allocated_logical_bytes =
+        (s.clusters_compressed + s.clusters_raw) * u64::from(layout.cluster_size);
+    s.stored_bytes = units * BLOCK;
+    s.quiesced = true;
+    s
+}
+
+/// `check` on a storage.
+pub fn check_storage(st: Arc<dyn Storage>, repair: bool) -> Result<CheckReport> {
+    let st = st.as_ref();
+    let mut report = CheckReport::default();
+    let sbr = match recovery::read_superblock(st) {
+        Ok(s) => s,
+        Err(ImageError::CorruptMetadata(m)) => {
+            report.corruptions.push(m);
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
+    let sb = sbr.sb;
+    let layout = &sb.layout;
+    report.geometry = Some(geometry_of(&sb));
+    for (k, e) in sbr.copy_errors.iter().enumerate() {
+        if let Some(e) = e {
+            report
+                .corruptions
+                .push(format!("superblock copy {k} is invalid: {e}"));
+        }
+    }
+    if repair {
+        take_lock(st, LockPolicy::Fail)?;
+    }
+    let r = check_loaded(st, &sb, repair, &sbr.copy_errors, &mut report);
+    if repair {
+        let _ = st.unlock();
+    }
+    r?;
+    log::debug!(
+        "check of {} clusters: {} corruptions, {} leaked bytes",
+        layout.cluster_count,
+        report.corruptions.len(),
+        report.leaked_bytes
+    );
+    Ok(report)
+}
+
+fn check_loaded(
+    st: &dyn Storage,
+    sb: &Superblock,
+    repair: bool,
+    copy_errors: &[Option<String>; 2],
+    report: &mut CheckReport,
+) -> Result<()> {
+    let layout = &sb.layout;
+    let loaded = match recovery::load(st, sb, RecoveryMode::Lenient) {
+        Ok(l) => l,
+        Err(ImageError::CorruptMetadata(m)) => {
+            report.corruptions.push(m);
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    report.warnings.extend(loaded.warnings.iter().cloned());
+    let metadata_lost = !loaded.problems.is_empty();
+    report.corruptions.extend(loaded.problems.iter().cloned());
+    let table = &loaded.table;
+    let alloc = Allocator::new(layout.slot_count());
+    let mut slots_ok = true;
+    if let Err(e) = recovery::rebuild_allocator(table, &alloc) {
+        report.corruptions.push(e);
+        slots_ok = false;
+    }
+
+    // Every payload: checksum first, then decode to exactly one cluster.
+    let cs = layout.cluster_size as usize;
+    let mut codecs = Codecs::default();
+    let mut stored = vec![0u8; cs];
+    let mut out = vec![0u8; cs];
+    let mut used = vec![0u32; layout.slot_count() as usize];
+    for c in 0..layout.cluster_count as u32 {
+        let e = table.current(c);
+        if e.is_zero() {
+            continue;
+        }
+        used[e.slot as usize] |= e.mask();
+        report.clusters_checked += 1;
+        let len = e.units() as usize * BLOCK_USIZE;
+        let off = layout.region_offset(e.slot, e.unit());
+        if let Err(err) = st.read_at(off, &mut stored[..len]) {
+            report.corruptions.push(format!(
+                "cluster {c}: payload at byte {off} unreadable: {err}"
+            ));
+            continue;
+        }
+        let got = crc32c::crc32c(&stored[..len]);
+        if got != e.crc {
+            report.corruptions.push(format!(
+                "cluster {c}: payload checksum mismatch in slot {} (stored {:#010x}, computed {got:#010x})",
+                e.slot, e.crc
+            ));
+            continue;
+        }
+        if let Err(err) = codecs.decompress(e.alg(), &stored[..len], &mut out) {
+            report
+                .corruptions
+                .push(format!("cluster {c}: payload does not decode: {err}"));
+        }
+    }
+
+    // Leaks: allocated host space in the data area that no entry refers to.
+    let data_len = layout.total_len - layout.data_offset;
+    let unit = BLOCK;
+    let mut leaks: Vec<(u64, u64)> = Vec::new();
+    let mut push_leak = |o: u64, l: u64| match leaks.last_mut() {
+        Some((lo, ll)) if *lo + *ll == o => *ll += l,
+        _ => leaks.push((o, l)),
+    };
+    let referenced = |off: u64| -> bool {
+        let rel = off - layout.data_offset;
+        let slot = (rel / u64::from(layout.cluster_size)) as usize;
+        let u = ((rel % u64::from(layout.cluster_size)) / unit) as u32;
+        used.get(slot).is_some_and(|m| m & (1 << u) != 0)
+    };
+    match st
+        .allocated_ranges(layout.data_offset, data_len)
+        .map_err(io("list allocated ranges", layout.data_offset))?
+    {
+        Some(ranges) => {
+            for (o, l) in ranges {
+                let mut pos = o / unit * unit;
+                while pos < o + l {
+                    if pos >= layout.data_offset && !referenced(pos) {
+                        report.leaked_bytes += unit;
+                        push_leak(pos, unit);
+                    }
+                    pos += unit;
+                }
+            }
+        }
+        None => {
+            report
+                .warnings
+                .push("the storage cannot list allocated ranges: leaks were not measured".into());
+            if repair {
+                // Punch everything unreferenced: cheap on holes, and the only way to be sure.
+                let mut pos = layout.data_offset;
+                while pos < layout.total_len {
+                    if !referenced(pos) {
+                        push_leak(pos, unit);
+                    }
+                    pos += unit;
+                }
+            }
+        }
+    }
+    report.stats = Some(table_stats(table, layout));
+
+    if !repair {
+        return Ok(());
+    }
+    if !slots_ok {
+        report.repairs.push(
+            "nothing repaired: two clusters share a slot, the table cannot be trusted".into(),
+        );
+        return Ok(());
+    }
+    let seq = loaded.last_seq + 1;
+    let area = 1 - loaded.base_area;
+    recovery::write_checkpoint(st, sb, table, seq, area, false)?;
+    st.flush().map_err(io("flush checkpoint", 0))?;
+    let mut rec = Vec::new();
+    format::encode_record(&mut rec, seq + 1, &sb.uuid, &[]);
+    st.write_at(layout.journal_offset, &rec)
+        .map_err(io("write journal", layout.journal_offset))?;
+    st.flush().map_err(io("flush journal", 0))?;
+    report.repairs.push(format!(
+        "wrote checkpoint {seq} of the recovered table to area {area}{}",
+        if metadata_lost {
+            " (accepting the commits that were lost)"
+        } else {
+            ""
+        }
+    ));
+    let block = sb.encode();
+    for (k, e) in copy_errors.iter().enumerate() {
+        if e.is_some() {
+            st.write_at(SB_OFFSETS[k], &block)
+                .map_err(io("write superblock", SB_OFFSETS[k]))?;
+            report.repairs.push(format!("rewrote superblock copy {k}"));
+        }
+    }
+    st.flush().map_err(io("flush", 0))?;
+    let mut punched = 0u64;
+    for (o, l) in &leaks {
+        st.punch_hole(*o, *l)
+            .map_err(io("punch leaked space", *o))?;
+        punched += l;
+    }
+    if punched > 0 {
+        st.flush().map_err(io("flush", 0))?;
+        report
+            .repairs
+            .push(format!("released {punched} bytes of unreferenced space"));
+    }
+    Ok(())
+}

@@ -1,0 +1,1119 @@
+//! The engine core shared by the public [`super::Image`] handle and its metadata writer thread.
+//!
+//! Data path (any number of threads): a request is split per cluster; each cluster operation
+//! takes that cluster's reader/writer exclusion in its stripe, snapshots or publishes the entry
+//! under the stripe lock for a few instructions, and does its I/O and (de)compression holding no
+//! lock shared with other clusters. Placement never touches a region that a durable or in-flight
+//! commit refers to, nor the current version (I1, trap 1).
+//!
+//! Metadata writer (one thread per image, see `commit`): snapshot dirty entries (they become
+//! "in flight"), fdatasync data, write the journal record (or a checkpoint when the journal is
+//! full), fdatasync, complete the flushes whose snapshot this was, then punch what the commit
+//! freed and return the slots.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::alloc::Allocator;
+use super::codec::Codecs;
+use super::format::{self, alg, DiskEntry, Layout, Superblock, BLOCK, BLOCK_USIZE};
+use super::recovery::{self, Loaded, RecoveryMode};
+use super::storage::Storage;
+use super::table::{locate, lock, unit_mask, Entry, Table};
+use super::{Geometry, ImageError, LockPolicy, Result, Stats, MAX_CLUSTER_SIZE};
+
+/// Lifecycle states.
+pub const RUNNING: u8 = 0;
+/// I/O refused (quiescing, quiesced, closing).
+pub const QUIESCED: u8 = 1;
+
+const OP_SHARDS: usize = 16;
+
+/// Per-thread request counters, each on its own cache lines.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct OpShard {
+    active: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    checksum_errors: AtomicU64,
+}
+
+static NEXT_THREAD_SHARD: AtomicU64 = AtomicU64::new(0);
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+static ZEROS: [u8; MAX_CLUSTER_SIZE as usize] = [0; MAX_CLUSTER_SIZE as usize];
+
+thread_local! {
+    static THREAD_SHARD: usize = (NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed) as usize) % OP_SHARDS;
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Decompressed clusters kept per thread (for partial writes and partial reads).
+const CACHE_SLOTS: usize = 4;
+
+#[derive(Default)]
+struct CacheSlot {
+    key: Option<(u64, u32, Entry)>,
+    data: Vec<u8>,
+    stamp: u64,
+}
+
+/// Per-thread buffers and codec contexts: no allocation per request once warmed up.
+#[derive(Default)]
+struct Scratch {
+    codecs: Codecs,
+    comp: Vec<u8>,
+    stored: Vec<u8>,
+    merge: Vec<u8>,
+    owned: Vec<u32>,
+    cache: Vec<CacheSlot>,
+    clock: u64,
+}
+
+impl Scratch {
+    fn cache_find(&mut self, key: &(u64, u32, Entry)) -> Option<usize> {
+        self.clock += 1;
+        let now = self.clock;
+        let k = self
+            .cache
+            .iter()
+            .position(|s| s.key.as_ref() == Some(key))?;
+        self.cache[k].stamp = now;
+        Some(k)
+    }
+
+    /// A cache slot to fill (the least recently used), with its key cleared.
+    fn cache_victim(&mut self, cluster: usize) -> usize {
+        if self.cache.len() < CACHE_SLOTS {
+            self.cache.push(CacheSlot::default());
+        }
+        let k = self
+            .cache
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| s.stamp)
+            .map(|(k, _)| k)
+            .unwrap_or(0);
+        let slot = &mut self.cache[k];
+        slot.key = None;
+        slot.data.resize(cluster, 0);
+        k
+    }
+}
+
+fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // Compare in u64 words where aligned; the compiler vectorises the fold.
+        let n = b.len() / 8 * 8;
+        (&b[..0], &b[..n], &b[n..])
+    };
+    pre.is_empty()
+        && mid.chunks_exact(8).fold(0u64, |acc, w| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            acc | u64::from_ne_bytes(a)
+        }) == 0
+        && post.iter().all(|&x| x == 0)
+}
+
+fn find_gap(mask: u32, units: u32, per_slot: u32) -> Option<u32> {
+    (0..=per_slot.checked_sub(units)?).find(|&u| mask & unit_mask(u, units) == 0)
+}
+
+/// Writer-thread control block (taken by flushes and by the writer, never per read/write).
+#[derive(Debug, Default)]
+pub struct Ctl {
+    /// Snapshots begun.
+    pub begun: u64,
+    /// Highest snapshot whose commit is durable.
+    pub durable: u64,
+    /// A flush waits.
+    pub flush_waiting: bool,
+    /// Free-slot or journal pressure.
+    pub pressure: bool,
+    /// The next commit must write a checkpoint.
+    pub checkpoint: bool,
+    /// The writer must exit.
+    pub stop: bool,
+    /// The writer failed: no further commit is attempted.
+    pub failed: Option<String>,
+}
+
+/// State only the writer (or a quiesced lifecycle call) touches.
+#[derive(Debug, Default)]
+pub struct Meta {
+    /// Last durable commit sequence number.
+    pub last_seq: u64,
+    /// Where the next journal record goes.
+    pub journal_head: u64,
+    /// Checkpoint area holding the newest checkpoint.
+    pub active_area: usize,
+    /// Checkpoint header seqs as last seen or written.
+    pub area_seqs: [Option<u64>; 2],
+    /// Metadata loaded at least once.
+    pub loaded: bool,
+    records: Vec<(u32, DiskEntry)>,
+    buf: Vec<u8>,
+}
+
+/// Which part of a cluster a write replaces.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// The whole cluster.
+    Full(&'a [u8]),
+    /// The whole cluster becomes zeros.
+    Zero,
+    /// Bytes at an offset inside the cluster.
+    Partial(usize, &'a [u8]),
+}
+
+/// The engine core.
+pub struct Core {
+    pub storage: Arc<dyn Storage>,
+    pub sb: Superblock,
+    pub layout: Layout,
+    pub geometry: Geometry,
+    pub read_only: bool,
+    pub break_order: bool,
+    pub commit_interval: Duration,
+    pub lock_policy: LockPolicy,
+    pub table: Table,
+    pub alloc: Allocator,
+    pub state: AtomicU8,
+    shards: Box<[OpShard]>,
+    pub ctl: Mutex<Ctl>,
+    pub writer_cv: Condvar,
+    pub done_cv: Condvar,
+    space: Mutex<()>,
+    space_cv: Condvar,
+    pub meta: Mutex<Meta>,
+    failed: AtomicBool,
+    pressure: AtomicBool,
+    dirty_count: AtomicU64,
+    pub commits: AtomicU64,
+    pub checkpoints: AtomicU64,
+    generation: AtomicU64,
+    low_water: u64,
+    dirty_limit: u64,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("storage", &self.storage)
+            .field("geometry", &self.geometry)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds one cluster's reader or writer exclusion.
+struct ClusterGuard<'a> {
+    core: &'a Core,
+    cluster: u32,
+    writer: bool,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        let (s, _) = locate(self.cluster);
+        let cell = &self.core.table.cells[s];
+        let mut st = lock(&cell.stripe);
+        let mut notify = false;
+        let mut remove = false;
+        if let Some(b) = st.busy.get_mut(&self.cluster) {
+            if self.writer {
+                b.writer = false;
+            } else {
+                b.readers = b.readers.saturating_sub(1);
+            }
+            notify = b.waiters > 0;
+            remove = !b.writer && b.readers == 0 && b.waiters == 0;
+        }
+        if remove {
+            st.busy.remove(&self.cluster);
+        }
+        drop(st);
+        if notify {
+            cell.cv.notify_all();
+        }
+    }
+}
+
+/// Keeps an operation counted as active (quiesce waits for it).
+pub struct OpGuard<'a> {
+    shard: &'a OpShard,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn shard_index() -> usize {
+    THREAD_SHARD.with(|s| *s)
+}
+
+impl Core {
+    /// A core for `sb` with nothing loaded yet.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        sb: Superblock,
+        read_only: bool,
+        break_order: bool,
+        commit_interval: Duration,
+        lock_policy: LockPolicy,
+    ) -> Core {
+        let layout = sb.layout.clone();
+        let geometry = Geometry {
+            size: layout.size,
+            cluster_size: layout.cluster_size,
+            compression: sb.compression,
+            uuid: uuid::Uuid::from_bytes(sb.uuid).hyphenated().to_string(),
+            format_version: format::FORMAT_VERSION,
+        };
+        let low_water = (layout.spare_slots / 4).max(8);
+        // Keep one commit's record well inside the journal.
+        let dirty_limit = ((layout.journal_size / 4) / format::JR_ENTRY_LEN as u64).max(256);
+        Core {
+            table: Table::new(&layout),
+            alloc: Allocator::new(layout.slot_count()),
+            storage,
+            sb,
+            layout,
+            geometry,
+            read_only,
+            break_order,
+            commit_interval,
+            lock_policy,
+            state: AtomicU8::new(QUIESCED),
+            shards: (0..OP_SHARDS).map(|_| OpShard::default()).collect(),
+            ctl: Mutex::new(Ctl::default()),
+            writer_cv: Condvar::new(),
+            done_cv: Condvar::new(),
+            space: Mutex::new(()),
+            space_cv: Condvar::new(),
+            meta: Mutex::new(Meta::default()),
+            failed: AtomicBool::new(false),
+            pressure: AtomicBool::new(false),
+            dirty_count: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            low_water,
+            dirty_limit,
+        }
+    }
+
+    fn io(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
+        move |source| ImageError::Io { op, offset, source }
+    }
+
+    /// Installs a loaded table (writer stopped, no I/O running).
+    pub fn install(&self, loaded: Loaded) -> Result<()> {
+        self.table.replace_with(loaded.table);
+        recovery::rebuild_allocator(&self.table, &self.alloc)
+            .map_err(ImageError::CorruptMetadata)?;
+        let mut meta = lock(&self.meta);
+        meta.last_seq = loaded.last_seq;
+        meta.journal_head = loaded.journal_head;
+        meta.active_area = loaded.base_area;
+        meta.area_seqs = loaded.area_seqs;
+        meta.loaded = true;
+        self.generation.store(
+            NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.dirty_count.store(0, Ordering::Relaxed);
+        let mut ctl = lock(&self.ctl);
+        ctl.failed = None;
+        ctl.stop = false;
+        ctl.flush_waiting = false;
+        ctl.pressure = false;
+        ctl.checkpoint = false;
+        self.failed.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Loads the metadata from storage.
+    pub fn load(&self) -> Result<Loaded> {
+        let mode = if self.read_only {
+            RecoveryMode::Lenient
+        } else {
+            RecoveryMode::Strict
+        };
+        let loaded = recovery::load(self.storage.as_ref(), &self.sb, mode)?;
+        for p in &loaded.problems {
+            log::warn!("{p}");
+        }
+        if loaded.records_replayed > 0 {
+            log::debug!(
+                "recovery replayed {} journal records up to commit {}",
+                loaded.records_replayed,
+                loaded.last_seq
+            );
+        }
+        Ok(loaded)
+    }
+
+    /// True when the on-disk metadata no longer matches what this process last loaded or wrote
+    /// (another process committed while we were quiesced).
+    pub fn disk_changed(&self) -> bool {
+        let meta = lock(&self.meta);
+        if !meta.loaded {
+            return true;
+        }
+        for area in 0..2 {
+            let seq = recovery::read_checkpoint_header(self.storage.as_ref(), &self.sb, area)
+                .ok()
+                .map(|h| h.seq);
+            if seq != meta.area_seqs[area] {
+                return true;
+            }
+        }
+        if meta.journal_head + BLOCK <= self.layout.journal_size {
+            let mut b = vec![0u8; BLOCK_USIZE];
+            let off = self.layout.journal_offset + meta.journal_head;
+            if self.storage.read_at(off, &mut b).is_err() {
+                return true;
+            }
+            if let Ok(h) = format::decode_record_header(
+                &b,
+                &self.sb.uuid,
+                self.layout.journal_size - meta.journal_head,
+            ) {
+                if h.seq > meta.last_seq {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    // ----- request admission -------------------------------------------------------------
+
+    /// Admits a request (fails when quiesced).
+    pub fn enter(&self) -> Result<OpGuard<'_>> {
+        let shard = &self.shards[shard_index()];
+        shard.active.fetch_add(1, Ordering::SeqCst);
+        if self.state.load(Ordering::SeqCst) != RUNNING {
+            shard.active.fetch_sub(1, Ordering::SeqCst);
+            return Err(ImageError::Quiesced);
+        }
+        Ok(OpGuard { shard })
+    }
+
+    /// Waits until no admitted request is running (after the state left RUNNING).
+    pub fn drain(&self) {
+        let mut spins = 0u32;
+        loop {
+            let active: u64 = self
+                .shards
+                .iter()
+                .map(|s| s.active.load(Ordering::SeqCst))
+                .sum();
+            if active == 0 {
+                return;
+            }
+            spins += 1;
+            if spins < 100 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len);
+        if offset % super::SECTOR_SIZE != 0 || len % super::SECTOR_SIZE != 0 {
+            return Err(ImageError::InvalidRequest(format!(
+                "offset {offset} or length {len} is not a multiple of 512"
+            )));
+        }
+        if end.is_none_or(|e| e > self.layout.size) {
+            return Err(ImageError::InvalidRequest(format!(
+                "range {offset}+{len} is beyond the disk size {}",
+                self.layout.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn shard(&self) -> &OpShard {
+        &self.shards[shard_index()]
+    }
+
+    // ----- cluster exclusion ------------------------------------------------------------
+
+    fn lock_cluster(&self, c: u32, writer: bool) -> (ClusterGuard<'_>, Entry) {
+        let (s, i) = locate(c);
+        let cell = &self.table.cells[s];
+        let mut st = lock(&cell.stripe);
+        loop {
+            let b = st.busy.entry(c).or_default();
+            let free = if writer {
+                !b.writer && b.readers == 0
+            } else {
+                !b.writer
+            };
+            if free {
+                if writer {
+                    b.writer = true;
+                } else {
+                    b.readers += 1;
+                }
+                break;
+            }
+            b.waiters += 1;
+            st = cell
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(b) = st.busy.get_mut(&c) {
+                b.waiters -= 1;
+            }
+        }
+        let e = st.get(i);
+        (
+            ClusterGuard {
+                core: self,
+                cluster: c,
+                writer,
+            },
+            e,
+        )
+    }
+
+    // ----- reads ------------------------------------------------------------------------
+
+    /// Reads and verifies a stored payload into `sc.stored`, then decodes it into `out`.
+    fn load_payload(
+        &self,
+        c: u32,
+        e: &Entry,
+        codecs: &mut Codecs,
+        stored: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let len = e.units() as usize * BLOCK_USIZE;
+        stored.resize(len.max(stored.len()), 0);
+        let buf = &mut stored[..len];
+        let off = self.layout.region_offset(e.slot, e.unit());
+        self.storage
+            .read_at(off, buf)
+            .map_err(Self::io("read data", off))?;
+        self.verify(c, e, buf)?;
+        codecs.decompress(e.alg(), buf, out).map_err(|reason| {
+            self.shard().checksum_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!("cluster {c}: payload does not decode: {reason}");
+            ImageError::CorruptPayload {
+                cluster: u64::from(c),
+                reason,
+            }
+        })
+    }
+
+    fn verify(&self, c: u32, e: &Entry, buf: &[u8]) -> Result<()> {
+        let got = crc32c::crc32c(buf);
+        if got != e.crc {
+            self.shard().checksum_errors.fetch_add(1, Ordering::Relaxed);
+            let reason = format!(
+                "checksum mismatch in slot {} (stored {:#010x}, computed {got:#010x})",
+                e.slot, e.crc
+            );
+            log::error!("cluster {c}: {reason}");
+            return Err(ImageError::CorruptPayload {
+                cluster: u64::from(c),
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_cluster(&self, c: u32, at: usize, out: &mut [u8]) -> Result<()> {
+        let cs = self.layout.cluster_size as usize;
+        let (_guard, e) = self.lock_cluster(c, false);
+        if e.is_zero() {
+            out.fill(0);
+            return Ok(());
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        with_scratch(|sc| {
+            let Scratch { codecs, stored, .. } = sc;
+            if at == 0 && out.len() == cs {
+                if e.alg() == alg::RAW {
+                    let off = self.layout.region_offset(e.slot, 0);
+                    self.storage
+                        .read_at(off, out)
+                        .map_err(Self::io("read data", off))?;
+                    return self.verify(c, &e, out);
+                }
+                return self.load_payload(c, &e, codecs, stored, out);
+            }
+            let key = (generation, c, e);
+            let k = match sc.cache_find(&key) {
+                Some(k) => k,
+                None => {
+                    let k = sc.cache_victim(cs);
+                    let mut data = std::mem::take(&mut sc.cache[k].data);
+                    let r = self.load_payload(c, &e, &mut sc.codecs, &mut sc.stored, &mut data);
+                    sc.cache[k].data = data;
+                    r?;
+                    sc.cache[k].key = Some(key);
+                    k
+                }
+            };
+            out.copy_from_slice(&sc.cache[k].data[at..at + out.len()]);
+            Ok(())
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let _op = self.enter()?;
+        self.shard().reads.fetch_add(1, Ordering::Relaxed);
+        let cs = u64::from(self.layout.cluster_size);
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let abs = offset + pos as u64;
+            let c = (abs / cs) as u32;
+            let at = (abs % cs) as usize;
+            let n = ((cs as usize) - at).min(buf.len() - pos);
+            self.read_cluster(c, at, &mut buf[pos..pos + n])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    // ----- writes -----------------------------------------------------------------------
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            let msg = lock(&self.ctl).failed.clone().unwrap_or_default();
+            return Err(ImageError::WriterFailed(msg));
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let _op = self.enter()?;
+        self.shard().writes.fetch_add(1, Ordering::Relaxed);
+        let cs = u64::from(self.layout.cluster_size);
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let abs = offset + pos as u64;
+            let c = (abs / cs) as u32;
+            let at = (abs % cs) as usize;
+            let n = ((cs as usize) - at).min(data.len() - pos);
+            let change = if n == cs as usize {
+                Change::Full(&data[pos..pos + n])
+            } else {
+                Change::Partial(at, &data[pos..pos + n])
+            };
+            self.write_cluster(c, change)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range: whole clusters become zero entries, partial ones are merged.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        self.check_range(offset, len)?;
+        let _op = self.enter()?;
+        self.shard().writes.fetch_add(1, Ordering::Relaxed);
+        let cs = u64::from(self.layout.cluster_size);
+        let mut pos = 0u64;
+        while pos < len {
+            let abs = offset + pos;
+            let c = (abs / cs) as u32;
+            let at = (abs % cs) as usize;
+            let n = (cs - at as u64).min(len - pos);
+            // A range covering the logical end of the last (short) cluster zeroes it whole.
+            let whole = at == 0 && (n == cs || abs + n == self.layout.size);
+            let change = if whole {
+                Change::Zero
+            } else {
+                Change::Partial(at, &ZEROS[..n as usize])
+            };
+            self.write_cluster(c, change)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn write_cluster(&self, c: u32, change: Change<'_>) -> Result<()> {
+        let cs = self.layout.cluster_size as usize;
+        let (_guard, cur) = self.lock_cluster(c, true);
+        let generation = self.generation.load(Ordering::Relaxed);
+        with_scratch(|sc| {
+            // 1. The new content of the whole cluster.
+            let mut merged = false;
+            let content: Option<&[u8]> = match change {
+                Change::Zero => None,
+                Change::Full(d) => (!is_zero(d)).then_some(d),
+                Change::Partial(at, d) => {
+                    sc.merge.resize(cs, 0);
+                    if cur.is_zero() {
+                        sc.merge.fill(0);
+                    } else if let Some(k) = sc.cache_find(&(generation, c, cur)) {
+                        let (merge, cache) = (&mut sc.merge, &sc.cache);
+                        merge.copy_from_slice(&cache[k].data);
+                    } else {
+                        let mut merge = std::mem::take(&mut sc.merge);
+                        let r =
+                            self.load_payload(c, &cur, &mut sc.codecs, &mut sc.stored, &mut merge);
+                        sc.merge = merge;
+                        r?;
+                    }
+                    sc.merge[at..at + d.len()].copy_from_slice(d);
+                    merged = true;
+                    (!is_zero(&sc.merge)).then_some(&sc.merge[..])
+                }
+            };
+            let Some(content) = content else {
+                if cur.is_zero() {
+                    return Ok(());
+                }
+                return self.publish(c, Entry::ZERO);
+            };
+            // 2. Compress (raw when it saves no unit).
+            let (code, units, payload): (u8, u32, &[u8]) =
+                match sc
+                    .codecs
+                    .compress(self.sb.compression, content, &mut sc.comp)
+                {
+                    Some((code, units)) => (
+                        code,
+                        u32::from(units),
+                        &sc.comp[..units as usize * BLOCK_USIZE],
+                    ),
+                    None => (alg::RAW, self.layout.units_per_slot(), content),
+                };
+            let crc = crc32c::crc32c(payload);
+            // 3. Place it where nothing committed or current lives, and write it.
+            let (slot, unit) = self.place(c, units, &mut sc.owned)?;
+            let new = Entry::stored(slot, unit, units, code, crc);
+            {
+                let (s, i) = locate(c);
+                let mut st = lock(&self.table.cells[s].stripe);
+                st.pins_mut(c, i).writing = Some(new);
+            }
+            let off = self.layout.region_offset(slot, unit);
+            if let Err(source) = self.storage.write_at(off, payload) {
+                self.abandon_region(c, &new);
+                log::error!("write of cluster {c} at byte {off} failed: {source}");
+                return Err(ImageError::Io {
+                    op: "write data",
+                    offset: off,
+                    source,
+                });
+            }
+            // 4. Publish; remember the merged content for the next partial write.
+            self.publish(c, new)?;
+            if merged {
+                let k = sc.cache_victim(cs);
+                std::mem::swap(&mut sc.cache[k].data, &mut sc.merge);
+                sc.cache[k].key = Some((generation, c, new));
+            }
+            Ok(())
+        })
+    }
+
+    /// Chooses a free region of `units` units for cluster `c`: beside its committed version in
+    /// its home slot (ping-pong in place), else in another slot it owns, else in a free slot.
+    /// Marks the region as being written. Waits for a commit when no slot is free.
+    fn place(&self, c: u32, units: u32, owned: &mut Vec<u32>) -> Result<(u32, u32)> {
+        let (s, i) = locate(c);
+        let per_slot = self.layout.units_per_slot();
+        let home = c;
+        loop {
+            {
+                let st = lock(&self.table.cells[s].stripe);
+                st.owned_slots(c, i, owned);
+                if owned.contains(&home) {
+                    if let Some(u) = find_gap(st.live_mask(c, i, home), units, per_slot) {
+                        return Ok((home, u));
+                    }
+                } else if self.alloc.claim(home) {
+                    return Ok((home, 0));
+                }
+                for &slot in owned.iter().filter(|&&x| x != home) {
+                    if let Some(u) = find_gap(st.live_mask(c, i, slot), units, per_slot) {
+                        return Ok((slot, u));
+                    }
+                }
+                if let Some(slot) = self.alloc.claim_any(u64::from(c)) {
+                    if self.alloc.free_slots() < self.low_water {
+                        self.signal_pressure(false);
+                    }
+                    return Ok((slot, 0));
+                }
+            }
+            self.wait_for_space()?;
+        }
+    }
+
+    fn abandon_region(&self, c: u32, e: &Entry) {
+        let (s, i) = locate(c);
+        let mut st = lock(&self.table.cells[s].stripe);
+        if let Some(p) = st.pins.get_mut(&c) {
+            p.writing = None;
+        }
+        if st.live_mask(c, i, e.slot) == 0 {
+            self.alloc.release(e.slot);
+        }
+        st.tidy(c, i);
+    }
+
+    fn publish(&self, c: u32, new: Entry) -> Result<()> {
+        let (s, i) = locate(c);
+        let release = {
+            let mut st = lock(&self.table.cells[s].stripe);
+            let old = st.get(i);
+            let p = st.pins_mut(c, i);
+            p.writing = None;
+            let newly_dirty = !p.dirty;
+            p.dirty = true;
+            let unreferenced = !old.is_zero() && old != p.durable && Some(old) != p.inflight;
+            if unreferenced {
+                p.releasing.push(old);
+            }
+            st.set(i, new);
+            if newly_dirty {
+                st.dirty.push(c);
+            }
+            st.tidy(c, i);
+            if newly_dirty {
+                let n = self.dirty_count.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= self.dirty_limit {
+                    self.signal_pressure(false);
+                }
+            }
+            unreferenced.then_some(old)
+        };
+        // The replaced version was never committed: nothing durable or in flight refers to it,
+        // and this thread still holds the cluster, so its units are released right away.
+        if let Some(old) = release {
+            self.punch(&old);
+            let (s, i) = locate(c);
+            let free = lock(&self.table.cells[s].stripe).release_done(c, i, &old);
+            if free {
+                self.alloc.release(old.slot);
+                self.notify_space();
+            }
+        }
+        Ok(())
+    }
+
+    fn punch(&self, e: &Entry) {
+        let off = self.layout.region_offset(e.slot, e.unit());
+        let len = u64::from(e.units()) * BLOCK;
+        if let Err(err) = self.storage.punch_hole(off, len) {
+            log::warn!("punching {len} bytes at {off} failed (space stays allocated): {err}");
+        }
+    }
+
+    fn notify_space(&self) {
+        let _g = lock(&self.space);
+        self.space_cv.notify_all();
+    }
+
+    fn wait_for_space(&self) -> Result<()> {
+        self.signal_pressure(true);
+        let g = lock(&self.space);
+        let _ = self
+            .space_cv
+            .wait_timeout(g, Duration::from_millis(20))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.writable()
+    }
+
+    fn signal_pressure(&self, force: bool) {
+        if !self.pressure.swap(true, Ordering::AcqRel) || force {
+            let mut ctl = lock(&self.ctl);
+            ctl.pressure = true;
+            self.writer_cv.notify_one();
+        }
+    }
+
+    // ----- flush and commit -------------------------------------------------------------
+
+    /// Asks the writer for a commit whose snapshot starts after this call (trap 2) and waits
+    /// until it is durable. `checkpoint`: that commit writes a checkpoint.
+    pub fn sync(&self, checkpoint: bool) -> Result<()> {
+        let mut ctl = lock(&self.ctl);
+        if let Some(f) = &ctl.failed {
+            return Err(ImageError::WriterFailed(f.clone()));
+        }
+        let target = ctl.begun + 1;
+        ctl.flush_waiting = true;
+        ctl.checkpoint |= checkpoint;
+        self.writer_cv.notify_one();
+        while ctl.durable < target {
+            if let Some(f) = &ctl.failed {
+                return Err(ImageError::WriterFailed(f.clone()));
+            }
+            ctl = self
+                .done_cv
+                .wait(ctl)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        Ok(())
+    }
+
+    /// I2 flush.
+    pub fn flush(&self) -> Result<()> {
+        let _op = self.enter()?;
+        self.shard().flushes.fetch_add(1, Ordering::Relaxed);
+        if self.read_only {
+            return Ok(());
+        }
+        self.sync(false)
+    }
+
+    fn mark_durable(&self, ticket: u64) {
+        let mut ctl = lock(&self.ctl);
+        ctl.durable = ctl.durable.max(ticket);
+        self.done_cv.notify_all();
+    }
+
+    /// Records a writer failure: no later commit claims durability.
+    pub fn fail(&self, msg: String) {
+        log::error!("metadata commit failed, the image accepts no more writes: {msg}");
+        let mut ctl = lock(&self.ctl);
+        ctl.failed = Some(msg);
+        self.failed.store(true, Ordering::Relaxed);
+        self.done_cv.notify_all();
+        drop(ctl);
+        self.notify_space();
+    }
+
+    /// One group commit (writer thread only). `ticket` is this snapshot's number.
+    pub fn commit(&self, ticket: u64, force_checkpoint: bool) -> Result<()> {
+        let mut meta = lock(&self.meta);
+        let mut records = std::mem::take(&mut meta.records);
+        records.clear();
+        for cell in self.table.cells.iter() {
+            let n = lock(&cell.stripe).snapshot_dirty(&mut records);
+            if n > 0 {
+                let _ = self
+                    .dirty_count
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                        Some(d.saturating_sub(n as u64))
+                    });
+            }
+        }
+        if records.is_empty() && !force_checkpoint {
+            meta.records = records;
+            drop(meta);
+            self.mark_durable(ticket);
+            return Ok(());
+        }
+        let st = self.storage.as_ref();
+        let seq = meta.last_seq + 1;
+        if !self.break_order {
+            st.flush().map_err(Self::io("flush data", 0))?;
+        }
+        let bytes = format::record_blocks(records.len()) * BLOCK;
+        let checkpoint = force_checkpoint || meta.journal_head + bytes > self.layout.journal_size;
+        let mut buf = std::mem::take(&mut meta.buf);
+        if checkpoint {
+            let area = 1 - meta.active_area;
+            recovery::write_checkpoint(st, &self.sb, &self.table, seq, area, true)?;
+            st.flush().map_err(Self::io("flush checkpoint", 0))?;
+            // The journal restarts with a marker record: a later recovery that has to fall back
+            // to the older checkpoint sees it and knows this checkpoint was lost.
+            format::encode_record(&mut buf, seq + 1, &self.sb.uuid, &[]);
+            let off = self.layout.journal_offset;
+            st.write_at(off, &buf)
+                .map_err(Self::io("write journal", off))?;
+            st.flush().map_err(Self::io("flush journal", off))?;
+            meta.last_seq = seq + 1;
+            meta.journal_head = BLOCK;
+            meta.active_area = area;
+            meta.area_seqs[area] = Some(seq);
+            self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        } else {
+            format::encode_record(&mut buf, seq, &self.sb.uuid, &records);
+            let off = self.layout.journal_offset + meta.journal_head;
+            st.write_at(off, &buf)
+                .map_err(Self::io("write journal", off))?;
+            st.flush().map_err(Self::io("flush journal", off))?;
+            meta.last_seq = seq;
+            meta.journal_head += bytes;
+        }
+        meta.buf = buf;
+        if self.break_order {
+            st.flush().map_err(Self::io("flush data", 0))?;
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        // Durable: the snapshotted entries are now the committed ones.
+        let mut frees: Vec<(u32, Entry)> = Vec::new();
+        for (c, _) in &records {
+            let (s, i) = locate(*c);
+            lock(&self.table.cells[s].stripe).commit_done(*c, i, &mut frees);
+        }
+        meta.records = records;
+        drop(meta);
+        // Release what the commit stopped referring to (I1: only now), before completing the
+        // flushes: a guest that rewrites right after its flush then finds the space beside its
+        // committed version free again (ping-pong in place) instead of spilling to a spare.
+        frees.sort_by_key(|(_, e)| (e.slot, e.unit()));
+        let mut k = 0;
+        while k < frees.len() {
+            let start = self
+                .layout
+                .region_offset(frees[k].1.slot, frees[k].1.unit());
+            let mut end = start + u64::from(frees[k].1.units()) * BLOCK;
+            let mut j = k + 1;
+            while j < frees.len() {
+                let e = &frees[j].1;
+                let o = self.layout.region_offset(e.slot, e.unit());
+                if o != end {
+                    break;
+                }
+                end = o + u64::from(e.units()) * BLOCK;
+                j += 1;
+            }
+            if let Err(err) = st.punch_hole(start, end - start) {
+                log::warn!("punching freed space at {start} failed: {err}");
+            }
+            k = j;
+        }
+        let mut released = false;
+        for (c, e) in &frees {
+            let (s, i) = locate(*c);
+            if lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
+                self.alloc.release(e.slot);
+                released = true;
+            }
+        }
+        if released {
+            self.notify_space();
+        }
+        self.mark_durable(ticket);
+        Ok(())
+    }
+
+    /// The metadata writer's loop.
+    pub fn writer_main(core: Arc<Core>) {
+        let mut last = Instant::now();
+        loop {
+            let (ticket, checkpoint) = {
+                let mut ctl = lock(&core.ctl);
+                loop {
+                    if ctl.stop {
+                        return;
+                    }
+                    let healthy = ctl.failed.is_none();
+                    if healthy && (ctl.flush_waiting || ctl.pressure || ctl.checkpoint) {
+                        break;
+                    }
+                    let elapsed = last.elapsed();
+                    if healthy && elapsed >= core.commit_interval {
+                        break;
+                    }
+                    let wait = if healthy {
+                        core.commit_interval - elapsed
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    ctl = core
+                        .writer_cv
+                        .wait_timeout(ctl, wait)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+                ctl.begun += 1;
+                ctl.flush_waiting = false;
+                ctl.pressure = false;
+                core.pressure.store(false, Ordering::Release);
+                (ctl.begun, std::mem::take(&mut ctl.checkpoint))
+            };
+            if let Err(e) = core.commit(ticket, checkpoint) {
+                core.fail(e.to_string());
+            }
+            last = Instant::now();
+        }
+    }
+
+    // ----- statistics -------------------------------------------------------------------
+
+    /// Live statistics.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            logical_bytes: self.layout.size,
+            ..Stats::default()
+        };
+        let mut units = 0u64;
+        let mut ram = self.alloc.ram_bytes();
+        for cell in self.table.cells.iter() {
+            let st = lock(&cell.stripe);
+            s.clusters_compressed += st.compressed;
+            s.clusters_raw += st.raw;
+            units += st.stored_units;
+            ram += st.ram_bytes();
+            s.uncommitted_writes += st.uncommitted();
+        }
+        s.clusters_zero = self.layout.cluster_count - s.clusters_compressed - s.clusters_raw;
+        s.allocated_logical_bytes =
+            (s.clusters_compressed + s.clusters_raw) * u64::from(self.layout.cluster_size);
+        s.stored_bytes = units * BLOCK;
+        for sh in self.shards.iter() {
+            s.reads += sh.reads.load(Ordering::Relaxed);
+            s.writes += sh.writes.load(Ordering::Relaxed);
+            s.flushes += sh.flushes.load(Ordering::Relaxed);
+            s.checksum_errors += sh.checksum_errors.load(Ordering::Relaxed);
+        }
+        s.commits = self.commits.load(Ordering::Relaxed);
+        s.checkpoints = self.checkpoints.load(Ordering::Relaxed);
+        s.table_ram_bytes = ram;
+        s.quiesced = self.state.load(Ordering::SeqCst) != RUNNING;
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_are_found_first_fit_and_never_overlap() {
+        assert_eq!(find_gap(0, 16, 16), Some(0));
+        assert_eq!(find_gap(0x00ff, 8, 16), Some(8));
+        assert_eq!(find_gap(0xff00, 8, 16), Some(0));
+        assert_eq!(find_gap(0x0ff0, 8, 16), None);
+        assert_eq!(find_gap(0, 17, 16), None);
+    }
+
+    #[test]
+    fn zero_detection_sees_a_single_set_byte_anywhere() {
+        let mut b = vec![0u8; 65536];
+        assert!(is_zero(&b));
+        for at in [0, 7, 8, 4095, 65535] {
+            b[at] = 1;
+            assert!(!is_zero(&b), "{at}");
+            b[at] = 0;
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Loading an image: superblock (two copies), newest valid checkpoint, journal replay, free space.
+//!
+//! One mechanism serves `open` (strict: metadata problems refuse the open), read-only opens and
+//! `check` (lenient: problems are collected and reported). Loading writes nothing, so it is
+//! idempotent: running it twice on the same bytes gives the same table.
+
+use super::alloc::Allocator;
+use super::format::{
+    self, CheckpointHeader, DiskEntry, Layout, Superblock, BLOCK, BLOCK_USIZE, DISK_ENTRY_LEN,
+    ENTRIES_PER_CHUNK, SB_OFFSETS,
+};
+use super::storage::Storage;
+use super::table::{locate, lock, Entry, Table, STRIPES};
+use super::ImageError;
+
+/// What strictness a load uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// Any sign of lost metadata fails the load (read-write opens).
+    Strict,
+    /// Load what is valid and report the rest (read-only opens, `check`).
+    Lenient,
+}
+
+/// Result of reading the two superblock copies.
+#[derive(Debug)]
+pub struct SuperblockRead {
+    /// The superblock in use.
+    pub sb: Superblock,
+    /// Problems of each copy (`None` = valid).
+    pub copy_errors: [Option<String>; 2],
+}
+
+fn io_err(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageError {
+    move |source| ImageError::Io { op, offset, source }
+}
+
+/// Reads and validates the superblock, falling back to the second copy.
+pub fn read_superblock(st: &dyn Storage) -> Result<SuperblockRead, ImageError> {
+    let len = st.len().map_err(io_err("size of image", 0))?;
+    let mut errors: [Option<String>; 2] = [None, None];
+    let mut found: Option<Superblock> = None;
+    let mut any_magic = false;
+    for (k, &off) in SB_OFFSETS.iter().enumerate() {
+        if off + BLOCK > len {
+            errors[k] = Some("missing (file too short)".into());
+            continue;
+        }
+        let mut b = vec![0u8; BLOCK_USIZE];
+        if let Err(e) = st.read_at(off, &mut b) {
+            errors[k] = Some(format!("unreadable: {e}"));
+            continue;
+        }
+        any_magic |= Superblock::has_magic(&b);
+        match Superblock::decode(&b) {
+            Ok(sb) => {
+                if found.is_none() {
+                    found = Some(sb);
+                } else if found.as_ref() != Some(&sb) {
+                    errors[k] = Some("valid but differs from copy 0".into());
+                }
+            }
+            Err(e) => errors[k] = Some(e),
+        }
+    }
+    let Some(sb) = found else {
+        if !any_magic {
+            return Err(ImageError::NotAnImage(
+                "no insitu-blk superblock (magic INSITUBK not found)".into(),
+            ));
+        }
+        return Err(ImageError::CorruptMetadata(format!(
+            "both superblock copies are invalid: copy 0: {}; copy 1: {}",
+            errors[0].as_deref().unwrap_or("?"),
+            errors[1].as_deref().unwrap_or("?")
+        )));
+    };
+    if len < sb.layout.total_len {
+        return Err(ImageError::CorruptMetadata(format!(
+            "image is truncated: {len} bytes, its geometry needs {}",
+            sb.layout.total_len
+        )));
+    }
+    if let Some(e) = &errors[0] {
+        log::warn!("superblock copy 0 is invalid ({e}); using copy 1");
+    }
+    Ok(SuperblockRead {
+        sb,
+        copy_errors: errors,
+    })
+}
+
+/// A loaded table plus where the journal continues.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The recovered table.
+    pub table: Table,
+    /// Last commit sequence number applied.
+    pub last_seq: u64,
+    /// Byte offset inside the journal where the next record goes.
+    pub journal_head: u64,
+    /// Checkpoint area the table was based on.
+    pub base_area: usize,
+    /// Sequence numbers of the valid checkpoint headers (for change detection on resume).
+    pub area_seqs: [Option<u64>; 2],
+    /// Journal records replayed.
+    pub records_replayed: u64,
+    /// Harmless findings (e.g. a torn inactive checkpoint).
+    pub warnings: Vec<String>,
+    /// Problems tolerated in lenient mode.
+    pub problems: Vec<String>,
+}
+
+/// Reads a checkpoint header (None when the area holds no valid header).
+pub fn read_checkpoint_header(
+    st: &dyn Storage,
+    sb: &Superblock,
+    area: usize,
+) -> Result<CheckpointHeader, String> {
+    let mut b = vec![0u8; BLOCK_USIZE];
+    st.read_at(sb.layout.checkpoint_offsets[area], &mut b)
+        .map_err(|e| format!("unreadable: {e}"))?;
+    CheckpointHeader::decode(&b, &sb.layout, &sb.uuid)
+}
+
+fn load_checkpoint(
+    st: &dyn Storage,
+    sb: &Superblock,
+    area: usize,
+    h: &CheckpointHeader,
+) -> Result<Table, String> {
+    let layout = &sb.layout;
+    let mut table = Table::new(layout);
+    let base = layout.checkpoint_offsets[area] + BLOCK;
+    let max_chunks = layout.chunk_count();
+    const BATCH: u64 = 256;
+    let mut buf = vec![0u8; (BATCH * BLOCK) as usize];
+    let mut next_min: u64 = 0;
+    let mut done = 0u64;
+    while done < h.chunk_count {
+        let n = (h.chunk_count - done).min(BATCH);
+        let bytes = &mut buf[..(n * BLOCK) as usize];
+        st.read_at(base + done * BLOCK, bytes)
+            .map_err(|e| format!("chunk {done} unreadable: {e}"))?;
+        for k in 0..n as usize {
+            let chunk = &bytes[k * BLOCK_USIZE..(k + 1) * BLOCK_USIZE];
+            let index = u64::from(
+                format::open_chunk(chunk, h.seq)
+                    .map_err(|e| format!("chunk {}: {e}", done + k as u64))?,
+            );
+            if index < next_min || index >= max_chunks {
+                return Err(format!(
+                    "chunk {} has index {index} out of order or range",
+                    done + k as u64
+                ));
+            }
+            next_min = index + 1;
+            for j in 0..ENTRIES_PER_CHUNK {
+                let c = index * ENTRIES_PER_CHUNK + j;
+                let at = 16 + j as usize * DISK_ENTRY_LEN;
+                let raw = &chunk[at..at + DISK_ENTRY_LEN];
+                if c >= layout.cluster_count {
+                    if raw.iter().any(|&b| b != 0) {
+                        return Err(format!("entry beyond the last cluster in chunk {index}"));
+                    }
+                    continue;
+                }
+                let d = DiskEntry::decode(raw, layout).map_err(|e| format!("cluster {c}: {e}"))?;
+                if d.alg != format::alg::ZERO {
+                    table.load_set(c as u32, Entry::from_disk(&d));
+                }
+            }
+        }
+        done += n;
+    }
+    Ok(table)
+}
+
+struct Replay {
+    last_seq: u64,
+    head: u64,
+    records: u64,
+    lost: Option<String>,
+}
+
+fn replay(
+    st: &dyn Storage,
+    sb: &Superblock,
+    table: &mut Table,
+    base_seq: u64,
+) -> Result<Replay, ImageError> {
+    let layout = &sb.layout;
+    let mut pos = 0u64;
+    let mut expected = base_seq + 1;
+    let mut records = 0u64;
+    let mut lost = None;
+    let mut rec = Vec::new();
+    while pos + BLOCK <= layout.journal_size {
+        let mut first = vec![0u8; BLOCK_USIZE];
+        st.read_at(layout.journal_offset + pos, &mut first)
+            .map_err(io_err("read journal", layout.journal_offset + pos))?;
+        let Ok(h) = format::decode_record_header(&first, &sb.uuid, layout.journal_size - pos)
+        else {
+            break;
+        };
+        if h.seq < expected {
+            break;
+        }
+        let len = u64::from(h.block_count) * BLOCK;
+        rec.clear();
+        rec.resize(len as usize, 0);
+        rec[..BLOCK_USIZE].copy_from_slice(&first);
+        if len > BLOCK {
+            st.read_at(layout.journal_offset + pos + BLOCK, &mut rec[BLOCK_USIZE..])
+                .map_err(io_err("read journal", layout.journal_offset + pos))?;
+        }
+        let Ok(entries) = format::decode_record_entries(&rec, &h, layout) else {
+            break;
+        };
+        if h.seq > expected {
+            lost = Some(format!(
+                "the journal continues at commit {} but the checkpoint in use ends at commit {}: \
+                 a newer checkpoint was lost",
+                h.seq,
+                expected - 1
+            ));
+            break;
+        }
+        for (c, d) in entries {
+            table.load_set(c, Entry::from_disk(&d));
+        }
+        pos += len;
+        expected += 1;
+        records += 1;
+    }
+    Ok(Replay {
+        last_seq: expected - 1,
+        head: pos,
+        records,
+        lost,
+    })
+}
+
+/// Marks every stored cluster's slot used. Fails naming a slot two clusters claim.
+pub fn rebuild_allocator(table: &Table, alloc: &Allocator) -> Result<(), String> {
+    alloc.reset();
+    for (s, cell) in table.cells.iter().enumerate() {
+        let stripe = lock(&cell.stripe);
+        let mut i = 0usize;
+        loop {
+            let c = (i * STRIPES + s) as u64;
+            if c >= table.cluster_count {
+                break;
+            }
+            let e = stripe.get(i);
+            if !e.is_zero() && !alloc.mark_used(e.slot) {
+                return Err(format!(
+                    "slot {} is claimed by cluster {c} and by another cluster",
+                    e.slot
+                ));
+            }
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the table: newest valid checkpoint, then the journal records that follow it.
+pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loaded, ImageError> {
+    let headers = [
+        read_checkpoint_header(st, sb, 0),
+        read_checkpoint_header(st, sb, 1),
+    ];
+    let area_seqs = [
+        headers[0].as_ref().ok().map(|h| h.seq),
+        headers[1].as_ref().ok().map(|h| h.seq),
+    ];
+    let mut order: Vec<usize> = (0..2).filter(|&k| headers[k].is_ok()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(area_seqs[k]));
+    let mut warnings = Vec::new();
+    let mut problems = Vec::new();
+    for (k, h) in headers.iter().enumerate() {
+        if let Err(e) = h {
+            warnings.push(format!("checkpoint area {k}: {e}"));
+        }
+    }
+    let mut chosen = None;
+    for &k in &order {
+        let Ok(h) = &headers[k] else { continue };
+        match load_checkpoint(st, sb, k, h) {
+            Ok(t) => {
+                chosen = Some((k, h.seq, t));
+                break;
+            }
+            Err(e) => {
+                let msg = format!("checkpoint area {k} (commit {}) is invalid: {e}", h.seq);
+                log::warn!("{msg}; falling back to the other area");
+                warnings.push(msg);
+            }
+        }
+    }
+    let Some((area, seq, mut table)) = chosen else {
+        return Err(ImageError::CorruptMetadata(format!(
+            "no valid checkpoint: {}",
+            warnings.join("; ")
+        )));
+    };
+    let r = replay(st, sb, &mut table, seq)?;
+    if let Some(lost) = r.lost {
+        if mode == RecoveryMode::Strict {
+            return Err(ImageError::CorruptMetadata(format!(
+                "{lost} ({})",
+                warnings.join("; ")
+            )));
+        }
+        problems.push(lost);
+    }
+    Ok(Loaded {
+        table,
+        last_seq: r.last_seq,
+        journal_head: r.head,
+        base_area: area,
+        area_seqs,
+        records_replayed: r.records,
+        warnings,
+        problems,
+    })
+}
+
+/// Writes a checkpoint of `view` (the committed entry of each cluster) into `area`: chunks that
+/// hold a non-zero entry, then the header. Does not flush.
+pub fn write_checkpoint(
+    st: &dyn Storage,
+    sb: &Superblock,
+    table: &Table,
+    seq: u64,
+    area: usize,
+    committed: bool,
+) -> Result<(), ImageError> {
+    let layout: &Layout = &sb.layout;
+    let base = layout.checkpoint_offsets[area];
+    let total_chunks = layout.chunk_count();
+    const BATCH: u64 = 256;
+    let per_batch = (BATCH * ENTRIES_PER_CHUNK) as usize;
+    let mut entries = vec![Entry::ZERO; per_batch];
+    let mut buf = vec![0u8; (BATCH * BLOCK) as usize];
+    let mut written = 0u64;
+    let mut first_chunk = 0u64;
+    while first_chunk < total_chunks {
+        let n_chunks = (total_chunks - first_chunk).min(BATCH);
+        let first = first_chunk * ENTRIES_PER_CHUNK;
+        let last = ((first_chunk + n_chunks) * ENTRIES_PER_CHUNK).min(layout.cluster_count);
+        entries.fill(Entry::ZERO);
+        for (s, cell) in table.cells.iter().enumerate() {
+            let stripe = lock(&cell.stripe);
+            let s = s as u64;
+            let mut c = first + (s + STRIPES as u64 - first % STRIPES as u64) % STRIPES as u64;
+            while c < last {
+                let (_, i) = locate(c as u32);
+                entries[(c - first) as usize] = if committed {
+                    stripe.committed_view(c as u32, i)
+                } else {
+                    stripe.get(i)
+                };
+                c += STRIPES as u64;
+            }
+        }
+        let mut p = 0usize;
+        for k in 0..n_chunks as usize {
+            let es = &entries[k * ENTRIES_PER_CHUNK as usize..(k + 1) * ENTRIES_PER_CHUNK as usize];
+            if es.iter().all(|e| e.is_zero()) {
+                continue;
+            }
+            let chunk = &mut buf[p * BLOCK_USIZE..(p + 1) * BLOCK_USIZE];
+            chunk.fill(0);
+            for (j, e) in es.iter().enumerate() {
+                let at = 16 + j * DISK_ENTRY_LEN;
+                e.to_disk().encode(&mut chunk[at..at + DISK_ENTRY_LEN]);
+            }
+            format::seal_chunk(chunk, seq, (first_chunk + k as u64) as u32);
+            p += 1;
+        }
+        if p > 0 {
+            let off = base + BLOCK + written * BLOCK;
+            st.write_at(off, &buf[..p * BLOCK_USIZE])
+                .map_err(io_err("write checkpoint", off))?;
+            written += p as u64;
+        }
+        first_chunk += n_chunks;
+    }
+    let header = CheckpointHeader {
+        seq,
+        chunk_count: written,
+    }
+    .encode(layout, &sb.uuid);
+    st.write_at(base, &header)
+        .map_err(io_err("write checkpoint header", base))?;
+    Ok(())
+}

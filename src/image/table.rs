@@ -1,0 +1,456 @@
+//! The in-RAM cluster table, split into stripes so that different clusters never share a lock.
+//!
+//! Cluster `c` lives in stripe `c % STRIPES` at index `c / STRIPES`. A stripe holds, for its
+//! clusters:
+//! - the *current* entry (what reads return), 10 bytes per cluster in three parallel arrays;
+//! - `pins`: for the few clusters whose current entry differs from the last durable commit, the
+//!   regions that must not be overwritten (I1 and group-commit trap 1): the durable version, the
+//!   version snapshotted by the commit in flight, regions being released (punched), and the
+//!   region a write is filling right now;
+//! - `busy`: per-cluster reader/writer exclusion (a write of cluster `c` waits only for other
+//!   requests on `c`);
+//! - `dirty`: clusters changed since the last snapshot.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use super::format::{alg, DiskEntry, Layout};
+
+/// Number of stripes (a power of two).
+pub const STRIPES: usize = 1024;
+const STRIPE_SHIFT: u32 = STRIPES.trailing_zeros();
+
+/// Locks a mutex, ignoring poisoning (a panicking holder leaves plain data behind, no invariant
+/// of ours spans a panic: the engine has no panicking paths on purpose).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A cluster's entry in RAM: 10 bytes (slot, crc, packed algorithm/unit/unit count).
+///
+/// `meta` bits: 0..3 algorithm code, 3..8 first unit, 8..13 unit count − 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Entry {
+    /// Slot index (0 for zero clusters).
+    pub slot: u32,
+    /// crc32c of the stored units.
+    pub crc: u32,
+    meta: u16,
+}
+
+impl Entry {
+    /// The zero cluster.
+    pub const ZERO: Entry = Entry {
+        slot: 0,
+        crc: 0,
+        meta: 0,
+    };
+
+    /// A stored payload.
+    pub fn stored(slot: u32, unit: u32, units: u32, code: u8, crc: u32) -> Entry {
+        debug_assert!((1..=32).contains(&units) && unit < 32 && code != alg::ZERO);
+        Entry {
+            slot,
+            crc,
+            meta: u16::from(code & 7)
+                | ((unit as u16 & 31) << 3)
+                | (((units - 1) as u16 & 31) << 8),
+        }
+    }
+
+    /// Algorithm code.
+    pub fn alg(&self) -> u8 {
+        (self.meta & 7) as u8
+    }
+
+    /// True for the zero cluster.
+    pub fn is_zero(&self) -> bool {
+        self.alg() == alg::ZERO
+    }
+
+    /// First unit in the slot.
+    pub fn unit(&self) -> u32 {
+        u32::from((self.meta >> 3) & 31)
+    }
+
+    /// Number of units (0 for zero clusters).
+    pub fn units(&self) -> u32 {
+        if self.is_zero() {
+            0
+        } else {
+            u32::from((self.meta >> 8) & 31) + 1
+        }
+    }
+
+    /// Bit mask of the units this entry occupies in its slot (0 for zero clusters).
+    pub fn mask(&self) -> u32 {
+        unit_mask(self.unit(), self.units())
+    }
+
+    /// From a validated disk entry.
+    pub fn from_disk(d: &DiskEntry) -> Entry {
+        if d.alg == alg::ZERO {
+            return Entry::ZERO;
+        }
+        Entry::stored(d.slot, u32::from(d.unit), u32::from(d.units), d.alg, d.crc)
+    }
+
+    /// To the disk encoding.
+    pub fn to_disk(self) -> DiskEntry {
+        if self.is_zero() {
+            return DiskEntry::default();
+        }
+        DiskEntry {
+            slot: self.slot,
+            crc: self.crc,
+            unit: self.unit() as u8,
+            units: self.units() as u8,
+            alg: self.alg(),
+        }
+    }
+}
+
+/// Mask of `units` units starting at `unit`.
+pub fn unit_mask(unit: u32, units: u32) -> u32 {
+    if units == 0 {
+        return 0;
+    }
+    let m = if units >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << units) - 1
+    };
+    m << unit
+}
+
+/// What protects a cluster's regions beyond its current entry.
+#[derive(Clone, Debug, Default)]
+pub struct Pins {
+    /// The entry of the last durable commit.
+    pub durable: Entry,
+    /// The entry snapshotted by the commit in flight.
+    pub inflight: Option<Entry>,
+    /// Changed since the last snapshot (listed in the stripe's `dirty`).
+    pub dirty: bool,
+    /// Regions no longer referenced, being punched before their space is reused.
+    pub releasing: Vec<Entry>,
+    /// Region a write is filling now (not yet published).
+    pub writing: Option<Entry>,
+}
+
+/// Per-cluster request exclusion.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Busy {
+    /// A writer holds the cluster.
+    pub writer: bool,
+    /// Readers hold the cluster.
+    pub readers: u32,
+    /// Threads waiting for this cluster.
+    pub waiters: u32,
+}
+
+/// One stripe of the table.
+#[derive(Debug, Default)]
+pub struct Stripe {
+    slots: Vec<u32>,
+    crcs: Vec<u32>,
+    metas: Vec<u16>,
+    /// Protection of changed clusters.
+    pub pins: HashMap<u32, Pins>,
+    /// Request exclusion.
+    pub busy: HashMap<u32, Busy>,
+    /// Clusters changed since the last snapshot.
+    pub dirty: Vec<u32>,
+    /// Clusters stored compressed (current entries).
+    pub compressed: u64,
+    /// Clusters stored raw.
+    pub raw: u64,
+    /// Units held by current entries.
+    pub stored_units: u64,
+}
+
+impl Stripe {
+    /// Current entry of the cluster at local index `i`.
+    pub fn get(&self, i: usize) -> Entry {
+        Entry {
+            slot: self.slots[i],
+            crc: self.crcs[i],
+            meta: self.metas[i],
+        }
+    }
+
+    /// Sets the current entry, keeping the counters right.
+    pub fn set(&mut self, i: usize, e: Entry) {
+        let old = self.get(i);
+        self.account(&old, false);
+        self.account(&e, true);
+        self.slots[i] = e.slot;
+        self.crcs[i] = e.crc;
+        self.metas[i] = e.meta;
+    }
+
+    fn account(&mut self, e: &Entry, add: bool) {
+        let units = u64::from(e.units());
+        let (c, r) = match e.alg() {
+            alg::ZERO => (0, 0),
+            alg::RAW => (0, 1),
+            _ => (1, 0),
+        };
+        if add {
+            self.compressed += c;
+            self.raw += r;
+            self.stored_units += units;
+        } else {
+            self.compressed -= c;
+            self.raw -= r;
+            self.stored_units -= units;
+        }
+    }
+
+    /// Union of the units cluster `c` (local index `i`) occupies in `slot`: current, durable,
+    /// in flight, releasing, being written.
+    pub fn live_mask(&self, c: u32, i: usize, slot: u32) -> u32 {
+        let mut m = 0;
+        let mut add = |e: &Entry| {
+            if !e.is_zero() && e.slot == slot {
+                m |= e.mask();
+            }
+        };
+        add(&self.get(i));
+        if let Some(p) = self.pins.get(&c) {
+            add(&p.durable);
+            if let Some(e) = &p.inflight {
+                add(e);
+            }
+            if let Some(e) = &p.writing {
+                add(e);
+            }
+            for e in &p.releasing {
+                add(e);
+            }
+        }
+        m
+    }
+
+    /// Slots cluster `c` holds regions in (at most a handful).
+    pub fn owned_slots(&self, c: u32, i: usize, out: &mut Vec<u32>) {
+        out.clear();
+        let mut add = |e: &Entry| {
+            if !e.is_zero() && !out.contains(&e.slot) {
+                out.push(e.slot);
+            }
+        };
+        add(&self.get(i));
+        if let Some(p) = self.pins.get(&c) {
+            add(&p.durable);
+            if let Some(e) = &p.inflight {
+                add(e);
+            }
+            if let Some(e) = &p.writing {
+                add(e);
+            }
+            for e in &p.releasing {
+                add(e);
+            }
+        }
+    }
+
+    /// Pins of `c`, created from the current entry (which then equals the durable one).
+    pub fn pins_mut(&mut self, c: u32, i: usize) -> &mut Pins {
+        let cur = self.get(i);
+        self.pins.entry(c).or_insert_with(|| Pins {
+            durable: cur,
+            ..Pins::default()
+        })
+    }
+
+    /// Drops the pins of `c` when they protect nothing beyond the current entry.
+    pub fn tidy(&mut self, c: u32, i: usize) {
+        let cur = self.get(i);
+        if let Some(p) = self.pins.get(&c) {
+            if p.durable == cur
+                && p.inflight.is_none()
+                && !p.dirty
+                && p.releasing.is_empty()
+                && p.writing.is_none()
+            {
+                self.pins.remove(&c);
+            }
+        }
+    }
+
+    /// Commit snapshot: moves every dirty cluster's current entry into `out` and marks it as the
+    /// entry in flight (from now on its region counts as committed: trap 1).
+    pub fn snapshot_dirty(&mut self, out: &mut Vec<(u32, DiskEntry)>) -> usize {
+        let n = self.dirty.len();
+        for k in 0..n {
+            let c = self.dirty[k];
+            let (_, i) = locate(c);
+            let e = self.get(i);
+            if let Some(p) = self.pins.get_mut(&c) {
+                p.dirty = false;
+                p.inflight = Some(e);
+            }
+            out.push((c, e.to_disk()));
+        }
+        self.dirty.clear();
+        n
+    }
+
+    /// The commit that snapshotted `c` is durable: its entry becomes the durable one. The entry
+    /// it replaces, when nothing references it any more, moves to `releasing` and is pushed to
+    /// `frees` (to be punched, then its slot returned).
+    pub fn commit_done(&mut self, c: u32, i: usize, frees: &mut Vec<(u32, Entry)>) {
+        let cur = self.get(i);
+        if let Some(p) = self.pins.get_mut(&c) {
+            if let Some(newd) = p.inflight.take() {
+                let old = std::mem::replace(&mut p.durable, newd);
+                if !old.is_zero() && old != newd && old != cur && p.writing != Some(old) {
+                    p.releasing.push(old);
+                    frees.push((c, old));
+                }
+            }
+        }
+        self.tidy(c, i);
+    }
+
+    /// A released region has been punched: forget it. Returns true when `c` holds nothing more in
+    /// that slot (the caller returns the slot to the allocator).
+    pub fn release_done(&mut self, c: u32, i: usize, e: &Entry) -> bool {
+        if let Some(p) = self.pins.get_mut(&c) {
+            if let Some(k) = p.releasing.iter().position(|r| r == e) {
+                p.releasing.swap_remove(k);
+            }
+        }
+        let free = self.live_mask(c, i, e.slot) == 0;
+        self.tidy(c, i);
+        free
+    }
+
+    /// The entry as of the last commit (durable or in flight): what a checkpoint must contain.
+    pub fn committed_view(&self, c: u32, i: usize) -> Entry {
+        match self.pins.get(&c) {
+            Some(p) => p.inflight.unwrap_or(p.durable),
+            None => self.get(i),
+        }
+    }
+
+    /// Clusters changed and not yet durable.
+    pub fn uncommitted(&self) -> u64 {
+        self.pins
+            .values()
+            .filter(|p| p.dirty || p.inflight.is_some())
+            .count() as u64
+    }
+
+    /// Bytes of RAM this stripe holds.
+    pub fn ram_bytes(&self) -> u64 {
+        (self.slots.capacity() * 4 + self.crcs.capacity() * 4 + self.metas.capacity() * 2) as u64
+            + (self.pins.capacity() * (std::mem::size_of::<Pins>() + 8)) as u64
+            + (self.busy.capacity() * (std::mem::size_of::<Busy>() + 8)) as u64
+            + (self.dirty.capacity() * 4) as u64
+    }
+}
+
+/// A stripe with its condition variable, on its own cache lines.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct StripeCell {
+    /// The stripe.
+    pub stripe: Mutex<Stripe>,
+    /// Signalled when a busy cluster of this stripe is released.
+    pub cv: Condvar,
+}
+
+/// The whole table.
+#[derive(Debug)]
+pub struct Table {
+    /// The stripes.
+    pub cells: Box<[StripeCell]>,
+    /// Number of clusters.
+    pub cluster_count: u64,
+}
+
+/// (stripe, local index) of a cluster.
+pub fn locate(c: u32) -> (usize, usize) {
+    ((c as usize) & (STRIPES - 1), (c >> STRIPE_SHIFT) as usize)
+}
+
+impl Table {
+    /// A table of `layout.cluster_count` zero clusters.
+    pub fn new(layout: &Layout) -> Table {
+        let n = layout.cluster_count as usize;
+        let cells: Box<[StripeCell]> = (0..STRIPES)
+            .map(|s| {
+                let len = if s < n { (n - s).div_ceil(STRIPES) } else { 0 };
+                StripeCell {
+                    stripe: Mutex::new(Stripe {
+                        slots: vec![0; len],
+                        crcs: vec![0; len],
+                        metas: vec![0; len],
+                        ..Stripe::default()
+                    }),
+                    cv: Condvar::new(),
+                }
+            })
+            .collect();
+        Table {
+            cells,
+            cluster_count: layout.cluster_count,
+        }
+    }
+
+    /// Sets an entry while loading (exclusive access, no locking cost).
+    pub fn load_set(&mut self, c: u32, e: Entry) {
+        let (s, i) = locate(c);
+        let stripe = self.cells[s]
+            .stripe
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        stripe.set(i, e);
+    }
+
+    /// Current entry (locks the stripe).
+    pub fn current(&self, c: u32) -> Entry {
+        let (s, i) = locate(c);
+        lock(&self.cells[s].stripe).get(i)
+    }
+
+    /// Replaces this table's contents with `other`'s (both must describe the same geometry).
+    pub fn replace_with(&self, other: Table) {
+        for (mine, theirs) in self.cells.iter().zip(Vec::from(other.cells)) {
+            let mut m = lock(&mine.stripe);
+            *m = theirs
+                .stripe
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_packs_into_ten_bytes_of_fields_and_round_trips() {
+        let e = Entry::stored(123_456, 31, 1, alg::ZSTD, 0xabcd_ef01);
+        assert_eq!(e.alg(), alg::ZSTD);
+        assert_eq!(e.unit(), 31);
+        assert_eq!(e.units(), 1);
+        let e = Entry::stored(7, 0, 32, alg::RAW, 9);
+        assert_eq!(e.units(), 32);
+        assert_eq!(e.mask(), u32::MAX);
+        assert_eq!(Entry::from_disk(&e.to_disk()), e);
+        assert!(Entry::ZERO.is_zero());
+        assert_eq!(Entry::ZERO.mask(), 0);
+    }
+
+    #[test]
+    fn unit_masks_cover_exactly_the_units() {
+        assert_eq!(unit_mask(0, 1), 1);
+        assert_eq!(unit_mask(3, 2), 0b11000);
+        assert_eq!(unit_mask(8, 8), 0xff00);
+        assert_eq!(unit_mask(0, 0), 0);
+    }
+}

@@ -1,0 +1,796 @@
+//! Engine tests on the real engine over `MemStorage` and `FileStorage`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::format::{self, alg, Layout, BLOCK};
+use super::*;
+
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Data that lz4 compresses about 2:1 or better, different for every seed.
+fn compressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = rng(seed);
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        let word = r();
+        let run = 4 + (word % 12) as usize;
+        let b = (word >> 8) as u8;
+        for _ in 0..run {
+            v.push(b);
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = rng(seed);
+    (0..len).map(|_| r() as u8).collect()
+}
+
+fn mem_image(size: u64, cluster: u32, compression: Compression) -> Arc<MemStorage> {
+    let st = Arc::new(MemStorage::new());
+    let opts = CreateOptions {
+        size,
+        cluster_size: cluster,
+        compression,
+    };
+    Image::create_on(st.clone(), &opts).expect("create");
+    st
+}
+
+fn open_mem(st: &Arc<MemStorage>) -> Image {
+    Image::open_on(st.clone(), &OpenOptions::default()).expect("open")
+}
+
+fn read_all(img: &Image) -> Vec<u8> {
+    let mut buf = vec![0u8; img.size() as usize];
+    img.read(0, &mut buf).expect("read");
+    buf
+}
+
+/// A model disk next to the image: every write goes to both.
+struct Model {
+    bytes: Vec<u8>,
+}
+
+impl Model {
+    fn write(&mut self, img: &Image, off: u64, data: &[u8]) {
+        img.write(off, data).expect("write");
+        self.bytes[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+
+    fn zero(&mut self, img: &Image, off: u64, len: u64, discard: bool) {
+        if discard {
+            img.discard(off, len).expect("discard");
+        } else {
+            img.write_zeroes(off, len, false).expect("write_zeroes");
+        }
+        self.bytes[off as usize..(off + len) as usize].fill(0);
+    }
+
+    fn assert_same(&self, img: &Image) {
+        let got = read_all(img);
+        if let Some(at) = (0..got.len()).find(|&i| got[i] != self.bytes[i]) {
+            panic!(
+                "first difference at byte {at} (cluster {}): image {} model {}",
+                at / img.geometry().cluster_size as usize,
+                got[at],
+                self.bytes[at]
+            );
+        }
+    }
+}
+
+#[test]
+fn writes_at_odd_alignments_read_back_and_survive_reopen() {
+    for (cluster, compression) in [
+        (16384u32, Compression::Lz4),
+        (65536, Compression::None),
+        (131072, Compression::Snappy),
+        (65536, Compression::Zstd { level: 3 }),
+    ] {
+        // 3 MiB + 1.5 KiB: the last cluster is short.
+        let size = 3 * 1024 * 1024 + 1536;
+        let st = mem_image(size, cluster, compression);
+        let img = open_mem(&st);
+        let mut model = Model {
+            bytes: vec![0; size as usize],
+        };
+        let mut r = rng(u64::from(cluster));
+        for k in 0..120u64 {
+            let sectors = size / 512;
+            let start = r() % sectors;
+            let len = (1 + r() % 300).min(sectors - start);
+            let data = if k % 3 == 0 {
+                random((len * 512) as usize, k)
+            } else {
+                compressible((len * 512) as usize, k)
+            };
+            model.write(&img, start * 512, &data);
+            if k % 17 == 0 {
+                img.flush().expect("flush");
+            }
+            if k % 29 == 0 {
+                let zs = r() % sectors;
+                let zl = (1 + r() % 400).min(sectors - zs);
+                model.zero(&img, zs * 512, zl * 512, k % 2 == 0);
+            }
+        }
+        model.assert_same(&img);
+        img.close().expect("close");
+        let img = open_mem(&st);
+        model.assert_same(&img);
+        let report = check_on(st.clone(), false).expect("check");
+        assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+        assert_eq!(report.leaked_bytes, 0, "{compression} {cluster}");
+        img.close().expect("close");
+    }
+}
+
+#[test]
+fn requests_outside_the_disk_or_unaligned_are_refused_alone() {
+    let st = mem_image(1 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        img.read((1 << 20) - 512, &mut buf),
+        Err(ImageError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        img.write(100, &buf[..512]),
+        Err(ImageError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        img.read(u64::MAX - 511, &mut buf[..512]),
+        Err(ImageError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        img.discard(0, (1 << 20) + 512),
+        Err(ImageError::InvalidRequest(_))
+    ));
+    img.write(0, &buf).expect("a good request still works");
+}
+
+#[test]
+fn a_compressible_cluster_rewritten_stays_compressed_in_its_home_slot() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    let cluster = 5u64;
+    let mut stored_after_first = 0;
+    for round in 0..20u64 {
+        let data = compressible(65536, round);
+        img.write(cluster * 65536, &data).expect("write");
+        img.flush().expect("flush");
+        let e = img.core.table.current(cluster as u32);
+        assert_eq!(e.slot, cluster as u32, "round {round}: left its home slot");
+        assert_ne!(e.alg(), alg::RAW);
+        assert!(e.units() <= 8, "round {round}: {} units", e.units());
+        let s = img.stats();
+        assert_eq!(s.clusters_compressed, 1);
+        assert_eq!(s.clusters_raw, 0);
+        if round == 0 {
+            stored_after_first = s.stored_bytes;
+        }
+        assert!(s.stored_bytes <= stored_after_first + 4 * BLOCK);
+        let mut back = vec![0u8; 65536];
+        img.read(cluster * 65536, &mut back).expect("read");
+        assert_eq!(back, data);
+    }
+    assert!(img.stats().commits >= 20);
+}
+
+#[test]
+fn all_zero_clusters_store_nothing() {
+    let st = mem_image(2 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &vec![0u8; 1 << 20]).expect("write zeros");
+    img.write(1 << 20, &compressible(65536, 1)).expect("write");
+    img.write(1 << 20, &vec![0u8; 65536])
+        .expect("overwrite with zeros");
+    img.flush().expect("flush");
+    let s = img.stats();
+    assert_eq!(s.stored_bytes, 0);
+    assert_eq!(s.clusters_zero, 32);
+    assert_eq!(s.allocated_logical_bytes, 0);
+    assert!(read_all(&img).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn discarded_space_is_punched_out_of_the_host_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let mut opts = CreateOptions::new(16 << 20);
+    opts.compression = Compression::Lz4;
+    Image::create(&path, &opts).expect("create");
+    let img = Image::open(&path, &OpenOptions::default()).expect("open");
+    let data = random(8 << 20, 3);
+    img.write(0, &data).expect("write");
+    img.flush().expect("flush");
+    let st = FileStorage::open(&path, true).expect("stat handle");
+    let full = st.allocated_bytes().expect("stat").expect("file");
+    assert!(full >= 8 << 20, "{full}");
+    img.discard(0, 8 << 20).expect("discard");
+    img.flush().expect("flush");
+    // The commit freed the slots and punched them after the record was durable.
+    let after = st.allocated_bytes().expect("stat").expect("file");
+    assert!(
+        after < full - (7 << 20),
+        "space not released: {full} -> {after}"
+    );
+    assert_eq!(img.stats().stored_bytes, 0);
+    // Partial-cluster rewrites release the replaced version's units too.
+    img.write(0, &random(65536, 4)).expect("write");
+    img.write(0, &compressible(4096, 5)).expect("partial");
+    img.flush().expect("flush");
+    img.close().expect("close");
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0);
+}
+
+#[test]
+fn flushed_writes_survive_a_drop_without_close_and_an_abandoned_writer() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    let a = compressible(1 << 20, 10);
+    img.write(0, &a).expect("write");
+    img.flush().expect("flush");
+    drop(img);
+    let img = open_mem(&st);
+    let mut back = vec![0u8; 1 << 20];
+    img.read(0, &mut back).expect("read");
+    assert_eq!(back, a);
+    // Killed-process model: flushed data survives, the rest may or may not.
+    let b = compressible(1 << 20, 11);
+    img.write(1 << 20, &b).expect("write");
+    img.flush().expect("flush");
+    img.write(2 << 20, &compressible(1 << 20, 12))
+        .expect("write");
+    img.abandon();
+    let img = open_mem(&st);
+    img.read(1 << 20, &mut back).expect("read");
+    assert_eq!(back, b);
+    img.read(0, &mut back).expect("read");
+    assert_eq!(back, a);
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+}
+
+#[test]
+fn recovery_is_idempotent() {
+    let st = mem_image(4 << 20, 16384, Compression::Lz4);
+    let img = open_mem(&st);
+    for k in 0..40u64 {
+        img.write((k % 13) * 16384 + 4096, &compressible(8192, k))
+            .expect("write");
+        img.flush().expect("flush");
+    }
+    let want = read_all(&img);
+    img.abandon();
+    let before = st.snapshot();
+    let sb = recovery::read_superblock(st.as_ref()).expect("sb").sb;
+    let a = recovery::load(st.as_ref(), &sb, recovery::RecoveryMode::Strict).expect("load");
+    let b = recovery::load(st.as_ref(), &sb, recovery::RecoveryMode::Strict).expect("load");
+    assert_eq!(a.last_seq, b.last_seq);
+    assert!(a.records_replayed >= 40);
+    for c in 0..sb.layout.cluster_count as u32 {
+        assert_eq!(a.table.current(c), b.table.current(c));
+    }
+    assert_eq!(st.snapshot(), before, "loading wrote to the image");
+    let img = Image::open_on(
+        st.clone(),
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open ro");
+    assert_eq!(read_all(&img), want);
+    drop(img);
+    assert_eq!(st.snapshot(), before, "a read-only open wrote to the image");
+}
+
+#[test]
+fn a_full_journal_turns_into_checkpoints_and_everything_reloads() {
+    // 1 MiB journal; every commit of 60 clusters needs one 4 KiB record... write many.
+    let st = mem_image(64 << 20, 16384, Compression::Lz4);
+    let img = open_mem(&st);
+    let mut model = Model {
+        bytes: vec![0; 64 << 20],
+    };
+    let mut r = rng(99);
+    for k in 0..400u64 {
+        for _ in 0..8 {
+            let c = r() % 4096;
+            model.write(&img, c * 16384, &compressible(16384, k * 100 + c));
+        }
+        img.flush().expect("flush");
+    }
+    // Big commits: 2000 clusters per record.
+    for k in 0..4u64 {
+        model.write(&img, k * (32 << 20) / 4, &compressible(8 << 20, 7000 + k));
+        img.flush().expect("flush");
+    }
+    let s = img.stats();
+    assert!(s.checkpoints >= 1, "{s:?}");
+    model.assert_same(&img);
+    img.abandon();
+    let img = open_mem(&st);
+    model.assert_same(&img);
+    img.close().expect("close");
+}
+
+#[test]
+fn quiesce_refuses_io_and_resume_sees_what_another_process_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    Image::create(&path, &CreateOptions::new(8 << 20)).expect("create");
+    let a = Image::open(&path, &OpenOptions::default()).expect("open");
+    a.write(0, &compressible(65536, 1)).expect("write");
+    a.quiesce().expect("quiesce");
+    a.quiesce().expect("quiesce is idempotent");
+    assert!(a.stats().quiesced);
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(a.read(0, &mut buf), Err(ImageError::Quiesced)));
+    assert!(matches!(a.write(0, &buf), Err(ImageError::Quiesced)));
+    assert!(matches!(a.flush(), Err(ImageError::Quiesced)));
+    // The lock is free: a migration destination opens, sees the write, writes more.
+    let b = Image::open(&path, &OpenOptions::default()).expect("second opener while quiesced");
+    let mut back = vec![0u8; 65536];
+    b.read(0, &mut back).expect("read");
+    assert_eq!(back, compressible(65536, 1));
+    b.write(65536, &compressible(65536, 2)).expect("write");
+    b.write(0, &compressible(4096, 3)).expect("write");
+    // The source cannot come back while the destination holds the lock.
+    assert!(matches!(a.resume(), Err(ImageError::Locked)));
+    b.quiesce().expect("quiesce b");
+    a.resume().expect("resume");
+    a.resume().expect("resume is idempotent");
+    a.read(65536, &mut back).expect("read");
+    assert_eq!(back, compressible(65536, 2), "resume did not reload");
+    let mut head = vec![0u8; 4096];
+    a.read(0, &mut head).expect("read");
+    assert_eq!(head, compressible(4096, 3));
+    a.write(2 * 65536, &compressible(65536, 4))
+        .expect("write after resume");
+    a.close().expect("close");
+    drop(b);
+    let c = Image::open(&path, &OpenOptions::default()).expect("reopen");
+    c.read(2 * 65536, &mut back).expect("read");
+    assert_eq!(back, compressible(65536, 4));
+}
+
+#[test]
+fn a_second_read_write_opener_is_refused_and_a_waiting_one_times_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    Image::create(&path, &CreateOptions::new(1 << 20)).expect("create");
+    let first = Image::open(&path, &OpenOptions::default()).expect("open");
+    let err = Image::open(&path, &OpenOptions::default()).expect_err("second opener");
+    assert!(matches!(err, ImageError::Locked), "{err}");
+    let waiting = OpenOptions {
+        lock: LockPolicy::Wait(Duration::from_millis(150)),
+        ..OpenOptions::default()
+    };
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        Image::open(&path, &waiting),
+        Err(ImageError::Locked)
+    ));
+    assert!(t.elapsed() >= Duration::from_millis(150));
+    // Read-only and start-quiesced opens need no lock (info, migration destination).
+    let ro = Image::open(
+        &path,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("read-only open of an image in use");
+    assert!(matches!(ro.write(0, &[0; 512]), Err(ImageError::ReadOnly)));
+    let dest = Image::open(
+        &path,
+        &OpenOptions {
+            start_quiesced: true,
+            lock: LockPolicy::Wait(Duration::from_secs(5)),
+            ..OpenOptions::default()
+        },
+    )
+    .expect("start quiesced");
+    assert_eq!(dest.size(), 1 << 20);
+    assert!(dest.stats().quiesced);
+    // A waiting resume gets the lock as soon as the first opener lets go.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        first.close().expect("close");
+    });
+    dest.resume().expect("resume waits for the lock");
+    releaser.join().expect("join");
+    dest.write(0, &[7u8; 4096]).expect("write");
+    dest.close().expect("close");
+}
+
+#[test]
+fn a_flipped_payload_bit_fails_that_read_only_and_is_counted() {
+    let st = mem_image(2 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &compressible(65536, 1)).expect("write");
+    img.write(65536, &compressible(65536, 2)).expect("write");
+    img.write(2 * 65536, &random(65536, 3)).expect("write raw");
+    img.close().expect("close");
+    let sb = recovery::read_superblock(st.as_ref()).expect("sb").sb;
+    let e1 = {
+        let l = recovery::load(st.as_ref(), &sb, recovery::RecoveryMode::Strict).expect("load");
+        (l.table.current(1), l.table.current(2))
+    };
+    for e in [e1.0, e1.1] {
+        let off = sb.layout.region_offset(e.slot, e.unit()) + 100;
+        let mut b = [0u8; 1];
+        st.read_at(off, &mut b).expect("read");
+        b[0] ^= 0x04;
+        st.write_at(off, &b).expect("write");
+    }
+    let img = open_mem(&st);
+    let mut buf = vec![0u8; 65536];
+    img.read(0, &mut buf).expect("cluster 0 is fine");
+    assert_eq!(buf, compressible(65536, 1));
+    let err = img
+        .read(65536 + 4096, &mut buf[..4096])
+        .expect_err("corrupt");
+    assert!(
+        matches!(err, ImageError::CorruptPayload { cluster: 1, .. }),
+        "{err}"
+    );
+    let err = img.read(2 * 65536, &mut buf).expect_err("corrupt raw");
+    assert!(matches!(err, ImageError::CorruptPayload { cluster: 2, .. }));
+    // A partial write into a corrupt cluster fails too (it would merge garbage).
+    assert!(img.write(65536, &[1u8; 512]).is_err());
+    assert_eq!(img.stats().checksum_errors, 3);
+    // A full overwrite repairs the cluster.
+    img.write(65536, &compressible(65536, 9))
+        .expect("full overwrite");
+    img.read(65536, &mut buf).expect("read");
+    assert_eq!(buf, compressible(65536, 9));
+    img.close().expect("close");
+    let report = check_on(st.clone(), false).expect("check");
+    assert_eq!(report.corruptions.len(), 1, "{:?}", report.corruptions);
+    assert!(report.corruptions[0].contains("cluster 2"));
+}
+
+#[test]
+fn a_corrupt_superblock_copy_falls_back_to_the_other_and_repair_rewrites_it() {
+    let st = mem_image(1 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &compressible(65536, 1)).expect("write");
+    img.close().expect("close");
+    st.write_at(200, &[0xff; 8]).expect("corrupt copy 0");
+    let img = open_mem(&st);
+    let mut buf = vec![0u8; 65536];
+    img.read(0, &mut buf).expect("read");
+    assert_eq!(buf, compressible(65536, 1));
+    img.close().expect("close");
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report
+        .corruptions
+        .iter()
+        .any(|c| c.contains("superblock copy 0")));
+    let report = check_on(st.clone(), true).expect("repair");
+    assert!(report
+        .repairs
+        .iter()
+        .any(|r| r.contains("superblock copy 0")));
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    // Both copies bad: refused, naming both.
+    st.write_at(200, &[0xff; 8]).expect("corrupt");
+    st.write_at(4096 + 200, &[0xff; 8]).expect("corrupt");
+    let err = Image::open_on(st.clone(), &OpenOptions::default()).expect_err("refused");
+    assert!(
+        matches!(&err, ImageError::CorruptMetadata(m) if m.contains("copy 0") && m.contains("copy 1")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_torn_checkpoint_falls_back_to_the_older_one_without_loss() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &compressible(1 << 20, 1)).expect("write");
+    img.close().expect("close (checkpoint into area 1)");
+    let sb = recovery::read_superblock(st.as_ref()).expect("sb").sb;
+    let l = recovery::load(st.as_ref(), &sb, recovery::RecoveryMode::Strict).expect("load");
+    assert_eq!(l.base_area, 1);
+    // Tear the newest checkpoint's first chunk: the older checkpoint (area 0) plus the journal
+    // records still give the same state, because the journal restarts only after a checkpoint
+    // is durable.
+    let ck = sb.layout.checkpoint_offsets[1] + BLOCK + 300;
+    st.write_at(ck, &[0x55; 16]).expect("tear");
+    // The marker record at the journal start names commit (checkpoint + 1): falling back to
+    // area 0 must detect that a newer checkpoint was lost.
+    let err = Image::open_on(st.clone(), &OpenOptions::default()).expect_err("lost checkpoint");
+    assert!(
+        matches!(&err, ImageError::CorruptMetadata(m) if m.contains("newer checkpoint was lost")),
+        "{err}"
+    );
+    // Read-only opens still come up (lenient), and check explains.
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(!report.corruptions.is_empty());
+}
+
+#[test]
+fn a_checkpoint_torn_before_it_became_durable_costs_nothing() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    let data = compressible(1 << 20, 1);
+    img.write(0, &data).expect("write");
+    img.flush().expect("flush");
+    img.abandon();
+    // Simulate a crash in the middle of writing a checkpoint into the inactive area 1: its
+    // header landed, a chunk did not.
+    let sb = recovery::read_superblock(st.as_ref()).expect("sb").sb;
+    let h = format::CheckpointHeader {
+        seq: 50,
+        chunk_count: 1,
+    }
+    .encode(&sb.layout, &sb.uuid);
+    st.write_at(sb.layout.checkpoint_offsets[1], &h)
+        .expect("header");
+    let img = open_mem(&st);
+    let mut back = vec![0u8; 1 << 20];
+    img.read(0, &mut back).expect("read");
+    assert_eq!(back, data);
+    img.close().expect("close");
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+}
+
+#[test]
+fn concurrent_writers_on_shared_and_separate_clusters_keep_every_cluster_whole() {
+    let st = mem_image(8 << 20, 16384, Compression::Lz4);
+    let img = Arc::new(open_mem(&st));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let img = Arc::clone(&img);
+            std::thread::spawn(move || {
+                let mut r = rng(t + 1);
+                for k in 0..300u64 {
+                    // Own region: clusters t*64 .. t*64+64; shared: clusters 400..404.
+                    let c = if k % 4 == 0 {
+                        400 + r() % 4
+                    } else {
+                        t * 64 + r() % 64
+                    };
+                    // Every write is a whole cluster filled with one tag, so a torn or mixed
+                    // cluster is visible.
+                    let tag = (t * 1000 + k) as u32;
+                    let mut data = vec![0u8; 16384];
+                    for w in data.chunks_exact_mut(4) {
+                        w.copy_from_slice(&tag.to_le_bytes());
+                    }
+                    img.write(c * 16384, &data).expect("write");
+                    if k % 50 == 0 {
+                        img.flush().expect("flush");
+                    }
+                    let mut back = vec![0u8; 16384];
+                    img.read(c * 16384, &mut back).expect("read");
+                    let first = &back[..4];
+                    assert!(
+                        back.chunks_exact(4).all(|w| w == first),
+                        "mixed cluster {c}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    img.flush().expect("flush");
+    let all = read_all(&img);
+    for c in all.chunks_exact(16384) {
+        let first = &c[..4];
+        assert!(c.chunks_exact(4).all(|w| w == first));
+    }
+    drop(img);
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0);
+}
+
+#[test]
+fn concurrent_partial_writes_to_one_cluster_are_all_kept() {
+    let st = mem_image(1 << 20, 65536, Compression::Lz4);
+    let img = Arc::new(open_mem(&st));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let img = Arc::clone(&img);
+            std::thread::spawn(move || {
+                for k in 0..4u64 {
+                    let sector = t * 4 + k;
+                    img.write(sector * 4096, &[(sector + 1) as u8; 4096])
+                        .expect("write");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let mut back = vec![0u8; 65536];
+    img.read(0, &mut back).expect("read");
+    for s in 0..16usize {
+        assert!(back[s * 4096..(s + 1) * 4096]
+            .iter()
+            .all(|&b| b == s as u8 + 1));
+    }
+}
+
+#[test]
+fn running_out_of_spare_slots_forces_commits_instead_of_failing() {
+    // 64 clusters of incompressible data and only 64 spare slots: rewriting all of them several
+    // times without a flush needs the writer to commit on free-slot pressure.
+    let st = mem_image(64 * 16384, 16384, Compression::Lz4);
+    let img = Image::open_on(
+        st.clone(),
+        &OpenOptions {
+            commit_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open");
+    let mut model = Model {
+        bytes: vec![0; 64 * 16384],
+    };
+    for round in 0..6u64 {
+        for c in 0..64u64 {
+            model.write(&img, c * 16384, &random(16384, round * 64 + c));
+        }
+        if round == 0 {
+            // Every home slot now holds a durable version that rewrites must not touch.
+            img.flush().expect("flush");
+        }
+    }
+    assert!(img.stats().commits >= 2, "{:?}", img.stats());
+    model.assert_same(&img);
+    img.close().expect("close");
+}
+
+#[test]
+fn hostile_images_are_refused_with_an_error_never_a_panic() {
+    // Raw bytes, a qcow2 header, an empty file, a truncated image.
+    let qcow2 = {
+        let mut v = vec![0u8; 1 << 16];
+        v[..4].copy_from_slice(b"QFI\xfb");
+        v
+    };
+    for bytes in [vec![], vec![0u8; 100], random(1 << 16, 1), qcow2] {
+        let st = Arc::new(MemStorage::from_bytes(bytes));
+        let err = Image::open_on(st.clone(), &OpenOptions::default()).expect_err("refused");
+        assert!(matches!(err, ImageError::NotAnImage(_)), "{err}");
+        assert!(check_on(st, false).is_err());
+    }
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &compressible(1 << 20, 1)).expect("write");
+    img.close().expect("close");
+    let full = st.snapshot();
+    let truncated = Arc::new(MemStorage::from_bytes(full[..full.len() / 2].to_vec()));
+    let err = Image::open_on(truncated, &OpenOptions::default()).expect_err("truncated");
+    assert!(
+        matches!(&err, ImageError::CorruptMetadata(m) if m.contains("truncated")),
+        "{err}"
+    );
+    // Random damage anywhere in the metadata: open may fail, but never panics, and what it
+    // returns reads without panicking.
+    let layout = Layout::new(4 << 20, 65536).expect("layout");
+    let mut r = rng(5);
+    for _ in 0..200 {
+        let mut bytes = full.clone();
+        for _ in 0..4 {
+            let at = (r() % layout.data_offset) as usize;
+            bytes[at] = r() as u8;
+        }
+        let st = Arc::new(MemStorage::from_bytes(bytes));
+        if let Ok(img) = Image::open_on(
+            st.clone(),
+            &OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            },
+        ) {
+            let mut buf = vec![0u8; 1 << 20];
+            let _ = img.read(0, &mut buf);
+        }
+        let _ = check_on(st, false);
+    }
+}
+
+#[test]
+fn check_finds_leaked_space_and_repair_punches_it() {
+    let st = mem_image(2 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &compressible(65536, 1)).expect("write");
+    img.close().expect("close");
+    let layout = Layout::new(2 << 20, 65536).expect("layout");
+    // Garbage in a free slot, as a crash between a data write and its commit leaves behind.
+    st.write_at(layout.slot_offset(7), &[0xaa; 8192])
+        .expect("leak");
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 8192);
+    let report = check_on(st.clone(), true).expect("repair");
+    assert!(!report.repairs.is_empty());
+    let report = check_on(st.clone(), false).expect("check");
+    assert_eq!(report.leaked_bytes, 0);
+    let img = open_mem(&st);
+    let mut buf = vec![0u8; 65536];
+    img.read(0, &mut buf).expect("read");
+    assert_eq!(buf, compressible(65536, 1));
+}
+
+#[test]
+fn flush_after_the_commit_order_switch_still_round_trips() {
+    // The switch only changes the order of durability barriers; without a crash the data is
+    // the same. The crash simulator shows what it breaks.
+    let st = mem_image(1 << 20, 65536, Compression::Lz4);
+    let img = Image::open_on(
+        st.clone(),
+        &OpenOptions {
+            test_break_commit_order: true,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open");
+    img.write(0, &compressible(65536, 1)).expect("write");
+    img.flush().expect("flush");
+    drop(img);
+    let img = open_mem(&st);
+    let mut buf = vec![0u8; 65536];
+    img.read(0, &mut buf).expect("read");
+    assert_eq!(buf, compressible(65536, 1));
+}
+
+#[test]
+fn table_ram_stays_within_twelve_bytes_per_cluster() {
+    // 64 GiB sparse disk at 64 KiB: 1 Mi clusters.
+    let layout = Layout::new(64 << 30, 65536).expect("layout");
+    let table = table::Table::new(&layout);
+    let mut ram = 0;
+    for cell in table.cells.iter() {
+        ram += table::lock(&cell.stripe).ram_bytes();
+    }
+    let per_cluster = ram as f64 / layout.cluster_count as f64;
+    assert!(per_cluster <= 12.0, "{per_cluster} bytes per cluster");
+}
+
+#[test]
+fn stats_describe_the_stored_data() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let img = open_mem(&st);
+    img.write(0, &compressible(2 * 65536, 1)).expect("write");
+    img.write(2 * 65536, &random(65536, 2)).expect("write");
+    let s = img.stats();
+    assert_eq!(s.clusters_compressed, 2);
+    assert_eq!(s.clusters_raw, 1);
+    assert_eq!(s.clusters_zero, 64 - 3);
+    assert_eq!(s.allocated_logical_bytes, 3 * 65536);
+    assert!(s.stored_bytes < 3 * 65536 && s.stored_bytes > 65536);
+    assert!(s.ratio() > 1.0);
+    assert_eq!(s.writes, 2);
+    assert!(s.uncommitted_writes >= 3);
+    img.flush().expect("flush");
+    let s = img.stats();
+    assert_eq!(s.uncommitted_writes, 0);
+    assert_eq!(s.flushes, 1);
+    assert!(s.commits >= 1);
+}
