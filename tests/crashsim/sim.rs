@@ -415,10 +415,48 @@ struct SimState {
     lying_flush: bool,
 }
 
+/// A one-shot barrier inside `flush`: the next `flush` call (by whichever thread: the engine's
+/// metadata writer) announces itself and blocks until the test releases it. Lets a test run
+/// requests while a commit is provably in flight (design.md §3, "two traps in group commit").
+#[derive(Default)]
+pub struct FlushGate {
+    state: Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl FlushGate {
+    fn enter_and_wait(&self) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.0 = true;
+        self.cv.notify_all();
+        while !st.1 {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Waits until a flush is blocked in the gate; false after `timeout`.
+    pub fn wait_entered(&self, timeout: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, timeout, |st| !st.0)
+            .unwrap_or_else(PoisonError::into_inner);
+        st.0
+    }
+
+    /// Lets the blocked flush (and any later one) go on.
+    pub fn release(&self) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.1 = true;
+        self.cv.notify_all();
+    }
+}
+
 /// The crash-simulating storage. Thread-safe; one lock (tests only).
 pub struct SimStorage {
     state: Mutex<SimState>,
     locked: AtomicBool,
+    flush_gate: Mutex<Option<Arc<FlushGate>>>,
 }
 
 impl fmt::Debug for SimStorage {
@@ -461,7 +499,18 @@ impl SimStorage {
                 lying_flush: false,
             }),
             locked: AtomicBool::new(false),
+            flush_gate: Mutex::new(None),
         }
+    }
+
+    /// Arms a [`FlushGate`] for the next `flush` call.
+    pub fn arm_flush_gate(&self) -> Arc<FlushGate> {
+        let gate = Arc::new(FlushGate::default());
+        *self
+            .flush_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(gate.clone());
+        gate
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
@@ -662,6 +711,14 @@ impl Storage for SimStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        let gate = self
+            .flush_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(gate) = gate {
+            gate.enter_and_wait();
+        }
         let mut state = self.lock();
         Self::inject(&mut state, "flush")?;
         if !state.lying_flush {

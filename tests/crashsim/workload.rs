@@ -961,3 +961,23 @@ fn finish(mut outcome: Outcome, started: Instant) -> Outcome {
     outcome.elapsed = started.elapsed();
     outcome
 }
+
+/// Checks one crash state (check_on, recovery, oracle) outside a random run: for targeted tests
+/// that drive the model themselves.
+pub fn verify_crash(
+    spec: &Spec,
+    pages: super::sim::Pages,
+    model: &Model,
+    t: u64,
+) -> Result<(), String> {
+    let mut outcome = Outcome::default();
+    let storage = Arc::new(SimStorage::from_pages(pages.clone()));
+    verify_state(spec, storage, model, t, None, false, &mut outcome).map(Recovered::abandon)?;
+    let storage = Arc::new(SimStorage::from_pages(pages));
+    verify_state(spec, storage, model, t, None, true, &mut outcome).map(Recovered::abandon)
+}
+
+/// The engine options a spec opens with (for targeted tests).
+pub fn spec_open_options(spec: &Spec) -> OpenOptions {
+    open_options(spec)
+}
