@@ -948,13 +948,85 @@ pub fn run(spec: &Spec) -> Outcome {
         let Some(recovered) = next else {
             break;
         };
-        // Continue the workload on the recovered image (the old one is abandoned, as after a
-        // power failure).
+        // Continue the workload on the recovered image. The image the workload ran on is first
+        // closed cleanly (no crash): it must then check clean and reopen with the newest data.
         let old = std::mem::replace(&mut current, recovered);
-        old.abandon();
+        let faulted = current_faults(&old) > faults_before;
+        if faulted {
+            old.abandon();
+        } else if let Err(problem) = clean_close_check(spec, &model, old, round == 0) {
+            outcome.violations.push(format!(
+                "CLEAN CLOSE VIOLATION (no crash involved)\n  replay: INSITU_CRASH_SEED={}\n  \
+                 spec: {spec:?}\n  round {round}\nproblem:\n{problem}\nhistory:\n{}",
+                spec.seed,
+                model.history_text(400)
+            ));
+            return finish(outcome, started);
+        }
     }
     current.abandon();
     finish(outcome, started)
+}
+
+fn current_faults(r: &Recovered) -> u64 {
+    r.storage.injected_faults()
+}
+
+/// Closes the image the workload ran on, checks it (no corruption; no leaked space when the
+/// storage never went through a crash) and reopens it: every cluster reads its newest version
+/// (single-owner workloads) or one of its versions (racing writers).
+fn clean_close_check(
+    spec: &Spec,
+    model: &Model,
+    old: Recovered,
+    expect_no_leaks: bool,
+) -> Result<(), String> {
+    let cs = spec.cluster_size as usize;
+    let storage = old.storage.clone();
+    old.image
+        .close()
+        .map_err(|e| format!("close failed: {e}"))?;
+    let dyn_storage: Arc<dyn Storage> = storage;
+    let report =
+        check_on(dyn_storage.clone(), false).map_err(|e| format!("check after close: {e}"))?;
+    if !report.corruptions.is_empty() {
+        return Err(format!(
+            "check after a clean close reports corruption: {:?}",
+            report.corruptions
+        ));
+    }
+    if expect_no_leaks && report.leaked_bytes > 0 {
+        return Err(format!(
+            "check after a clean close (no crash ever) finds {} leaked bytes",
+            report.leaked_bytes
+        ));
+    }
+    let image = Image::open_on(dyn_storage, &open_options(spec))
+        .map_err(|e| format!("reopen after a clean close: {e}"))?;
+    let mut buf = vec![0u8; cs];
+    let mut problems = Vec::new();
+    for c in 0..model.clusters.len() {
+        if let Err(e) = image.read(c as u64 * cs as u64, &mut buf) {
+            problems.push(format!("cluster {c}: read after reopen failed: {e}"));
+            continue;
+        }
+        let ok = if spec.profile == Profile::SharedClusters {
+            model.clusters[c].iter().any(|v| *v.data == *buf)
+        } else {
+            **model.latest(c) == *buf
+        };
+        if !ok {
+            problems.push(format!(
+                "cluster {c}: after close and reopen it does not read its newest version"
+            ));
+        }
+    }
+    image.abandon();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
 }
 
 fn finish(mut outcome: Outcome, started: Instant) -> Outcome {
