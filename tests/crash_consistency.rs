@@ -736,6 +736,67 @@ fn writes_during_an_in_flight_commit_never_touch_what_it_commits() {
     assert!(overlapped > 0, "no write ever ran during a held commit");
 }
 
+/// A crash at any point of `create_on` leaves storage that either is refused clearly (not an
+/// image / corrupt) or opens as an all-zero disk; once `create_on` has returned, the image is
+/// durable (a crash right after it must open).
+#[test]
+fn crash_during_create_leaves_no_image_or_an_empty_one() {
+    use insitu_blk::image::{check_on, CreateOptions, Image, ImageError, OpenOptions};
+    let mut rng = SmallRng::seed_from_u64(0xC4EA);
+    let mut checked = 0;
+    let (mut refused, mut opened) = (0, 0);
+    for (cluster_size, clusters) in [(16 * 1024u32, 40u64), (64 * 1024, 300)] {
+        let sim = Arc::new(SimStorage::new());
+        let clock = Arc::new(AtomicU64::new(1));
+        sim.start_capture(clock.clone(), 10_000, 1);
+        let mut opts = CreateOptions::new(clusters * u64::from(cluster_size));
+        opts.cluster_size = cluster_size;
+        Image::create_on(sim.clone(), &opts).expect("create");
+        let mut snaps = sim.take_captured();
+        assert!(!snaps.is_empty(), "create wrote nothing");
+        snaps.push(sim.snapshot(&clock));
+        let last = snaps.len() - 1;
+        for (i, snap) in snaps.iter().enumerate() {
+            for draw in 0..6 {
+                let mode = if draw == 0 {
+                    CrashMode::KeepNone
+                } else {
+                    CrashMode::random(&mut rng)
+                };
+                let (pages, desc) = snap.materialize(mode, &mut rng);
+                checked += 1;
+                let storage: Arc<dyn Storage> = Arc::new(SimStorage::from_pages(pages));
+                let _ = check_on(storage.clone(), false);
+                match Image::open_on(storage, &OpenOptions::default()) {
+                    Ok(image) => {
+                        opened += 1;
+                        let mut buf = vec![1u8; cluster_size as usize];
+                        for c in 0..clusters {
+                            image
+                                .read(c * u64::from(cluster_size), &mut buf)
+                                .unwrap_or_else(|e| panic!("read after crash in create: {e}"));
+                            assert!(buf.iter().all(|&b| b == 0), "garbage after create: {desc}");
+                        }
+                        image.abandon();
+                    }
+                    Err(ImageError::NotAnImage(_) | ImageError::CorruptMetadata(_)) => {
+                        assert!(
+                            i != last,
+                            "create_on returned, but a crash right after it loses the image: \
+                             {desc}"
+                        );
+                        refused += 1;
+                    }
+                    Err(other) => panic!("crash during create: unexpected error {other:?}: {desc}"),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "crash during create: {checked} crash points, {opened} opened empty, {refused} refused"
+    );
+}
+
 /// The oracle bites: with the commit record written before the data is durable (the test-only
 /// switch), the simulator must find a violation within a bounded number of crash points.
 #[test]

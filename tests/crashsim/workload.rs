@@ -954,7 +954,9 @@ pub fn run(spec: &Spec) -> Outcome {
         let faulted = current_faults(&old) > faults_before;
         if faulted {
             old.abandon();
-        } else if let Err(problem) = clean_close_check(spec, &model, old, round == 0) {
+        } else if let Err(problem) =
+            clean_close_check(spec, &model, old, round == 0, &mut rng, &mut outcome)
+        {
             outcome.violations.push(format!(
                 "CLEAN CLOSE VIOLATION (no crash involved)\n  replay: INSITU_CRASH_SEED={}\n  \
                  spec: {spec:?}\n  round {round}\nproblem:\n{problem}\nhistory:\n{}",
@@ -980,12 +982,38 @@ fn clean_close_check(
     model: &Model,
     old: Recovered,
     expect_no_leaks: bool,
+    rng: &mut SmallRng,
+    outcome: &mut Outcome,
 ) -> Result<(), String> {
     let cs = spec.cluster_size as usize;
     let storage = old.storage.clone();
-    old.image
-        .close()
-        .map_err(|e| format!("close failed: {e}"))?;
+    // Crash points during the close (its last commit and checkpoint) and right after it: close
+    // is a FLUSH for the oracle once it has returned.
+    let clock_start = model.history.iter().map(|r| r.end).max().unwrap_or(0) + 1;
+    let clock = Arc::new(AtomicU64::new(clock_start));
+    storage.start_capture(clock.clone(), 6, rng.gen());
+    storage.focus_capture(b"INSITUCP", 12);
+    let start = clock.fetch_add(1, Ordering::SeqCst);
+    let closed = old.image.close();
+    let end = clock.fetch_add(1, Ordering::SeqCst);
+    let mut snaps = storage.take_captured();
+    closed.map_err(|e| format!("close failed: {e}"))?;
+    snaps.push(storage.snapshot(&clock));
+    let mut model = model.clone();
+    model.record_op(0, start, end, "close".into());
+    model.record_flush(start, end);
+    for snap in &snaps {
+        let mode = CrashMode::random(rng);
+        let (pages, desc) = snap.materialize(mode, rng);
+        outcome.crash_points += 1;
+        outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(
+            |op| matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP")),
+        ));
+        let crashed = Arc::new(SimStorage::from_pages(pages));
+        verify_state(spec, crashed, &model, snap.clock, None, false, outcome)
+            .map(Recovered::abandon)
+            .map_err(|problem| format!("crash during/after close: {desc}\n{problem}"))?;
+    }
     let dyn_storage: Arc<dyn Storage> = storage;
     let report =
         check_on(dyn_storage.clone(), false).map_err(|e| format!("check after close: {e}"))?;
