@@ -552,14 +552,13 @@ impl Round<'_> {
         let end = self.tick();
         let mut model = self.model();
         let failed = match res {
-            Ok(()) => false,
+            Ok(()) => None,
             Err(e) if self.fault_fired() => {
                 // The request failed because of the injected fault: what it wrote may or may
                 // not survive, so its versions are recorded (allowed, never required: they
                 // end after any flush that could guarantee them) and this thread stops.
                 self.failed_by_fault.fetch_add(1, Ordering::Relaxed);
-                let _ = e;
-                true
+                Some(e)
             }
             Err(e) => {
                 model.record_op(thread, start, end, desc.clone());
@@ -568,10 +567,9 @@ impl Round<'_> {
                 return false;
             }
         };
-        let desc = if failed {
-            format!("{desc} -> FAILED (injected fault)")
-        } else {
-            desc
+        let desc = match &failed {
+            Some(e) => format!("{desc} -> FAILED after the injected fault: {e}"),
+            None => desc,
         };
         let index = model.record_op(thread, start, end, desc);
         let first = offset / cs;
@@ -584,7 +582,7 @@ impl Round<'_> {
                 .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
             model.record_version(c as usize, index, Arc::from(content));
         }
-        !failed
+        failed.is_none()
     }
 }
 
