@@ -563,6 +563,25 @@ fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
 }
 
 #[test]
+fn crash_on_a_block_device_whose_discards_do_not_read_as_zeros() {
+    use crashsim::sim::DiscardContent;
+    let name = "crash_on_a_block_device_whose_discards_do_not_read_as_zeros";
+    let seeds = seeds(8, 10);
+    let total = run_seeds(name, &seeds, |seed| {
+        let threads = 1 + (seed % 2) as usize * 2;
+        let mut spec = Spec::random(seed, Profile::Mixed, threads);
+        spec.clusters = 60;
+        spec.block_device = Some(if seed % 4 < 2 {
+            DiscardContent::Garbage
+        } else {
+            DiscardContent::OldData
+        });
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 80);
+}
+
+#[test]
 fn crash_after_injected_io_errors() {
     let name = "crash_after_injected_io_errors";
     let seeds = seeds(7, 12);

@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::model::{Model, Verdict};
-use super::sim::{CrashMode, CrashSnapshot, PendingOp, SimStorage};
+use super::sim::{CrashMode, CrashSnapshot, DiscardContent, Pages, PendingOp, SimStorage};
 
 /// Data written by a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +100,8 @@ pub struct Spec {
     pub inject_fault: bool,
     /// Negative test: the storage's flush lies (returns success, makes nothing durable).
     pub lying_flush: bool,
+    /// Simulate a block device whose discarded ranges do not read as zeros.
+    pub block_device: Option<DiscardContent>,
 }
 
 impl Spec {
@@ -134,6 +136,7 @@ impl Spec {
             stop_at_first: true,
             inject_fault: false,
             lying_flush: false,
+            block_device: None,
         }
     }
 }
@@ -805,7 +808,20 @@ pub fn run(spec: &Spec) -> Outcome {
     let mut create = CreateOptions::new(spec.clusters * spec.cluster_size as u64);
     create.cluster_size = spec.cluster_size;
     create.compression = spec.compression;
-    let sim = Arc::new(SimStorage::new());
+    let device = match spec.block_device {
+        // A block device has a fixed size and arbitrary old content (never zeros to rely on).
+        Some(_) => {
+            let layout = insitu_blk::image::format::Layout::new(
+                spec.clusters * spec.cluster_size as u64,
+                spec.cluster_size,
+            )
+            .expect("layout");
+            let len = (layout.total_len + (2 << 20)) as usize;
+            Pages::from_bytes(&fill(Pattern::Incompressible, spec.seed, 0, len))
+        }
+        None => Pages::default(),
+    };
+    let sim = Arc::new(new_storage(spec, device));
     if let Err(e) = Image::create_on(sim.clone(), &create) {
         outcome
             .violations
@@ -875,7 +891,7 @@ pub fn run(spec: &Spec) -> Outcome {
                 outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(|op| {
                     matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP"))
                 }));
-                let storage = Arc::new(SimStorage::from_pages(pages));
+                let storage = Arc::new(new_storage(spec, pages));
                 let repair = rng.gen_ratio(1, 8);
                 let verified = verify_state(
                     spec,
@@ -903,6 +919,7 @@ pub fn run(spec: &Spec) -> Outcome {
                 let recovered = if rng.gen_ratio(1, 4) {
                     let mode2 = CrashMode::random(&mut rng);
                     let (again, desc2) = recovered.storage.crash(mode2, &mut rng);
+                    let again = new_storage(spec, again.durable());
                     let first = recovered.contents.clone();
                     recovered.abandon();
                     outcome.double_crashes += 1;
@@ -968,6 +985,15 @@ pub fn run(spec: &Spec) -> Outcome {
     finish(outcome, started)
 }
 
+/// A storage holding `pages`, of the kind the spec simulates.
+fn new_storage(spec: &Spec, pages: Pages) -> SimStorage {
+    let storage = SimStorage::from_pages(pages);
+    if let Some(content) = spec.block_device {
+        storage.as_block_device(content);
+    }
+    storage
+}
+
 fn current_faults(r: &Recovered) -> u64 {
     r.storage.injected_faults()
 }
@@ -1007,7 +1033,7 @@ fn clean_close_check(
         outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(
             |op| matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP")),
         ));
-        let crashed = Arc::new(SimStorage::from_pages(pages));
+        let crashed = Arc::new(new_storage(spec, pages));
         verify_state(spec, crashed, &model, snap.clock, None, false, outcome)
             .map(Recovered::abandon)
             .map_err(|problem| format!("crash during/after close: {desc}\n{problem}"))?;
@@ -1069,9 +1095,9 @@ pub fn verify_crash(
     t: u64,
 ) -> Result<(), String> {
     let mut outcome = Outcome::default();
-    let storage = Arc::new(SimStorage::from_pages(pages.clone()));
+    let storage = Arc::new(new_storage(spec, pages.clone()));
     verify_state(spec, storage, model, t, None, false, &mut outcome).map(Recovered::abandon)?;
-    let storage = Arc::new(SimStorage::from_pages(pages));
+    let storage = Arc::new(new_storage(spec, pages));
     verify_state(spec, storage, model, t, None, true, &mut outcome).map(Recovered::abandon)
 }
 
