@@ -923,7 +923,10 @@ impl Core {
                     });
             }
         }
-        if records.is_empty() && !force_checkpoint {
+        // Nothing changed, or a checkpoint was asked for but nothing was committed since the
+        // last one (the journal holds only its marker): no I/O at all.
+        let nothing_since_checkpoint = meta.journal_head <= BLOCK && meta.loaded;
+        if records.is_empty() && (!force_checkpoint || nothing_since_checkpoint) {
             meta.records = records;
             drop(meta);
             self.mark_durable(ticket);
