@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use insitu_blk::image::{Image, OpenOptions};
+use insitu_blk::image::{FileStorage, Image, OpenOptions, Storage};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -711,4 +711,98 @@ fn check_explains_damaged_superblocks() {
         63,
         "not an insitu-blk image",
     );
+}
+
+/// Space in the data area that no table entry refers to (here: data planted in the last spare
+/// slot, as a crash between a data write and its commit leaves) is a leak: exit 3, and
+/// `--repair` punches it.
+#[test]
+fn check_reports_leaked_space_with_3_and_repair_reclaims_it() {
+    use insitu_blk::image::format::Layout;
+    use std::os::unix::fs::FileExt;
+
+    let dir = tempdir();
+    let image = dir.path().join("leaky.img");
+    create(&image, "16M", &[]);
+    let layout = Layout::new(16 << 20, 65536).expect("layout");
+    let last_slot = u32::try_from(layout.slot_count() - 1).expect("slot index");
+    let offset = layout.slot_offset(last_slot);
+    let file = fs::OpenOptions::new().write(true).open(&image).unwrap();
+    file.write_all_at(&[0xA5u8; 65536], offset).unwrap();
+    file.sync_all().unwrap();
+    let before = allocated(&image);
+    let planted = FileStorage::open(&image, true).unwrap();
+    assert_eq!(
+        planted.allocated_ranges(offset, 65536).unwrap(),
+        Some(vec![(offset, 65536)])
+    );
+
+    let run = insitu_blk(["check", path_str(&image)]);
+    assert_eq!(run.code, 3, "{run:#?}");
+    assert!(
+        run.stdout.contains("64 KiB (65536 bytes) of leaked space"),
+        "{run:#?}"
+    );
+    assert!(!run.stdout.contains("ERROR"), "{run:#?}");
+    let report = json(&insitu_blk(["check", "--json", path_str(&image)]));
+    assert_eq!(report["result"], "leaks");
+    assert_eq!(report["exit_code"], 3);
+    assert_eq!(report["found"]["leaked_bytes"], 65536);
+
+    let run = insitu_blk(["check", "--repair", path_str(&image)]);
+    assert_eq!(run.code, 0, "repaired image is consistent again: {run:#?}");
+    assert!(run.stdout.contains("released 65536 bytes"), "{run:#?}");
+    let storage = FileStorage::open(&image, true).unwrap();
+    let still_allocated = storage.allocated_ranges(offset, 65536).unwrap();
+    assert_eq!(
+        still_allocated,
+        Some(vec![]),
+        "repair did not punch the leaked slot (file: {before} -> {} bytes allocated)",
+        allocated(&image)
+    );
+    ok(["check", path_str(&image)]);
+}
+
+/// Ctrl-C during a convert stops it, removes the partial DST and says so in one line.
+#[test]
+fn interrupted_convert_leaves_no_partial_output() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+
+    let dir = tempdir();
+    // 64 GiB, nearly all holes: reading it takes far longer than the test waits.
+    let raw = dir.path().join("huge.raw");
+    let file = fs::File::create(&raw).unwrap();
+    file.set_len(64 << 30).unwrap();
+    for gib in 0..64u64 {
+        file.write_all_at(b"data", gib << 30).unwrap();
+    }
+    drop(file);
+    let out = dir.path().join("huge.img");
+    let child = Command::new(env!("CARGO_BIN_EXE_insitu-blk"))
+        .args(["convert", path_str(&raw), path_str(&out)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn convert");
+    // Wait until the copy is under way (DST created), then interrupt.
+    let start = Instant::now();
+    while !out.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(out.exists(), "convert never created its output");
+    std::thread::sleep(Duration::from_millis(200));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("wait");
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    fails_with(&run, 1, "interrupted");
+    assert!(!out.exists(), "the partial output was left behind");
 }

@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,11 +18,12 @@ use insitu_blk::image::{
     Compression, CreateOptions, FileStorage, Image, ImageError, OpenOptions, Storage,
     DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
 };
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::create::ensure_new_or_block_device;
 use super::size::ByteSize;
 use super::validate_cluster_size;
-use super::{note, parse_compression, print_out};
+use super::{ensure_input_exists, note, parse_compression, print_out};
 
 /// Bytes copied per step of a worker: several clusters of any allowed size (a multiple of the
 /// largest, so chunks never share a cluster and workers never read-modify-write the same one).
@@ -336,11 +337,13 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 /// Runs `work(offset, len, buf)` on every chunk of `[0, total)` from `threads` threads, chunks
-/// handed out in increasing order. Stops at the first error, which it returns.
+/// handed out in increasing order. Stops at the first error, which it returns, or when `stop` is
+/// set (by SIGINT/SIGTERM).
 fn for_each_chunk<F>(
     total: u64,
     threads: usize,
     progress: &ProgressBar,
+    stop: &AtomicBool,
     work: F,
 ) -> anyhow::Result<()>
 where
@@ -353,7 +356,7 @@ where
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 let mut buf = vec![0u8; CHUNK_SIZE as usize];
-                while !failed.load(Ordering::Relaxed) {
+                while !failed.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     let offset = next.fetch_add(CHUNK_SIZE, Ordering::Relaxed);
                     if offset >= total {
                         break;
@@ -372,6 +375,7 @@ where
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(err) => Err(err),
+        None if stop.load(Ordering::Relaxed) => bail!("interrupted by a signal"),
         None => Ok(()),
     }
 }
@@ -454,6 +458,7 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
     let src_name = config.src.display().to_string();
     let dst_name = config.dst.display().to_string();
 
+    ensure_input_exists(&config.src)?;
     let source = Source::open(&config.src, config.source_format)
         .with_context(|| format!("cannot open '{src_name}'"))?;
     let len = source.len();
@@ -482,7 +487,15 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
         }
     }
 
-    let result = convert_and_compare(&config, &source, output_format, len);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // The first signal asks the copy to stop (and the partial DST to be removed); a second
+        // one ends the process at once, as if no handler were installed.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&interrupted))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&interrupted)))
+            .context("cannot install signal handlers")?;
+    }
+    let result = convert_and_compare(&config, &source, output_format, len, &interrupted);
     if result.is_err() && !dst_is_block_device {
         // Nothing was at DST before (checked above): a partial copy is worse than none.
         let _ = fs::remove_file(&config.dst);
@@ -495,6 +508,7 @@ fn convert_and_compare(
     source: &Source,
     output_format: Format,
     len: u64,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let src_name = config.src.display().to_string();
     let dst_name = config.dst.display().to_string();
@@ -502,7 +516,7 @@ fn convert_and_compare(
     let sink = create_sink(config, output_format, source, len)
         .with_context(|| format!("cannot create '{dst_name}'"))?;
     let progress = progress_bar(len, "converting");
-    for_each_chunk(len, config.threads, &progress, |offset, buf| {
+    for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
         source
             .read(offset, buf)
             .with_context(|| format!("reading '{src_name}'"))?;
@@ -514,7 +528,7 @@ fn convert_and_compare(
     progress.finish_and_clear();
 
     if config.compare {
-        compare(config, source, output_format, len)?;
+        compare(config, source, output_format, len, stop)?;
         print_out("Images are identical.\n");
     }
     Ok(())
@@ -527,6 +541,7 @@ fn compare(
     source: &Source,
     output_format: Format,
     len: u64,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let dst_name = config.dst.display().to_string();
     let written = Source::open(&config.dst, Some(output_format))
@@ -539,7 +554,7 @@ fn compare(
     }
     let first_difference = AtomicU64::new(u64::MAX);
     let progress = progress_bar(len, "comparing");
-    for_each_chunk(len, config.threads, &progress, |offset, buf| {
+    for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
         // Chunks after a known difference cannot lower it.
         if offset > first_difference.load(Ordering::Relaxed) {
             return Ok(());
@@ -686,7 +701,14 @@ mod tests {
         let len = 5 * CHUNK_SIZE as usize + 4096;
         let a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let (_dir, cfg, source) = raw_pair(&a, &a);
-        compare(&cfg, &source, Format::Raw, len as u64).unwrap();
+        compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
 
         let mut b = a.clone();
         for offset in [
@@ -697,12 +719,26 @@ mod tests {
             b[offset] ^= 1;
         }
         let (_dir, cfg, source) = raw_pair(&a, &b);
-        let err = compare(&cfg, &source, Format::Raw, len as u64).unwrap_err();
+        let err = compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
         let expected = format!("first at byte offset {}", CHUNK_SIZE + 17);
         assert!(err.to_string().contains(&expected), "{err}");
 
         let (_dir, cfg, source) = raw_pair(&a, &a[..len - 512]);
-        let err = compare(&cfg, &source, Format::Raw, len as u64).unwrap_err();
+        let err = compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("shorter"), "{err}");
     }
 
@@ -710,10 +746,16 @@ mod tests {
     fn chunks_cover_everything_once_and_the_first_error_stops_the_copy() {
         let total = 5 * CHUNK_SIZE + 4096;
         let seen = Mutex::new(Vec::new());
-        for_each_chunk(total, 3, &ProgressBar::hidden(), |offset, buf| {
-            seen.lock().unwrap().push((offset, buf.len() as u64));
-            Ok(())
-        })
+        for_each_chunk(
+            total,
+            3,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+            |offset, buf| {
+                seen.lock().unwrap().push((offset, buf.len() as u64));
+                Ok(())
+            },
+        )
         .unwrap();
         let mut seen = seen.into_inner().unwrap();
         seen.sort();
@@ -722,13 +764,31 @@ mod tests {
             .collect();
         assert_eq!(seen, expected);
 
-        let err = for_each_chunk(total, 2, &ProgressBar::hidden(), |offset, _| {
-            if offset == 2 * CHUNK_SIZE {
-                bail!("disk on fire at {offset}");
+        let err = for_each_chunk(
+            total,
+            2,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+            |offset, _| {
+                if offset == 2 * CHUNK_SIZE {
+                    bail!("disk on fire at {offset}");
+                }
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+
+        let stop = AtomicBool::new(false);
+        let done = AtomicU64::new(0);
+        let err = for_each_chunk(total, 1, &ProgressBar::hidden(), &stop, |_, _| {
+            if done.fetch_add(1, Ordering::Relaxed) == 1 {
+                stop.store(true, Ordering::Relaxed);
             }
             Ok(())
         })
         .unwrap_err();
-        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        assert_eq!(done.into_inner(), 2, "work went on after the stop request");
     }
 }

@@ -9,8 +9,8 @@ use anyhow::Context;
 use insitu_blk::image::{FileStorage, Geometry, Image, ImageError, OpenOptions, Stats, Storage};
 use serde::Serialize;
 
-use super::print_out;
 use super::size::human_size;
+use super::{ensure_input_exists, print_out};
 
 /// Arguments of `info`.
 #[derive(Debug, clap::Args)]
@@ -173,6 +173,7 @@ impl InfoReport {
 /// Opens the image read-only and prints its description.
 pub fn run(config: InfoConfig) -> anyhow::Result<()> {
     let path = &config.image;
+    ensure_input_exists(path)?;
     let open = OpenOptions {
         read_only: true,
         ..OpenOptions::default()
