@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use crashsim::workload::{fill, Pattern};
 use insitu_blk::image::{
-    check, check_on, CheckReport, Compression, CreateOptions, Image, ImageError, MemStorage,
-    OpenOptions, Result as ImageResult, Storage,
+    check, check_on, format, CheckReport, Compression, CreateOptions, Image, ImageError,
+    MemStorage, OpenOptions, Result as ImageResult, Storage,
 };
 
 const BLOCK: usize = 4096;
@@ -572,4 +572,245 @@ fn superblock_magic_with_garbage_after_it_is_corrupt_not_a_panic() {
         let err = img.open(false).expect_err("opened garbage");
         assert!(is_metadata_refusal(&err), "{err:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile content behind valid checksums (hostile-guest.md, last paragraph): metadata and
+// payloads crafted with the format's own codecs (insitu_blk::image::format), so every checksum
+// matches and only the loader's and the decoders' validation stand in the way.
+
+/// The newest checkpoint's first table chunk: (offset of the chunk, its sequence number).
+fn newest_chunk(bytes: &[u8]) -> (usize, u64) {
+    let header = *blocks_with_magic(bytes, b"INSITUCP")
+        .iter()
+        .max_by_key(|&&off| le_u64(bytes, off + 16))
+        .expect("a checkpoint");
+    let chunk = header + BLOCK;
+    (chunk, le_u64(bytes, chunk))
+}
+
+/// Offset of cluster `c`'s 16-byte entry in chunk 0.
+fn entry_at(chunk: usize, c: usize) -> usize {
+    chunk + 16 + c * 16
+}
+
+fn layout() -> format::Layout {
+    format::Layout::new(CLUSTERS * u64::from(CLUSTER), CLUSTER).expect("layout")
+}
+
+/// Replaces cluster 5's entry with `entry` (raw 16 bytes) and reseals the chunk.
+fn with_entry(bytes: &[u8], entry: [u8; 16]) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    let (chunk, seq) = newest_chunk(&bytes);
+    let at = entry_at(chunk, 5);
+    bytes[at..at + 16].copy_from_slice(&entry);
+    format::seal_chunk(&mut bytes[chunk..chunk + BLOCK], seq, 0);
+    bytes
+}
+
+fn entry_bytes(e: format::DiskEntry) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    e.encode(&mut out);
+    out
+}
+
+/// Refused with CorruptMetadata (check explains), or opened with cluster 5 failing its reads
+/// and every other cluster intact. Never cluster 5 silently returning some data.
+fn refused_or_cluster_5_fails(img: &Corrupted, what: &str) -> Result<&'static str, String> {
+    let backend = img.backend;
+    let outcome = match img.open(false) {
+        Err(ImageError::CorruptMetadata(_)) => {
+            match img.check() {
+                Ok(r) if !r.corruptions.is_empty() => {}
+                other => {
+                    return Err(format!(
+                        "{backend:?}: {what}: refused, but check does not explain: {other:?}"
+                    ))
+                }
+            }
+            "refused read-write"
+        }
+        Err(other) => return Err(format!("{backend:?}: {what}: wrong error {other:?}")),
+        Ok(image) => {
+            let wrong = wrong_clusters(&image, &expected_contents());
+            if wrong.len() != 1
+                || !wrong[0].starts_with("cluster 5: ")
+                || wrong[0].ends_with("wrong data")
+            {
+                return Err(format!(
+                    "{backend:?}: {what}: opened; expected only cluster 5 to fail its read, got \
+                     {wrong:?}"
+                ));
+            }
+            "opened, cluster 5 fails its reads"
+        }
+    };
+    Ok(outcome)
+}
+
+#[test]
+fn table_entries_pointing_outside_or_into_other_clusters_are_refused() {
+    let lay = layout();
+    let slots = lay.slot_count() as u32;
+    let mut failures = Vec::new();
+    for backend in BACKENDS {
+        let bytes = build(backend, Compression::None, true, &|image| {
+            write_three(image);
+        });
+        let (chunk, _) = newest_chunk(&bytes);
+        let decode = |c: usize| {
+            let at = entry_at(chunk, c);
+            format::DiskEntry::decode(&bytes[at..at + 16], &lay).expect("valid entry")
+        };
+        let five = decode(5);
+        let zero = decode(0);
+        assert_eq!(
+            five.alg,
+            format::alg::RAW,
+            "incompressible data is stored raw"
+        );
+        let mut reserved = entry_bytes(five);
+        reserved[11] = 1;
+        let cases: Vec<(&str, [u8; 16])> = vec![
+            (
+                "slot just past the last slot",
+                entry_bytes(format::DiskEntry {
+                    slot: slots,
+                    ..five
+                }),
+            ),
+            (
+                "slot u32::MAX",
+                entry_bytes(format::DiskEntry {
+                    slot: u32::MAX,
+                    ..five
+                }),
+            ),
+            (
+                "units running past the end of the slot",
+                entry_bytes(format::DiskEntry {
+                    unit: 3,
+                    units: 2,
+                    alg: format::alg::LZ4,
+                    ..five
+                }),
+            ),
+            (
+                "zero units",
+                entry_bytes(format::DiskEntry {
+                    unit: 0,
+                    units: 0,
+                    alg: format::alg::LZ4,
+                    ..five
+                }),
+            ),
+            (
+                "unknown algorithm",
+                entry_bytes(format::DiskEntry { alg: 9, ..five }),
+            ),
+            ("non-zero reserved byte", reserved),
+            (
+                "the same slot and units as cluster 0 (valid crc)",
+                entry_bytes(zero),
+            ),
+        ];
+        for (what, entry) in cases {
+            let img = Corrupted::new(backend, with_entry(&bytes, entry));
+            match refused_or_cluster_5_fails(&img, what) {
+                Ok(outcome) => eprintln!("{backend:?}: {what}: {outcome}"),
+                Err(msg) => failures.push(msg),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn payloads_that_decode_to_the_wrong_size_fail_their_cluster_only() {
+    let lay = layout();
+    let cluster = CLUSTER as usize;
+    let short = vec![7u8; 1000];
+    let long = vec![7u8; 2 * cluster];
+    let lz4 = |d: &[u8]| lz4_flex::block::compress(d);
+    let snappy = |d: &[u8]| snap::raw::Encoder::new().compress_vec(d).expect("snappy");
+    let zstd = |d: &[u8]| zstd::bulk::compress(d, 1).expect("zstd");
+    let cases: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("lz4 decoding to 1000 bytes", format::alg::LZ4, lz4(&short)),
+        ("lz4 decoding to 2 clusters", format::alg::LZ4, lz4(&long)),
+        (
+            "snappy decoding to 1000 bytes",
+            format::alg::SNAPPY,
+            snappy(&short),
+        ),
+        (
+            "snappy decoding to 2 clusters",
+            format::alg::SNAPPY,
+            snappy(&long),
+        ),
+        (
+            "zstd decoding to 1000 bytes",
+            format::alg::ZSTD,
+            zstd(&short),
+        ),
+        (
+            "zstd decoding to 2 clusters",
+            format::alg::ZSTD,
+            zstd(&long),
+        ),
+        ("lz4 garbage", format::alg::LZ4, vec![0xF0; 300]),
+        (
+            "zstd garbage",
+            format::alg::ZSTD,
+            vec![0x28, 0xB5, 0x2F, 0xFD, 0xFF, 0xFF, 0xFF],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for backend in BACKENDS {
+        let bytes = build(backend, Compression::None, true, &|image| {
+            write_three(image);
+        });
+        let (chunk, _) = newest_chunk(&bytes);
+        let at = entry_at(chunk, 5);
+        let five = format::DiskEntry::decode(&bytes[at..at + 16], &lay).expect("entry");
+        let region = lay.region_offset(five.slot, 0) as usize;
+        for (what, code, body) in cases.iter().cloned() {
+            // Stored form: u32 LE body length, body, zero padding to whole 4 KiB units.
+            let mut stored = (body.len() as u32).to_le_bytes().to_vec();
+            stored.extend_from_slice(&body);
+            let units = stored.len().div_ceil(BLOCK).clamp(1, cluster / BLOCK);
+            stored.resize(units * BLOCK, 0);
+            let mut bad = bytes.clone();
+            bad[region..region + stored.len()].copy_from_slice(&stored);
+            let entry = format::DiskEntry {
+                slot: five.slot,
+                crc: crc32c::crc32c(&stored),
+                unit: 0,
+                units: units as u8,
+                alg: code,
+            };
+            let bad = with_entry(&bad, entry_bytes(entry));
+            let img = Corrupted::new(backend, bad);
+            match refused_or_cluster_5_fails(&img, what) {
+                Ok(outcome) => eprintln!("{backend:?}: {what}: {outcome}"),
+                Err(msg) => failures.push(msg),
+            }
+        }
+        // A length prefix larger than the stored units.
+        let mut stored = vec![0u8; BLOCK];
+        stored[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut bad = bytes.clone();
+        bad[region..region + BLOCK].copy_from_slice(&stored);
+        let entry = format::DiskEntry {
+            slot: five.slot,
+            crc: crc32c::crc32c(&stored),
+            unit: 0,
+            units: 1,
+            alg: format::alg::LZ4,
+        };
+        let img = Corrupted::new(backend, with_entry(&bad, entry_bytes(entry)));
+        if let Err(msg) = refused_or_cluster_5_fails(&img, "length prefix u32::MAX") {
+            failures.push(msg);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

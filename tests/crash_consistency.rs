@@ -563,6 +563,25 @@ fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
 }
 
 #[test]
+fn crash_on_a_block_device_whose_discards_do_not_read_as_zeros() {
+    use crashsim::sim::DiscardContent;
+    let name = "crash_on_a_block_device_whose_discards_do_not_read_as_zeros";
+    let seeds = seeds(8, 10);
+    let total = run_seeds(name, &seeds, |seed| {
+        let threads = 1 + (seed % 2) as usize * 2;
+        let mut spec = Spec::random(seed, Profile::Mixed, threads);
+        spec.clusters = 60;
+        spec.block_device = Some(if seed % 4 < 2 {
+            DiscardContent::Garbage
+        } else {
+            DiscardContent::OldData
+        });
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 80);
+}
+
+#[test]
 fn crash_after_injected_io_errors() {
     let name = "crash_after_injected_io_errors";
     let seeds = seeds(7, 12);
@@ -603,6 +622,198 @@ fn oracle_catches_a_storage_that_ignores_flush() {
         }
     }
     panic!("no violation in {checked} crash points although flush made nothing durable");
+}
+
+/// Design §3, the two traps of group commit, provoked deterministically: a commit is held inside
+/// its data flush (after it snapshotted the table) while the same cluster is rewritten, then crash
+/// points are taken both while the commit is in flight and after it completed. A later write that
+/// overwrote the version being committed (or the committed one it replaces) shows up as a torn or
+/// corrupt cluster; a FLUSH that returned without covering the writes before it as a lost write.
+#[test]
+fn writes_during_an_in_flight_commit_never_touch_what_it_commits() {
+    use crashsim::sim::CrashSnapshot;
+    use insitu_blk::image::{CreateOptions, Image};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use workload::{fill, Pattern};
+
+    let cs = 16 * 1024usize;
+    let clusters = 8usize;
+    let mut rng = SmallRng::seed_from_u64(0x7A95);
+    let mut checked = 0;
+    let mut overlapped = 0;
+    for compression in [
+        Compression::Lz4,
+        Compression::None,
+        Compression::Zstd { level: 1 },
+    ] {
+        for during in 1..=3u64 {
+            let mut spec = Spec::random(0x7A95 + during, Profile::Mixed, 1);
+            spec.cluster_size = cs as u32;
+            spec.clusters = clusters as u64;
+            spec.compression = compression;
+            spec.commit_interval = Duration::from_secs(3600);
+            let sim = Arc::new(SimStorage::new());
+            let mut create = CreateOptions::new((cs * clusters) as u64);
+            create.cluster_size = cs as u32;
+            create.compression = compression;
+            Image::create_on(sim.clone(), &create).expect("create");
+            let image =
+                Image::open_on(sim.clone(), &workload::spec_open_options(&spec)).expect("open");
+            let clock = AtomicU64::new(1);
+            let tick = || clock.fetch_add(1, Ordering::SeqCst);
+            let model = std::sync::Mutex::new(Model::zeroed(cs, clusters));
+            let c = 2u64;
+            let write = |tag: u64| {
+                // Compressible: fits half a slot, so in-place ping-pong is possible.
+                let data = fill(Pattern::Compressible, tag, c * cs as u64, cs);
+                let start = tick();
+                image.write(c * cs as u64, &data).expect("write");
+                let end = tick();
+                let mut m = model.lock().unwrap();
+                let op = m.record_op(0, start, end, format!("write cluster {c} tag {tag}"));
+                m.record_version(c as usize, op, Arc::from(data));
+            };
+            let flush = || {
+                let start = tick();
+                image.flush().expect("flush");
+                let end = tick();
+                let mut m = model.lock().unwrap();
+                m.record_op(0, start, end, "flush".into());
+                m.record_flush(start, end);
+            };
+            write(1);
+            flush();
+            write(2);
+            let gate = sim.arm_flush_gate();
+            let mut snaps: Vec<CrashSnapshot> = Vec::new();
+            std::thread::scope(|scope| {
+                let flusher = scope.spawn(flush);
+                assert!(
+                    gate.wait_entered(Duration::from_secs(10)),
+                    "the commit never reached its data flush"
+                );
+                // The commit has snapshotted version 2 and is held in its data flush.
+                let writer = scope.spawn(|| {
+                    for tag in 0..during {
+                        write(10 + tag);
+                    }
+                });
+                // Writes may legitimately wait for the commit; give them a moment, then take a
+                // crash point with the commit still in flight.
+                std::thread::sleep(Duration::from_millis(50));
+                snaps.push(sim.snapshot(&clock));
+                // Trap 2: a FLUSH that arrives while an older commit runs must wait for a commit
+                // that snapshots after it arrived (the crash point after it returns checks that
+                // the writes above are durable).
+                let writer_done = writer.is_finished();
+                let flusher2 = writer_done.then(|| scope.spawn(flush));
+                std::thread::sleep(Duration::from_millis(20));
+                gate.release();
+                writer.join().expect("writer");
+                flusher.join().expect("flusher");
+                if let Some(f) = flusher2 {
+                    f.join().expect("second flusher");
+                }
+            });
+            snaps.push(sim.snapshot(&clock));
+            flush();
+            snaps.push(sim.snapshot(&clock));
+            let model = model.into_inner().unwrap();
+            // Did the writes run while the commit was held (or wait for it)? Either is correct;
+            // the first is the trap this test is about, so count it.
+            let in_flight_writes = model.clusters[c as usize]
+                .iter()
+                .filter(|v| v.op != usize::MAX && v.end < snaps[0].clock && v.start > 7)
+                .count();
+            overlapped += in_flight_writes;
+            for snap in &snaps {
+                for draw in 0..12 {
+                    let mode = match draw {
+                        0 => CrashMode::KeepNone,
+                        1 => CrashMode::KeepAll,
+                        _ => CrashMode::random(&mut rng),
+                    };
+                    let (pages, desc) = snap.materialize(mode, &mut rng);
+                    checked += 1;
+                    if let Err(problem) = workload::verify_crash(&spec, pages, &model, snap.clock) {
+                        panic!(
+                            "{compression} with {during} write(s) during the commit: {desc}\n\
+                             {problem}\nhistory:\n{}",
+                            model.history_text(50)
+                        );
+                    }
+                }
+            }
+            image.abandon();
+        }
+    }
+    eprintln!(
+        "in-flight commit: {checked} crash points checked; {overlapped} writes completed while a \
+         commit was held"
+    );
+    assert!(overlapped > 0, "no write ever ran during a held commit");
+}
+
+/// A crash at any point of `create_on` leaves storage that either is refused clearly (not an
+/// image / corrupt) or opens as an all-zero disk; once `create_on` has returned, the image is
+/// durable (a crash right after it must open).
+#[test]
+fn crash_during_create_leaves_no_image_or_an_empty_one() {
+    use insitu_blk::image::{check_on, CreateOptions, Image, ImageError, OpenOptions};
+    let mut rng = SmallRng::seed_from_u64(0xC4EA);
+    let mut checked = 0;
+    let (mut refused, mut opened) = (0, 0);
+    for (cluster_size, clusters) in [(16 * 1024u32, 40u64), (64 * 1024, 300)] {
+        let sim = Arc::new(SimStorage::new());
+        let clock = Arc::new(AtomicU64::new(1));
+        sim.start_capture(clock.clone(), 10_000, 1);
+        let mut opts = CreateOptions::new(clusters * u64::from(cluster_size));
+        opts.cluster_size = cluster_size;
+        Image::create_on(sim.clone(), &opts).expect("create");
+        let mut snaps = sim.take_captured();
+        assert!(!snaps.is_empty(), "create wrote nothing");
+        snaps.push(sim.snapshot(&clock));
+        let last = snaps.len() - 1;
+        for (i, snap) in snaps.iter().enumerate() {
+            for draw in 0..6 {
+                let mode = if draw == 0 {
+                    CrashMode::KeepNone
+                } else {
+                    CrashMode::random(&mut rng)
+                };
+                let (pages, desc) = snap.materialize(mode, &mut rng);
+                checked += 1;
+                let storage: Arc<dyn Storage> = Arc::new(SimStorage::from_pages(pages));
+                let _ = check_on(storage.clone(), false);
+                match Image::open_on(storage, &OpenOptions::default()) {
+                    Ok(image) => {
+                        opened += 1;
+                        let mut buf = vec![1u8; cluster_size as usize];
+                        for c in 0..clusters {
+                            image
+                                .read(c * u64::from(cluster_size), &mut buf)
+                                .unwrap_or_else(|e| panic!("read after crash in create: {e}"));
+                            assert!(buf.iter().all(|&b| b == 0), "garbage after create: {desc}");
+                        }
+                        image.abandon();
+                    }
+                    Err(ImageError::NotAnImage(_) | ImageError::CorruptMetadata(_)) => {
+                        assert!(
+                            i != last,
+                            "create_on returned, but a crash right after it loses the image: \
+                             {desc}"
+                        );
+                        refused += 1;
+                    }
+                    Err(other) => panic!("crash during create: unexpected error {other:?}: {desc}"),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "crash during create: {checked} crash points, {opened} opened empty, {refused} refused"
+    );
 }
 
 /// The oracle bites: with the commit record written before the data is durable (the test-only

@@ -155,13 +155,21 @@ impl Model {
     pub fn allowed(&self, cluster: usize, t: u64) -> Vec<usize> {
         let g = self.guarantee(t);
         let versions = &self.clusters[cluster];
+        // A version that ended before G is required unless superseded: some other version
+        // started after it ended and also ended before G, i.e. its end is below the latest start
+        // among the versions that ended before G.
+        let latest_start_done = versions
+            .iter()
+            .filter(|w| w.end < g)
+            .map(|w| w.start)
+            .max()
+            .unwrap_or(0);
         versions
             .iter()
             .enumerate()
             .filter(|(_, v)| {
                 if v.end < g {
-                    // Required unless superseded by a later version completed before G.
-                    !versions.iter().any(|w| w.start > v.end && w.end < g)
+                    v.end >= latest_start_done
                 } else {
                     v.start < t
                 }

@@ -413,12 +413,61 @@ struct SimState {
     injected_faults: u64,
     /// Broken-device mode for showing the oracle bites: `flush` succeeds but makes nothing durable.
     lying_flush: bool,
+    /// Block-device mode: discarded ranges do not read as zeros (see [`SimStorage::as_block_device`]).
+    block_device: Option<DiscardContent>,
+}
+
+/// What a discarded range of a simulated block device reads as afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscardContent {
+    /// The old data stays (many SSDs without deterministic TRIM).
+    OldData,
+    /// Garbage (worst case the block-device contract allows).
+    Garbage,
+}
+
+/// A one-shot barrier inside `flush`: the next `flush` call (by whichever thread: the engine's
+/// metadata writer) announces itself and blocks until the test releases it. Lets a test run
+/// requests while a commit is provably in flight (design.md §3, "two traps in group commit").
+#[derive(Default)]
+pub struct FlushGate {
+    state: Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl FlushGate {
+    fn enter_and_wait(&self) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.0 = true;
+        self.cv.notify_all();
+        while !st.1 {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Waits until a flush is blocked in the gate; false after `timeout`.
+    pub fn wait_entered(&self, timeout: std::time::Duration) -> bool {
+        let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, timeout, |st| !st.0)
+            .unwrap_or_else(PoisonError::into_inner);
+        st.0
+    }
+
+    /// Lets the blocked flush (and any later one) go on.
+    pub fn release(&self) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.1 = true;
+        self.cv.notify_all();
+    }
 }
 
 /// The crash-simulating storage. Thread-safe; one lock (tests only).
 pub struct SimStorage {
     state: Mutex<SimState>,
     locked: AtomicBool,
+    flush_gate: Mutex<Option<Arc<FlushGate>>>,
 }
 
 impl fmt::Debug for SimStorage {
@@ -459,9 +508,21 @@ impl SimStorage {
                 fail_countdown: None,
                 injected_faults: 0,
                 lying_flush: false,
+                block_device: None,
             }),
             locked: AtomicBool::new(false),
+            flush_gate: Mutex::new(None),
         }
+    }
+
+    /// Arms a [`FlushGate`] for the next `flush` call.
+    pub fn arm_flush_gate(&self) -> Arc<FlushGate> {
+        let gate = Arc::new(FlushGate::default());
+        *self
+            .flush_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(gate.clone());
+        gate
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
@@ -507,6 +568,13 @@ impl SimStorage {
     /// A broken device for negative tests: `flush` returns success but makes nothing durable.
     pub fn lie_about_flush(&self, on: bool) {
         self.lock().lying_flush = on;
+    }
+
+    /// Behaves as a block device: `is_block_device()` is true, allocation is unknown, and
+    /// `punch_hole` (BLKDISCARD) leaves the range reading as `content` instead of zeros. The
+    /// engine must never rely on discarded bytes (storage.rs contract).
+    pub fn as_block_device(&self, content: DiscardContent) {
+        self.lock().block_device = Some(content);
     }
 
     /// Called with the lock held before a mutating operation: `Err` when a fault is due.
@@ -662,6 +730,14 @@ impl Storage for SimStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        let gate = self
+            .flush_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(gate) = gate {
+            gate.enter_and_wait();
+        }
         let mut state = self.lock();
         Self::inject(&mut state, "flush")?;
         if !state.lying_flush {
@@ -676,8 +752,24 @@ impl Storage for SimStorage {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut state = self.lock();
         Self::inject(&mut state, "punch")?;
-        state.current.punch(offset, len);
-        state.pending.push(PendingOp::Punch { offset, len });
+        match state.block_device {
+            None => {
+                state.current.punch(offset, len);
+                state.pending.push(PendingOp::Punch { offset, len });
+            }
+            Some(DiscardContent::OldData) => {}
+            Some(DiscardContent::Garbage) => {
+                let end = offset.saturating_add(len).min(state.current.len());
+                if end > offset {
+                    let garbage: Arc<[u8]> = Arc::from(vec![0xA5u8; (end - offset) as usize]);
+                    state.current.write(offset, &garbage);
+                    state.pending.push(PendingOp::Write {
+                        offset,
+                        data: garbage,
+                    });
+                }
+            }
+        }
         Self::after_op(&mut state, None, || format!("punch {len}@{offset:#x}"));
         Ok(())
     }
@@ -696,6 +788,16 @@ impl Storage for SimStorage {
         }
         let mut state = self.lock();
         Self::inject(&mut state, "set_len")?;
+        if state.block_device.is_some() {
+            // Block devices cannot change size (FileStorage: error above the capacity).
+            if len > state.current.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "block device is smaller than the image needs",
+                ));
+            }
+            return Ok(());
+        }
         state.current.set_len(len);
         state.pending.push(PendingOp::SetLen { len });
         Self::after_op(&mut state, None, || format!("set_len {len}"));
@@ -707,7 +809,15 @@ impl Storage for SimStorage {
     }
 
     fn allocated_ranges(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
-        Ok(Some(self.lock().current.allocated_ranges(offset, len)))
+        let state = self.lock();
+        if state.block_device.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(state.current.allocated_ranges(offset, len)))
+    }
+
+    fn is_block_device(&self) -> bool {
+        self.lock().block_device.is_some()
     }
 
     fn try_lock_exclusive(&self) -> io::Result<bool> {

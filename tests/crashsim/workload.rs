@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::model::{Model, Verdict};
-use super::sim::{CrashMode, CrashSnapshot, PendingOp, SimStorage};
+use super::sim::{CrashMode, CrashSnapshot, DiscardContent, Pages, PendingOp, SimStorage};
 
 /// Data written by a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +100,8 @@ pub struct Spec {
     pub inject_fault: bool,
     /// Negative test: the storage's flush lies (returns success, makes nothing durable).
     pub lying_flush: bool,
+    /// Simulate a block device whose discarded ranges do not read as zeros.
+    pub block_device: Option<DiscardContent>,
 }
 
 impl Spec {
@@ -134,6 +136,7 @@ impl Spec {
             stop_at_first: true,
             inject_fault: false,
             lying_flush: false,
+            block_device: None,
         }
     }
 }
@@ -552,14 +555,13 @@ impl Round<'_> {
         let end = self.tick();
         let mut model = self.model();
         let failed = match res {
-            Ok(()) => false,
+            Ok(()) => None,
             Err(e) if self.fault_fired() => {
                 // The request failed because of the injected fault: what it wrote may or may
                 // not survive, so its versions are recorded (allowed, never required: they
                 // end after any flush that could guarantee them) and this thread stops.
                 self.failed_by_fault.fetch_add(1, Ordering::Relaxed);
-                let _ = e;
-                true
+                Some(e)
             }
             Err(e) => {
                 model.record_op(thread, start, end, desc.clone());
@@ -568,10 +570,9 @@ impl Round<'_> {
                 return false;
             }
         };
-        let desc = if failed {
-            format!("{desc} -> FAILED (injected fault)")
-        } else {
-            desc
+        let desc = match &failed {
+            Some(e) => format!("{desc} -> FAILED after the injected fault: {e}"),
+            None => desc,
         };
         let index = model.record_op(thread, start, end, desc);
         let first = offset / cs;
@@ -584,7 +585,7 @@ impl Round<'_> {
                 .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
             model.record_version(c as usize, index, Arc::from(content));
         }
-        !failed
+        failed.is_none()
     }
 }
 
@@ -807,7 +808,20 @@ pub fn run(spec: &Spec) -> Outcome {
     let mut create = CreateOptions::new(spec.clusters * spec.cluster_size as u64);
     create.cluster_size = spec.cluster_size;
     create.compression = spec.compression;
-    let sim = Arc::new(SimStorage::new());
+    let device = match spec.block_device {
+        // A block device has a fixed size and arbitrary old content (never zeros to rely on).
+        Some(_) => {
+            let layout = insitu_blk::image::format::Layout::new(
+                spec.clusters * spec.cluster_size as u64,
+                spec.cluster_size,
+            )
+            .expect("layout");
+            let len = (layout.total_len + (2 << 20)) as usize;
+            Pages::from_bytes(&fill(Pattern::Incompressible, spec.seed, 0, len))
+        }
+        None => Pages::default(),
+    };
+    let sim = Arc::new(new_storage(spec, device));
     if let Err(e) = Image::create_on(sim.clone(), &create) {
         outcome
             .violations
@@ -877,7 +891,7 @@ pub fn run(spec: &Spec) -> Outcome {
                 outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(|op| {
                     matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP"))
                 }));
-                let storage = Arc::new(SimStorage::from_pages(pages));
+                let storage = Arc::new(new_storage(spec, pages));
                 let repair = rng.gen_ratio(1, 8);
                 let verified = verify_state(
                     spec,
@@ -905,6 +919,7 @@ pub fn run(spec: &Spec) -> Outcome {
                 let recovered = if rng.gen_ratio(1, 4) {
                     let mode2 = CrashMode::random(&mut rng);
                     let (again, desc2) = recovered.storage.crash(mode2, &mut rng);
+                    let again = new_storage(spec, again.durable());
                     let first = recovered.contents.clone();
                     recovered.abandon();
                     outcome.double_crashes += 1;
@@ -948,16 +963,145 @@ pub fn run(spec: &Spec) -> Outcome {
         let Some(recovered) = next else {
             break;
         };
-        // Continue the workload on the recovered image (the old one is abandoned, as after a
-        // power failure).
+        // Continue the workload on the recovered image. The image the workload ran on is first
+        // closed cleanly (no crash): it must then check clean and reopen with the newest data.
         let old = std::mem::replace(&mut current, recovered);
-        old.abandon();
+        let faulted = current_faults(&old) > faults_before;
+        if faulted {
+            old.abandon();
+        } else if let Err(problem) =
+            clean_close_check(spec, &model, old, round == 0, &mut rng, &mut outcome)
+        {
+            outcome.violations.push(format!(
+                "CLEAN CLOSE VIOLATION (no crash involved)\n  replay: INSITU_CRASH_SEED={}\n  \
+                 spec: {spec:?}\n  round {round}\nproblem:\n{problem}\nhistory:\n{}",
+                spec.seed,
+                model.history_text(400)
+            ));
+            return finish(outcome, started);
+        }
     }
     current.abandon();
     finish(outcome, started)
 }
 
+/// A storage holding `pages`, of the kind the spec simulates.
+fn new_storage(spec: &Spec, pages: Pages) -> SimStorage {
+    let storage = SimStorage::from_pages(pages);
+    if let Some(content) = spec.block_device {
+        storage.as_block_device(content);
+    }
+    storage
+}
+
+fn current_faults(r: &Recovered) -> u64 {
+    r.storage.injected_faults()
+}
+
+/// Closes the image the workload ran on, checks it (no corruption; no leaked space when the
+/// storage never went through a crash) and reopens it: every cluster reads its newest version
+/// (single-owner workloads) or one of its versions (racing writers).
+fn clean_close_check(
+    spec: &Spec,
+    model: &Model,
+    old: Recovered,
+    expect_no_leaks: bool,
+    rng: &mut SmallRng,
+    outcome: &mut Outcome,
+) -> Result<(), String> {
+    let cs = spec.cluster_size as usize;
+    let storage = old.storage.clone();
+    // Crash points during the close (its last commit and checkpoint) and right after it: close
+    // is a FLUSH for the oracle once it has returned.
+    let clock_start = model.history.iter().map(|r| r.end).max().unwrap_or(0) + 1;
+    let clock = Arc::new(AtomicU64::new(clock_start));
+    storage.start_capture(clock.clone(), 6, rng.gen());
+    storage.focus_capture(b"INSITUCP", 12);
+    let start = clock.fetch_add(1, Ordering::SeqCst);
+    let closed = old.image.close();
+    let end = clock.fetch_add(1, Ordering::SeqCst);
+    let mut snaps = storage.take_captured();
+    closed.map_err(|e| format!("close failed: {e}"))?;
+    snaps.push(storage.snapshot(&clock));
+    let mut model = model.clone();
+    model.record_op(0, start, end, "close".into());
+    model.record_flush(start, end);
+    for snap in &snaps {
+        let mode = CrashMode::random(rng);
+        let (pages, desc) = snap.materialize(mode, rng);
+        outcome.crash_points += 1;
+        outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(
+            |op| matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP")),
+        ));
+        let crashed = Arc::new(new_storage(spec, pages));
+        verify_state(spec, crashed, &model, snap.clock, None, false, outcome)
+            .map(Recovered::abandon)
+            .map_err(|problem| format!("crash during/after close: {desc}\n{problem}"))?;
+    }
+    let dyn_storage: Arc<dyn Storage> = storage;
+    let report =
+        check_on(dyn_storage.clone(), false).map_err(|e| format!("check after close: {e}"))?;
+    if !report.corruptions.is_empty() {
+        return Err(format!(
+            "check after a clean close reports corruption: {:?}",
+            report.corruptions
+        ));
+    }
+    if expect_no_leaks && report.leaked_bytes > 0 {
+        return Err(format!(
+            "check after a clean close (no crash ever) finds {} leaked bytes",
+            report.leaked_bytes
+        ));
+    }
+    let image = Image::open_on(dyn_storage, &open_options(spec))
+        .map_err(|e| format!("reopen after a clean close: {e}"))?;
+    let mut buf = vec![0u8; cs];
+    let mut problems = Vec::new();
+    for c in 0..model.clusters.len() {
+        if let Err(e) = image.read(c as u64 * cs as u64, &mut buf) {
+            problems.push(format!("cluster {c}: read after reopen failed: {e}"));
+            continue;
+        }
+        let ok = if spec.profile == Profile::SharedClusters {
+            model.clusters[c].iter().any(|v| *v.data == *buf)
+        } else {
+            **model.latest(c) == *buf
+        };
+        if !ok {
+            problems.push(format!(
+                "cluster {c}: after close and reopen it does not read its newest version"
+            ));
+        }
+    }
+    image.abandon();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
 fn finish(mut outcome: Outcome, started: Instant) -> Outcome {
     outcome.elapsed = started.elapsed();
     outcome
+}
+
+/// Checks one crash state (check_on, recovery, oracle) outside a random run: for targeted tests
+/// that drive the model themselves.
+pub fn verify_crash(
+    spec: &Spec,
+    pages: super::sim::Pages,
+    model: &Model,
+    t: u64,
+) -> Result<(), String> {
+    let mut outcome = Outcome::default();
+    let storage = Arc::new(new_storage(spec, pages.clone()));
+    verify_state(spec, storage, model, t, None, false, &mut outcome).map(Recovered::abandon)?;
+    let storage = Arc::new(new_storage(spec, pages));
+    verify_state(spec, storage, model, t, None, true, &mut outcome).map(Recovered::abandon)
+}
+
+/// The engine options a spec opens with (for targeted tests).
+pub fn spec_open_options(spec: &Spec) -> OpenOptions {
+    open_options(spec)
 }
