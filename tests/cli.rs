@@ -563,9 +563,20 @@ fn info_works_while_another_process_holds_the_image_read_write() {
     create(&image, "16M", &[]);
 
     // This test process is "the other process": it holds the image open read-write (lock taken).
-    let held = Image::open(&image, &OpenOptions::default()).expect("open read-write");
+    // No timer commit during the test: only the explicit flush commits.
+    let options = OpenOptions {
+        commit_interval: std::time::Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let held = Image::open(&image, &options).expect("open read-write");
     held.write(0, &[0xABu8; 65536]).expect("write");
     held.write(5 * 65536, &[0x01u8; 4096]).expect("write");
+
+    // Not committed yet: info shows the last committed state, an empty disk.
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["clusters"]["zero"], 256, "{info:#}");
+    assert_eq!(info["stored_bytes"], 0, "{info:#}");
+
     held.flush().expect("flush");
 
     let info = json(&ok(["info", "--json", path_str(&image)]));

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::IsTerminal;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -394,11 +394,21 @@ fn progress_bar(total: u64, message: &'static str) -> ProgressBar {
     bar
 }
 
-/// Identity of an existing file or device, to refuse converting a disk onto itself.
-fn identity(path: &Path) -> Option<(u64, u64, u64)> {
-    fs::metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino(), m.rdev()))
+/// Identity of an existing file or device, to refuse converting a disk onto itself: the device
+/// number for block devices (two nodes may name one device), else the inode.
+#[derive(Debug, PartialEq, Eq)]
+enum Identity {
+    Device(u64),
+    Inode(u64, u64),
+}
+
+fn identity(path: &Path) -> Option<Identity> {
+    let meta = fs::metadata(path).ok()?;
+    Some(if meta.file_type().is_block_device() {
+        Identity::Device(meta.rdev())
+    } else {
+        Identity::Inode(meta.dev(), meta.ino())
+    })
 }
 
 /// Creates DST (a new file, or an existing block device) in `format` for a disk of `len` bytes.
