@@ -342,7 +342,7 @@ fn generator_covers_every_kind_size_and_alignment_within_its_range() {
     for _ in 0..5000 {
         let op = gen.next();
         let (offset, len) = match op {
-            Op::Flush => {
+            Op::Flush | Op::QuiesceResume => {
                 flushes += 1;
                 continue;
             }
@@ -428,16 +428,15 @@ fn seeds(test_salt: u64, count: u64) -> Vec<u64> {
         .collect()
 }
 
-/// Runs every seed; panics with the first violation's full report. Returns crash points checked.
-fn run_seeds(name: &str, seeds: &[u64], make: impl Fn(u64) -> Spec) -> u64 {
+/// Runs every seed; panics with the first violation's full report. Returns the summed outcome,
+/// after checking that the run exercised what it is meant to (so a run that silently stopped
+/// crashing anything interesting fails).
+fn run_seeds(name: &str, seeds: &[u64], make: impl Fn(u64) -> Spec) -> workload::Outcome {
     let started = Instant::now();
-    let mut total = 0;
-    let mut double = 0;
+    let mut total = workload::Outcome::default();
     for &seed in seeds {
         let spec = make(seed);
         let outcome = workload::run(&spec);
-        total += outcome.crash_points;
-        double += outcome.double_crashes;
         if let Some(first) = outcome.violations.first() {
             panic!(
                 "{name}: seed {seed} failed after {} crash points ({} violations):\n{first}",
@@ -445,25 +444,33 @@ fn run_seeds(name: &str, seeds: &[u64], make: impl Fn(u64) -> Spec) -> u64 {
                 outcome.violations.len()
             );
         }
+        total.absorb(outcome);
     }
-    eprintln!(
-        "{name}: {} seeds, {total} crash points checked ({double} re-crashed right after \
-         recovery) in {:.1?}",
-        seeds.len(),
-        started.elapsed()
-    );
+    total.elapsed = started.elapsed();
+    eprintln!("{name}: {} seeds: {total}", seeds.len());
     total
 }
 
-/// Fewer than this many crash points from a default run means the sampling broke.
-fn expect_at_least(name: &str, got: u64, seeds: usize, per_seed: u64) {
+/// A default run (not a replay) must reach its crash-point budget and cover both outcomes of an
+/// unflushed write (survived / lost), torn writes, and commits during the workload.
+fn expect_coverage(name: &str, got: &workload::Outcome, seeds: usize, per_seed: u64) {
     if env_u64("INSITU_CRASH_SEED").is_some() {
         return;
     }
     assert!(
-        got >= seeds as u64 * per_seed,
-        "{name}: only {got} crash points for {seeds} seeds"
+        got.crash_points >= seeds as u64 * per_seed,
+        "{name}: only {} crash points for {seeds} seeds",
+        got.crash_points
     );
+    assert!(
+        got.points_with_pending * 4 > got.crash_points,
+        "{name}: {got}"
+    );
+    assert!(got.torn > 0, "{name}: no torn writes: {got}");
+    assert!(got.clusters_unflushed_survived > 0, "{name}: {got}");
+    assert!(got.clusters_unflushed_lost > 0, "{name}: {got}");
+    assert!(got.double_crashes > 0 && got.repaired > 0, "{name}: {got}");
+    assert!(got.commits > seeds as u64, "{name}: {got}");
 }
 
 #[test]
@@ -471,7 +478,7 @@ fn crash_mixed_workload_single_writer() {
     let name = "crash_mixed_workload_single_writer";
     let seeds = seeds(1, 30);
     let total = run_seeds(name, &seeds, |seed| Spec::random(seed, Profile::Mixed, 1));
-    expect_at_least(name, total, seeds.len(), 80);
+    expect_coverage(name, &total, seeds.len(), 80);
 }
 
 #[test]
@@ -483,7 +490,7 @@ fn crash_mixed_workload_concurrent_writers() {
         spec.clusters = 60;
         spec
     });
-    expect_at_least(name, total, seeds.len(), 80);
+    expect_coverage(name, &total, seeds.len(), 80);
 }
 
 #[test]
@@ -493,7 +500,7 @@ fn crash_concurrent_writers_on_the_same_clusters() {
     let total = run_seeds(name, &seeds, |seed| {
         Spec::random(seed, Profile::SharedClusters, 3)
     });
-    expect_at_least(name, total, seeds.len(), 80);
+    expect_coverage(name, &total, seeds.len(), 80);
 }
 
 #[test]
@@ -502,13 +509,14 @@ fn crash_under_free_slot_pressure_with_small_clusters() {
     let seeds = seeds(4, 12);
     let total = run_seeds(name, &seeds, |seed| {
         let mut spec = Spec::random(seed, Profile::Pressure, 1);
+        // More clusters than spare slots (64), so unflushed out-of-place versions exhaust them.
         spec.cluster_size = 16 * 1024;
-        spec.clusters = 32;
-        spec.ops_per_thread = 120;
+        spec.clusters = 96;
+        spec.ops_per_thread = 200;
         spec.commit_interval = std::time::Duration::from_secs(5);
         spec
     });
-    expect_at_least(name, total, seeds.len(), 80);
+    expect_coverage(name, &total, seeds.len(), 80);
 }
 
 #[test]
@@ -530,7 +538,71 @@ fn crash_every_codec_and_cluster_size() {
         spec.clusters = 32;
         spec
     });
-    expect_at_least(name, total, seeds.len(), 80);
+    expect_coverage(name, &total, seeds.len(), 80);
+}
+
+#[test]
+fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
+    let name = "crash_while_the_journal_wraps_and_checkpoints_are_written";
+    let seeds = seeds(6, 4);
+    let total = run_seeds(name, &seeds, |seed| {
+        let mut spec = Spec::random(seed, Profile::Journal, 1);
+        spec.cluster_size = 16 * 1024;
+        spec.clusters = 32;
+        spec.ops_per_thread = 1100;
+        spec.crash_points = 300;
+        spec.crashes_per_point = 1;
+        spec.rounds = 1;
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 300);
+    if env_u64("INSITU_CRASH_SEED").is_none() {
+        assert!(total.checkpoints >= seeds.len() as u64, "{name}: {total}");
+        assert!(total.points_in_checkpoint > 0, "{name}: {total}");
+    }
+}
+
+#[test]
+fn crash_after_injected_io_errors() {
+    let name = "crash_after_injected_io_errors";
+    let seeds = seeds(7, 12);
+    let total = run_seeds(name, &seeds, |seed| {
+        let mut spec = Spec::random(seed, Profile::Mixed, 1);
+        spec.inject_fault = true;
+        spec.ops_per_thread = 80;
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 40);
+    if env_u64("INSITU_CRASH_SEED").is_none() {
+        assert!(
+            total.faults_injected >= seeds.len() as u64,
+            "{name}: {total}"
+        );
+        assert!(total.requests_failed_by_fault > 0, "{name}: {total}");
+    }
+}
+
+/// The oracle also bites on a broken device: a storage whose flush makes nothing durable must
+/// be caught losing flushed writes.
+#[test]
+fn oracle_catches_a_storage_that_ignores_flush() {
+    let mut checked = 0;
+    for attempt in 0..20u64 {
+        let seed = 0xF1_0000 + attempt;
+        let mut spec = Spec::random(seed, Profile::Mixed, 1);
+        spec.lying_flush = true;
+        spec.rounds = 1;
+        let outcome = workload::run(&spec);
+        checked += outcome.crash_points;
+        if let Some(first) = outcome.violations.first() {
+            eprintln!(
+                "oracle caught the lying flush after {checked} crash points (seed {seed}):\n{}",
+                first.lines().take(8).collect::<Vec<_>>().join("\n")
+            );
+            return;
+        }
+    }
+    panic!("no violation in {checked} crash points although flush made nothing durable");
 }
 
 /// The oracle bites: with the commit record written before the data is durable (the test-only

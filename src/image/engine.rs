@@ -975,8 +975,9 @@ impl Core {
         }
         meta.records = records;
         drop(meta);
-        self.mark_durable(ticket);
-        // Release what the commit stopped referring to (I1: only now).
+        // Release what the commit stopped referring to (I1: only now), before completing the
+        // flushes: a guest that rewrites right after its flush then finds the space beside its
+        // committed version free again (ping-pong in place) instead of spilling to a spare.
         frees.sort_by_key(|(_, e)| (e.slot, e.unit()));
         let mut k = 0;
         while k < frees.len() {
@@ -1010,6 +1011,7 @@ impl Core {
         if released {
             self.notify_space();
         }
+        self.mark_durable(ticket);
         Ok(())
     }
 

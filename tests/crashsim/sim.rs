@@ -76,6 +76,25 @@ impl Pages {
         self.pages.iter().filter(|p| p.is_some()).count() as u64 * PAGE as u64
     }
 
+    /// Allocated ranges (whole pages, clipped) inside `[offset, offset + len)`, in order.
+    pub fn allocated_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(len).min(self.len);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let index = (pos / PAGE as u64) as usize;
+            let stop = ((index as u64 + 1) * PAGE as u64).min(end);
+            if self.pages[index].is_some() {
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == pos => *l += stop - pos,
+                    _ => out.push((pos, stop - pos)),
+                }
+            }
+            pos = stop;
+        }
+        out
+    }
+
     /// The whole content as one vector.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.len as usize];
@@ -370,7 +389,16 @@ struct Capture {
     capacity: usize,
     seen: u64,
     snapshots: Vec<CrashSnapshot>,
+    /// Focus: a write starting with these bytes opens a window of `FOCUS_WINDOW` operations that
+    /// are all captured (up to `focus_cap` in total), e.g. the steps of a checkpoint.
+    focus_magic: Option<Vec<u8>>,
+    focus_left: usize,
+    focus_cap: usize,
+    focus_snapshots: Vec<CrashSnapshot>,
 }
+
+/// Operations captured after a focus write (the write, its siblings, the flush, what follows).
+const FOCUS_WINDOW: usize = 8;
 
 struct SimState {
     durable: Pages,
@@ -379,6 +407,12 @@ struct SimState {
     storage_ops: u64,
     flushes: u64,
     capture: Option<Capture>,
+    /// Fault injection: the mutating operation this many operations from now fails with EIO
+    /// (and is not applied).
+    fail_countdown: Option<u64>,
+    injected_faults: u64,
+    /// Broken-device mode for showing the oracle bites: `flush` succeeds but makes nothing durable.
+    lying_flush: bool,
 }
 
 /// The crash-simulating storage. Thread-safe; one lock (tests only).
@@ -422,6 +456,9 @@ impl SimStorage {
                 storage_ops: 0,
                 flushes: 0,
                 capture: None,
+                fail_countdown: None,
+                injected_faults: 0,
+                lying_flush: false,
             }),
             locked: AtomicBool::new(false),
         }
@@ -456,6 +493,38 @@ impl SimStorage {
         self.lock().storage_ops
     }
 
+    /// Makes the `n`-th mutating operation from now (write, punch, flush, set_len; 1 = the next)
+    /// fail with EIO without any effect, once.
+    pub fn fail_after(&self, n: u64) {
+        self.lock().fail_countdown = Some(n.max(1));
+    }
+
+    /// Number of faults injected so far.
+    pub fn injected_faults(&self) -> u64 {
+        self.lock().injected_faults
+    }
+
+    /// A broken device for negative tests: `flush` returns success but makes nothing durable.
+    pub fn lie_about_flush(&self, on: bool) {
+        self.lock().lying_flush = on;
+    }
+
+    /// Called with the lock held before a mutating operation: `Err` when a fault is due.
+    fn inject(state: &mut SimState, what: &str) -> io::Result<()> {
+        let Some(n) = state.fail_countdown.as_mut() else {
+            return Ok(());
+        };
+        *n -= 1;
+        if *n > 0 {
+            return Ok(());
+        }
+        state.fail_countdown = None;
+        state.injected_faults += 1;
+        Err(io::Error::other(format!(
+            "injected EIO on {what} (SimStorage fault injection)"
+        )))
+    }
+
     /// A crash point now, stamped with `clock`'s value.
     pub fn snapshot(&self, clock: &AtomicU64) -> CrashSnapshot {
         let state = self.lock();
@@ -484,7 +553,21 @@ impl SimStorage {
             capacity,
             seen: 0,
             snapshots: Vec::new(),
+            focus_magic: None,
+            focus_left: 0,
+            focus_cap: 0,
+            focus_snapshots: Vec::new(),
         });
+    }
+
+    /// While capturing: additionally take a crash point after *every* one of the few storage
+    /// operations that follow a write starting with `magic` (at most `cap` of them in total), so
+    /// rare multi-step sequences (a checkpoint) get crashed at each step.
+    pub fn focus_capture(&self, magic: &[u8], cap: usize) {
+        if let Some(capture) = self.lock().capture.as_mut() {
+            capture.focus_magic = Some(magic.to_vec());
+            capture.focus_cap = cap;
+        }
     }
 
     /// Stops capturing and returns the crash points taken, in the order they happened.
@@ -493,18 +576,37 @@ impl SimStorage {
             .lock()
             .capture
             .take()
-            .map(|c| c.snapshots)
+            .map(|mut c| {
+                c.snapshots.append(&mut c.focus_snapshots);
+                c.snapshots
+            })
             .unwrap_or_default();
         snaps.sort_by_key(|s| s.storage_ops);
         snaps
     }
 
-    /// Called with the lock held after every mutating operation.
-    fn after_op(state: &mut SimState, what: impl FnOnce() -> String) {
+    /// Called with the lock held after every mutating operation (`data`: what a write wrote).
+    fn after_op(state: &mut SimState, data: Option<&[u8]>, what: impl Fn() -> String) {
         state.storage_ops += 1;
         let Some(capture) = state.capture.as_mut() else {
             return;
         };
+        if let (Some(magic), Some(data)) = (&capture.focus_magic, data) {
+            if data.starts_with(magic) {
+                capture.focus_left = FOCUS_WINDOW;
+            }
+        }
+        if capture.focus_left > 0 && capture.focus_snapshots.len() < capture.focus_cap {
+            capture.focus_left -= 1;
+            let snap = CrashSnapshot {
+                clock: capture.clock.load(Ordering::SeqCst),
+                storage_ops: state.storage_ops,
+                after: format!("{} (focus)", what()),
+                durable: state.durable.clone(),
+                pending: state.pending.clone(),
+            };
+            capture.focus_snapshots.push(snap);
+        }
         capture.seen += 1;
         let slot = if capture.snapshots.len() < capture.capacity {
             None
@@ -546,30 +648,37 @@ impl Storage for SimStorage {
             }
         }
         let mut state = self.lock();
+        Self::inject(&mut state, "write")?;
         state.current.write(offset, data);
         let op = PendingOp::Write {
             offset,
             data: Arc::from(data),
         };
         state.pending.push(op);
-        Self::after_op(&mut state, || format!("write {}@{offset:#x}", data.len()));
+        Self::after_op(&mut state, Some(data), || {
+            format!("write {}@{offset:#x}", data.len())
+        });
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
         let mut state = self.lock();
-        state.durable = state.current.clone();
-        state.pending.clear();
+        Self::inject(&mut state, "flush")?;
+        if !state.lying_flush {
+            state.durable = state.current.clone();
+            state.pending.clear();
+        }
         state.flushes += 1;
-        Self::after_op(&mut state, || "flush".into());
+        Self::after_op(&mut state, None, || "flush".into());
         Ok(())
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut state = self.lock();
+        Self::inject(&mut state, "punch")?;
         state.current.punch(offset, len);
         state.pending.push(PendingOp::Punch { offset, len });
-        Self::after_op(&mut state, || format!("punch {len}@{offset:#x}"));
+        Self::after_op(&mut state, None, || format!("punch {len}@{offset:#x}"));
         Ok(())
     }
 
@@ -586,14 +695,19 @@ impl Storage for SimStorage {
             ));
         }
         let mut state = self.lock();
+        Self::inject(&mut state, "set_len")?;
         state.current.set_len(len);
         state.pending.push(PendingOp::SetLen { len });
-        Self::after_op(&mut state, || format!("set_len {len}"));
+        Self::after_op(&mut state, None, || format!("set_len {len}"));
         Ok(())
     }
 
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         Ok(Some(self.lock().current.allocated_bytes()))
+    }
+
+    fn allocated_ranges(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(Some(self.lock().current.allocated_ranges(offset, len)))
     }
 
     fn try_lock_exclusive(&self) -> io::Result<bool> {

@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::model::{Model, Verdict};
-use super::sim::{CrashMode, CrashSnapshot, SimStorage};
+use super::sim::{CrashMode, CrashSnapshot, PendingOp, SimStorage};
 
 /// Data written by a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +44,10 @@ pub enum Op {
     Flush,
     /// `Image::read`, compared with the model (no crash involved).
     Read { offset: u64, len: u64 },
+    /// `Image::quiesce` then `Image::resume` (I7: quiesce commits everything accepted before it,
+    /// so for the oracle it is a FLUSH). Single-writer workloads only: other writers would see
+    /// `Quiesced` errors.
+    QuiesceResume,
 }
 
 /// The shape of a workload.
@@ -57,6 +61,9 @@ pub enum Profile {
     Pressure,
     /// Several threads racing on the SAME few clusters with whole-cluster writes/discards.
     SharedClusters,
+    /// Small writes each followed by a flush: one commit per request, so the journal fills and
+    /// checkpoints are written (and crashed) during the workload.
+    Journal,
 }
 
 /// Everything that defines one run.
@@ -88,6 +95,11 @@ pub struct Spec {
     pub break_commit_order: bool,
     /// Stop at the first violation.
     pub stop_at_first: bool,
+    /// Inject one EIO per round at a random storage operation (single writer only): the request
+    /// that sees an error ends the round, and the crash states must still pass the oracle.
+    pub inject_fault: bool,
+    /// Negative test: the storage's flush lies (returns success, makes nothing durable).
+    pub lying_flush: bool,
 }
 
 impl Spec {
@@ -120,6 +132,8 @@ impl Spec {
             rounds: 2,
             break_commit_order: false,
             stop_at_first: true,
+            inject_fault: false,
+            lying_flush: false,
         }
     }
 }
@@ -133,17 +147,75 @@ pub struct Outcome {
     pub double_crashes: u64,
     /// Violations (each a full report).
     pub violations: Vec<String>,
+    /// Crash points that had unflushed storage operations to choose from.
+    pub points_with_pending: u64,
+    /// Crash states with at least one torn write or punch.
+    pub torn: u64,
+    /// Crash points with an unflushed checkpoint header write (a crash inside a checkpoint).
+    pub points_in_checkpoint: u64,
+    /// Clusters recovered to a version written after the last completed flush.
+    pub clusters_unflushed_survived: u64,
+    /// Clusters recovered to an older allowed version than the newest one (unflushed loss).
+    pub clusters_unflushed_lost: u64,
+    /// Crash states repaired with `check_on(repair)` before recovery (then re-checked).
+    pub repaired: u64,
+    /// Leaked bytes `check` found after crashes (allowed: uncommitted data and punches lost).
+    pub leaked_bytes: u64,
+    /// Engine commits and checkpoints during the workloads (Stats at the end of each round).
+    pub commits: u64,
+    /// See `commits`.
+    pub checkpoints: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Injected storage faults that fired.
+    pub faults_injected: u64,
+    /// Requests that failed because of an injected fault (allowed; their effect may or may not
+    /// survive).
+    pub requests_failed_by_fault: u64,
+}
+
+impl Outcome {
+    /// Adds another run's numbers to this one (violations are moved).
+    pub fn absorb(&mut self, other: Outcome) {
+        self.crash_points += other.crash_points;
+        self.double_crashes += other.double_crashes;
+        self.violations.extend(other.violations);
+        self.points_with_pending += other.points_with_pending;
+        self.torn += other.torn;
+        self.points_in_checkpoint += other.points_in_checkpoint;
+        self.clusters_unflushed_survived += other.clusters_unflushed_survived;
+        self.clusters_unflushed_lost += other.clusters_unflushed_lost;
+        self.repaired += other.repaired;
+        self.leaked_bytes += other.leaked_bytes;
+        self.commits += other.commits;
+        self.checkpoints += other.checkpoints;
+        self.elapsed += other.elapsed;
+        self.faults_injected += other.faults_injected;
+        self.requests_failed_by_fault += other.requests_failed_by_fault;
+    }
 }
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} crash points ({} re-crashed after recovery), {} violations, {:.1?}",
+            "{} crash points ({} re-crashed after recovery, {} repaired first, {} with unflushed \
+             operations, {} with torn ones, {} inside a checkpoint); clusters recovered with unflushed data {} / without \
+             {}; {} leaked bytes found; engine: {} commits, {} checkpoints; {} faults injected, {} \
+             requests failed by them; {} violations; {:.1?}",
             self.crash_points,
             self.double_crashes,
+            self.repaired,
+            self.points_with_pending,
+            self.torn,
+            self.points_in_checkpoint,
+            self.clusters_unflushed_survived,
+            self.clusters_unflushed_lost,
+            self.leaked_bytes,
+            self.commits,
+            self.checkpoints,
+            self.faults_injected,
+            self.requests_failed_by_fault,
             self.violations.len(),
             self.elapsed
         )
@@ -187,6 +259,9 @@ pub struct Generator {
     hi: u64,
     hot: Vec<u64>,
     profile: Profile,
+    flush_next: bool,
+    /// Whether `Op::QuiesceResume` may be generated.
+    pub allow_quiesce: bool,
 }
 
 impl Generator {
@@ -201,6 +276,8 @@ impl Generator {
             hi,
             hot,
             profile,
+            flush_next: false,
+            allow_quiesce: false,
         }
     }
 
@@ -260,6 +337,7 @@ impl Generator {
             Profile::Mixed => {
                 let c = self.cluster();
                 match self.rng.gen_range(0..100) {
+                    0..=1 if self.allow_quiesce => Op::QuiesceResume,
                     0..=7 => Op::Flush,
                     8..=15 => {
                         let (offset, len) = self.range_in(c);
@@ -304,6 +382,27 @@ impl Generator {
                     },
                 },
             },
+            Profile::Journal => {
+                self.flush_next = !self.flush_next;
+                if !self.flush_next {
+                    return Op::Flush;
+                }
+                let c = self.cluster();
+                let sectors = self.rng.gen_range(1..=8);
+                let first = self.rng.gen_range(0..=cs / 512 - sectors);
+                let offset = c * cs + first * 512;
+                match self.rng.gen_range(0..10) {
+                    0 => Op::Discard {
+                        offset,
+                        len: sectors * 512,
+                    },
+                    _ => Op::Write {
+                        offset,
+                        len: sectors * 512,
+                        pattern: Pattern::Compressible,
+                    },
+                }
+            }
             Profile::SharedClusters => {
                 let offset = self.rng.gen_range(self.lo..self.hi) * cs;
                 match self.rng.gen_range(0..100) {
@@ -340,6 +439,7 @@ fn describe(op: &Op, tag: u64) -> String {
         }
         Op::Discard { offset, len } => format!("discard {len}@{offset:#x}"),
         Op::Flush => "flush".into(),
+        Op::QuiesceResume => "quiesce + resume".into(),
         Op::Read { offset, len } => format!("read {len}@{offset:#x}"),
     }
 }
@@ -347,6 +447,8 @@ fn describe(op: &Op, tag: u64) -> String {
 /// Shared state of one round.
 struct Round<'a> {
     image: &'a Image,
+    sim: &'a SimStorage,
+    failed_by_fault: &'a AtomicU64,
     clock: &'a AtomicU64,
     model: &'a Mutex<Model>,
     cluster_size: u64,
@@ -362,6 +464,11 @@ impl Round<'_> {
         self.model.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// An error after an injected fault fired is expected: it ends this thread's requests.
+    fn fault_fired(&self) -> bool {
+        self.sim.injected_faults() > 0
+    }
+
     fn fail(&self, msg: String) {
         self.errors
             .lock()
@@ -375,15 +482,23 @@ impl Round<'_> {
         let cs = self.cluster_size;
         let desc = describe(op, tag);
         let (offset, len, data) = match op {
-            Op::Flush => {
+            Op::Flush | Op::QuiesceResume => {
                 let start = self.tick();
-                let res = self.image.flush();
+                let res = if matches!(op, Op::Flush) {
+                    self.image.flush()
+                } else {
+                    self.image.quiesce().and_then(|()| self.image.resume())
+                };
                 let end = self.tick();
                 let mut model = self.model();
                 model.record_op(thread, start, end, desc.clone());
                 if let Err(e) = res {
                     drop(model);
-                    self.fail(format!("{desc} failed: {e}"));
+                    if self.fault_fired() {
+                        self.failed_by_fault.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.fail(format!("{desc} failed: {e}"));
+                    }
                     return false;
                 }
                 model.record_flush(start, end);
@@ -392,7 +507,12 @@ impl Round<'_> {
             Op::Read { offset, len } => {
                 let mut buf = vec![0u8; *len as usize];
                 if let Err(e) = self.image.read(*offset, &mut buf) {
-                    self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                    if self.fault_fired() {
+                        // Reads need no storage writes; still, stop here (conservative).
+                        self.fail(format!("thread {thread}: {desc} failed after a fault: {e}"));
+                    } else {
+                        self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                    }
                     return false;
                 }
                 if owned {
@@ -427,16 +547,33 @@ impl Round<'_> {
             Op::Write { .. } => self.image.write(offset, &data),
             Op::WriteZeroes { unmap, .. } => self.image.write_zeroes(offset, len, *unmap),
             Op::Discard { .. } => self.image.discard(offset, len),
-            Op::Flush | Op::Read { .. } => unreachable!(),
+            Op::Flush | Op::Read { .. } | Op::QuiesceResume => unreachable!(),
         };
         let end = self.tick();
         let mut model = self.model();
-        let index = model.record_op(thread, start, end, desc.clone());
-        if let Err(e) = res {
-            drop(model);
-            self.fail(format!("thread {thread}: {desc} failed: {e}"));
-            return false;
-        }
+        let failed = match res {
+            Ok(()) => false,
+            Err(e) if self.fault_fired() => {
+                // The request failed because of the injected fault: what it wrote may or may
+                // not survive, so its versions are recorded (allowed, never required: they
+                // end after any flush that could guarantee them) and this thread stops.
+                self.failed_by_fault.fetch_add(1, Ordering::Relaxed);
+                let _ = e;
+                true
+            }
+            Err(e) => {
+                model.record_op(thread, start, end, desc.clone());
+                drop(model);
+                self.fail(format!("thread {thread}: {desc} failed: {e}"));
+                return false;
+            }
+        };
+        let desc = if failed {
+            format!("{desc} -> FAILED (injected fault)")
+        } else {
+            desc
+        };
+        let index = model.record_op(thread, start, end, desc);
         let first = offset / cs;
         let last = (offset + len - 1) / cs;
         for c in first..=last {
@@ -447,7 +584,7 @@ impl Round<'_> {
                 .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
             model.record_version(c as usize, index, Arc::from(content));
         }
-        true
+        !failed
     }
 }
 
@@ -467,15 +604,25 @@ fn run_round(
     image: &Image,
     sim: &SimStorage,
     initial: Vec<Arc<[u8]>>,
-) -> (Model, Vec<CrashSnapshot>, Vec<String>) {
+) -> (Model, Vec<CrashSnapshot>, Vec<String>, u64) {
     let cs = spec.cluster_size as u64;
     let clock = Arc::new(AtomicU64::new(1));
     let model = Mutex::new(Model::new(cs as usize, initial));
     let errors = Mutex::new(Vec::new());
+    let failed_by_fault = AtomicU64::new(0);
     let round_seed = spec.seed.wrapping_add(round as u64 * 0x1000_0000_0001);
+    if spec.inject_fault {
+        let mut rng = SmallRng::seed_from_u64(round_seed ^ 0xFA17);
+        sim.fail_after(rng.gen_range(1..120));
+    }
     sim.start_capture(clock.clone(), spec.crash_points, round_seed ^ 0xC4A5);
+    // Checkpoints are rare and multi-step: crash at every step of (some of) them. The magic is
+    // the checkpoint header's, as documented in the format.
+    sim.focus_capture(b"INSITUCP", spec.crash_points);
     let ctx = Round {
         image,
+        sim,
+        failed_by_fault: &failed_by_fault,
         clock: &clock,
         model: &model,
         cluster_size: cs,
@@ -499,6 +646,7 @@ fn run_round(
                     hi,
                     spec.profile,
                 );
+                gen.allow_quiesce = spec.threads == 1;
                 if spec.profile == Profile::Pressure && round == 0 {
                     // Fill every cluster first so later overwrites find no free home space.
                     for c in lo..hi {
@@ -523,9 +671,11 @@ fn run_round(
         }
     });
     let snaps = sim.take_captured();
+    // Disarm a fault that did not fire (so recovery checks never see it).
+    sim.fail_after(u64::MAX);
     let model = model.into_inner().unwrap_or_else(PoisonError::into_inner);
     let errors = errors.into_inner().unwrap_or_else(PoisonError::into_inner);
-    (model, snaps, errors)
+    (model, snaps, errors, failed_by_fault.into_inner())
 }
 
 /// A crash state that passed: the recovered image and what each cluster read as.
@@ -535,6 +685,14 @@ struct Recovered {
     contents: Vec<Arc<[u8]>>,
 }
 
+impl Recovered {
+    /// Stops the image like a killed process: nothing more is committed (the storage is
+    /// discarded or was already crashed from).
+    fn abandon(self) {
+        self.image.abandon();
+    }
+}
+
 /// Checks one crash state: check_on, recovery, oracle per cluster. Returns the recovered image.
 fn verify_state(
     spec: &Spec,
@@ -542,11 +700,13 @@ fn verify_state(
     model: &Model,
     t: u64,
     expect_exact: Option<&[Arc<[u8]>]>,
+    repair: bool,
+    outcome: &mut Outcome,
 ) -> Result<Recovered, String> {
     let cs = spec.cluster_size as usize;
     let dyn_storage: Arc<dyn Storage> = storage.clone();
     match check_on(dyn_storage.clone(), false) {
-        Ok(report) if report.corruptions.is_empty() => {}
+        Ok(report) if report.corruptions.is_empty() => outcome.leaked_bytes += report.leaked_bytes,
         Ok(report) => {
             return Err(format!(
                 "check_on reports corruption after the crash: {:?}",
@@ -554,6 +714,31 @@ fn verify_state(
             ))
         }
         Err(e) => return Err(format!("check_on failed after the crash: {e}")),
+    }
+    if repair {
+        // `check --repair` on a crashed image: afterwards nothing is leaked or corrupt, and the
+        // oracle below still holds for what it left.
+        outcome.repaired += 1;
+        match check_on(dyn_storage.clone(), true) {
+            Ok(report) if report.corruptions.is_empty() => {}
+            Ok(report) => {
+                return Err(format!(
+                    "check_on(repair) reports corruption after the crash: {:?}",
+                    report.corruptions
+                ))
+            }
+            Err(e) => return Err(format!("check_on(repair) failed after the crash: {e}")),
+        }
+        match check_on(dyn_storage.clone(), false) {
+            Ok(report) if report.corruptions.is_empty() && report.leaked_bytes == 0 => {}
+            Ok(report) => {
+                return Err(format!(
+                    "check_on after check_on(repair): {} leaked bytes, corruptions {:?}",
+                    report.leaked_bytes, report.corruptions
+                ))
+            }
+            Err(e) => return Err(format!("check_on after check_on(repair) failed: {e}")),
+        }
     }
     let image = Image::open_on(dyn_storage, &open_options(spec))
         .map_err(|e| format!("recovery (open_on) failed after the crash: {e}"))?;
@@ -577,7 +762,15 @@ fn verify_state(
             }
         }
         match model.judge(c, t, &buf) {
-            Verdict::Matches(_) => {}
+            Verdict::Matches(i) => {
+                let version = &model.clusters[c][i];
+                if version.end >= model.guarantee(t) {
+                    outcome.clusters_unflushed_survived += 1;
+                }
+                if model.allowed(c, t).last() != Some(&i) {
+                    outcome.clusters_unflushed_lost += 1;
+                }
+            }
             Verdict::Violation(text) => problems.push(text),
         }
         contents.push(Arc::from(buf.as_slice()));
@@ -630,19 +823,28 @@ pub fn run(spec: &Spec) -> Outcome {
             return outcome;
         }
     };
+    if spec.lying_flush {
+        sim.lie_about_flush(true);
+    }
     let mut current = Recovered {
         image,
         storage: sim,
         contents: vec![Arc::from(vec![0u8; cs]); spec.clusters as usize],
     };
     for round in 0..spec.rounds {
-        let (model, snaps, errors) = run_round(
+        let faults_before = current.storage.injected_faults();
+        let (model, snaps, errors, failed_by_fault) = run_round(
             spec,
             round,
             &current.image,
             &current.storage,
             current.contents.clone(),
         );
+        outcome.faults_injected += current.storage.injected_faults() - faults_before;
+        outcome.requests_failed_by_fault += failed_by_fault;
+        let stats = current.image.stats();
+        outcome.commits += stats.commits;
+        outcome.checkpoints += stats.checkpoints;
         if !errors.is_empty() {
             outcome.violations.push(format!(
                 "engine request failed during the workload (no crash involved), seed {}:\n{}\n\
@@ -660,12 +862,33 @@ pub fn run(spec: &Spec) -> Outcome {
         let mut next: Option<Recovered> = None;
         let last = snaps.len() - 1;
         for (si, snap) in snaps.iter().enumerate() {
-            for k in 0..spec.crashes_per_point {
+            // Focus points (the steps of a checkpoint) are rare: draw more crashes from each.
+            let draws = if snap.after.ends_with("(focus)") {
+                spec.crashes_per_point * 4
+            } else {
+                spec.crashes_per_point
+            };
+            for k in 0..draws {
                 let mode = CrashMode::random(&mut rng);
                 let (pages, desc) = snap.materialize(mode, &mut rng);
                 outcome.crash_points += 1;
+                outcome.points_with_pending += u64::from(!snap.pending.is_empty());
+                outcome.torn += u64::from(desc.contains("TORN"));
+                outcome.points_in_checkpoint += u64::from(snap.pending.iter().any(|op| {
+                    matches!(op, PendingOp::Write { data, .. } if data.starts_with(b"INSITUCP"))
+                }));
                 let storage = Arc::new(SimStorage::from_pages(pages));
-                let recovered = match verify_state(spec, storage, &model, snap.clock, None) {
+                let repair = rng.gen_ratio(1, 8);
+                let verified = verify_state(
+                    spec,
+                    storage,
+                    &model,
+                    snap.clock,
+                    None,
+                    repair,
+                    &mut outcome,
+                );
+                let recovered = match verified {
                     Ok(r) => r,
                     Err(problem) => {
                         outcome
@@ -683,11 +906,20 @@ pub fn run(spec: &Spec) -> Outcome {
                     let mode2 = CrashMode::random(&mut rng);
                     let (again, desc2) = recovered.storage.crash(mode2, &mut rng);
                     let first = recovered.contents.clone();
-                    drop(recovered);
+                    recovered.abandon();
                     outcome.double_crashes += 1;
                     outcome.crash_points += 1;
                     let again = Arc::new(again);
-                    match verify_state(spec, again, &model, snap.clock, Some(&first)) {
+                    let verified = verify_state(
+                        spec,
+                        again,
+                        &model,
+                        snap.clock,
+                        Some(&first),
+                        false,
+                        &mut outcome,
+                    );
+                    match verified {
                         Ok(r) => r,
                         Err(problem) => {
                             let desc = format!(
@@ -706,10 +938,10 @@ pub fn run(spec: &Spec) -> Outcome {
                 } else {
                     recovered
                 };
-                if si == last && k + 1 == spec.crashes_per_point && next.is_none() {
+                if si == last && k + 1 == draws && next.is_none() {
                     next = Some(recovered);
                 } else {
-                    drop(recovered);
+                    recovered.abandon();
                 }
             }
         }
@@ -719,9 +951,9 @@ pub fn run(spec: &Spec) -> Outcome {
         // Continue the workload on the recovered image (the old one is abandoned, as after a
         // power failure).
         let old = std::mem::replace(&mut current, recovered);
-        drop(old);
+        old.abandon();
     }
-    drop(current);
+    current.abandon();
     finish(outcome, started)
 }
 
