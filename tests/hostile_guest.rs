@@ -63,6 +63,13 @@ impl Fx {
         fx
     }
 
+    /// Disconnects the current driver, then connects a new one.
+    fn reconnect(&mut self, copts: ConnectOptions, ctx: &str) {
+        self.dev.disconnect();
+        let socket = self.backend.socket();
+        self.dev = Device::connect(&socket, &copts).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    }
+
     /// A write that must succeed; the model follows.
     fn good_write(&mut self, q: u16, offset: u64, data: &[u8]) {
         let st = self
@@ -515,9 +522,7 @@ fn case04_avail_idx_far_ahead_and_bad_avail_entries() {
         Err(_) => {
             // Reset: reconnect (a fresh driver), then the same queue must serve.
             eprintln!("case 4: queue 0 stays stopped until a reset; reconnecting");
-            let sock = fx.backend.socket();
-            fx.dev = Device::connect(&sock, &ConnectOptions::default())
-                .unwrap_or_else(|e| panic!("case 4: reconnect: {e}"));
+            fx.reconnect(ConnectOptions::default(), "case 4: reconnect");
             // The write may or may not have been served: read what is there and take it.
             let (st, cur) = fx.dev.read(0, 32, 4096).unwrap();
             assert_eq!(st, VIRTIO_BLK_S_OK);
@@ -1144,19 +1149,13 @@ fn case15_bad_discard_and_write_zeroes() {
     fx.after(0, ctx);
 
     // Features not negotiated: a driver that did not ack DISCARD/WRITE_ZEROES sends them.
-    let sock = fx.backend.socket();
-    drop(std::mem::replace(
-        &mut fx.dev,
-        Device::connect(
-            &sock,
-            &ConnectOptions {
-                driver_features: DRIVER_FEATURES
-                    & !(VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
-                ..ConnectOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("reconnect without DISCARD/WRITE_ZEROES: {e}")),
-    ));
+    fx.reconnect(
+        ConnectOptions {
+            driver_features: DRIVER_FEATURES & !(VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
+            ..ConnectOptions::default()
+        },
+        "reconnect without DISCARD/WRITE_ZEROES",
+    );
     for (t, name) in [
         (VIRTIO_BLK_T_DISCARD, "DISCARD"),
         (VIRTIO_BLK_T_WRITE_ZEROES, "WRITE_ZEROES"),
@@ -1177,17 +1176,13 @@ fn case16_read_only_device_refuses_every_change() {
     let model = fx.model.clone();
     let status = fx.backend.terminate(Duration::from_secs(20));
     assert!(status.success(), "SIGTERM: exit status {status}");
-    drop(std::mem::replace(&mut fx.dev, {
-        let ro = ServeOptions {
-            size: DISK,
-            read_only: true,
-            serial: Some(SERIAL.into()),
-            ..ServeOptions::default()
-        };
-        fx.backend.restart_with(ro);
-        Device::connect(&fx.backend.socket(), &ConnectOptions::default())
-            .unwrap_or_else(|e| panic!("connect read-only: {e}"))
-    }));
+    fx.backend.restart_with(ServeOptions {
+        size: DISK,
+        read_only: true,
+        serial: Some(SERIAL.into()),
+        ..ServeOptions::default()
+    });
+    fx.reconnect(ConnectOptions::default(), "connect read-only");
     assert!(
         fx.dev.read_only(),
         "read-only backend must offer VIRTIO_BLK_F_RO"
@@ -1312,7 +1307,7 @@ fn case17_concurrent_writes_to_one_cluster_from_two_queues() {
     let st = fx.backend.terminate(Duration::from_secs(20));
     assert!(st.success(), "SIGTERM: {st}");
     fx.backend.restart();
-    fx.dev = Device::connect(&fx.backend.socket(), &ConnectOptions::default()).unwrap();
+    fx.reconnect(ConnectOptions::default(), "reconnect after the restart");
     fx.dev.verify(0, &fx.model, 0, DISK).unwrap();
 }
 
@@ -1362,7 +1357,7 @@ fn case18_buffer_rewritten_during_the_write_stores_a_consistent_cluster() {
     let st = fx.backend.terminate(Duration::from_secs(20));
     assert!(st.success(), "SIGTERM: {st}");
     fx.backend.restart();
-    fx.dev = Device::connect(&fx.backend.socket(), &ConnectOptions::default()).unwrap();
+    fx.reconnect(ConnectOptions::default(), "reconnect after the restart");
     fx.dev.verify(0, &fx.model, 0, DISK).unwrap();
 }
 
@@ -1440,8 +1435,10 @@ fn case19_kick_storm_stop_and_disconnect_with_requests_in_flight() {
     fx.backend.assert_healthy("case 19, after GET_VRING_BASE");
 
     // Disconnect with requests in flight, then reconnect: every request is all or nothing.
-    let sock = fx.backend.socket();
-    fx.dev = Device::connect(&sock, &ConnectOptions::default()).unwrap();
+    fx.reconnect(
+        ConnectOptions::default(),
+        "case 19: reconnect after GET_VRING_BASE",
+    );
     let mut inflight = Vec::new();
     for k in 0..24u64 {
         let data = pattern(2100 + k, CLUSTER as usize);
@@ -1451,12 +1448,10 @@ fn case19_kick_storm_stop_and_disconnect_with_requests_in_flight() {
             .submit(q, VIRTIO_BLK_T_OUT, off / SECTOR, &data, false);
         inflight.push((off, data));
     }
-    drop(std::mem::replace(
-        &mut fx.dev,
-        Device::connect(&sock, &ConnectOptions::default()).unwrap_or_else(|e| {
-            panic!("case 19: reconnect after a disconnect with requests in flight: {e}")
-        }),
-    ));
+    fx.reconnect(
+        ConnectOptions::default(),
+        "case 19: reconnect after a disconnect with requests in flight",
+    );
     // Each 64 KiB range holds the model's old content or one of the writes aimed at it.
     for slot in 0..8u64 {
         let off = slot * CLUSTER + (3 << 20);
@@ -1644,12 +1639,14 @@ fn case20_hostile_frontend_messages_are_rejected() {
     for (ctx, send) in cases {
         let ctx = format!("case 20, {ctx}");
         {
-            let (mut fe, ..) = Device::negotiate(&backend.socket(), DRIVER_FEATURES, 0x2_0000)
-                .unwrap_or_else(|e| panic!("{ctx}: negotiate: {e}"));
+            let Negotiated { mut fe, stream, .. } =
+                Device::negotiate(&backend.socket(), DRIVER_FEATURES, 0x2_0000)
+                    .unwrap_or_else(|e| panic!("{ctx}: negotiate: {e}"));
             let gm = GuestMem::new();
             if send(&mut fe, &gm).is_ok() {
                 accepted.push(ctx.clone());
             }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         backend.assert_healthy(&ctx);
         // A new, good connection works.

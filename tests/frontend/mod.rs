@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::FromRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -450,6 +451,8 @@ impl Default for ConnectOptions {
 /// A connected and started vhost-user-blk device.
 pub struct Device {
     pub fe: Frontend,
+    /// The connection (a duplicate of the frontend's): shut down to disconnect.
+    stream: UnixStream,
     pub gm: GuestMem,
     pub vqs: Vec<Vq>,
     pub offered_features: u64,
@@ -457,6 +460,42 @@ pub struct Device {
     pub protocol_features: VhostUserProtocolFeatures,
     pub config: BlkConfig,
     pub backend_queues: u64,
+}
+
+/// The result of `Device::negotiate`.
+pub struct Negotiated {
+    pub fe: Frontend,
+    pub stream: UnixStream,
+    pub offered: u64,
+    pub acked: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+    pub config: BlkConfig,
+}
+
+/// How long the backend may take to answer one vhost-user message.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Connects to the backend's socket (retrying while it is not listening yet) with read and write
+/// timeouts, so that a backend that stops answering fails the test instead of hanging it.
+pub fn connect_socket(socket: &Path) -> Result<UnixStream, String> {
+    let deadline = Instant::now() + MESSAGE_TIMEOUT;
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("connect to {}: {e}", socket.display())),
+        }
+    };
+    stream
+        .set_read_timeout(Some(MESSAGE_TIMEOUT))
+        .map_err(|e| format!("socket timeout: {e}"))?;
+    stream
+        .set_write_timeout(Some(MESSAGE_TIMEOUT))
+        .map_err(|e| format!("socket timeout: {e}"))?;
+    Ok(stream)
 }
 
 fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
@@ -479,8 +518,10 @@ impl Device {
         socket: &Path,
         driver_features: u64,
         max_queues: u64,
-    ) -> Result<(Frontend, u64, u64, VhostUserProtocolFeatures, BlkConfig), String> {
-        let mut fe = Frontend::connect(socket, max_queues).map_err(err("connect"))?;
+    ) -> Result<Negotiated, String> {
+        let stream = connect_socket(socket)?;
+        let mut fe =
+            Frontend::from_stream(stream.try_clone().map_err(err("dup socket"))?, max_queues);
         fe.set_owner().map_err(err("SET_OWNER"))?;
         let offered = fe.get_features().map_err(err("GET_FEATURES"))?;
         if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
@@ -512,13 +553,26 @@ impl Device {
         } else {
             return Err("backend does not offer the CONFIG protocol feature".into());
         };
-        Ok((fe, offered, acked, pf, config))
+        Ok(Negotiated {
+            fe,
+            stream,
+            offered,
+            acked,
+            protocol_features: pf,
+            config,
+        })
     }
 
     /// Connects, negotiates, shares guest memory and starts `opts.queues` queues.
     pub fn connect(socket: &Path, opts: &ConnectOptions) -> Result<Device, String> {
-        let (mut fe, offered, acked, pf, config) =
-            Self::negotiate(socket, opts.driver_features, 64)?;
+        let Negotiated {
+            mut fe,
+            stream,
+            offered,
+            acked,
+            protocol_features: pf,
+            config,
+        } = Self::negotiate(socket, opts.driver_features, 64)?;
         let backend_queues = if pf.contains(VhostUserProtocolFeatures::MQ) {
             fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))?
         } else {
@@ -535,6 +589,7 @@ impl Device {
             .map_err(err("SET_MEM_TABLE"))?;
         let mut dev = Device {
             fe,
+            stream,
             gm,
             vqs: Vec::new(),
             offered_features: offered,
@@ -608,6 +663,12 @@ impl Device {
         }
         self.vqs.push(vq);
         Ok(())
+    }
+
+    /// Closes the connection now (the backend sees the disconnect), even while other handles
+    /// (this Device) stay alive.
+    pub fn disconnect(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// GET_VRING_BASE on every started queue (what QEMU sends when the VM stops): the backend
@@ -885,5 +946,11 @@ impl Device {
             pos += n as u64;
         }
         Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.disconnect();
     }
 }

@@ -175,6 +175,7 @@ impl Backend {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("spawn backend");
         self.child = Some(child);
         self.wait_for_socket();
@@ -328,12 +329,30 @@ impl Drop for Backend {
     }
 }
 
+/// Makes the child die when the test thread that spawned it dies (a killed or timed-out test run
+/// leaves no backend behind).
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs `insitu-blk` with `args` (with a timeout) and returns (exit status, stdout+stderr).
 pub fn run_insitu_blk(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
     let work = tempfile::tempdir().expect("tempdir");
     let out_path = work.path().join("out");
     let out = File::create(&out_path).expect("create output file");
-    let mut child = Command::new(insitu_blk_bin())
+    let mut cmd = Command::new(insitu_blk_bin());
+    die_with_parent(&mut cmd);
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("dup"))
