@@ -169,8 +169,12 @@ impl<D: Device> ConnectionBackend<D> {
                 if executed >= MAX_REQUESTS_PER_EVENT {
                     return true;
                 }
-                let Some(chain) = self.pop_chain(queue, vring) else {
-                    break;
+                let chain = match self.pop_chain(queue, vring) {
+                    Popped::Chain(chain) => chain,
+                    Popped::Empty => break,
+                    // A stopped or faulted ring: enable_notification would keep reporting the
+                    // driver's pending requests and this loop would spin without serving them.
+                    Popped::Stopped => return false,
                 };
                 executed += 1;
                 let head = chain.head_index();
@@ -198,18 +202,21 @@ impl<D: Device> ConnectionBackend<D> {
         }
     }
 
-    /// Pops the next available chain, or None when the ring is empty, stopped or malformed.
-    fn pop_chain(&self, queue: usize, vring: &Vring) -> Option<Chain> {
+    /// Pops the next available chain; tells an empty ring from one that must not be served.
+    fn pop_chain(&self, queue: usize, vring: &Vring) -> Popped {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         match state.get_queue_mut().iter(mem) {
-            Ok(mut available) => available.next(),
-            Err(virtio_queue::Error::QueueNotReady) => None,
+            Ok(mut available) => match available.next() {
+                Some(chain) => Popped::Chain(chain),
+                None => Popped::Empty,
+            },
+            Err(virtio_queue::Error::QueueNotReady) => Popped::Stopped,
             Err(e) => {
                 // E.g. an available index more than the queue size ahead: the driver is broken
                 // or hostile; leave the ring alone until it is set up again.
                 self.ring_fault(queue, format_args!("invalid available ring: {e}"));
-                None
+                Popped::Stopped
             }
         }
     }
@@ -373,4 +380,15 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         // One queue per worker thread: the thread index is the queue index.
         self.serve_queue(thread_id, vring)
     }
+}
+
+/// What popping the available ring gave.
+enum Popped {
+    /// A request to serve.
+    Chain(Chain),
+    /// Nothing available right now.
+    Empty,
+    /// The ring is stopped (GET_VRING_BASE) or its available ring is invalid: serve nothing more
+    /// until the frontend sets it up again.
+    Stopped,
 }
