@@ -817,3 +817,52 @@ fn interrupted_convert_leaves_no_partial_output() {
     fails_with(&run, 1, "interrupted");
     assert!(!out.exists(), "the partial output was left behind");
 }
+
+/// Rewrites both superblock copies with `edit` applied and a correct CRC-32C (docs/FORMAT.md §2:
+/// 4 KiB at bytes 0 and 4096, CRC-32C of bytes 0..4092 stored at 4092).
+fn rewrite_superblocks(path: &Path, edit: impl Fn(&mut [u8])) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    for offset in [0u64, 4096] {
+        let mut block = vec![0u8; 4096];
+        file.read_exact_at(&mut block, offset).unwrap();
+        edit(&mut block);
+        let crc = crc32c::crc32c(&block[..4092]);
+        block[4092..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&block, offset).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn check_of_an_unsupported_format_version_exits_63_not_2() {
+    let dir = tempdir();
+    let image = dir.path().join("future.img");
+    create(&image, "4M", &[]);
+    // Format version 2: intact, just newer than this build.
+    rewrite_superblocks(&image, |b| b[8..12].copy_from_slice(&2u32.to_le_bytes()));
+    let run = insitu_blk(["check", path_str(&image)]);
+    fails_with(&run, 63, "format version 2 is not supported");
+    // An unknown incompatible feature bit.
+    rewrite_superblocks(&image, |b| {
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[12..16].copy_from_slice(&0x80u32.to_le_bytes());
+    });
+    let run = insitu_blk(["check", "--json", path_str(&image)]);
+    assert_eq!(run.code, 63, "{run:#?}");
+    assert_eq!(json(&run)["result"], "not-insitu");
+    // The same bytes with a wrong checksum are damage, not a newer format.
+    flip_byte(&image, 100);
+    flip_byte(&image, 4096 + 100);
+    assert_eq!(insitu_blk(["check", path_str(&image)]).code, 2);
+    // Back to version 1 without feature bits: clean again (the edits above touched nothing else).
+    rewrite_superblocks(&image, |b| {
+        b[12..16].copy_from_slice(&0u32.to_le_bytes());
+        b[100] ^= 0x5A;
+    });
+    ok(["check", path_str(&image)]);
+}
