@@ -1,7 +1,6 @@
 //! `insitu-blk check IMAGE [--json] [--repair]`, with `qemu-img check` exit codes.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use insitu_blk::image::{self, CheckReport, ImageError};
 use serde::Serialize;
@@ -197,7 +196,7 @@ fn unsupported_format(path: &Path) -> Option<String> {
 
 /// Runs the check and returns the documented exit code. Never fails otherwise: every problem is
 /// reported and mapped to a code.
-pub fn run(config: CheckConfig) -> ExitCode {
+pub fn run(config: CheckConfig) -> u8 {
     let path = &config.image;
     let mut output = CheckOutput {
         filename: path.display().to_string(),
@@ -262,7 +261,7 @@ pub fn run(config: CheckConfig) -> ExitCode {
             Ok(json) => print_out(&format!("{json}\n")),
             Err(err) => {
                 print_err(&format!("{PROG}: error: cannot encode JSON: {err}"));
-                return ExitCode::from(EXIT_NOT_COMPLETED);
+                return EXIT_NOT_COMPLETED;
             }
         }
     } else {
@@ -274,7 +273,7 @@ pub fn run(config: CheckConfig) -> ExitCode {
             path.display()
         ));
     }
-    ExitCode::from(output.exit_code)
+    output.exit_code
 }
 
 /// Human explanation of a report, in the spirit of `qemu-img check`.
