@@ -663,6 +663,27 @@ fn block_devices_work_as_source_and_destination() {
     assert_eq!(info["host_allocated_bytes"], serde_json::Value::Null);
     assert_eq!(info["virtual_size"], 16u64 << 20);
     ok(["check", path_str(&target.path)]);
+
+    // raw file -> insitu image on a block device (formatted in place), and back to a raw file.
+    let formatted = dir.path().join("formatted.backing");
+    fs::write(&formatted, vec![0xEEu8; 24 << 20]).unwrap();
+    let device = LoopDevice::attach(&formatted);
+    ok([
+        "convert",
+        "--compare",
+        "-O",
+        "insitu",
+        path_str(&raw),
+        path_str(&device.path),
+    ]);
+    ok(["check", path_str(&device.path)]);
+    let back = dir.path().join("back.raw");
+    ok(["convert", path_str(&device.path), path_str(&back)]);
+    assert_eq!(
+        fs::read(&back).unwrap(),
+        disk,
+        "block device image round trip"
+    );
 }
 
 /// Flips one byte of the file in place.
