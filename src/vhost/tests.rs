@@ -23,6 +23,7 @@ use super::*;
 use crate::image::{ImageError, Stats};
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 const MEM_SIZE: usize = 4 << 20;
@@ -57,7 +58,7 @@ impl FakeDevice {
 
 impl Device for FakeDevice {
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn config_space(&self) -> Vec<u8> {
@@ -175,7 +176,10 @@ impl Drop for Served {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
             self.stop.stop();
-            let _ = thread.join();
+            // After a failed assertion the daemon may be the thing that hangs: do not wait.
+            if !thread::panicking() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -356,6 +360,15 @@ impl TestFrontend {
         self.submitted[q] = self.submitted[q].wrapping_add(count);
         kick.write(1).unwrap();
         statuses
+    }
+
+    /// Sets the driver's available index (a hostile driver may set anything) and kicks.
+    fn set_avail_idx(&self, q: usize, idx: u16) {
+        let (rings, kick, _) = self.queues[q].as_ref().unwrap();
+        self.mem
+            .write_obj(u16::to_le(idx), GuestAddress(rings.avail.0 + 2))
+            .unwrap();
+        kick.write(1).unwrap();
     }
 
     fn used_idx(&self, q: usize) -> u16 {
@@ -723,6 +736,98 @@ fn a_full_ring_is_served_in_bounded_batches_from_a_single_kick() {
     assert_eq!(
         served.device().processed.load(Ordering::SeqCst),
         usize::from(QUEUE_LEN)
+    );
+    served.stop();
+}
+
+/// Runs `f` on a thread and fails the test if it does not return within `limit`.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+#[test]
+fn a_broken_available_index_neither_spins_nor_blocks_a_stop() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    wait_for("resume", || served.device().events() == ["resume"]);
+    // More than a queue size ahead of the device: an invalid ring. Queue 0 must give up on it
+    // (not spin), the other queue keeps working, and stopping both is answered.
+    fe.set_avail_idx(0, QUEUE_LEN + 7);
+    let status = fe.submit(1);
+    fe.wait_used(1, 1);
+    assert_eq!(fe.status(status), 0);
+    thread::sleep(Duration::from_millis(100));
+    let fe = within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE of the broken ring",
+        move || {
+            fe.frontend.get_vring_base(0).unwrap();
+            fe
+        },
+    );
+    within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE of the good ring",
+        move || {
+            fe.frontend.get_vring_base(1).unwrap();
+        },
+    );
+    assert_eq!(served.device().events(), ["resume", "quiesce"]);
+    served.stop();
+}
+
+#[test]
+fn stopping_rings_under_load_always_answers_and_drains() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    *served.device().delay.lock().unwrap() = Duration::from_millis(20);
+    for round in 0..5 {
+        fe.start_queue(0);
+        fe.start_queue(1);
+        // Requests queued behind the one executing: the stop must drain what was popped and
+        // leave the rest in the ring for the next start, without hanging.
+        fe.submit_burst(0, 8);
+        fe.submit_burst(1, 8);
+        thread::sleep(Duration::from_millis(10));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let frontend = std::mem::replace(
+            &mut fe.frontend,
+            Frontend::from_stream(std::os::unix::net::UnixStream::pair().unwrap().0, 2),
+        );
+        thread::spawn(move || {
+            let bases = (
+                frontend.get_vring_base(0).unwrap(),
+                frontend.get_vring_base(1).unwrap(),
+            );
+            let _ = tx.send((frontend, bases));
+        });
+        let (frontend, (base0, base1)) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("round {round}: GET_VRING_BASE not answered"));
+        fe.frontend = frontend;
+        // Every request the backend took (next avail) was completed (used) before the reply.
+        assert_eq!(u32::from(fe.used_idx(0)), base0, "round {round}");
+        assert_eq!(u32::from(fe.used_idx(1)), base1, "round {round}");
+        assert_eq!(served.device().in_flight.load(Ordering::SeqCst), 0);
+        assert!(!served.disk.is_running(), "round {round}: not quiesced");
+    }
+    assert_eq!(
+        served
+            .device()
+            .quiesce_during_request
+            .load(Ordering::SeqCst),
+        0
     );
     served.stop();
 }
