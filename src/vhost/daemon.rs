@@ -296,11 +296,15 @@ impl<D: Device> Daemon<D> {
         ));
         let mut daemon = VhostUserDaemon::new("insitu-blk".to_string(), Arc::clone(&backend), mem)
             .map_err(|e| DaemonError::Connection(e.to_string()))?;
-        // A connection is pending (epoll said so): this accept does not block.
+        // A connection is pending (epoll said so): this accept does not block. A connection
+        // that cannot be set up is dropped; the daemon goes on listening.
         if let Err(e) = daemon.start(&mut self.listener) {
             drop(daemon);
             backend.close_exit_fds();
-            return Err(DaemonError::Connection(e.to_string()));
+            tracing::warn!("cannot set up connection {number}: {e}");
+            // If the connection is still pending (e.g. out of file descriptors), do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return Ok(());
         }
         {
             let mut current = lock(&self.control.current);
