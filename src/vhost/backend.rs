@@ -15,15 +15,14 @@
 //! ring is started any more, quiesces the engine.
 //!
 //! SET_VRING_ENABLE 0 alone (all cloud-hypervisor sends on pause) reaches no backend hook: the
-//! crate unregisters the ring's kick fd, so no new request is taken, the requests in progress
-//! complete, and the engine stays resumed (writer lock held) with its timer commit making every
-//! accepted write durable within the commit interval. The engine quiesces when the frontend
-//! stops the rings (GET_VRING_BASE) or disconnects.
+//! crate unregisters the ring's kick fd, so no new request is taken and the requests in progress
+//! complete. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
+//! 200 ms and quiesces the engine (commit, park, release the lock); re-enabling a ring resumes it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -63,6 +62,9 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set while queue `q` is started (a worker saw it started and enabled); changed only
     /// under that queue's gate, read under all gates.
     started_queues: AtomicU64,
+    /// Each queue's ring, recorded by its worker at the first event, so the pause detector
+    /// ([`ConnectionBackend::every_started_ring_disabled`]) can look at its enabled state.
+    rings: Vec<OnceLock<Vring>>,
     /// Bit `q` set once queue `q` logged a fault of the frontend's ring set-up at warn level;
     /// later ones go to debug, so a hostile guest cannot flood the log.
     ring_fault_logged: AtomicU64,
@@ -78,6 +80,7 @@ impl<D: Device> ConnectionBackend<D> {
     /// (the crate swaps the memory inside it on SET_MEM_TABLE; the workers read it lock-free).
     pub fn new(disk: Arc<SharedDisk<D>>, mem: GuestMemoryHandle, queue_size: usize) -> Self {
         Self {
+            rings: (0..disk.num_queues()).map(|_| OnceLock::new()).collect(),
             disk,
             mem,
             queue_size,
@@ -114,6 +117,26 @@ impl<D: Device> ConnectionBackend<D> {
         }
     }
 
+    /// True when at least one queue is started and the frontend has disabled every started one
+    /// (SET_VRING_ENABLE 0 without GET_VRING_BASE: how cloud-hypervisor pauses a VM).
+    pub fn every_started_ring_disabled(&self) -> bool {
+        let started = self.started_queues.load(Ordering::Acquire);
+        if started == 0 {
+            return false;
+        }
+        (0..self.rings.len().min(MAX_QUEUES))
+            .filter(|q| started & (1u64 << q) != 0)
+            .all(|q| match self.rings[q].get() {
+                Some(vring) => !vring.get_ref().is_enabled(),
+                None => false,
+            })
+    }
+
+    /// The disk served.
+    pub fn disk(&self) -> &Arc<SharedDisk<D>> {
+        &self.disk
+    }
+
     /// True when ring `vring` is started and enabled (the frontend lets us process it).
     fn ring_is_live(vring: &Vring) -> bool {
         let state = vring.get_ref();
@@ -141,6 +164,9 @@ impl<D: Device> ConnectionBackend<D> {
                 continue;
             }
             if queue < MAX_QUEUES {
+                if let Some(slot) = self.rings.get(queue) {
+                    slot.get_or_init(|| vring.clone());
+                }
                 self.started_queues.fetch_or(1 << queue, Ordering::AcqRel);
             }
             let more = self.process_available(queue, vring);
@@ -158,6 +184,9 @@ impl<D: Device> ConnectionBackend<D> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let acked = self.acked_features.load(Ordering::Acquire);
         let mut executed = 0usize;
+        // Set when the driver's available index said more requests were there: a pass that then
+        // reads none means the ring is broken (unreadable entries), not a race.
+        let mut expect_more = false;
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
@@ -165,17 +194,19 @@ impl<D: Device> ConnectionBackend<D> {
                     return false;
                 }
             }
+            let mut popped_any = false;
             loop {
                 if executed >= MAX_REQUESTS_PER_EVENT {
                     return true;
                 }
                 let chain = match self.pop_chain(queue, vring) {
-                    Popped::Chain(chain) => chain,
-                    Popped::Empty => break,
-                    // A stopped or faulted ring: enable_notification would keep reporting the
-                    // driver's pending requests and this loop would spin without serving them.
-                    Popped::Stopped => return false,
+                    Pop::Chain(chain) => chain,
+                    Pop::Empty => break,
+                    // Stopped by the frontend, or a broken ring: nothing to do until it is set
+                    // up again (notifications stay off; the frontend kicks after a restart).
+                    Pop::Stop => return false,
                 };
+                popped_any = true;
                 executed += 1;
                 let head = chain.head_index();
                 let used_len = self.disk.device().process_chain(chain, acked);
@@ -187,12 +218,19 @@ impl<D: Device> ConnectionBackend<D> {
                 }
                 self.notify_guest(queue, vring);
             }
+            if expect_more && !popped_any {
+                self.ring_fault(
+                    queue,
+                    format_args!("the available index is ahead but no request can be read"),
+                );
+                return false;
+            }
             if !event_idx {
                 return false;
             }
             // Re-enable notifications; if the driver added requests meanwhile, go on.
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => expect_more = true,
                 Ok(false) => return false,
                 Err(e) => {
                     self.ring_fault(queue, format_args!("cannot enable notifications: {e}"));
@@ -202,21 +240,22 @@ impl<D: Device> ConnectionBackend<D> {
         }
     }
 
-    /// Pops the next available chain; tells an empty ring from one that must not be served.
-    fn pop_chain(&self, queue: usize, vring: &Vring) -> Popped {
+    /// Pops the next available chain.
+    fn pop_chain(&self, queue: usize, vring: &Vring) -> Pop {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         match state.get_queue_mut().iter(mem) {
             Ok(mut available) => match available.next() {
-                Some(chain) => Popped::Chain(chain),
-                None => Popped::Empty,
+                Some(chain) => Pop::Chain(chain),
+                // Empty, or the entry could not be read (then `expect_more` catches it).
+                None => Pop::Empty,
             },
-            Err(virtio_queue::Error::QueueNotReady) => Popped::Stopped,
+            Err(virtio_queue::Error::QueueNotReady) => Pop::Stop,
             Err(e) => {
                 // E.g. an available index more than the queue size ahead: the driver is broken
                 // or hostile; leave the ring alone until it is set up again.
                 self.ring_fault(queue, format_args!("invalid available ring: {e}"));
-                Popped::Stopped
+                Pop::Stop
             }
         }
     }
@@ -232,6 +271,16 @@ impl<D: Device> ConnectionBackend<D> {
             Err(e) => self.ring_fault(queue, format_args!("cannot read the used event index: {e}")),
         }
     }
+}
+
+/// What popping the available ring gave.
+enum Pop {
+    /// A request.
+    Chain(Chain),
+    /// No request available.
+    Empty,
+    /// The ring is stopped or broken: stop serving it for this event.
+    Stop,
 }
 
 /// Makes the worker's event loop see the ring's kick again, so the requests left after a bounded
@@ -380,15 +429,4 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         // One queue per worker thread: the thread index is the queue index.
         self.serve_queue(thread_id, vring)
     }
-}
-
-/// What popping the available ring gave.
-enum Popped {
-    /// A request to serve.
-    Chain(Chain),
-    /// Nothing available right now.
-    Empty,
-    /// The ring is stopped (GET_VRING_BASE) or its available ring is invalid: serve nothing more
-    /// until the frontend sets it up again.
-    Stopped,
 }
