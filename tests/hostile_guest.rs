@@ -197,6 +197,30 @@ fn out_req(fx: &mut Fx, sector: u64, data: Desc) -> Vec<Desc> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 0: the baseline without EVENT_IDX and INDIRECT_DESC (the other tests negotiate both)
+
+#[test]
+fn case00_round_trips_without_event_idx_or_indirect_descriptors() {
+    let mut fx = Fx::with(
+        ServeOptions::default(),
+        ConnectOptions {
+            driver_features: DRIVER_FEATURES
+                & !(VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC),
+            ..ConnectOptions::default()
+        },
+    );
+    // More requests than the queue size, so the rings wrap around.
+    for k in 0..300u64 {
+        let q = (k % 2) as u16;
+        let off = (k % 64) * 16384;
+        fx.good_write(q, off, &pattern(k, 16384));
+    }
+    assert_eq!(fx.dev.flush(1).unwrap(), VIRTIO_BLK_S_OK);
+    fx.after(0, "case 0, no EVENT_IDX");
+    fx.after(1, "case 0, no EVENT_IDX");
+}
+
+// ---------------------------------------------------------------------------------------------
 // 1: descriptor addresses outside guest memory
 
 #[test]
@@ -544,6 +568,41 @@ fn case04_avail_idx_far_ahead_and_bad_avail_entries() {
     }
 }
 
+/// While a hostile driver leaves its avail idx out of range, the backend must neither spin (bounded
+/// work per kick) nor block a GET_VRING_BASE (what QEMU sends to stop the VM): a worker that loops
+/// on a ring it cannot read would hang the frontend.
+#[test]
+fn case04b_invalid_avail_idx_neither_spins_nor_blocks_get_vring_base() {
+    let mut fx = Fx::new();
+    let qsize = fx.dev.vqs[0].size;
+    let before = fx.dev.vqs[0].avail_idx;
+    fx.dev.set_avail_idx(0, before.wrapping_add(qsize + 3));
+    fx.dev.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
+    // An idle backend uses next to no CPU; a spinning worker, even on a loaded machine, uses a
+    // good share of a core.
+    let cpu0 = fx.backend.cpu_time();
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu1 = fx.backend.cpu_time();
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        assert!(
+            b - a < Duration::from_millis(150),
+            "case 4: the backend burnt {:?} of CPU in 2 s after one kick on a ring with an invalid avail idx (a worker spins)",
+            b - a
+        );
+    }
+    fx.backend.assert_healthy("case 4b");
+    // The frontend stops the device (VM pause): every queue must answer.
+    let bases = fx.dev.stop_queues().unwrap_or_else(|e| {
+        panic!("case 4: GET_VRING_BASE while queue 0's avail idx is invalid: {e}")
+    });
+    assert_eq!(bases.len(), 2);
+    fx.backend.assert_healthy("case 4b, after GET_VRING_BASE");
+    // A new driver gets a working device.
+    fx.reconnect(ConnectOptions::default(), "case 4b: reconnect");
+    fx.after(0, "case 4b, after a reconnect");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5: absurd total lengths
 
@@ -580,6 +639,14 @@ fn case05_absurd_total_length_is_rejected_without_allocating_it() {
     let len = fx.run_chain(0, &chain, ctx);
     fx.expect_rejected(ctx, len, s);
     fx.after(0, ctx);
+    // Nothing was allocated by the guest's length: the backend's peak RSS stays far below it.
+    if let Some(peak) = fx.backend.peak_rss() {
+        assert!(
+            peak < 256 << 20,
+            "case 5: backend peak RSS {} MiB after ~750 MiB requests",
+            peak >> 20
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1395,41 +1462,49 @@ fn case19_kick_storm_stop_and_disconnect_with_requests_in_flight() {
     }
     fx.after(1, "case 19, kick storm with requests");
 
-    // GET_VRING_BASE with requests in flight: the backend completes what it accepted first.
-    let mut pend = Vec::new();
-    for k in 0..24u64 {
-        let data = pattern(2000 + k, 16384);
-        let q = (k % 2) as u16;
-        let off = (k * 16384) + (2 << 20);
-        pend.push((
-            fx.dev
-                .submit(q, VIRTIO_BLK_T_OUT, off / SECTOR, &data, false),
-            off,
-            data,
-        ));
-    }
-    let bases = fx
-        .dev
-        .stop_queues()
-        .unwrap_or_else(|e| panic!("case 19: GET_VRING_BASE with requests in flight: {e}"));
-    for (q, base) in bases.iter().enumerate() {
-        let used = fx.dev.used_idx_after(q as u16, Duration::ZERO);
-        assert_eq!(
-            u32::from(used),
-            *base,
-            "case 19: queue {q}: GET_VRING_BASE answered {base} while only {used} requests were completed"
-        );
-    }
-    for (p, off, data) in pend {
-        let done = fx
-            .dev
-            .wait_head(p.queue, p.head, Duration::from_millis(100))
-            .is_ok();
-        if done {
-            assert_eq!(fx.status_byte(p.status_gpa), VIRTIO_BLK_S_OK);
-            fx.model[off as usize..off as usize + 16384].copy_from_slice(&data);
-        } else {
-            // Not taken from the ring before the stop: it must not have been executed either.
+    // GET_VRING_BASE with requests in flight (several rounds: the stop must find workers in the
+    // middle of a batch): the backend completes what it accepted first, then answers.
+    for round in 0..5u64 {
+        if round > 0 {
+            fx.reconnect(
+                ConnectOptions::default(),
+                "case 19: reconnect after GET_VRING_BASE",
+            );
+        }
+        let mut pend = Vec::new();
+        for k in 0..48u64 {
+            let data = pattern(2000 + round * 100 + k, 16384);
+            let q = (k % 2) as u16;
+            let off = (k * 16384) + (2 << 20);
+            pend.push((
+                fx.dev
+                    .submit(q, VIRTIO_BLK_T_OUT, off / SECTOR, &data, false),
+                off,
+                data,
+            ));
+        }
+        let bases = fx.dev.stop_queues().unwrap_or_else(|e| {
+            panic!("case 19, round {round}: GET_VRING_BASE with requests in flight: {e}")
+        });
+        for (q, base) in bases.iter().enumerate() {
+            let used = fx.dev.used_idx_after(q as u16, Duration::ZERO);
+            assert_eq!(
+                u32::from(used),
+                *base,
+                "case 19, round {round}: queue {q}: GET_VRING_BASE answered {base} while only {used} requests were completed"
+            );
+        }
+        for (p, off, data) in pend {
+            let done = fx
+                .dev
+                .wait_head(p.queue, p.head, Duration::from_millis(100))
+                .is_ok();
+            if done {
+                assert_eq!(fx.status_byte(p.status_gpa), VIRTIO_BLK_S_OK);
+                fx.model[off as usize..off as usize + 16384].copy_from_slice(&data);
+            } else {
+                // Not taken from the ring before the stop: it must not have been executed either.
+            }
         }
     }
     fx.backend.assert_healthy("case 19, after GET_VRING_BASE");
