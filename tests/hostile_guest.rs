@@ -63,6 +63,26 @@ impl Fx {
         fx
     }
 
+    /// The end of a test: the backend is healthy, exits cleanly on SIGTERM, and (ours) the image
+    /// it leaves passes `insitu-blk check`.
+    fn finish(mut self) {
+        self.backend.assert_healthy("at the end of the test");
+        self.dev.disconnect();
+        let st = self.backend.terminate(Duration::from_secs(20));
+        assert!(
+            st.success(),
+            "SIGTERM at the end of the test: exit status {st}"
+        );
+        if self.backend.kind == BackendKind::Ours {
+            let image = self.backend.image();
+            let (st, out) = run_insitu_blk(&["check", image.to_str().unwrap()], REQUEST_TIMEOUT);
+            assert!(
+                st.success(),
+                "`insitu-blk check` of the image after the test: {st}\n{out}"
+            );
+        }
+    }
+
     /// Disconnects the current driver, then connects a new one.
     fn reconnect(&mut self, copts: ConnectOptions, ctx: &str) {
         self.dev.disconnect();
@@ -218,6 +238,7 @@ fn case00_round_trips_without_event_idx_or_indirect_descriptors() {
     assert_eq!(fx.dev.flush(1).unwrap(), VIRTIO_BLK_S_OK);
     fx.after(0, "case 0, no EVENT_IDX");
     fx.after(1, "case 0, no EVENT_IDX");
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,6 +307,7 @@ fn case01_descriptor_outside_guest_memory_fails_with_ioerr() {
     );
     assert_eq!(len, 0, "{ctx}: used length");
     fx.after(0, ctx);
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,6 +379,7 @@ fn case02_next_out_of_range_and_cycles_are_rejected() {
         let _ = len;
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +532,7 @@ fn case03_malformed_indirect_tables_are_rejected() {
         );
         fx.after(0, ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -566,6 +590,7 @@ fn case04_avail_idx_far_ahead_and_bad_avail_entries() {
         let _ = fx.dev.take_unclaimed(0);
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 /// While a hostile driver leaves its avail idx out of range, the backend must neither spin (bounded
@@ -601,6 +626,7 @@ fn case04b_invalid_avail_idx_neither_spins_nor_blocks_get_vring_base() {
     // A new driver gets a working device.
     fx.reconnect(ConnectOptions::default(), "case 4b: reconnect");
     fx.after(0, "case 4b, after a reconnect");
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -647,6 +673,7 @@ fn case05_absurd_total_length_is_rejected_without_allocating_it() {
             peak >> 20
         );
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,6 +709,7 @@ fn case06_header_writable_or_short_is_rejected() {
         fx.expect_rejected(&ctx, len, s);
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -759,6 +787,7 @@ fn case07_split_header_and_merged_data_status_are_accepted() {
     fx.expect_status(ctx, s, &[VIRTIO_BLK_S_OK]);
     fx.model[56 * 512..56 * 512 + 8192].copy_from_slice(&data);
     fx.after(0, ctx);
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -807,6 +836,7 @@ fn case08_missing_or_unwritable_status_returns_length_zero() {
         assert_eq!(len, 0, "{ctx}: used length");
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -841,6 +871,7 @@ fn case09_wrong_data_direction() {
         fx.model[24 * 512..24 * 512 + 4096].copy_from_slice(&data);
     }
     fx.after(0, ctx);
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -866,6 +897,7 @@ fn case10_partial_sector_lengths_fail_with_ioerr() {
         fx.expect_status(&ctx, s, &[VIRTIO_BLK_S_IOERR]);
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -903,6 +935,7 @@ fn case11_out_of_range_sectors_fail_with_ioerr() {
     let data = pattern(111, 512);
     fx.good_write(0, (cap - 1) * 512, &data);
     fx.after(0, "case 11, the last sector");
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -944,6 +977,7 @@ fn case12_unknown_types_fail_with_unsupp() {
         fx.expect_status(&ctx, s, &[VIRTIO_BLK_S_UNSUPP]);
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -975,6 +1009,7 @@ fn case13_flush_with_sector_or_data_follows_a_policy() {
     fx.run_chain(0, &[Desc::ro(h, 16), Desc::wo(d, 512), Desc::wo(s, 1)], ctx);
     fx.expect_status(ctx, s, &[VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR]);
     fx.after(0, ctx);
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1041,6 +1076,7 @@ fn case14_get_id_never_overruns_the_buffer() {
         assert_eq!(got, expected, "{ctx}: serial");
     }
     fx.after(0, ctx);
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1232,6 +1268,7 @@ fn case15_bad_discard_and_write_zeroes() {
         assert_eq!(st, VIRTIO_BLK_S_UNSUPP, "{ctx}");
         fx.after(0, &ctx);
     }
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1290,6 +1327,7 @@ fn case16_read_only_device_refuses_every_change() {
     fx.dev.verify(0, &fx.model, 0, DISK).unwrap();
     fx.dev.verify(1, &fx.model, 0, 256 << 10).unwrap();
     fx.backend.assert_healthy(ctx);
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1376,6 +1414,7 @@ fn case17_concurrent_writes_to_one_cluster_from_two_queues() {
     fx.backend.restart();
     fx.reconnect(ConnectOptions::default(), "reconnect after the restart");
     fx.dev.verify(0, &fx.model, 0, DISK).unwrap();
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1426,6 +1465,7 @@ fn case18_buffer_rewritten_during_the_write_stores_a_consistent_cluster() {
     fx.backend.restart();
     fx.reconnect(ConnectOptions::default(), "reconnect after the restart");
     fx.dev.verify(0, &fx.model, 0, DISK).unwrap();
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1539,6 +1579,7 @@ fn case19_kick_storm_stop_and_disconnect_with_requests_in_flight() {
     }
     fx.after(0, "case 19, after reconnect");
     fx.after(1, "case 19, after reconnect");
+    fx.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
