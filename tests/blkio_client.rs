@@ -370,6 +370,13 @@ fn sigkill_after_a_completed_flush_loses_nothing() {
         model[20 * CLUSTER as usize..22 * CLUSTER as usize].copy_from_slice(&cur);
     }
     assert_eq!(c.flush(2), 0, "flush");
+    // A FUA write after the flush: durable when it completes, like a write followed by a flush.
+    let fua = pattern(399, 64 << 10);
+    c.fill(0, &fua);
+    let p = c.buf(0, fua.len());
+    c.queues[3].write(60 * CLUSTER, p, fua.len(), 52, ReqFlags::FUA);
+    assert_eq!(c.wait_one(3), 0, "FUA write");
+    model[60 * CLUSTER as usize..61 * CLUSTER as usize].copy_from_slice(&fua);
     backend.kill9();
     drop(c);
     backend.restart();

@@ -1468,6 +1468,64 @@ fn case18_buffer_rewritten_during_the_write_stores_a_consistent_cluster() {
     fx.finish();
 }
 
+/// A read whose data buffer is the queue's own descriptor table: the chain's descriptors are
+/// overwritten by disk data that looks like descriptors pointing at a victim buffer. A device that
+/// fetches a descriptor again after writing the data (double fetch) would write the status into
+/// the victim; the canary check catches any such write.
+#[test]
+fn case18b_read_into_the_own_descriptor_table_is_not_fetched_twice() {
+    let mut fx = Fx::new();
+    // In region B, which the buffer allocator never hands out.
+    let victim = fx.dev.gm.alloc_in_b(0x8_0000);
+    fx.dev.gm.write(victim, &[0x5A; 64]);
+    let qsize = fx.dev.vqs[0].size as usize;
+    let table_len = 16 * qsize;
+    let fake: Vec<u8> = (0..qsize)
+        .flat_map(|_| {
+            let d = Desc {
+                addr: victim,
+                len: 64,
+                flags: VRING_DESC_F_WRITE,
+                next: 0,
+            };
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            b[8..12].copy_from_slice(&d.len.to_le_bytes());
+            b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+            b[14..16].copy_from_slice(&d.next.to_le_bytes());
+            b
+        })
+        .collect();
+    // Away from the 512 KiB where `after` writes its good request.
+    let sector = 3072u64;
+    fx.good_write(0, sector * SECTOR, &fake);
+    for round in 0..4 {
+        let ctx = format!("case 18b, round {round}: read into the own descriptor table");
+        let h = fx.header(VIRTIO_BLK_T_IN, sector);
+        let s = fx.status();
+        let table = fx.dev.vqs[0].desc_gpa;
+        let chain = [
+            Desc::ro(h, 16),
+            Desc::wo(table, table_len as u32),
+            Desc::wo(s, 1),
+        ];
+        let len = fx.run_chain(0, &chain, &ctx);
+        fx.expect_status(&ctx, s, &[VIRTIO_BLK_S_OK]);
+        assert_eq!(len as usize, table_len + 1, "{ctx}: used length");
+        assert!(
+            fx.dev.gm.read(table, table_len) == fake,
+            "{ctx}: the table does not hold the data read"
+        );
+        // The driver owns its table again: the shadow takes what the device legitimately wrote.
+        fx.after(0, &ctx);
+    }
+    assert!(
+        fx.dev.gm.read(victim, 64) == [0x5A; 64],
+        "case 18b: the victim buffer was written"
+    );
+    fx.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 19: kick storms, stop and disconnect with requests in flight
 
