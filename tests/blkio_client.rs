@@ -473,3 +473,55 @@ fn sigkill_with_writes_in_flight_leaves_a_clean_image() {
     }
     assert!(check_failures.is_empty(), "{}", check_failures.join("\n"));
 }
+
+/// I8 and I7 through two processes on one image (what a migration does): while A's device runs,
+/// B cannot write (it has no writer lock); once A's client is gone (A quiesces and releases the
+/// lock), B takes over and sees everything A's client wrote.
+#[test]
+fn second_backend_on_the_same_image_waits_for_the_writer_lock() {
+    let mut a = start(opts());
+    if a.kind != BackendKind::Ours {
+        return; // qsd has no writer lock protocol
+    }
+    let mut model = vec![0u8; DISK as usize];
+    let mut ca = connect(&a, 2, false);
+    let data = pattern(500, 4 * CLUSTER as usize);
+    assert_eq!(ca.write(0, 0, &data, 0), 0);
+    model[..data.len()].copy_from_slice(&data);
+    // Not flushed: the hand-over must carry it anyway (A commits when it quiesces).
+    let mut b = Backend::start(
+        &a.work,
+        ServeOptions {
+            socket_name: Some("b.sock".into()),
+            ..opts()
+        },
+    );
+    let mut cb = connect(&b, 1, false);
+    let other = pattern(501, 4096);
+    let ret = cb.write(0, 8 * CLUSTER, &other, 0);
+    assert_ne!(ret, 0, "B wrote to the image while A holds the writer lock");
+    // A's client keeps working and sees nothing of B.
+    let more = pattern(502, CLUSTER as usize);
+    assert_eq!(ca.write(1, 4 * CLUSTER, &more, 0), 0);
+    model[4 * CLUSTER as usize..5 * CLUSTER as usize].copy_from_slice(&more);
+    ca.verify(1, &model).unwrap();
+    // A's frontend goes away: A quiesces and releases the lock; B's requests start to succeed.
+    drop(ca);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ret = cb.write(0, 8 * CLUSTER, &other, 0);
+        if ret == 0 {
+            model[8 * CLUSTER as usize..8 * CLUSTER as usize + 4096].copy_from_slice(&other);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never got the writer lock after A's client left (last ret {ret})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cb.verify(0, &model)
+        .unwrap_or_else(|e| panic!("B after the hand-over: {e}"));
+    a.assert_healthy("A after the hand-over");
+    b.assert_healthy("B after the hand-over");
+}

@@ -44,6 +44,10 @@ pub struct ServeOptions {
     pub max_queue_size: u16,
     pub read_only: bool,
     pub serial: Option<String>,
+    /// Socket file name in the work directory (default `vhost.sock`): two backends on one image.
+    pub socket_name: Option<String>,
+    /// `--wait-lock DUR` (ours only).
+    pub wait_lock: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -54,6 +58,8 @@ impl Default for ServeOptions {
             max_queue_size: 128,
             read_only: false,
             serial: None,
+            socket_name: None,
+            wait_lock: None,
         }
     }
 }
@@ -123,7 +129,7 @@ impl Backend {
 
     fn spawn(&mut self) {
         let image = self.work.image();
-        let socket = self.work.socket();
+        let socket = self.socket();
         let _ = fs::remove_file(&socket);
         let n = self.earlier_logs.len() + usize::from(self.child.is_some());
         self.log_path = self.work.path().join(format!("backend-{n}.log"));
@@ -148,6 +154,9 @@ impl Backend {
                 }
                 if let Some(serial) = &self.opts.serial {
                     cmd.arg("--serial").arg(serial);
+                }
+                if let Some(wait) = &self.opts.wait_lock {
+                    cmd.arg("--wait-lock").arg(wait);
                 }
                 cmd
             }
@@ -182,7 +191,7 @@ impl Backend {
     }
 
     fn wait_for_socket(&mut self) {
-        let socket = self.work.socket();
+        let socket = self.socket();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if socket.exists() {
@@ -206,7 +215,10 @@ impl Backend {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.work.socket()
+        match &self.opts.socket_name {
+            Some(name) => self.work.path().join(name),
+            None => self.work.socket(),
+        }
     }
 
     pub fn image(&self) -> PathBuf {
