@@ -19,6 +19,7 @@ use frontend::*;
 use support::*;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
+use vm_memory::Bytes;
 
 const DISK: u64 = 4 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -1808,6 +1809,38 @@ fn case20_hostile_frontend_messages_are_rejected() {
         }),
     ));
 
+    cases.push((
+        "ADD_MEM_REG overlapping a mapped region".into(),
+        after_mem_table(move |fe, gm| {
+            let mut r = region(gm);
+            r.guest_phys_addr += 0x1000;
+            r.memory_size = 0x10000;
+            fe.add_mem_region(&r)
+                .map(|_| ())
+                .map_err(vhost_err("ADD_MEM_REG"))
+        }),
+    ));
+    cases.push((
+        "ADD_MEM_REG whose guest address range overflows".into(),
+        after_mem_table(move |fe, gm| {
+            let mut r = region(gm);
+            r.guest_phys_addr = u64::MAX - 0xFFF;
+            r.memory_size = 0x2000;
+            fe.add_mem_region(&r)
+                .map(|_| ())
+                .map_err(vhost_err("ADD_MEM_REG"))
+        }),
+    ));
+    cases.push((
+        "REM_MEM_REG of a region that is not mapped".into(),
+        after_mem_table(move |fe, gm| {
+            let mut r = region(gm);
+            r.guest_phys_addr = 0x4000_0000;
+            r.memory_size = 0x1000;
+            fe.remove_mem_region(&r).map_err(vhost_err("REM_MEM_REG"))
+        }),
+    ));
+
     let mut seed = 20_000;
     let mut accepted = Vec::new();
     for (ctx, send) in cases {
@@ -1840,4 +1873,75 @@ fn case20_hostile_frontend_messages_are_rejected() {
         "the backend accepted these bad frontend messages:\n  {}",
         accepted.join("\n  ")
     );
+}
+
+/// Misaligned vring addresses (virtio wants 16/2/4-byte alignment): whether the backend refuses
+/// them or not, kicking such a ring must not crash it, and the next connection must work.
+#[test]
+fn case20b_misaligned_rings_do_not_crash_the_backend() {
+    let work = Workdir::new();
+    let mut backend = Backend::start(
+        &work,
+        ServeOptions {
+            size: DISK,
+            ..ServeOptions::default()
+        },
+    );
+    for (desc_off, avail_off, used_off) in [(1u64, 0u64, 0u64), (0, 1, 0), (0, 0, 2), (8, 3, 6)] {
+        let ctx =
+            format!("case 20b, ring offsets desc+{desc_off} avail+{avail_off} used+{used_off}");
+        {
+            let Negotiated { mut fe, stream, .. } =
+                Device::negotiate(&backend.socket(), DRIVER_FEATURES, 64)
+                    .unwrap_or_else(|e| panic!("{ctx}: negotiate: {e}"));
+            let gm = GuestMem::new();
+            let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            let call = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            let watchdog = frontend::Watchdog::arm(&stream, MESSAGE_TIMEOUT);
+            let setup = (|| -> Result<(), String> {
+                fe.set_mem_table(&gm.region_infos())
+                    .map_err(vhost_err("SET_MEM_TABLE"))?;
+                fe.set_vring_num(0, 64)
+                    .map_err(vhost_err("SET_VRING_NUM"))?;
+                fe.set_vring_base(0, 0)
+                    .map_err(vhost_err("SET_VRING_BASE"))?;
+                let mut cfg = vring_cfg(&gm, 64);
+                cfg.desc_table_addr += desc_off;
+                cfg.avail_ring_addr += avail_off;
+                cfg.used_ring_addr += used_off;
+                fe.set_vring_addr(0, &cfg)
+                    .map_err(vhost_err("SET_VRING_ADDR"))?;
+                fe.set_vring_call(0, &call)
+                    .map_err(vhost_err("SET_VRING_CALL"))?;
+                fe.set_vring_kick(0, &kick)
+                    .map_err(vhost_err("SET_VRING_KICK"))?;
+                fe.set_vring_enable(0, true)
+                    .map_err(vhost_err("SET_VRING_ENABLE"))?;
+                Ok(())
+            })();
+            if setup.is_ok() {
+                // A guest that publishes one (garbage) request on the misaligned ring.
+                gm.mem
+                    .write_slice(&[0, 0, 1, 0], vm_memory::GuestAddress(0x4000 + avail_off))
+                    .unwrap();
+                kick.write(1).unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = fe.get_vring_base(0);
+            }
+            assert!(
+                !watchdog.disarm(),
+                "{ctx}: the backend stopped answering ({setup:?})"
+            );
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        backend.assert_healthy(&ctx);
+        let mut dev = Device::connect(&backend.socket(), &ConnectOptions::default())
+            .unwrap_or_else(|e| panic!("{ctx}: a good connection afterwards: {e}"));
+        let data = pattern(desc_off * 10 + avail_off, 4096);
+        assert_eq!(dev.write(0, 8, &data).unwrap(), VIRTIO_BLK_S_OK, "{ctx}");
+        let (st, back) = dev.read(1, 8, 4096).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{ctx}");
+        assert!(back == data, "{ctx}: read back");
+        backend.assert_healthy(&ctx);
+    }
 }
