@@ -1527,6 +1527,60 @@ fn case18b_read_into_the_own_descriptor_table_is_not_fetched_twice() {
     fx.finish();
 }
 
+/// The same with an indirect table: the read's data buffer is the indirect table itself, which
+/// the disk data turns into descriptors aiming at a victim. The table must be read once.
+#[test]
+fn case03b_indirect_table_is_read_once() {
+    let mut fx = Fx::new();
+    let victim = fx.dev.gm.alloc_in_b(0x9_0000);
+    fx.dev.gm.write(victim, &[0x5B; 64]);
+    let entries = 32usize;
+    let table_len = 16 * entries;
+    let fake: Vec<u8> = (0..entries)
+        .flat_map(|_| {
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&victim.to_le_bytes());
+            b[8..12].copy_from_slice(&64u32.to_le_bytes());
+            b[12..14].copy_from_slice(&VRING_DESC_F_WRITE.to_le_bytes());
+            b
+        })
+        .collect();
+    let sector = 3072u64;
+    fx.good_write(0, sector * SECTOR, &fake);
+    for round in 0..4 {
+        let ctx = format!("case 3b, round {round}: read into the own indirect table");
+        let h = fx.header(VIRTIO_BLK_T_IN, sector);
+        let s = fx.status();
+        let table = fx.dev.gm.alloc(table_len as u64);
+        let mut t = vec![
+            Desc::ro(h, 16),
+            Desc::wo(table, table_len as u32),
+            Desc::wo(s, 1),
+        ];
+        t[0].flags |= VRING_DESC_F_NEXT;
+        t[0].next = 1;
+        t[1].flags |= VRING_DESC_F_NEXT;
+        t[1].next = 2;
+        fx.dev.write_indirect_table(table, &t);
+        // The rest of the table area holds zeros (unused entries).
+        fx.dev.gm.write(table + 48, &vec![0u8; table_len - 48]);
+        let head = indirect_head(&mut fx, 0, table, 48, 0);
+        let len = fx.run_head(0, head, &ctx);
+        fx.expect_status(&ctx, s, &[VIRTIO_BLK_S_OK]);
+        assert_eq!(len as usize, table_len + 1, "{ctx}: used length");
+        assert!(
+            fx.dev.gm.read(table, table_len) == fake,
+            "{ctx}: the table does not hold the data read"
+        );
+        fx.after(0, &ctx);
+    }
+    assert!(
+        fx.dev.gm.read(victim, 64) == [0x5B; 64],
+        "case 3b: the victim buffer was written"
+    );
+    fx.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 19: kick storms, stop and disconnect with requests in flight
 
