@@ -184,8 +184,35 @@ fn opts() -> ServeOptions {
     }
 }
 
+/// Connects a blkio client; if the backend does not answer within TIMEOUT (libblkio blocks on
+/// the socket), the backend is killed so that the client's call fails instead of hanging the test.
+fn try_connect(backend: &Backend, nq: i32, ro: bool) -> Result<Client, String> {
+    let pid = backend.pid();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(TIMEOUT) {
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on our child, which the test thread (blocked in connect) has
+                // not reaped, so the pid is still its own.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            return true;
+        }
+        false
+    });
+    let result = Client::connect(&backend.socket(), nq, ro);
+    drop(done);
+    if guard.join().unwrap_or(false) {
+        return Err(format!(
+            "the backend did not let the blkio client connect within {TIMEOUT:?} (killed it): {:?}",
+            result.err()
+        ));
+    }
+    result
+}
+
 fn connect(backend: &Backend, nq: i32, ro: bool) -> Client {
-    Client::connect(&backend.socket(), nq, ro).unwrap_or_else(|e| panic!("blkio client: {e}"))
+    try_connect(backend, nq, ro).unwrap_or_else(|e| panic!("blkio client: {e}"))
 }
 
 #[test]
@@ -338,7 +365,7 @@ fn read_only_backend_offers_ro_and_serves_reads() {
         ..opts()
     });
     // A read-write client is refused because the device offers VIRTIO_BLK_F_RO.
-    match Client::connect(&backend.socket(), 1, false) {
+    match try_connect(&backend, 1, false) {
         Ok(_) => panic!("a read-only backend let a read-write client start (no VIRTIO_BLK_F_RO?)"),
         Err(e) => assert!(e.contains("start"), "unexpected failure: {e}"),
     }
