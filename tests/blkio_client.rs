@@ -593,3 +593,67 @@ fn second_backend_on_the_same_image_waits_for_the_writer_lock() {
     a.assert_healthy("A after the hand-over");
     b.assert_healthy("B after the hand-over");
 }
+
+/// SIGTERM with writes in flight (issue #5 item 5): the daemon commits, exits 0, and every write
+/// that completed before the signal survives without a guest FLUSH; the image checks clean.
+#[test]
+fn sigterm_with_writes_in_flight_keeps_every_completed_write() {
+    let mut backend = start(opts());
+    let clusters = (DISK / CLUSTER) as usize;
+    let mut versions: Vec<Vec<Vec<u8>>> = vec![vec![vec![0u8; CLUSTER as usize]]; clusters];
+    let mut c = connect(&backend, 4, false);
+    // Completed, never flushed: must survive a clean shutdown.
+    for (i, v) in versions.iter_mut().enumerate().take(16) {
+        let data = pattern(40_000 + i as u64, CLUSTER as usize);
+        assert_eq!(c.write(i % 4, i as u64 * CLUSTER, &data, 0), 0);
+        *v = vec![data];
+    }
+    // In flight when the signal comes: each cluster ends as the old or the new version.
+    for q in 0..4usize {
+        for k in 0..8usize {
+            let cluster = 8 + q * 8 + k;
+            let data = pattern(41_000 + cluster as u64, CLUSTER as usize);
+            let buf_off = (q * 8 + k) * CLUSTER as usize;
+            c.fill(buf_off, &data);
+            let p = c.buf(buf_off, data.len());
+            c.queues[q].write(
+                cluster as u64 * CLUSTER,
+                p,
+                data.len(),
+                k,
+                ReqFlags::empty(),
+            );
+            versions[cluster].push(data);
+        }
+        c.submit(q);
+    }
+    let st = backend.terminate(Duration::from_secs(20));
+    drop(c);
+    assert!(
+        st.success(),
+        "SIGTERM with writes in flight: exit status {st}"
+    );
+    if backend.kind == BackendKind::Ours {
+        let image = backend.image();
+        let (st, out) = run_insitu_blk(&["check", image.to_str().unwrap()], TIMEOUT);
+        assert!(
+            st.success(),
+            "`insitu-blk check` after SIGTERM: {st}\n{out}"
+        );
+    }
+    backend.restart();
+    let mut c = connect(&backend, 1, false);
+    for (i, v) in versions.iter().enumerate() {
+        let (ret, got) = c.read(0, i as u64 * CLUSTER, CLUSTER as usize, 0);
+        assert_eq!(ret, 0, "read of cluster {i} after SIGTERM");
+        assert!(
+            v.contains(&got),
+            "cluster {i} after SIGTERM is not a version written to it{}",
+            if i < 16 {
+                " (a completed write was lost)"
+            } else {
+                ""
+            }
+        );
+    }
+}
