@@ -1695,6 +1695,50 @@ fn case19_kick_storm_stop_and_disconnect_with_requests_in_flight() {
     fx.finish();
 }
 
+/// More requests published at once than one worker batch (the backend bounds its work per kick
+/// and must come back for the rest without another kick): 250 indirect requests, one kick.
+#[test]
+fn case19b_more_requests_than_one_batch_with_a_single_kick() {
+    let mut fx = Fx::with(
+        ServeOptions {
+            max_queue_size: 256,
+            ..ServeOptions::default()
+        },
+        ConnectOptions {
+            queue_size: 256,
+            ..ConnectOptions::default()
+        },
+    );
+    let mut pend = Vec::new();
+    for k in 0..250u64 {
+        let data = pattern(3000 + k, 4096);
+        let off = k * 4096 + (1 << 20);
+        let h = fx.header(VIRTIO_BLK_T_OUT, off / SECTOR);
+        let d = fx.buf(&data);
+        let s = fx.status();
+        let table = fx.dev.gm.alloc(48);
+        let mut t = [Desc::ro(h, 16), Desc::ro(d, 4096), Desc::wo(s, 1)];
+        t[0].flags |= VRING_DESC_F_NEXT;
+        t[0].next = 1;
+        t[1].flags |= VRING_DESC_F_NEXT;
+        t[1].next = 2;
+        fx.dev.write_indirect_table(table, &t);
+        let head = indirect_head(&mut fx, 0, table, 48, 0);
+        fx.dev.publish(0, head);
+        pend.push((head, s, off, data));
+    }
+    fx.dev.kick(0);
+    for (head, s, off, data) in pend {
+        fx.dev
+            .wait_head(0, head, REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("case 19b: {e}"));
+        assert_eq!(fx.status_byte(s), VIRTIO_BLK_S_OK, "case 19b: status");
+        fx.model[off as usize..off as usize + 4096].copy_from_slice(&data);
+    }
+    fx.after(0, "case 19b");
+    fx.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 20: hostile frontend messages
 
