@@ -1739,6 +1739,42 @@ fn case19b_more_requests_than_one_batch_with_a_single_kick() {
     fx.finish();
 }
 
+/// Connections come and go (a frontend that reconnects, a guest rebooting): the backend must not
+/// keep file descriptors or guest memory mappings of the connections that ended.
+#[test]
+fn case19c_reconnects_leak_no_fds_or_guest_mappings() {
+    let mut fx = Fx::new();
+    let mut samples = Vec::new();
+    for round in 0..16u64 {
+        fx.reconnect(ConnectOptions::default(), "case 19c: reconnect");
+        let data = pattern(5000 + round, 4096);
+        fx.good_write((round % 2) as u16, 64 * 4096, &data);
+        // Requests in flight at every other disconnect (not the last: it stays connected).
+        if round % 2 == 1 && round < 15 {
+            for k in 0..8u64 {
+                fx.dev
+                    .submit((k % 2) as u16, VIRTIO_BLK_T_IN, k * 8, &[0u8; 4096], true);
+            }
+        }
+        if round == 3 || round == 15 {
+            samples.push(fx.backend.fds_and_guest_mappings());
+        }
+    }
+    eprintln!("case 19c: (fds, guest mappings) after 4 and 16 connections: {samples:?}");
+    if let [Some((fds0, maps0)), Some((fds1, maps1))] = samples[..] {
+        assert!(
+            fds1 <= fds0 + 2,
+            "case 19c: open fds grew from {fds0} to {fds1} over 12 reconnects"
+        );
+        assert!(
+            maps1 <= maps0,
+            "case 19c: guest memory mappings grew from {maps0} to {maps1} over 12 reconnects"
+        );
+    }
+    fx.after(0, "case 19c");
+    fx.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 20: hostile frontend messages
 

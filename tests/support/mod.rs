@@ -278,6 +278,15 @@ impl Backend {
         Some(Duration::from_millis((utime + stime) * 1000 / hz))
     }
 
+    /// Open file descriptors and memfd-backed mappings of the process (for leak checks).
+    pub fn fds_and_guest_mappings(&self) -> Option<(usize, usize)> {
+        let pid = self.pid()?;
+        let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let guest = maps.lines().filter(|l| l.contains("memfd:")).count();
+        Some((fds, guest))
+    }
+
     /// Sends `signal` to the process (if it runs).
     pub fn signal(&self, signal: i32) {
         if let Some(pid) = self.pid() {
