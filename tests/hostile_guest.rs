@@ -1581,6 +1581,94 @@ fn case03b_indirect_table_is_read_once() {
     fx.finish();
 }
 
+/// The guest rewrites a descriptor while the device may be reading it (check-then-use): the data
+/// descriptor of a read flips between a valid buffer and addresses outside guest memory. Whatever
+/// the device saw, it fails or serves that request alone, never crashes, and never writes guest
+/// memory outside the data area the descriptor could name inside memory.
+#[test]
+fn case18c_descriptor_rewritten_while_the_device_reads_it() {
+    let mut fx = Fx::new();
+    let buf = fx.dev.gm.alloc(4096);
+    let h = fx.header(VIRTIO_BLK_T_IN, 0);
+    let s = fx.status();
+    let idx = fx.dev.alloc_descs(0, 3);
+    let data_desc_gpa = fx.dev.vqs[0].desc_gpa + 16 * u64::from(idx[1]);
+    let variants: [(u64, u32); 4] = [
+        (buf, 4096),
+        (HOLE_GPA + PAGE, 4096),
+        (u64::MAX - 100, 4096),
+        (REGION_B_GPA + REGION_B_SIZE - 1024, 4096),
+    ];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let mem = fx.dev.gm.mem.clone();
+        let stop = stop.clone();
+        let next = idx[2];
+        std::thread::spawn(move || {
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (addr, len) = variants[k % variants.len()];
+                let mut d = [0u8; 16];
+                d[0..8].copy_from_slice(&addr.to_le_bytes());
+                d[8..12].copy_from_slice(&len.to_le_bytes());
+                d[12..14].copy_from_slice(&(VRING_DESC_F_NEXT | VRING_DESC_F_WRITE).to_le_bytes());
+                d[14..16].copy_from_slice(&next.to_le_bytes());
+                mem.write_slice(&d, vm_memory::GuestAddress(data_desc_gpa))
+                    .unwrap();
+                k += 1;
+            }
+        })
+    };
+    let (mut ok, mut err) = (0, 0);
+    for round in 0..200 {
+        let ctx = format!("case 18c, round {round}");
+        fx.dev.set_desc(
+            0,
+            idx[0],
+            Desc {
+                addr: h,
+                len: 16,
+                flags: VRING_DESC_F_NEXT,
+                next: idx[1],
+            },
+        );
+        fx.dev.set_desc(0, idx[2], Desc::wo(s, 1));
+        fx.dev.gm.write(s, &[0xFF]);
+        // Only the valid buffer may be written: a descriptor straddling region B's end is
+        // rejected with no access (case 1), whenever the device read it.
+        fx.dev.gm.allow(buf, 4096);
+        fx.dev.publish(0, idx[0]);
+        fx.dev.kick(0);
+        let len = fx
+            .dev
+            .wait_head(0, idx[0], REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        match fx.status_byte(s) {
+            VIRTIO_BLK_S_OK => {
+                assert!(
+                    fx.dev.gm.read(buf, 4096) == fx.model[..4096],
+                    "{ctx}: served, but the buffer does not hold the disk's data"
+                );
+                fx.dev.gm.write(buf, &[0xEE; 4096]);
+                ok += 1
+            }
+            VIRTIO_BLK_S_IOERR => err += 1,
+            0xFF if len == 0 => err += 1,
+            other => panic!("{ctx}: status {other:#x}, used length {len}"),
+        }
+        fx.backend.assert_healthy(&ctx);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    eprintln!("case 18c: {ok} served, {err} refused");
+    // The flipper wrote the descriptor table behind the shadow's back: take it as the driver's.
+    let table = fx.dev.vqs[0].desc_gpa;
+    let current = fx.dev.gm.read(table, 16 * usize::from(fx.dev.vqs[0].size));
+    fx.dev.gm.write(table, &current);
+    fx.after(0, "case 18c");
+    fx.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 19: kick storms, stop and disconnect with requests in flight
 
