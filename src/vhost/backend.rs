@@ -15,15 +15,14 @@
 //! ring is started any more, quiesces the engine.
 //!
 //! SET_VRING_ENABLE 0 alone (all cloud-hypervisor sends on pause) reaches no backend hook: the
-//! crate unregisters the ring's kick fd, so no new request is taken, the requests in progress
-//! complete, and the engine stays resumed (writer lock held) with its timer commit making every
-//! accepted write durable within the commit interval. The engine quiesces when the frontend
-//! stops the rings (GET_VRING_BASE) or disconnects.
+//! crate unregisters the ring's kick fd, so no new request is taken and the requests in progress
+//! complete. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
+//! 200 ms and quiesces the engine (commit, park, release the lock); re-enabling a ring resumes it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -63,6 +62,9 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set while queue `q` is started (a worker saw it started and enabled); changed only
     /// under that queue's gate, read under all gates.
     started_queues: AtomicU64,
+    /// Each queue's ring, recorded by its worker at the first event, so the pause detector
+    /// ([`ConnectionBackend::every_started_ring_disabled`]) can look at its enabled state.
+    rings: Vec<OnceLock<Vring>>,
     /// Bit `q` set once queue `q` logged a fault of the frontend's ring set-up at warn level;
     /// later ones go to debug, so a hostile guest cannot flood the log.
     ring_fault_logged: AtomicU64,
@@ -78,6 +80,7 @@ impl<D: Device> ConnectionBackend<D> {
     /// (the crate swaps the memory inside it on SET_MEM_TABLE; the workers read it lock-free).
     pub fn new(disk: Arc<SharedDisk<D>>, mem: GuestMemoryHandle, queue_size: usize) -> Self {
         Self {
+            rings: (0..disk.num_queues()).map(|_| OnceLock::new()).collect(),
             disk,
             mem,
             queue_size,
@@ -114,6 +117,26 @@ impl<D: Device> ConnectionBackend<D> {
         }
     }
 
+    /// True when at least one queue is started and the frontend has disabled every started one
+    /// (SET_VRING_ENABLE 0 without GET_VRING_BASE: how cloud-hypervisor pauses a VM).
+    pub fn every_started_ring_disabled(&self) -> bool {
+        let started = self.started_queues.load(Ordering::Acquire);
+        if started == 0 {
+            return false;
+        }
+        (0..self.rings.len().min(MAX_QUEUES))
+            .filter(|q| started & (1u64 << q) != 0)
+            .all(|q| match self.rings[q].get() {
+                Some(vring) => !vring.get_ref().is_enabled(),
+                None => false,
+            })
+    }
+
+    /// The disk served.
+    pub fn disk(&self) -> &Arc<SharedDisk<D>> {
+        &self.disk
+    }
+
     /// True when ring `vring` is started and enabled (the frontend lets us process it).
     fn ring_is_live(vring: &Vring) -> bool {
         let state = vring.get_ref();
@@ -141,6 +164,9 @@ impl<D: Device> ConnectionBackend<D> {
                 continue;
             }
             if queue < MAX_QUEUES {
+                if let Some(slot) = self.rings.get(queue) {
+                    slot.get_or_init(|| vring.clone());
+                }
                 self.started_queues.fetch_or(1 << queue, Ordering::AcqRel);
             }
             let more = self.process_available(queue, vring);

@@ -180,6 +180,9 @@ impl StopHandle {
     }
 }
 
+/// How often a connection's pause detector looks at the rings' enabled state.
+const PAUSE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 const LISTENER_EVENT: u64 = 0;
 const WAKE_EVENT: u64 = 1;
 
@@ -296,11 +299,15 @@ impl<D: Device> Daemon<D> {
         ));
         let mut daemon = VhostUserDaemon::new("insitu-blk".to_string(), Arc::clone(&backend), mem)
             .map_err(|e| DaemonError::Connection(e.to_string()))?;
-        // A connection is pending (epoll said so): this accept does not block.
+        // A connection is pending (epoll said so): this accept does not block. A connection
+        // that cannot be set up is dropped; the daemon goes on listening.
         if let Err(e) = daemon.start(&mut self.listener) {
             drop(daemon);
             backend.close_exit_fds();
-            return Err(DaemonError::Connection(e.to_string()));
+            tracing::warn!("cannot set up connection {number}: {e}");
+            // If the connection is still pending (e.g. out of file descriptors), do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return Ok(());
         }
         {
             let mut current = lock(&self.control.current);
@@ -310,8 +317,13 @@ impl<D: Device> Daemon<D> {
             }
         }
         tracing::info!("frontend connected (connection {number})");
+        let (pause_detector_stop, pause_detector) = spawn_pause_detector(Arc::clone(&backend));
         let result = daemon.wait();
         *lock(&self.control.current) = None;
+        drop(pause_detector_stop);
+        if let Some(handle) = pause_detector {
+            let _ = handle.join();
+        }
         match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {
@@ -326,5 +338,40 @@ impl<D: Device> Daemon<D> {
         drop(daemon);
         backend.close_exit_fds();
         Ok(())
+    }
+}
+
+/// Starts the thread that quiesces the disk while the frontend keeps every started ring disabled
+/// (SET_VRING_ENABLE 0 without GET_VRING_BASE: cloud-hypervisor's pause). No backend hook sees
+/// SET_VRING_ENABLE, so the rings' state is polled. Re-enabling a ring makes its worker resume the
+/// disk. The thread ends when the returned sender is dropped.
+fn spawn_pause_detector<D: Device>(
+    backend: Arc<ConnectionBackend<D>>,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("pause-detector".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(PAUSE_CHECK_INTERVAL)
+            {
+                let disk = backend.disk();
+                if disk.is_running() && backend.every_started_ring_disabled() {
+                    // Checked again once no request is in progress (under every gate).
+                    let _ = disk.quiesce_if("the frontend disabled every queue (paused)", || {
+                        backend.every_started_ring_disabled()
+                    });
+                }
+            }
+        });
+    match spawned {
+        Ok(handle) => (stop, Some(handle)),
+        Err(e) => {
+            tracing::warn!("cannot start the pause detector (pauses keep the lock): {e}");
+            (stop, None)
+        }
     }
 }

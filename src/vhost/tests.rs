@@ -831,3 +831,42 @@ fn stopping_rings_under_load_always_answers_and_drains() {
     );
     served.stop();
 }
+
+#[test]
+fn disabling_every_ring_quiesces_and_enabling_one_resumes() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    fe.submit(0);
+    fe.submit(1);
+    fe.wait_used(0, 1);
+    fe.wait_used(1, 1);
+    assert_eq!(served.device().events(), ["resume"]);
+    // One ring disabled: the other still runs, nothing happens.
+    fe.frontend.set_vring_enable(0, false).unwrap();
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(served.device().events(), ["resume"]);
+    // Every ring disabled (cloud-hypervisor's pause): quiesced without any GET_VRING_BASE.
+    fe.frontend.set_vring_enable(1, false).unwrap();
+    wait_for("quiesce on pause", || {
+        served.device().events() == ["resume", "quiesce"]
+    });
+    assert!(!served.disk.is_running());
+    // A request queued while paused is served once the ring is enabled again.
+    let status = fe.submit(1);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(fe.used_idx(1), 1, "served while disabled");
+    fe.frontend.set_vring_enable(1, true).unwrap();
+    fe.wait_used(1, 2);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(served.device().events(), ["resume", "quiesce", "resume"]);
+    assert_eq!(
+        served
+            .device()
+            .processed_while_quiesced
+            .load(Ordering::SeqCst),
+        0
+    );
+    served.stop();
+}
