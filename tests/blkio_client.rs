@@ -184,8 +184,35 @@ fn opts() -> ServeOptions {
     }
 }
 
+/// Connects a blkio client; if the backend does not answer within TIMEOUT (libblkio blocks on
+/// the socket), the backend is killed so that the client's call fails instead of hanging the test.
+fn try_connect(backend: &Backend, nq: i32, ro: bool) -> Result<Client, String> {
+    let pid = backend.pid();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let guard = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(TIMEOUT) {
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on our child, which the test thread (blocked in connect) has
+                // not reaped, so the pid is still its own.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            return true;
+        }
+        false
+    });
+    let result = Client::connect(&backend.socket(), nq, ro);
+    drop(done);
+    if guard.join().unwrap_or(false) {
+        return Err(format!(
+            "the backend did not let the blkio client connect within {TIMEOUT:?} (killed it): {:?}",
+            result.err()
+        ));
+    }
+    result
+}
+
 fn connect(backend: &Backend, nq: i32, ro: bool) -> Client {
-    Client::connect(&backend.socket(), nq, ro).unwrap_or_else(|e| panic!("blkio client: {e}"))
+    try_connect(backend, nq, ro).unwrap_or_else(|e| panic!("blkio client: {e}"))
 }
 
 #[test]
@@ -227,6 +254,47 @@ fn multi_queue_write_read_flush_discard_write_zeroes_round_trips() {
             "write at {off}"
         );
         model[off as usize..off as usize + 8192].copy_from_slice(&data);
+    }
+    // Scatter-gather: writev of three uneven iovecs (several data descriptors per request), then
+    // readv into four others.
+    {
+        let data = pattern(150, 3 * 4096);
+        let off = 12 * CLUSTER + 4096;
+        let cuts = [(0usize, 512usize), (512, 4096 * 2 - 512), (4096 * 2, 4096)];
+        let mut iov = Vec::new();
+        for (k, &(from, len)) in cuts.iter().enumerate() {
+            let buf_off = (1 << 20) + k * 8192;
+            c.fill(buf_off, &data[from..from + len]);
+            iov.push(blkio::iovec {
+                iov_base: c.buf(buf_off, len).cast(),
+                iov_len: len,
+            });
+        }
+        c.queues[1].writev(off, iov.as_ptr(), iov.len() as u32, 11, ReqFlags::empty());
+        assert_eq!(c.wait_one(1), 0, "writev");
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        let rcuts = [
+            (0usize, 1024usize),
+            (1024, 1024),
+            (2048, 4096),
+            (6144, 6144),
+        ];
+        let mut riov = Vec::new();
+        for (k, &(_, len)) in rcuts.iter().enumerate() {
+            let buf_off = (2 << 20) + k * 8192;
+            c.fill(buf_off, &vec![0xEE; len]);
+            riov.push(blkio::iovec {
+                iov_base: c.buf(buf_off, len).cast(),
+                iov_len: len,
+            });
+        }
+        c.queues[2].readv(off, riov.as_ptr(), riov.len() as u32, 12, ReqFlags::empty());
+        assert_eq!(c.wait_one(2), 0, "readv");
+        let mut back = Vec::new();
+        for (k, &(_, len)) in rcuts.iter().enumerate() {
+            back.extend(c.get((2 << 20) + k * 8192, len));
+        }
+        assert!(back == data, "readv returned other data than writev wrote");
     }
     assert_eq!(c.flush(1), 0, "flush");
     // Read back through every queue (each a different part).
@@ -297,7 +365,7 @@ fn read_only_backend_offers_ro_and_serves_reads() {
         ..opts()
     });
     // A read-write client is refused because the device offers VIRTIO_BLK_F_RO.
-    match Client::connect(&backend.socket(), 1, false) {
+    match try_connect(&backend, 1, false) {
         Ok(_) => panic!("a read-only backend let a read-write client start (no VIRTIO_BLK_F_RO?)"),
         Err(e) => assert!(e.contains("start"), "unexpected failure: {e}"),
     }
@@ -370,6 +438,13 @@ fn sigkill_after_a_completed_flush_loses_nothing() {
         model[20 * CLUSTER as usize..22 * CLUSTER as usize].copy_from_slice(&cur);
     }
     assert_eq!(c.flush(2), 0, "flush");
+    // A FUA write after the flush: durable when it completes, like a write followed by a flush.
+    let fua = pattern(399, 64 << 10);
+    c.fill(0, &fua);
+    let p = c.buf(0, fua.len());
+    c.queues[3].write(60 * CLUSTER, p, fua.len(), 52, ReqFlags::FUA);
+    assert_eq!(c.wait_one(3), 0, "FUA write");
+    model[60 * CLUSTER as usize..61 * CLUSTER as usize].copy_from_slice(&fua);
     backend.kill9();
     drop(c);
     backend.restart();
@@ -465,4 +540,120 @@ fn sigkill_with_writes_in_flight_leaves_a_clean_image() {
         }
     }
     assert!(check_failures.is_empty(), "{}", check_failures.join("\n"));
+}
+
+/// I8 and I7 through two processes on one image (what a migration does): while A's device runs,
+/// B cannot write (it has no writer lock); once A's client is gone (A quiesces and releases the
+/// lock), B takes over and sees everything A's client wrote.
+#[test]
+fn second_backend_on_the_same_image_waits_for_the_writer_lock() {
+    let mut a = start(opts());
+    if a.kind != BackendKind::Ours {
+        return; // qsd has no writer lock protocol
+    }
+    let mut model = vec![0u8; DISK as usize];
+    let mut ca = connect(&a, 2, false);
+    let data = pattern(500, 4 * CLUSTER as usize);
+    assert_eq!(ca.write(0, 0, &data, 0), 0);
+    model[..data.len()].copy_from_slice(&data);
+    // Not flushed: the hand-over must carry it anyway (A commits when it quiesces).
+    let mut b = Backend::start(
+        &a.work,
+        ServeOptions {
+            socket_name: Some("b.sock".into()),
+            ..opts()
+        },
+    );
+    let mut cb = connect(&b, 1, false);
+    let other = pattern(501, 4096);
+    let ret = cb.write(0, 8 * CLUSTER, &other, 0);
+    assert_ne!(ret, 0, "B wrote to the image while A holds the writer lock");
+    // A's client keeps working and sees nothing of B.
+    let more = pattern(502, CLUSTER as usize);
+    assert_eq!(ca.write(1, 4 * CLUSTER, &more, 0), 0);
+    model[4 * CLUSTER as usize..5 * CLUSTER as usize].copy_from_slice(&more);
+    ca.verify(1, &model).unwrap();
+    // A's frontend goes away: A quiesces and releases the lock; B's requests start to succeed.
+    drop(ca);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ret = cb.write(0, 8 * CLUSTER, &other, 0);
+        if ret == 0 {
+            model[8 * CLUSTER as usize..8 * CLUSTER as usize + 4096].copy_from_slice(&other);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never got the writer lock after A's client left (last ret {ret})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cb.verify(0, &model)
+        .unwrap_or_else(|e| panic!("B after the hand-over: {e}"));
+    a.assert_healthy("A after the hand-over");
+    b.assert_healthy("B after the hand-over");
+}
+
+/// SIGTERM with writes in flight (issue #5 item 5): the daemon commits, exits 0, and every write
+/// that completed before the signal survives without a guest FLUSH; the image checks clean.
+#[test]
+fn sigterm_with_writes_in_flight_keeps_every_completed_write() {
+    let mut backend = start(opts());
+    let clusters = (DISK / CLUSTER) as usize;
+    let mut versions: Vec<Vec<Vec<u8>>> = vec![vec![vec![0u8; CLUSTER as usize]]; clusters];
+    let mut c = connect(&backend, 4, false);
+    // Completed, never flushed: must survive a clean shutdown.
+    for (i, v) in versions.iter_mut().enumerate().take(16) {
+        let data = pattern(40_000 + i as u64, CLUSTER as usize);
+        assert_eq!(c.write(i % 4, i as u64 * CLUSTER, &data, 0), 0);
+        *v = vec![data];
+    }
+    // In flight when the signal comes: each cluster ends as the old or the new version.
+    for q in 0..4usize {
+        for k in 0..8usize {
+            let cluster = 8 + q * 8 + k;
+            let data = pattern(41_000 + cluster as u64, CLUSTER as usize);
+            let buf_off = (q * 8 + k) * CLUSTER as usize;
+            c.fill(buf_off, &data);
+            let p = c.buf(buf_off, data.len());
+            c.queues[q].write(
+                cluster as u64 * CLUSTER,
+                p,
+                data.len(),
+                k,
+                ReqFlags::empty(),
+            );
+            versions[cluster].push(data);
+        }
+        c.submit(q);
+    }
+    let st = backend.terminate(Duration::from_secs(20));
+    drop(c);
+    assert!(
+        st.success(),
+        "SIGTERM with writes in flight: exit status {st}"
+    );
+    if backend.kind == BackendKind::Ours {
+        let image = backend.image();
+        let (st, out) = run_insitu_blk(&["check", image.to_str().unwrap()], TIMEOUT);
+        assert!(
+            st.success(),
+            "`insitu-blk check` after SIGTERM: {st}\n{out}"
+        );
+    }
+    backend.restart();
+    let mut c = connect(&backend, 1, false);
+    for (i, v) in versions.iter().enumerate() {
+        let (ret, got) = c.read(0, i as u64 * CLUSTER, CLUSTER as usize, 0);
+        assert_eq!(ret, 0, "read of cluster {i} after SIGTERM");
+        assert!(
+            v.contains(&got),
+            "cluster {i} after SIGTERM is not a version written to it{}",
+            if i < 16 {
+                " (a completed write was lost)"
+            } else {
+                ""
+            }
+        );
+    }
 }

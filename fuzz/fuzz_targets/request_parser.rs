@@ -5,7 +5,9 @@
 //! its checksum, and the read-only device's disk never changes.
 //!
 //! Input layout:
-//! - byte 0: bit 0..=2 = FLUSH / DISCARD / WRITE_ZEROES acked, bit 3 = read-only device;
+//! - byte 0: bit 0..=2 = FLUSH / DISCARD / WRITE_ZEROES acked, bit 3 = read-only device,
+//!   bit 4 = serve through `process_chain` (virtio-queue's iterator) instead of
+//!   `process_ring_chain` (the device's own walk of the descriptor table);
 //! - byte 1: number of chains to pop (0..=7);
 //! - 2 bytes per chain: head index (mod 32, so some are out of range);
 //! - 16 descriptors of 16 bytes (addr u64, len u32, flags u16, next u16). An address with its top
@@ -16,7 +18,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use insitu_blk::blk::{BlkConfig, BlkDevice};
+use insitu_blk::blk::{BlkConfig, BlkDevice, SplitRing};
 use insitu_blk::image::{Compression, CreateOptions, Image, MemStorage, OpenOptions};
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_blk::{
@@ -148,8 +150,16 @@ fuzz_target!(|input: &[u8]| {
     }
 
     let mut queue: Queue = vq.create_queue().expect("queue");
+    let ring = SplitRing {
+        desc_table: vq.desc_table_addr(),
+        size: QUEUE_SIZE,
+    };
     for chain in queue.iter(&mem).expect("avail ring") {
-        dev.process_chain(chain, acked);
+        if mode & 16 != 0 {
+            dev.process_chain(chain, acked);
+        } else {
+            dev.process_ring_chain(chain, ring, acked);
+        }
     }
 
     // Whatever the guest sent: what is stored verifies, and a read-only disk never changes.

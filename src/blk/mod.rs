@@ -29,7 +29,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{Bytes, GuestMemory};
 
 pub use config::BlkConfig;
-pub use request::RequestBuffers;
+pub use request::{RequestBuffers, SplitRing};
 
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 
@@ -248,11 +248,51 @@ impl BlkDevice {
         self.read_only
     }
 
-    /// Serves one request and writes its status. Returns the used length to put in the used
-    /// ring: the data bytes written into the chain plus the status byte, or 0 when the chain has
-    /// no usable status byte (nothing was written then). Never panics on guest input.
-    /// `acked_features` are the features the driver accepted. Uses a per-thread
-    /// [`RequestBuffers`]; see [`BlkDevice::process_chain_with`] to pass one explicitly.
+    /// Serves the request at the head of `chain`, read from the descriptor table of `ring`
+    /// (the queue the chain was popped from), and writes its status. This is the strict path:
+    /// the device walks the table itself, so it refuses every malformed indirect descriptor
+    /// (INDIRECT with NEXT, nested, not at the head, empty, ragged, longer than the queue).
+    ///
+    /// Returns the used length for the used ring: the data bytes written into the chain plus the
+    /// status byte, or 0 when the chain has no usable status byte (then nothing was written).
+    /// `acked_features` are the features the driver accepted. Never panics on guest input. Uses
+    /// a per-thread [`RequestBuffers`]; [`BlkDevice::process_ring_chain_with`] takes one
+    /// explicitly.
+    pub fn process_ring_chain<M>(
+        &self,
+        chain: virtio_queue::DescriptorChain<M>,
+        ring: SplitRing,
+        acked_features: u64,
+    ) -> u32
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        with_thread_buffers(|bufs| self.process_ring_chain_with(bufs, chain, ring, acked_features))
+    }
+
+    /// [`BlkDevice::process_ring_chain`] with explicit per-queue scratch buffers.
+    pub fn process_ring_chain_with<M>(
+        &self,
+        bufs: &mut RequestBuffers,
+        chain: virtio_queue::DescriptorChain<M>,
+        ring: SplitRing,
+        acked_features: u64,
+    ) -> u32
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        let head = chain.head_index();
+        let mem = chain.memory();
+        let status = request::walk_chain(mem, ring, head, self.cfg.queue_size, bufs);
+        self.serve(mem, bufs, head, status, acked_features)
+    }
+
+    /// Like [`BlkDevice::process_ring_chain`], following virtio-queue's own chain iterator
+    /// instead of reading the descriptor table: every check is the same except that a descriptor
+    /// with INDIRECT and NEXT is served (the iterator hides it and ignores its NEXT). Prefer
+    /// `process_ring_chain`.
     pub fn process_chain<M>(
         &self,
         chain: virtio_queue::DescriptorChain<M>,
@@ -262,22 +302,7 @@ impl BlkDevice {
         M: Deref,
         M::Target: GuestMemory,
     {
-        let mut chain = Some(chain);
-        let served = THREAD_BUFFERS.try_with(|cell| {
-            let mut bufs = cell.try_borrow_mut().ok()?;
-            let chain = chain.take()?;
-            Some(self.process_chain_with(&mut bufs, chain, acked_features))
-        });
-        if let Ok(Some(used)) = served {
-            return used;
-        }
-        // Re-entrance or a thread in teardown: serve with fresh buffers rather than panic.
-        match chain {
-            Some(chain) => {
-                self.process_chain_with(&mut RequestBuffers::default(), chain, acked_features)
-            }
-            None => 0,
-        }
+        with_thread_buffers(|bufs| self.process_chain_with(bufs, chain, acked_features))
     }
 
     /// [`BlkDevice::process_chain`] with explicit per-queue scratch buffers.
@@ -292,14 +317,26 @@ impl BlkDevice {
         M::Target: GuestMemory,
     {
         let head = chain.head_index();
-        let status_byte = match request::collect_chain(&mut chain, self.cfg.queue_size, bufs) {
+        let status = request::collect_chain(&mut chain, self.cfg.queue_size, bufs);
+        self.serve(chain.memory(), bufs, head, status, acked_features)
+    }
+
+    /// Executes the collected request and writes its status; returns the used length.
+    fn serve<G: GuestMemory + ?Sized>(
+        &self,
+        mem: &G,
+        bufs: &mut RequestBuffers,
+        head: u16,
+        status_byte: Result<request::StatusByte, request::Unanswerable>,
+        acked_features: u64,
+    ) -> u32 {
+        let status_byte = match status_byte {
             Ok(status) => status,
             Err(reason) => {
                 tracing::debug!(head, %reason, "descriptor chain returned unanswered");
                 return 0;
             }
         };
-        let mem = chain.memory();
         let (status, data_written) = match self.execute(mem, bufs, acked_features) {
             Ok(written) => (exec::STATUS_OK, written),
             Err(err) => {
@@ -316,5 +353,23 @@ impl BlkDevice {
             return 0;
         }
         data_written.saturating_add(1)
+    }
+}
+
+/// Runs `serve` with this thread's [`RequestBuffers`] (one per queue thread), or with fresh ones
+/// on re-entrance or during thread teardown rather than panic.
+fn with_thread_buffers(serve: impl FnOnce(&mut RequestBuffers) -> u32) -> u32 {
+    let mut serve = Some(serve);
+    let served = THREAD_BUFFERS.try_with(|cell| {
+        let mut bufs = cell.try_borrow_mut().ok()?;
+        let serve = serve.take()?;
+        Some(serve(&mut bufs))
+    });
+    if let Ok(Some(used)) = served {
+        return used;
+    }
+    match serve {
+        Some(serve) => serve(&mut RequestBuffers::default()),
+        None => 0,
     }
 }

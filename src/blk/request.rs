@@ -1,24 +1,34 @@
 //! Turning a descriptor chain into a validated request.
 //!
 //! The guest owns the descriptors and the buffers and may change them at any time, so every
-//! descriptor is fetched exactly once (by walking the chain once into [`RequestBuffers`]) and
-//! everything is validated on that private snapshot:
+//! descriptor is fetched exactly once into [`RequestBuffers`] and everything is validated on that
+//! private snapshot. Two walkers fill it:
 //!
-//! - virtio-queue's iterator bounds the walk (queue-size hops, one level of indirection, an
-//!   indirect table a multiple of 16 bytes, 2^32 bytes in total) but ends a broken chain silently.
-//!   A chain whose last yielded descriptor still has NEXT set was cut short, and is rejected here.
-//!   It does not check that buffers lie in guest memory, nor bound an indirect table by the queue
-//!   size: both are checked here.
-//! - The status byte is the last byte of the last descriptor, which must be device-writable;
-//!   without it no answer is possible and the chain is returned with used length 0.
-//! - The 16-byte header is gathered from the leading device-readable bytes (it may be split);
-//!   the data are the bytes between the header and the status byte (the status may share a
-//!   descriptor with data).
+//! - [`walk_chain`] (used by [`super::BlkDevice::process_ring_chain`]) reads the descriptor table
+//!   itself, knowing where the ring is: it enforces every rule of virtio 1.2 2.7.5.3 on indirect
+//!   descriptors (only at the head, never with NEXT, never nested, a non-empty table of whole
+//!   descriptors no longer than the queue), stops a cycle after as many hops as the table has
+//!   entries, and bounds the chain to 2^32 bytes.
+//! - [`collect_chain`] (used by [`super::BlkDevice::process_chain`]) follows virtio-queue's
+//!   `DescriptorChain` iterator, which bounds the walk (queue-size hops, one level of indirection,
+//!   a table a multiple of 16 bytes, 2^32 bytes in total) but ends a broken chain silently: a chain
+//!   whose last yielded descriptor still has NEXT set was cut short, and is rejected here. That
+//!   iterator hides the descriptor that points to an indirect table, so INDIRECT together with NEXT
+//!   (whose NEXT it ignores) cannot be refused on this path.
+//!
+//! Then, on the snapshot:
+//! - every buffer must lie inside one guest memory region (no u64 overflow, no straddling);
+//! - the status byte is the last byte of the last descriptor, which must be device-writable;
+//!   without it no answer is possible and the chain is returned with used length 0;
+//! - the 16-byte header is gathered from the leading device-readable bytes (it may be split); the
+//!   data are the bytes between the header and the status byte (the status may share a descriptor
+//!   with data); no device-readable descriptor may follow a device-writable one.
 //!
 //! Nothing here touches the image.
 
 use std::ops::Deref;
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions,
 };
@@ -87,6 +97,16 @@ pub enum Unanswerable {
     /// More descriptors than the queue size.
     #[error("descriptor chain has more than {0} descriptors")]
     TooManyDescriptors(u16),
+    /// Buffers of more than 2^32 - 1 bytes in total (virtio 1.2 2.7.5.2).
+    #[error("descriptor chain is longer than 4 GiB")]
+    TooLong,
+    /// A descriptor with both INDIRECT and NEXT (virtio 1.2 2.7.5.3.1).
+    #[error("indirect descriptor has NEXT set")]
+    IndirectWithNext,
+    /// An indirect table that is empty, not a whole number of descriptors, nested in another,
+    /// or reached after direct descriptors.
+    #[error("invalid indirect descriptor table")]
+    BadIndirectTable,
     /// The last descriptor is device-readable, empty, or outside guest memory.
     #[error("descriptor chain has no writable status byte")]
     NoStatus,
@@ -125,13 +145,142 @@ where
             writable: desc.is_write_only(),
         });
     }
-    let Some(last) = bufs.descriptors.last().copied() else {
-        return Err(Unanswerable::Empty);
-    };
     if last_had_next {
         return Err(Unanswerable::Truncated);
     }
-    if !last.writable || last.len == 0 || !buffer_in_memory(chain.memory(), &last) {
+    locate_status(chain.memory(), &bufs.descriptors)
+}
+
+/// Where a split virtqueue's descriptor table is, which virtio-queue's `DescriptorChain` keeps
+/// private. From the queue: `GuestAddress(queue.desc_table())` and `queue.size()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitRing {
+    /// Guest address of the descriptor table.
+    pub desc_table: GuestAddress,
+    /// Queue size (entries of the descriptor table).
+    pub size: u16,
+}
+
+/// One descriptor as read from guest memory.
+#[derive(Clone, Copy, Debug)]
+struct RawDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// Reads descriptor `index` of the table at `table` (little-endian `struct virtq_desc`).
+fn read_descriptor<G: GuestMemory + ?Sized>(
+    mem: &G,
+    table: GuestAddress,
+    index: u16,
+) -> Option<RawDesc> {
+    let at = table.checked_add(u64::from(index) * 16)?;
+    let mut raw = [0u8; 16];
+    mem.read_slice(&mut raw, at).ok()?;
+    let (addr, rest) = raw.split_at(8);
+    Some(RawDesc {
+        addr: u64::from_le_bytes(addr.try_into().ok()?),
+        len: u32::from_le_bytes(rest[0..4].try_into().ok()?),
+        flags: u16::from_le_bytes(rest[4..6].try_into().ok()?),
+        next: u16::from_le_bytes(rest[6..8].try_into().ok()?),
+    })
+}
+
+/// Walks the chain starting at descriptor `head` of `ring`, reading every descriptor once into
+/// `bufs.descriptors`, and locates the status byte. `max_descriptors` bounds the chain and any
+/// indirect table.
+pub fn walk_chain<G: GuestMemory + ?Sized>(
+    mem: &G,
+    ring: SplitRing,
+    head: u16,
+    max_descriptors: u16,
+    bufs: &mut RequestBuffers,
+) -> Result<StatusByte, Unanswerable> {
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+    bufs.descriptors.clear();
+    if head >= ring.size {
+        return Err(Unanswerable::Empty);
+    }
+    let mut table = ring.desc_table;
+    let mut table_entries = ring.size;
+    let mut index = head;
+    let mut in_indirect_table = false;
+    // Descriptors visited in the current table: more than it has entries means a cycle.
+    let mut hops = 0u32;
+    let mut total_len = 0u64;
+    loop {
+        hops += 1;
+        if hops > u32::from(table_entries) {
+            return Err(Unanswerable::Truncated);
+        }
+        let Some(desc) = read_descriptor(mem, table, index) else {
+            return Err(if bufs.descriptors.is_empty() && !in_indirect_table {
+                Unanswerable::Empty
+            } else {
+                Unanswerable::Truncated
+            });
+        };
+        if desc.flags & INDIRECT != 0 {
+            if desc.flags & NEXT != 0 {
+                return Err(Unanswerable::IndirectWithNext);
+            }
+            if in_indirect_table
+                || !bufs.descriptors.is_empty()
+                || desc.len == 0
+                || desc.len % 16 != 0
+            {
+                return Err(Unanswerable::BadIndirectTable);
+            }
+            let entries = desc.len / 16;
+            if entries > u32::from(max_descriptors) {
+                return Err(Unanswerable::TooManyDescriptors(max_descriptors));
+            }
+            table = GuestAddress(desc.addr);
+            // entries <= max_descriptors, a u16.
+            table_entries = entries as u16;
+            index = 0;
+            in_indirect_table = true;
+            hops = 0;
+            continue;
+        }
+        if bufs.descriptors.len() >= usize::from(max_descriptors) {
+            return Err(Unanswerable::TooManyDescriptors(max_descriptors));
+        }
+        total_len += u64::from(desc.len);
+        if total_len > u64::from(u32::MAX) {
+            return Err(Unanswerable::TooLong);
+        }
+        bufs.descriptors.push(GuestBuffer {
+            addr: GuestAddress(desc.addr),
+            len: desc.len,
+            writable: desc.flags & WRITE != 0,
+        });
+        if desc.flags & NEXT == 0 {
+            break;
+        }
+        if desc.next >= table_entries {
+            return Err(Unanswerable::Truncated);
+        }
+        index = desc.next;
+    }
+    locate_status(mem, &bufs.descriptors)
+}
+
+/// The status byte: the last byte of the last descriptor, which must be device-writable and in
+/// guest memory.
+fn locate_status<G: GuestMemory + ?Sized>(
+    mem: &G,
+    descriptors: &[GuestBuffer],
+) -> Result<StatusByte, Unanswerable> {
+    let Some(last) = descriptors.last().copied() else {
+        return Err(Unanswerable::Empty);
+    };
+    if !last.writable || last.len == 0 || !buffer_in_memory(mem, &last) {
         return Err(Unanswerable::NoStatus);
     }
     // `buffer_in_memory` checked that addr + len - 1 does not overflow.

@@ -17,7 +17,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::request::{self, GuestBuffer, Header, RequestBuffers, Unanswerable};
-use super::{BlkConfig, BlkDevice, RequestError};
+use super::{BlkConfig, BlkDevice, RequestError, SplitRing};
 use crate::image::{CreateOptions, Image, OpenOptions};
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
@@ -184,14 +184,50 @@ enum Parsed {
     Request(u64, Header, Vec<GuestBuffer>),
 }
 
+/// The descriptor table of the chains `pop_chain` builds.
+const RING: SplitRing = SplitRing {
+    desc_table: GuestAddress(0),
+    size: QUEUE_SIZE,
+};
+
+/// Parses with both walkers: returns the strict walker's result (`walk_chain`) after checking
+/// that virtio-queue's iterator path (`collect_chain`) comes to the same kind of verdict and,
+/// for answerable chains, the same request.
 fn parse(mem: &Mem, table: &[RawDescriptor], head: u16) -> Parsed {
     let mut chain = pop_chain(mem, table, head);
     let mut bufs = RequestBuffers::default();
-    let status = match request::collect_chain(&mut chain, QUEUE_SIZE, &mut bufs) {
+    let strict = finish_parse(
+        mem,
+        request::walk_chain(mem, RING, head, QUEUE_SIZE, &mut bufs),
+        &mut bufs,
+    );
+    let mut bufs = RequestBuffers::default();
+    let iterated = finish_parse(
+        mem,
+        request::collect_chain(&mut chain, QUEUE_SIZE, &mut bufs),
+        &mut bufs,
+    );
+    match (&strict, &iterated) {
+        (Parsed::Unanswerable(_), Parsed::Unanswerable(_)) => {}
+        (Parsed::Rejected(a, _), Parsed::Rejected(b, _)) => assert_eq!(a, b),
+        (Parsed::Request(a, h, d), Parsed::Request(b, h2, d2)) => {
+            assert_eq!((a, h, d), (b, h2, d2));
+        }
+        _ => panic!("walkers disagree: strict {strict:?}, iterator {iterated:?}"),
+    }
+    strict
+}
+
+fn finish_parse(
+    mem: &Mem,
+    status: Result<request::StatusByte, Unanswerable>,
+    bufs: &mut RequestBuffers,
+) -> Parsed {
+    let status = match status {
         Ok(s) => s.addr.0,
         Err(e) => return Parsed::Unanswerable(e),
     };
-    match request::parse_request(mem, &mut bufs) {
+    match request::parse_request(mem, bufs) {
         Ok(header) => Parsed::Request(status, header, bufs.data.clone()),
         Err(e) => Parsed::Rejected(status, e),
     }
@@ -319,7 +355,7 @@ fn chains_over_4_gib_are_rejected() {
     ]);
     assert!(matches!(
         parse(&mem, &table, 0),
-        Parsed::Unanswerable(Unanswerable::Truncated)
+        Parsed::Unanswerable(Unanswerable::TooLong)
     ));
 }
 
@@ -362,15 +398,30 @@ fn indirect_tables_are_followed_once_and_bad_ones_rejected() {
         );
     }
 
-    // A readable descriptor leading to a bad indirect table: cut short.
+    // An indirect table reached after a direct descriptor (even a good table): only the head
+    // may point to a table.
     let table = vec![
         desc_next(HDR, 16, R, 1),
-        desc(INDIRECT, 40, VRING_DESC_F_INDIRECT),
+        desc(INDIRECT + 16, 32, VRING_DESC_F_INDIRECT),
     ];
     assert!(matches!(
         parse(&mem, &table, 0),
-        Parsed::Unanswerable(Unanswerable::Truncated)
+        Parsed::Unanswerable(Unanswerable::BadIndirectTable)
     ));
+
+    // INDIRECT together with NEXT: refused by the strict walker; virtio-queue's iterator ignores
+    // the NEXT and serves the table.
+    let table = vec![
+        desc_next(INDIRECT, 48, VRING_DESC_F_INDIRECT, 1),
+        desc(STATUS, 1, W),
+    ];
+    let mut chain = pop_chain(&mem, &table, 0);
+    let mut bufs = RequestBuffers::default();
+    assert_eq!(
+        request::walk_chain(&mem, RING, 0, QUEUE_SIZE, &mut bufs),
+        Err(Unanswerable::IndirectWithNext)
+    );
+    assert!(request::collect_chain(&mut chain, QUEUE_SIZE, &mut bufs).is_ok());
 
     // Nested indirect.
     let nested = [
@@ -381,7 +432,18 @@ fn indirect_tables_are_followed_once_and_bad_ones_rejected() {
     let table = vec![desc(INDIRECT + 0x400, 32, VRING_DESC_F_INDIRECT)];
     assert!(matches!(
         parse(&mem, &table, 0),
-        Parsed::Unanswerable(Unanswerable::Truncated)
+        Parsed::Unanswerable(Unanswerable::BadIndirectTable)
+    ));
+    // Nested at the head of the table.
+    write_indirect(
+        &mem,
+        INDIRECT + 0x600,
+        &[desc(INDIRECT, 48, VRING_DESC_F_INDIRECT)],
+    );
+    let table = vec![desc(INDIRECT + 0x600, 16, VRING_DESC_F_INDIRECT)];
+    assert!(matches!(
+        parse(&mem, &table, 0),
+        Parsed::Unanswerable(Unanswerable::BadIndirectTable)
     ));
 
     // More entries than the queue size.
@@ -521,7 +583,7 @@ impl Fixture {
             .expect("status");
         let chain = pop_chain(&self.mem, table, 0);
         before();
-        self.dev.process_chain(chain, self.acked)
+        self.dev.process_ring_chain(chain, RING, self.acked)
     }
 
     /// A simple three-descriptor request: header, optional data, status. Returns (status, len).
@@ -657,7 +719,10 @@ fn scattered_data_and_status_sharing_a_data_descriptor_round_trip() {
         desc(DATA2, 2 * 4096 + 1, W),
     ]);
     let chain = pop_chain(&fx.mem, &table, 0);
-    assert_eq!(fx.dev.process_chain(chain, fx.acked), 3 * 4096 + 1);
+    assert_eq!(
+        fx.dev.process_ring_chain(chain, RING, fx.acked),
+        3 * 4096 + 1
+    );
     assert_eq!(status_at(&fx.mem, status_addr), OK);
     let mut got = vec![0u8; 3 * 4096];
     fx.mem
@@ -864,13 +929,29 @@ fn indirect_chains_are_served() {
         INDIRECT,
         &linked(&[desc(HDR, 16, R), desc(DATA, 4096, R), desc(STATUS, 1, W)]),
     );
-    // INDIRECT together with NEXT: virtio-queue follows the table and ignores NEXT (the entry
-    // after it is never read), which serves the table's request.
+    // A well-formed indirect chain, on both paths.
+    let table = vec![desc(INDIRECT, 48, VRING_DESC_F_INDIRECT)];
+    assert_eq!(fx.run(&table), 1);
+    assert_eq!(status_at(&fx.mem, STATUS), OK);
+    assert_eq!(fx.read_disk(16, 4096), bytes);
+    fx.mem
+        .write_slice(&pattern(14, 4096), GuestAddress(DATA))
+        .unwrap();
+    let chain = pop_chain(&fx.mem, &table, 0);
+    assert_eq!(fx.dev.process_chain(chain, fx.acked), 1);
+    assert_eq!(status_at(&fx.mem, STATUS), OK);
+    assert_eq!(fx.read_disk(16, 4096), pattern(14, 4096));
+
+    // INDIRECT together with NEXT: the strict path refuses it unanswered, nothing written.
     let table = vec![
         desc_next(INDIRECT, 48, VRING_DESC_F_INDIRECT, 1),
-        desc(0x4000_0000, 1, W),
+        desc(STATUS, 1, W),
     ];
-    assert_eq!(fx.run(&table), 1);
+    fx.hostile("INDIRECT with NEXT", &table, None);
+    // virtio-queue's iterator (process_chain) ignores the NEXT and serves the table.
+    fx.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
+    let chain = pop_chain(&fx.mem, &table, 0);
+    assert_eq!(fx.dev.process_chain(chain, fx.acked), 1);
     assert_eq!(status_at(&fx.mem, STATUS), OK);
     assert_eq!(fx.read_disk(16, 4096), bytes);
 }
@@ -1245,7 +1326,10 @@ fn writes_are_durable_without_negotiated_flush() {
         mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
         let table = linked(&[desc(HDR, 16, R), desc(DATA, 8192, R), desc(STATUS, 1, W)]);
         let acked = dev.features() & !(1 << VIRTIO_BLK_F_FLUSH);
-        assert_eq!(dev.process_chain(pop_chain(&mem, &table, 0), acked), 1);
+        assert_eq!(
+            dev.process_ring_chain(pop_chain(&mem, &table, 0), RING, acked),
+            1
+        );
         assert_eq!(status_at(&mem, STATUS), OK);
         assert_eq!(image.stats().uncommitted_writes, 0);
     }
@@ -1348,7 +1432,16 @@ fn concurrent_writers_to_one_cluster_leave_one_whole_version() {
                     vq.avail().idx().store(1);
                     let mut queue: Queue = vq.create_queue().unwrap();
                     let chain = queue.iter(&fx.mem).unwrap().next().unwrap();
-                    assert_eq!(fx.dev.process_chain(chain, fx.acked), 1, "round {round}");
+                    let ring = SplitRing {
+                        desc_table: vq.desc_table_addr(),
+                        size: QUEUE_SIZE,
+                    };
+                    let used = if thread % 2 == 0 {
+                        fx.dev.process_ring_chain(chain, ring, fx.acked)
+                    } else {
+                        fx.dev.process_chain(chain, fx.acked)
+                    };
+                    assert_eq!(used, 1, "round {round}");
                     assert_eq!(status_at(&fx.mem, status), OK);
                 }
             });

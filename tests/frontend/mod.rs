@@ -93,10 +93,12 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-/// The features a well-behaved driver of these tests accepts when offered.
+/// The features a well-behaved driver of these tests accepts when offered (as Linux does,
+/// EVENT_IDX included: the driver leaves used_event at 0 and polls the used ring).
 pub const DRIVER_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VHOST_USER_F_PROTOCOL_FEATURES
     | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX
     | VIRTIO_BLK_F_SIZE_MAX
     | VIRTIO_BLK_F_SEG_MAX
     | VIRTIO_BLK_F_RO
@@ -472,30 +474,84 @@ pub struct Negotiated {
     pub config: BlkConfig,
 }
 
-/// How long the backend may take to answer one vhost-user message.
+/// How long the backend may take to answer one vhost-user message (or a whole set-up).
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Connects to the backend's socket (retrying while it is not listening yet) with read and write
-/// timeouts, so that a backend that stops answering fails the test instead of hanging it.
+/// Connects to the backend's socket, retrying while it is not listening yet.
 pub fn connect_socket(socket: &Path) -> Result<UnixStream, String> {
     let deadline = Instant::now() + MESSAGE_TIMEOUT;
-    let stream = loop {
+    loop {
         match UnixStream::connect(socket) {
-            Ok(s) => break s,
+            Ok(s) => return Ok(s),
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(format!("connect to {}: {e}", socket.display())),
         }
-    };
-    stream
-        .set_read_timeout(Some(MESSAGE_TIMEOUT))
-        .map_err(|e| format!("socket timeout: {e}"))?;
-    stream
-        .set_write_timeout(Some(MESSAGE_TIMEOUT))
-        .map_err(|e| format!("socket timeout: {e}"))?;
-    Ok(stream)
+    }
+}
+
+/// Shuts the connection down if still armed after `timeout`: a backend that stops answering
+/// makes the pending vhost-user call fail instead of hanging the test (the vhost crate retries
+/// reads that time out, so socket timeouts alone would not end the wait).
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Watchdog {
+    pub fn arm(stream: &UnixStream, timeout: Duration) -> Watchdog {
+        let stream = stream.try_clone().expect("dup socket");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return true;
+            }
+            false
+        });
+        Watchdog {
+            done: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Disarms; returns true if it had fired (the backend did not answer in time).
+    pub fn disarm(mut self) -> bool {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> bool {
+        drop(self.done.take());
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or(false))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `f` (vhost-user calls on `stream`) under a watchdog.
+pub fn guarded<T>(
+    stream: &UnixStream,
+    what: &str,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let watchdog = Watchdog::arm(stream, MESSAGE_TIMEOUT);
+    let result = f();
+    if watchdog.disarm() {
+        return Err(format!(
+            "{what}: the backend did not answer within {MESSAGE_TIMEOUT:?} (connection closed by the test): {:?}",
+            result.err()
+        ));
+    }
+    result
 }
 
 fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
@@ -520,6 +576,25 @@ impl Device {
         max_queues: u64,
     ) -> Result<Negotiated, String> {
         let stream = connect_socket(socket)?;
+        let (fe, offered, acked, pf, config) = guarded(&stream, "negotiation", || {
+            Self::negotiate_on(&stream, driver_features, max_queues)
+        })?;
+        Ok(Negotiated {
+            fe,
+            stream,
+            offered,
+            acked,
+            protocol_features: pf,
+            config,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn negotiate_on(
+        stream: &UnixStream,
+        driver_features: u64,
+        max_queues: u64,
+    ) -> Result<(Frontend, u64, u64, VhostUserProtocolFeatures, BlkConfig), String> {
         let mut fe =
             Frontend::from_stream(stream.try_clone().map_err(err("dup socket"))?, max_queues);
         fe.set_owner().map_err(err("SET_OWNER"))?;
@@ -553,26 +628,21 @@ impl Device {
         } else {
             return Err("backend does not offer the CONFIG protocol feature".into());
         };
-        Ok(Negotiated {
-            fe,
-            stream,
-            offered,
-            acked,
-            protocol_features: pf,
-            config,
-        })
+        Ok((fe, offered, acked, pf, config))
     }
 
     /// Connects, negotiates, shares guest memory and starts `opts.queues` queues.
     pub fn connect(socket: &Path, opts: &ConnectOptions) -> Result<Device, String> {
-        let Negotiated {
-            mut fe,
-            stream,
-            offered,
-            acked,
-            protocol_features: pf,
-            config,
-        } = Self::negotiate(socket, opts.driver_features, 64)?;
+        let stream = connect_socket(socket)?;
+        let guard = stream.try_clone().map_err(err("dup socket"))?;
+        guarded(&guard, "connection set-up", || {
+            Self::connect_on(stream, opts)
+        })
+    }
+
+    fn connect_on(stream: UnixStream, opts: &ConnectOptions) -> Result<Device, String> {
+        let (mut fe, offered, acked, pf, config) =
+            Self::negotiate_on(&stream, opts.driver_features, 64)?;
         let backend_queues = if pf.contains(VhostUserProtocolFeatures::MQ) {
             fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))?
         } else {
@@ -676,9 +746,19 @@ impl Device {
     pub fn stop_queues(&mut self) -> Result<Vec<u32>, String> {
         let mut bases = Vec::new();
         for q in 0..self.vqs.len() {
-            bases.push(self.fe.get_vring_base(q).map_err(err("GET_VRING_BASE"))?);
+            bases.push(self.get_vring_base(q as u16)?);
         }
         Ok(bases)
+    }
+
+    /// GET_VRING_BASE on one queue, failing if the backend does not answer in time.
+    pub fn get_vring_base(&mut self, q: u16) -> Result<u32, String> {
+        let stream = self.stream.try_clone().map_err(err("dup socket"))?;
+        let fe = &self.fe;
+        guarded(&stream, &format!("GET_VRING_BASE of queue {q}"), || {
+            fe.get_vring_base(usize::from(q))
+                .map_err(err("GET_VRING_BASE"))
+        })
     }
 
     pub fn capacity_sectors(&self) -> u64 {

@@ -44,6 +44,10 @@ pub struct ServeOptions {
     pub max_queue_size: u16,
     pub read_only: bool,
     pub serial: Option<String>,
+    /// Socket file name in the work directory (default `vhost.sock`): two backends on one image.
+    pub socket_name: Option<String>,
+    /// `--wait-lock DUR` (ours only).
+    pub wait_lock: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -54,6 +58,8 @@ impl Default for ServeOptions {
             max_queue_size: 128,
             read_only: false,
             serial: None,
+            socket_name: None,
+            wait_lock: None,
         }
     }
 }
@@ -123,7 +129,7 @@ impl Backend {
 
     fn spawn(&mut self) {
         let image = self.work.image();
-        let socket = self.work.socket();
+        let socket = self.socket();
         let _ = fs::remove_file(&socket);
         let n = self.earlier_logs.len() + usize::from(self.child.is_some());
         self.log_path = self.work.path().join(format!("backend-{n}.log"));
@@ -148,6 +154,9 @@ impl Backend {
                 }
                 if let Some(serial) = &self.opts.serial {
                     cmd.arg("--serial").arg(serial);
+                }
+                if let Some(wait) = &self.opts.wait_lock {
+                    cmd.arg("--wait-lock").arg(wait);
                 }
                 cmd
             }
@@ -182,7 +191,7 @@ impl Backend {
     }
 
     fn wait_for_socket(&mut self) {
-        let socket = self.work.socket();
+        let socket = self.socket();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if socket.exists() {
@@ -206,7 +215,10 @@ impl Backend {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.work.socket()
+        match &self.opts.socket_name {
+            Some(name) => self.work.path().join(name),
+            None => self.work.socket(),
+        }
     }
 
     pub fn image(&self) -> PathBuf {
@@ -243,6 +255,36 @@ impl Backend {
             !log.contains("panicked"),
             "{context}: backend log shows a panic"
         );
+    }
+
+    /// The process's peak resident memory (VmHWM) in bytes, if it runs.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Some(Duration::from_millis((utime + stime) * 1000 / hz))
+    }
+
+    /// Open file descriptors and memfd-backed mappings of the process (for leak checks).
+    pub fn fds_and_guest_mappings(&self) -> Option<(usize, usize)> {
+        let pid = self.pid()?;
+        let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let guest = maps.lines().filter(|l| l.contains("memfd:")).count();
+        Some((fds, guest))
     }
 
     /// Sends `signal` to the process (if it runs).
