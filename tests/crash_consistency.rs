@@ -476,7 +476,7 @@ fn expect_coverage(name: &str, got: &workload::Outcome, seeds: usize, per_seed: 
 #[test]
 fn crash_mixed_workload_single_writer() {
     let name = "crash_mixed_workload_single_writer";
-    let seeds = seeds(1, 30);
+    let seeds = seeds(1, 14);
     let total = run_seeds(name, &seeds, |seed| Spec::random(seed, Profile::Mixed, 1));
     expect_coverage(name, &total, seeds.len(), 80);
 }
@@ -484,7 +484,7 @@ fn crash_mixed_workload_single_writer() {
 #[test]
 fn crash_mixed_workload_concurrent_writers() {
     let name = "crash_mixed_workload_concurrent_writers";
-    let seeds = seeds(2, 16);
+    let seeds = seeds(2, 8);
     let total = run_seeds(name, &seeds, |seed| {
         let mut spec = Spec::random(seed, Profile::Mixed, 3);
         spec.clusters = 60;
@@ -496,7 +496,7 @@ fn crash_mixed_workload_concurrent_writers() {
 #[test]
 fn crash_concurrent_writers_on_the_same_clusters() {
     let name = "crash_concurrent_writers_on_the_same_clusters";
-    let seeds = seeds(3, 12);
+    let seeds = seeds(3, 6);
     let total = run_seeds(name, &seeds, |seed| {
         Spec::random(seed, Profile::SharedClusters, 3)
     });
@@ -506,7 +506,7 @@ fn crash_concurrent_writers_on_the_same_clusters() {
 #[test]
 fn crash_under_free_slot_pressure_with_small_clusters() {
     let name = "crash_under_free_slot_pressure_with_small_clusters";
-    let seeds = seeds(4, 12);
+    let seeds = seeds(4, 6);
     let total = run_seeds(name, &seeds, |seed| {
         let mut spec = Spec::random(seed, Profile::Pressure, 1);
         // More clusters than spare slots (64), so unflushed out-of-place versions exhaust them.
@@ -544,7 +544,7 @@ fn crash_every_codec_and_cluster_size() {
 #[test]
 fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
     let name = "crash_while_the_journal_wraps_and_checkpoints_are_written";
-    let seeds = seeds(6, 4);
+    let seeds = seeds(6, 2);
     let total = run_seeds(name, &seeds, |seed| {
         let mut spec = Spec::random(seed, Profile::Journal, 1);
         spec.cluster_size = 16 * 1024;
@@ -566,7 +566,7 @@ fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
 fn crash_on_a_block_device_whose_discards_do_not_read_as_zeros() {
     use crashsim::sim::DiscardContent;
     let name = "crash_on_a_block_device_whose_discards_do_not_read_as_zeros";
-    let seeds = seeds(8, 10);
+    let seeds = seeds(8, 5);
     let total = run_seeds(name, &seeds, |seed| {
         let threads = 1 + (seed % 2) as usize * 2;
         let mut spec = Spec::random(seed, Profile::Mixed, threads);
@@ -584,7 +584,7 @@ fn crash_on_a_block_device_whose_discards_do_not_read_as_zeros() {
 #[test]
 fn crash_after_injected_io_errors() {
     let name = "crash_after_injected_io_errors";
-    let seeds = seeds(7, 12);
+    let seeds = seeds(7, 6);
     let total = run_seeds(name, &seeds, |seed| {
         let mut spec = Spec::random(seed, Profile::Mixed, 1);
         spec.inject_fault = true;

@@ -389,9 +389,9 @@ struct Capture {
     capacity: usize,
     seen: u64,
     snapshots: Vec<CrashSnapshot>,
-    /// Focus: a write starting with these bytes opens a window of `FOCUS_WINDOW` operations that
+    /// Focus: a write starting with one of these byte strings opens a window of `FOCUS_WINDOW` operations that
     /// are all captured (up to `focus_cap` in total), e.g. the steps of a checkpoint.
-    focus_magic: Option<Vec<u8>>,
+    focus_magics: Vec<Vec<u8>>,
     focus_left: usize,
     focus_cap: usize,
     focus_snapshots: Vec<CrashSnapshot>,
@@ -621,7 +621,7 @@ impl SimStorage {
             capacity,
             seen: 0,
             snapshots: Vec::new(),
-            focus_magic: None,
+            focus_magics: Vec::new(),
             focus_left: 0,
             focus_cap: 0,
             focus_snapshots: Vec::new(),
@@ -629,11 +629,12 @@ impl SimStorage {
     }
 
     /// While capturing: additionally take a crash point after *every* one of the few storage
-    /// operations that follow a write starting with `magic` (at most `cap` of them in total), so
-    /// rare multi-step sequences (a checkpoint) get crashed at each step.
-    pub fn focus_capture(&self, magic: &[u8], cap: usize) {
+    /// operations that follow a write starting with one of `magics` (at most `cap` of them in
+    /// total), so rare multi-step sequences (a commit record, a checkpoint) get crashed at each
+    /// step.
+    pub fn focus_capture(&self, magics: &[&[u8]], cap: usize) {
         if let Some(capture) = self.lock().capture.as_mut() {
-            capture.focus_magic = Some(magic.to_vec());
+            capture.focus_magics = magics.iter().map(|m| m.to_vec()).collect();
             capture.focus_cap = cap;
         }
     }
@@ -659,8 +660,8 @@ impl SimStorage {
         let Some(capture) = state.capture.as_mut() else {
             return;
         };
-        if let (Some(magic), Some(data)) = (&capture.focus_magic, data) {
-            if data.starts_with(magic) {
+        if let Some(data) = data {
+            if capture.focus_magics.iter().any(|m| data.starts_with(m)) {
                 capture.focus_left = FOCUS_WINDOW;
             }
         }
