@@ -620,7 +620,10 @@ fn run_round(
     // Commits and checkpoints are the moments that matter and are a small share of the storage
     // operations: crash at every step after (some of) their records are written. The magics are
     // the journal record's and checkpoint header's, as documented in docs/FORMAT.md.
-    sim.focus_capture(&[b"INSITUJR", b"INSITUCP"], spec.crash_points);
+    sim.focus_capture(&[
+        (b"INSITUJR", (spec.crash_points / 8).max(2)),
+        (b"INSITUCP", 4),
+    ]);
     let ctx = Round {
         image,
         sim,
@@ -1017,7 +1020,7 @@ fn clean_close_check(
     let clock_start = model.history.iter().map(|r| r.end).max().unwrap_or(0) + 1;
     let clock = Arc::new(AtomicU64::new(clock_start));
     storage.start_capture(clock.clone(), 6, rng.gen());
-    storage.focus_capture(&[b"INSITUJR", b"INSITUCP"], 12);
+    storage.focus_capture(&[(b"INSITUJR", 1), (b"INSITUCP", 1)]);
     let start = clock.fetch_add(1, Ordering::SeqCst);
     let closed = old.image.close();
     let end = clock.fetch_add(1, Ordering::SeqCst);
