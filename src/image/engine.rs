@@ -841,6 +841,11 @@ impl Core {
     fn wait_for_space(&self) -> Result<()> {
         self.signal_pressure(true);
         let g = lock(&self.space);
+        // Releases bump the free count before they notify under this lock: checking it here
+        // cannot miss a wake-up.
+        if self.alloc.free_slots() > 0 {
+            return self.writable();
+        }
         let _ = self
             .space_cv
             .wait_timeout(g, Duration::from_millis(20))
