@@ -508,7 +508,10 @@ fn crash_under_free_slot_pressure_with_small_clusters() {
     let name = "crash_under_free_slot_pressure_with_small_clusters";
     let seeds = seeds(4, 6);
     let total = run_seeds(name, &seeds, |seed| {
-        let mut spec = Spec::random(seed, Profile::Pressure, 1);
+        // Odd seeds: 3 writers, so free slots run out while the pressure commit is running and
+        // writers must wait for space.
+        let threads = if seed % 2 == 1 { 3 } else { 1 };
+        let mut spec = Spec::random(seed, Profile::Pressure, threads);
         // More clusters than spare slots (64), so unflushed out-of-place versions exhaust them.
         spec.cluster_size = 16 * 1024;
         spec.clusters = 96;
