@@ -715,9 +715,12 @@ fn writes_during_an_in_flight_commit_never_touch_what_it_commits() {
                         write(10 + tag);
                     }
                 });
-                // Writes may legitimately wait for the commit; give them a moment, then take a
-                // crash point with the commit still in flight.
-                std::thread::sleep(Duration::from_millis(50));
+                // Writes may legitimately wait for the commit; give them up to 2 s (a loaded
+                // machine), then take a crash point with the commit still in flight.
+                let waited = Instant::now();
+                while !writer.is_finished() && waited.elapsed() < Duration::from_secs(2) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 snaps.push(sim.snapshot(&clock));
                 // Trap 2: a FLUSH that arrives while an older commit runs must wait for a commit
                 // that snapshots after it arrived (the crash point after it returns checks that
