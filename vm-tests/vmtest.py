@@ -170,7 +170,7 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
-    def check_image(cls, image):
+    def check_image(cls, image, after_crash=False):
         """Offline consistency check of an idle image; returns its output or raises."""
         return ""
 
@@ -198,8 +198,18 @@ class InsituBackend(Backend):
         run([INSITU_BIN, "convert", image, raw_path])
 
     @classmethod
-    def check_image(cls, image):
-        return run([INSITU_BIN, "check", image])
+    def check_image(cls, image, after_crash=False):
+        """`insitu-blk check` must be clean (exit 0). After a SIGKILL of the backend, leaked space
+        (exit 3, qemu-img's convention: allocated but unreferenced, data intact) is tolerated and
+        reported: writes in flight at the kill went to free space that no commit refers to."""
+        p = subprocess.run([INSITU_BIN, "check", image], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=scaled(300))
+        out = p.stdout.decode("utf-8", "replace")
+        if p.returncode == 0 or (after_crash and p.returncode == 3):
+            if p.returncode == 3:
+                log(f"check after a crash reports leaked space (tolerated): {out.strip().splitlines()[0]}")
+            return out
+        raise TestFailure(f"insitu-blk check {image} exited {p.returncode}:\n{out}")
 
     @classmethod
     def info(cls, image):
@@ -816,7 +826,7 @@ e2fsck -fn /dev/vda
     synced = dict(re.findall(r"^INSITU-SYNCED (\d+) (\w+)\s*$", text, re.M))
     if b2.stop() != 0:
         raise TestFailure("restarted backend exited non-zero on SIGTERM")
-    t.backend_cls.check_image(t.image)
+    t.backend_cls.check_image(t.image, after_crash=True)
     expect = "\n".join(f"{h}  f{i}" for i, h in sorted(synced.items(), key=lambda kv: int(kv[0])))
     b3 = t.backend("b3").start()
     g2 = t.guest("boot2", r"""
