@@ -30,8 +30,9 @@ use crate::image::SECTOR_SIZE;
 /// Status byte of a successful request.
 pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
 /// Largest piece of a read or write handed to the engine at once (a multiple of every cluster
-/// size the format allows), and so the largest private copy per queue.
-pub const CHUNK_BYTES: u64 = 1024 * 1024;
+/// size the format allows), and so the largest private copy per queue (256 KiB: 4 MiB for 16
+/// queues).
+pub const CHUNK_BYTES: u64 = 256 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Zeroing {

@@ -18,6 +18,9 @@ pub mod config;
 pub mod exec;
 pub mod request;
 
+#[cfg(test)]
+mod tests;
+
 use std::cell::RefCell;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -259,13 +262,22 @@ impl BlkDevice {
         M: Deref,
         M::Target: GuestMemory,
     {
-        THREAD_BUFFERS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut bufs) => self.process_chain_with(&mut bufs, chain, acked_features),
-            // Only reachable through re-entrance from inside a request; serve with fresh buffers.
-            Err(_) => {
+        let mut chain = Some(chain);
+        let served = THREAD_BUFFERS.try_with(|cell| {
+            let mut bufs = cell.try_borrow_mut().ok()?;
+            let chain = chain.take()?;
+            Some(self.process_chain_with(&mut bufs, chain, acked_features))
+        });
+        if let Ok(Some(used)) = served {
+            return used;
+        }
+        // Re-entrance or a thread in teardown: serve with fresh buffers rather than panic.
+        match chain {
+            Some(chain) => {
                 self.process_chain_with(&mut RequestBuffers::default(), chain, acked_features)
             }
-        })
+            None => 0,
+        }
     }
 
     /// [`BlkDevice::process_chain`] with explicit per-queue scratch buffers.

@@ -7,7 +7,7 @@ use insitu_blk::image::{self, CheckReport, ImageError};
 use serde::Serialize;
 
 use super::size::human_size;
-use super::{one_line, PROG};
+use super::{one_line, print_err, print_out, PROG};
 
 /// No problems found (after `--repair`: the image is now consistent).
 pub const EXIT_CLEAN: u8 = 0;
@@ -35,8 +35,10 @@ Exit codes (as qemu-img check):
       reclaims it)
   63  not an insitu-blk image, or an unsupported format version
 
-Without --repair the image is only read (no lock taken, nothing written). --repair needs the \
-image's lock, so it fails with 1 while the image is in use by another process.")]
+Without --repair the image is only read (no lock taken, nothing written), so check also runs on \
+an image in use; it then sees the last committed state, and space written since the last commit \
+may show up as leaked (3). --repair needs the image's lock, so it fails with 1 while the image is \
+in use by another process.")]
 pub struct CheckArgs {
     /// The image to check.
     #[arg(value_name = "IMAGE")]
@@ -175,7 +177,14 @@ pub fn run(config: CheckConfig) -> ExitCode {
     };
     let mut text = String::new();
 
-    match run_engine_check(path, config.repair) {
+    let first = match std::fs::metadata(path) {
+        Err(err) => Outcome::Failed(Verdict::Error, err.to_string()),
+        Ok(meta) if meta.is_dir() => {
+            Outcome::Failed(Verdict::Error, "it is a directory, not a disk image".into())
+        }
+        Ok(_) => run_engine_check(path, config.repair),
+    };
+    match first {
         Outcome::Failed(verdict, message) => {
             output.result = verdict;
             output.error = Some(one_line(&message));
@@ -209,17 +218,20 @@ pub fn run(config: CheckConfig) -> ExitCode {
 
     if config.json {
         match serde_json::to_string_pretty(&output) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => print_out(&format!("{json}\n")),
             Err(err) => {
-                eprintln!("{PROG}: error: cannot encode JSON: {err}");
+                print_err(&format!("{PROG}: error: cannot encode JSON: {err}"));
                 return ExitCode::from(EXIT_NOT_COMPLETED);
             }
         }
     } else {
-        print!("{text}");
+        print_out(&text);
     }
     if let Some(error) = &output.error {
-        eprintln!("{PROG}: error: cannot check '{}': {error}", path.display());
+        print_err(&format!(
+            "{PROG}: error: cannot check '{}': {error}",
+            path.display()
+        ));
     }
     ExitCode::from(output.exit_code)
 }
@@ -230,12 +242,16 @@ pub fn describe_findings(report: &CheckReport) -> String {
     for corruption in &report.corruptions {
         out.push_str(&format!("ERROR: {}\n", one_line(corruption)));
     }
+    for warning in &report.warnings {
+        out.push_str(&format!("Warning: {}\n", one_line(warning)));
+    }
     if !report.corruptions.is_empty() {
         out.push_str(&format!(
             "\n{} corruption{} found in the image.\n\
              Data may be corrupted, or further writes to the image may corrupt it.\n\
-             Reads of the affected clusters fail with an I/O error; the image refuses to open \
-             read-write while its metadata is corrupt.\n",
+             Reads of a damaged cluster fail with an I/O error; other clusters are unaffected.\n\
+             'insitu-blk check --repair' rewrites damaged metadata from what is intact; damaged \
+             cluster data cannot be repaired (the guest must rewrite it).\n",
             report.corruptions.len(),
             if report.corruptions.len() == 1 {
                 " was"
@@ -358,6 +374,7 @@ mod tests {
     fn findings_are_explained() {
         let report = CheckReport {
             corruptions: vec!["cluster 12: payload checksum mismatch".into()],
+            warnings: vec!["checkpoint area 1 is torn".into()],
             leaked_bytes: 8192,
             ..CheckReport::default()
         };
@@ -367,6 +384,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1 corruption was found"), "{text}");
+        assert!(
+            text.contains("Warning: checkpoint area 1 is torn"),
+            "{text}"
+        );
         assert!(
             text.contains("8 KiB (8192 bytes) of leaked space"),
             "{text}"

@@ -7,10 +7,10 @@
 
 use std::fs;
 use std::io::IsTerminal;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,11 +18,12 @@ use insitu_blk::image::{
     Compression, CreateOptions, FileStorage, Image, ImageError, OpenOptions, Storage,
     DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
 };
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::create::ensure_new_or_block_device;
-use super::parse_compression;
 use super::size::ByteSize;
 use super::validate_cluster_size;
+use super::{ensure_input_exists, note, parse_compression, print_out};
 
 /// Bytes copied per step of a worker: several clusters of any allowed size (a multiple of the
 /// largest, so chunks never share a cluster and workers never read-modify-write the same one).
@@ -163,8 +164,25 @@ impl Source {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` (inside [`Source::len`]).
+    /// Reads `buf.len()` bytes at `offset` (inside [`Source::len`]). When a large read fails, the
+    /// error names the first failing cluster-sized block, not just the start of the chunk.
     fn read(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        let Err(err) = self.read_once(offset, buf) else {
+            return Ok(());
+        };
+        let step = match self {
+            Source::Raw { .. } => DEFAULT_CLUSTER_SIZE as usize,
+            Source::Insitu(image) => image.geometry().cluster_size.max(512) as usize,
+        };
+        if buf.len() > step {
+            for (index, piece) in buf.chunks_mut(step).enumerate() {
+                self.read_once(offset + (index * step) as u64, piece)?;
+            }
+        }
+        Err(err)
+    }
+
+    fn read_once(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
         match self {
             Source::Raw {
                 storage, data_len, ..
@@ -207,20 +225,25 @@ impl Source {
         match forced {
             Some(Format::Raw) => Source::open_raw(path),
             Some(Format::Insitu) => Ok(Source::open_insitu(path)?),
-            None => match Source::open_insitu(path) {
-                Ok(source) => Ok(source),
-                Err(ImageError::NotAnImage(_)) => Source::open_raw(path),
-                // Too short to hold a superblock: certainly not an image.
-                Err(ImageError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
-                {
-                    Source::open_raw(path)
+            None => {
+                // A missing or unreadable file fails here, plainly, before any format guessing.
+                let raw = Source::open_raw(path)?;
+                match Source::open_insitu(path) {
+                    Ok(image) => Ok(image),
+                    Err(ImageError::NotAnImage(_)) => Ok(raw),
+                    // Too short to hold a superblock: certainly not an image.
+                    Err(ImageError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        Ok(raw)
+                    }
+                    Err(err @ ImageError::CorruptMetadata(_)) => Err(anyhow!(err).context(
+                        "it is an insitu-blk image with corrupt metadata ('insitu-blk check' \
+                         explains; -f raw would copy its bytes as they are)",
+                    )),
+                    Err(err) => Err(err.into()),
                 }
-                Err(err) => Err(anyhow!(err).context(
-                    "it looks like an insitu-blk image but cannot be opened \
-                     (-f raw copies its bytes as they are)",
-                )),
-            },
+            }
         }
     }
 }
@@ -314,11 +337,13 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 /// Runs `work(offset, len, buf)` on every chunk of `[0, total)` from `threads` threads, chunks
-/// handed out in increasing order. Stops at the first error, which it returns.
+/// handed out in increasing order. Stops at the first error, which it returns, or when `stop` is
+/// set (by SIGINT/SIGTERM).
 fn for_each_chunk<F>(
     total: u64,
     threads: usize,
     progress: &ProgressBar,
+    stop: &AtomicBool,
     work: F,
 ) -> anyhow::Result<()>
 where
@@ -331,7 +356,7 @@ where
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
                 let mut buf = vec![0u8; CHUNK_SIZE as usize];
-                while !failed.load(Ordering::Relaxed) {
+                while !failed.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
                     let offset = next.fetch_add(CHUNK_SIZE, Ordering::Relaxed);
                     if offset >= total {
                         break;
@@ -350,6 +375,7 @@ where
     });
     match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(err) => Err(err),
+        None if stop.load(Ordering::Relaxed) => bail!("interrupted by a signal"),
         None => Ok(()),
     }
 }
@@ -360,7 +386,7 @@ fn progress_bar(total: u64, message: &'static str) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        "{msg} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} ETA {eta}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -368,11 +394,21 @@ fn progress_bar(total: u64, message: &'static str) -> ProgressBar {
     bar
 }
 
-/// Identity of an existing file or device, to refuse converting a disk onto itself.
-fn identity(path: &Path) -> Option<(u64, u64, u64)> {
-    fs::metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino(), m.rdev()))
+/// Identity of an existing file or device, to refuse converting a disk onto itself: the device
+/// number for block devices (two nodes may name one device), else the inode.
+#[derive(Debug, PartialEq, Eq)]
+enum Identity {
+    Device(u64),
+    Inode(u64, u64),
+}
+
+fn identity(path: &Path) -> Option<Identity> {
+    let meta = fs::metadata(path).ok()?;
+    Some(if meta.file_type().is_block_device() {
+        Identity::Device(meta.rdev())
+    } else {
+        Identity::Inode(meta.dev(), meta.ino())
+    })
 }
 
 /// Creates DST (a new file, or an existing block device) in `format` for a disk of `len` bytes.
@@ -391,6 +427,12 @@ fn create_sink(
                 let capacity = storage.len()?;
                 if capacity < len {
                     bail!("block device holds {capacity} bytes, the disk needs {len}");
+                }
+                if capacity > len {
+                    note(&format!(
+                        "'{}' holds {capacity} bytes; bytes past {len} are left as they are",
+                        dst.display()
+                    ));
                 }
             } else {
                 // Holes from the start: only non-zero data is written afterwards.
@@ -426,6 +468,7 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
     let src_name = config.src.display().to_string();
     let dst_name = config.dst.display().to_string();
 
+    ensure_input_exists(&config.src)?;
     let source = Source::open(&config.src, config.source_format)
         .with_context(|| format!("cannot open '{src_name}'"))?;
     let len = source.len();
@@ -441,21 +484,28 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
     {
         bail!("--cluster-size and --compression only apply to insitu output (-O insitu)");
     }
-    if let Source::Raw { data_len, len, .. } = &source {
-        if data_len != len {
-            eprintln!(
-                "insitu-blk: note: '{src_name}' is {data_len} bytes, not a multiple of {SECTOR_SIZE}; \
-                 the disk is rounded up to {len} bytes (zero-padded)"
-            );
-        }
-    }
-
     if identity(&config.dst).is_some() && identity(&config.dst) == identity(&config.src) {
         bail!("'{src_name}' and '{dst_name}' are the same file");
     }
     let dst_is_block_device = ensure_new_or_block_device(&config.dst)?;
+    if let Source::Raw { data_len, len, .. } = &source {
+        if data_len != len {
+            note(&format!(
+                "'{src_name}' is {data_len} bytes, not a multiple of {SECTOR_SIZE}; the disk is \
+                 rounded up to {len} bytes (zero-padded)"
+            ));
+        }
+    }
 
-    let result = convert_and_compare(&config, &source, output_format, len);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // The first signal asks the copy to stop (and the partial DST to be removed); a second
+        // one ends the process at once, as if no handler were installed.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&interrupted))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&interrupted)))
+            .context("cannot install signal handlers")?;
+    }
+    let result = convert_and_compare(&config, &source, output_format, len, &interrupted);
     if result.is_err() && !dst_is_block_device {
         // Nothing was at DST before (checked above): a partial copy is worse than none.
         let _ = fs::remove_file(&config.dst);
@@ -468,6 +518,7 @@ fn convert_and_compare(
     source: &Source,
     output_format: Format,
     len: u64,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let src_name = config.src.display().to_string();
     let dst_name = config.dst.display().to_string();
@@ -475,7 +526,7 @@ fn convert_and_compare(
     let sink = create_sink(config, output_format, source, len)
         .with_context(|| format!("cannot create '{dst_name}'"))?;
     let progress = progress_bar(len, "converting");
-    for_each_chunk(len, config.threads, &progress, |offset, buf| {
+    for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
         source
             .read(offset, buf)
             .with_context(|| format!("reading '{src_name}'"))?;
@@ -487,8 +538,8 @@ fn convert_and_compare(
     progress.finish_and_clear();
 
     if config.compare {
-        compare(config, source, output_format, len)?;
-        println!("Images are identical.");
+        compare(config, source, output_format, len, stop)?;
+        print_out("Images are identical.\n");
     }
     Ok(())
 }
@@ -500,6 +551,7 @@ fn compare(
     source: &Source,
     output_format: Format,
     len: u64,
+    stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let dst_name = config.dst.display().to_string();
     let written = Source::open(&config.dst, Some(output_format))
@@ -512,7 +564,7 @@ fn compare(
     }
     let first_difference = AtomicU64::new(u64::MAX);
     let progress = progress_bar(len, "comparing");
-    for_each_chunk(len, config.threads, &progress, |offset, buf| {
+    for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
         // Chunks after a known difference cannot lower it.
         if offset > first_difference.load(Ordering::Relaxed) {
             return Ok(());
@@ -637,14 +689,83 @@ mod tests {
         assert!(buf[1000..].iter().all(|&b| b == 0));
     }
 
+    fn raw_pair(a: &[u8], b: &[u8]) -> (tempfile::TempDir, ConvertConfig, Source) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a.raw");
+        let dst = dir.path().join("b.raw");
+        fs::write(&src, a).unwrap();
+        fs::write(&dst, b).unwrap();
+        let cfg = config(&[
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--threads",
+            "3",
+        ])
+        .unwrap();
+        let source = Source::open_raw(&src).unwrap();
+        (dir, cfg, source)
+    }
+
+    #[test]
+    fn compare_reports_the_first_differing_offset_across_threads() {
+        let len = 5 * CHUNK_SIZE as usize + 4096;
+        let a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let (_dir, cfg, source) = raw_pair(&a, &a);
+        compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+
+        let mut b = a.clone();
+        for offset in [
+            4 * CHUNK_SIZE as usize + 3,
+            CHUNK_SIZE as usize + 17,
+            len - 1,
+        ] {
+            b[offset] ^= 1;
+        }
+        let (_dir, cfg, source) = raw_pair(&a, &b);
+        let err = compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
+        let expected = format!("first at byte offset {}", CHUNK_SIZE + 17);
+        assert!(err.to_string().contains(&expected), "{err}");
+
+        let (_dir, cfg, source) = raw_pair(&a, &a[..len - 512]);
+        let err = compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("shorter"), "{err}");
+    }
+
     #[test]
     fn chunks_cover_everything_once_and_the_first_error_stops_the_copy() {
         let total = 5 * CHUNK_SIZE + 4096;
         let seen = Mutex::new(Vec::new());
-        for_each_chunk(total, 3, &ProgressBar::hidden(), |offset, buf| {
-            seen.lock().unwrap().push((offset, buf.len() as u64));
-            Ok(())
-        })
+        for_each_chunk(
+            total,
+            3,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+            |offset, buf| {
+                seen.lock().unwrap().push((offset, buf.len() as u64));
+                Ok(())
+            },
+        )
         .unwrap();
         let mut seen = seen.into_inner().unwrap();
         seen.sort();
@@ -653,13 +774,31 @@ mod tests {
             .collect();
         assert_eq!(seen, expected);
 
-        let err = for_each_chunk(total, 2, &ProgressBar::hidden(), |offset, _| {
-            if offset == 2 * CHUNK_SIZE {
-                bail!("disk on fire at {offset}");
+        let err = for_each_chunk(
+            total,
+            2,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+            |offset, _| {
+                if offset == 2 * CHUNK_SIZE {
+                    bail!("disk on fire at {offset}");
+                }
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+
+        let stop = AtomicBool::new(false);
+        let done = AtomicU64::new(0);
+        let err = for_each_chunk(total, 1, &ProgressBar::hidden(), &stop, |_, _| {
+            if done.fetch_add(1, Ordering::Relaxed) == 1 {
+                stop.store(true, Ordering::Relaxed);
             }
             Ok(())
         })
         .unwrap_err();
-        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        assert_eq!(done.into_inner(), 2, "work went on after the stop request");
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use insitu_blk::image::{Compression, CreateOptions, Image, ImageError};
 
 use super::size::ByteSize;
-use super::{parse_compression, validate_cluster_size, validate_disk_size};
+use super::{parse_compression, print_out, validate_cluster_size, validate_disk_size};
 
 /// Arguments of `create`.
 #[derive(Debug, clap::Args)]
@@ -90,13 +90,13 @@ pub fn ensure_new_or_block_device(path: &Path) -> anyhow::Result<bool> {
 pub fn run(config: CreateConfig) -> anyhow::Result<()> {
     let CreateConfig { image, options } = config;
     let block_device = ensure_new_or_block_device(&image)?;
-    println!(
-        "Formatting '{}', fmt=insitu size={} cluster_size={} compression={}",
+    print_out(&format!(
+        "Formatting '{}', fmt=insitu size={} cluster_size={} compression={}\n",
         image.display(),
         options.size,
         options.cluster_size,
         options.compression
-    );
+    ));
     if let Err(err) = Image::create(&image, &options) {
         let raced = matches!(&err, ImageError::Io { source, .. }
             if source.kind() == std::io::ErrorKind::AlreadyExists);

@@ -6,10 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use insitu_blk::image::{FileStorage, Geometry, Image, OpenOptions, Stats, Storage};
+use insitu_blk::image::{FileStorage, Geometry, Image, ImageError, OpenOptions, Stats, Storage};
 use serde::Serialize;
 
 use super::size::human_size;
+use super::{ensure_input_exists, print_out};
 
 /// Arguments of `info`.
 #[derive(Debug, clap::Args)]
@@ -172,12 +173,18 @@ impl InfoReport {
 /// Opens the image read-only and prints its description.
 pub fn run(config: InfoConfig) -> anyhow::Result<()> {
     let path = &config.image;
+    ensure_input_exists(path)?;
     let open = OpenOptions {
         read_only: true,
         ..OpenOptions::default()
     };
-    let image =
-        Image::open(path, &open).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let image = Image::open(path, &open).map_err(|err| {
+        let hint = match err {
+            ImageError::CorruptMetadata(_) => " ('insitu-blk check' explains what is wrong)",
+            _ => "",
+        };
+        anyhow::Error::new(err).context(format!("cannot open '{}'{hint}", path.display()))
+    })?;
     let host = FileStorage::open(path, true)
         .with_context(|| format!("cannot open '{}'", path.display()))?;
     let report = InfoReport::new(path, image.geometry(), &image.stats(), &host)
@@ -185,9 +192,9 @@ pub fn run(config: InfoConfig) -> anyhow::Result<()> {
     drop(image);
     if config.json {
         let text = serde_json::to_string_pretty(&report).context("cannot encode JSON")?;
-        println!("{text}");
+        print_out(&format!("{text}\n"));
     } else {
-        print!("{}", report.to_text());
+        print_out(&report.to_text());
     }
     Ok(())
 }

@@ -89,7 +89,10 @@ where
                 ExitCode::from(EXIT_FAILURE)
             }
             _ => {
-                eprintln!("{PROG}: error: {} (see --help)", clap_error_line(&err));
+                print_err(&format!(
+                    "{PROG}: error: {} (see --help)",
+                    clap_error_line(&err)
+                ));
                 ExitCode::from(EXIT_FAILURE)
             }
         }
@@ -115,7 +118,7 @@ fn clap_error_line(err: &clap::Error) -> String {
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    if let Err(err) = init_logging(cli.log_level.as_deref(), cli.command.default_log_filter()) {
+    if let Err(err) = init_logging(cli.log_level.as_deref(), &cli.command) {
         report_error(&err);
         return ExitCode::from(EXIT_FAILURE);
     }
@@ -139,7 +142,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Prints `insitu-blk: error: context: cause: cause` as one line.
 pub fn report_error(err: &anyhow::Error) {
-    eprintln!("{PROG}: error: {}", error_line(err));
+    print_err(&format!("{PROG}: error: {}", error_line(err)));
 }
 
 /// The error and its causes joined by `: `, leaving out a cause whose text the previous message
@@ -159,6 +162,27 @@ pub fn error_line(err: &anyhow::Error) -> String {
     line
 }
 
+/// Writes `text` to stdout. A reader that went away (`insitu-blk info x | head -1`) is not an
+/// error worth reporting; `println!` would panic on it.
+pub fn print_out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// Writes one line to stderr, ignoring failures (there is nowhere left to report them).
+pub fn print_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Prints an `insitu-blk: note: ...` line on stderr.
+pub fn note(message: &str) {
+    print_err(&format!("{PROG}: note: {message}"));
+}
+
 /// Joins a possibly multi-line message into one line.
 pub fn one_line(text: &str) -> String {
     text.trim()
@@ -170,22 +194,53 @@ pub fn one_line(text: &str) -> String {
 
 /// Installs the tracing subscriber (stderr). Precedence: `--log-level`, then RUST_LOG, then the
 /// subcommand's default. `log` records from dependencies are forwarded too.
-fn init_logging(flag: Option<&str>, default: &str) -> anyhow::Result<()> {
-    let filter = match flag {
-        Some(directives) => EnvFilter::try_new(directives)
-            .with_context(|| format!("invalid --log-level '{directives}'"))?,
+///
+/// With the default filter, the one-shot tools leave out the engine's error events: every engine
+/// failure there also fails the command, whose one-line error already says what went wrong.
+fn init_logging(flag: Option<&str>, command: &Command) -> anyhow::Result<()> {
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let (filter, explicit) = match flag {
+        Some(directives) => (
+            EnvFilter::try_new(directives)
+                .with_context(|| format!("invalid --log-level '{directives}'"))?,
+            true,
+        ),
         None => match std::env::var("RUST_LOG") {
-            Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
-                .with_context(|| format!("invalid RUST_LOG '{directives}'"))?,
-            _ => EnvFilter::new(default),
+            Ok(directives) if !directives.trim().is_empty() => (
+                EnvFilter::try_new(&directives)
+                    .with_context(|| format!("invalid RUST_LOG '{directives}'"))?,
+                true,
+            ),
+            _ => (EnvFilter::new(command.default_log_filter()), false),
         },
     };
-    // A subscriber installed earlier (only possible in tests) is kept; that is harmless.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let quiet_engine_errors = !explicit && !matches!(command, Command::Serve(_));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_filter(filter)
+        .with_filter(filter_fn(move |meta| {
+            !(quiet_engine_errors
+                && *meta.level() == tracing::Level::ERROR
+                && meta.target().starts_with("insitu_blk::image"))
+        }));
+    // A subscriber installed earlier (only possible in tests) is kept; that is harmless.
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+    Ok(())
+}
+
+/// Fails plainly for a path that cannot be an image or a disk: missing, unreadable metadata, or a
+/// directory (which would otherwise surface as "not an image" or a read error at byte 0).
+pub fn ensure_input_exists(path: &std::path::Path) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    if meta.is_dir() {
+        bail!("'{}' is a directory, not a disk image", path.display());
+    }
     Ok(())
 }
 

@@ -923,7 +923,10 @@ impl Core {
                     });
             }
         }
-        if records.is_empty() && !force_checkpoint {
+        // Nothing changed, or a checkpoint was asked for but nothing was committed since the
+        // last one (the journal holds only its marker): no I/O at all.
+        let nothing_since_checkpoint = meta.journal_head <= BLOCK && meta.loaded;
+        if records.is_empty() && (!force_checkpoint || nothing_since_checkpoint) {
             meta.records = records;
             drop(meta);
             self.mark_durable(ticket);
@@ -975,8 +978,9 @@ impl Core {
         }
         meta.records = records;
         drop(meta);
-        self.mark_durable(ticket);
-        // Release what the commit stopped referring to (I1: only now).
+        // Release what the commit stopped referring to (I1: only now), before completing the
+        // flushes: a guest that rewrites right after its flush then finds the space beside its
+        // committed version free again (ping-pong in place) instead of spilling to a spare.
         frees.sort_by_key(|(_, e)| (e.slot, e.unit()));
         let mut k = 0;
         while k < frees.len() {
@@ -1010,6 +1014,7 @@ impl Core {
         if released {
             self.notify_space();
         }
+        self.mark_durable(ticket);
         Ok(())
     }
 

@@ -460,12 +460,11 @@ impl Image {
 
     fn park(&self, life: &mut Life, checkpoint: bool) -> Result<()> {
         use std::sync::atomic::Ordering;
-        if self.core.state.load(Ordering::SeqCst) != engine::RUNNING {
-            return Ok(());
-        }
-        self.core.state.store(engine::QUIESCED, Ordering::SeqCst);
-        self.core.drain();
         let mut result = Ok(());
+        if self.core.state.load(Ordering::SeqCst) == engine::RUNNING {
+            self.core.state.store(engine::QUIESCED, Ordering::SeqCst);
+            self.core.drain();
+        }
         if let Some(writer) = life.writer.take() {
             result = self.core.sync(checkpoint);
             table::lock(&self.core.ctl).stop = true;
