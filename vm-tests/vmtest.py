@@ -384,7 +384,9 @@ class Guest:
             if not self.alive() and not allow_exit:
                 raise TestFailure(f"QEMU {self.label} exited ({self.proc.returncode}) while waiting for /{pattern}/")
             if time.monotonic() > deadline:
-                raise TestFailure(f"timeout ({timeout}s) waiting for /{pattern}/ on guest {self.label}")
+                booted = "INSITU-BOOTED" in text or "-incoming" in self.cmd
+                raise TestFailure(f"timeout ({timeout}s) waiting for /{pattern}/ on guest {self.label}"
+                                  + ("" if booted else " (the guest never reached init: boot hang)"))
             time.sleep(0.1)
 
     def answer(self, tag, reply="go"):
