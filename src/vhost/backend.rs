@@ -158,6 +158,9 @@ impl<D: Device> ConnectionBackend<D> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let acked = self.acked_features.load(Ordering::Acquire);
         let mut executed = 0usize;
+        // Set when the driver's available index said more requests were there: a pass that then
+        // reads none means the ring is broken (unreadable entries), not a race.
+        let mut expect_more = false;
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
@@ -165,13 +168,19 @@ impl<D: Device> ConnectionBackend<D> {
                     return false;
                 }
             }
+            let mut popped_any = false;
             loop {
                 if executed >= MAX_REQUESTS_PER_EVENT {
                     return true;
                 }
-                let Some(chain) = self.pop_chain(queue, vring) else {
-                    break;
+                let chain = match self.pop_chain(queue, vring) {
+                    Pop::Chain(chain) => chain,
+                    Pop::Empty => break,
+                    // Stopped by the frontend, or a broken ring: nothing to do until it is set
+                    // up again (notifications stay off; the frontend kicks after a restart).
+                    Pop::Stop => return false,
                 };
+                popped_any = true;
                 executed += 1;
                 let head = chain.head_index();
                 let used_len = self.disk.device().process_chain(chain, acked);
@@ -183,12 +192,19 @@ impl<D: Device> ConnectionBackend<D> {
                 }
                 self.notify_guest(queue, vring);
             }
+            if expect_more && !popped_any {
+                self.ring_fault(
+                    queue,
+                    format_args!("the available index is ahead but no request can be read"),
+                );
+                return false;
+            }
             if !event_idx {
                 return false;
             }
             // Re-enable notifications; if the driver added requests meanwhile, go on.
             match vring.enable_notification() {
-                Ok(true) => continue,
+                Ok(true) => expect_more = true,
                 Ok(false) => return false,
                 Err(e) => {
                     self.ring_fault(queue, format_args!("cannot enable notifications: {e}"));
@@ -198,18 +214,22 @@ impl<D: Device> ConnectionBackend<D> {
         }
     }
 
-    /// Pops the next available chain, or None when the ring is empty, stopped or malformed.
-    fn pop_chain(&self, queue: usize, vring: &Vring) -> Option<Chain> {
+    /// Pops the next available chain.
+    fn pop_chain(&self, queue: usize, vring: &Vring) -> Pop {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         match state.get_queue_mut().iter(mem) {
-            Ok(mut available) => available.next(),
-            Err(virtio_queue::Error::QueueNotReady) => None,
+            Ok(mut available) => match available.next() {
+                Some(chain) => Pop::Chain(chain),
+                // Empty, or the entry could not be read (then `expect_more` catches it).
+                None => Pop::Empty,
+            },
+            Err(virtio_queue::Error::QueueNotReady) => Pop::Stop,
             Err(e) => {
                 // E.g. an available index more than the queue size ahead: the driver is broken
                 // or hostile; leave the ring alone until it is set up again.
                 self.ring_fault(queue, format_args!("invalid available ring: {e}"));
-                None
+                Pop::Stop
             }
         }
     }
@@ -225,6 +245,16 @@ impl<D: Device> ConnectionBackend<D> {
             Err(e) => self.ring_fault(queue, format_args!("cannot read the used event index: {e}")),
         }
     }
+}
+
+/// What popping the available ring gave.
+enum Pop {
+    /// A request.
+    Chain(Chain),
+    /// No request available.
+    Empty,
+    /// The ring is stopped or broken: stop serving it for this event.
+    Stop,
 }
 
 /// Makes the worker's event loop see the ring's kick again, so the requests left after a bounded
