@@ -1,4 +1,11 @@
 //! The `insitu-blk` binary: parse the command line, run the subcommand, map errors to exit codes.
 mod cli;
 
-fn main() {}
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cli::parse(std::env::args_os()) {
+        Ok(args) => cli::run(args),
+        Err(code) => code,
+    }
+}

@@ -1,3 +1,49 @@
 //! vhost-user glue: the `VhostUserBackend` implementation (one worker thread per queue), the
-//! listener loop serving one connection after another, quiesce/resume and lock hand-over.
+//! listener loop serving one connection after another, quiesce/resume and lock hand-over, the
+//! dirty-page log for live migration, and statistics reporting.
 //! The only module that uses the vhost and vhost-user-backend crates.
+//!
+//! # Threads
+//! The listener loop ([`Daemon::serve`]); per connection the crate's control thread (vhost-user
+//! messages) and one worker per queue ([`ConnectionBackend`]). A worker pops a request, executes it
+//! through [`Device::process_chain`] without holding its ring's lock, completes it and notifies
+//! the guest (EVENT_IDX aware), at most 128 requests per event before it yields to its event loop.
+//! No lock is shared by the queues on the data path: each worker holds only its own gate
+//! ([`SharedDisk`]).
+//!
+//! # Device lifecycle (I7, I8)
+//! | frontend does | backend does |
+//! |---|---|
+//! | connects, GET_FEATURES, GET_CONFIG ... | answers from the superblock; the image is open *quiesced*: no lock, no table |
+//! | starts a ring (SET_VRING_KICK + SET_VRING_ENABLE 1) | first started ring: `resume` (takes the writer lock, waiting up to `--wait-lock`; reloads metadata another process committed) |
+//! | GET_VRING_BASE (QEMU `stop`, migration, `quit`) | waits for that ring's requests in progress; when no started ring is left: `quiesce` (commit, park writer, release lock) *before* the reply |
+//! | starts rings again (QEMU `cont`) | `resume` again |
+//! | SET_VRING_ENABLE 0 on every started ring, no GET_VRING_BASE (cloud-hypervisor pause) | no hook reaches the backend; the kicks are unregistered by the crate, and the connection's pause detector, polling the rings' enabled state every 200 ms, quiesces once every started ring is disabled |
+//! | SET_VRING_ENABLE 1 again (cloud-hypervisor resume) | the ring's worker runs and resumes the engine |
+//! | disconnects | workers stop after their request in progress; `quiesce`; the next connection is accepted |
+//! | (SIGTERM/SIGINT) | ends the connection, quiesces, closes the image (commit + checkpoint), exit 0 |
+//!
+//! A failed resume (lock held elsewhere, corrupt metadata) is logged; the guest's requests then
+//! fail with IOERR, and the resume is retried at most once a second while requests arrive.
+//!
+//! Migration hand-over: the destination daemon listens and answers GET_CONFIG at once; the source
+//! quiesces (releasing the lock) when its QEMU stops the rings at the end of migration; the
+//! destination's `resume`, started with `--wait-lock`, then takes the lock and loads the metadata
+//! the source committed. Dirty pages: guest memory is `GuestMemoryMmap<BitmapMmapRegion>`, so
+//! every guest write through vm-memory (data, status, used ring) is marked in the frontend's log
+//! (LOG_SHMFD + VHOST_F_LOG_ALL).
+
+mod backend;
+mod daemon;
+mod device;
+mod disk;
+mod stats;
+
+pub use backend::{ConnectionBackend, Vring, MAX_QUEUES};
+pub use daemon::{bind_listener, Daemon, DaemonConfig, DaemonError, SocketSource, StopHandle};
+pub use device::{Chain, Device, GuestMemory, GuestMemoryHandle, SharedDisk};
+pub use disk::BlkDisk;
+pub use stats::StatsReporter;
+
+#[cfg(test)]
+mod tests;

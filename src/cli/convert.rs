@@ -1,0 +1,804 @@
+//! `insitu-blk convert SRC DST [-f FMT] [-O FMT] [--cluster-size] [--compression] [--compare]`.
+//!
+//! Copies a virtual disk between formats: raw -> insitu, insitu -> raw (and insitu -> insitu to
+//! recompress, raw -> raw to sparsify). The output is sparse: all-zero blocks are never written
+//! (on a block device raw output they are written, since the device may hold old data). Chunks of
+//! [`CHUNK_SIZE`] are copied by a few threads at once; the engine is safe for concurrent callers.
+
+use std::fs;
+use std::io::IsTerminal;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use insitu_blk::image::{
+    Compression, CreateOptions, FileStorage, Image, ImageError, OpenOptions, Storage,
+    DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
+};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use super::create::ensure_new_or_block_device;
+use super::size::ByteSize;
+use super::validate_cluster_size;
+use super::{ensure_input_exists, note, parse_compression, print_out};
+
+/// Bytes copied per step of a worker: several clusters of any allowed size (a multiple of the
+/// largest, so chunks never share a cluster and workers never read-modify-write the same one).
+pub const CHUNK_SIZE: u64 = 1 << 20;
+/// Zero detection granularity of raw output: the usual filesystem block.
+const RAW_ZERO_BLOCK: usize = 4096;
+/// Worker threads used unless `--threads` says otherwise (at most this many, at most the CPUs).
+const MAX_DEFAULT_THREADS: usize = 4;
+
+/// Image formats `convert` reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// An insitu-blk image.
+    Insitu,
+    /// Plain bytes (a raw disk image or a block device).
+    Raw,
+}
+
+/// Arguments of `convert`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+SRC's format is detected (an insitu-blk image, otherwise raw) unless -f is given. DST's format \
+defaults to insitu when SRC is raw and to raw when SRC is an insitu image. DST must not exist \
+(an existing file is never overwritten) unless it is a block device. All-zero blocks are not \
+written, so a file DST is sparse. A raw SRC whose size is not a multiple of 512 bytes is \
+zero-padded to the next multiple. A progress bar is shown when stderr is a terminal.")]
+pub struct ConvertArgs {
+    /// Source disk: a raw image, an insitu-blk image or a block device.
+    #[arg(value_name = "SRC")]
+    pub src: PathBuf,
+
+    /// Destination: a new file, or a block device.
+    #[arg(value_name = "DST")]
+    pub dst: PathBuf,
+
+    /// Format of SRC (default: detected).
+    #[arg(short = 'f', long = "source-format", value_name = "FMT", value_enum)]
+    pub source_format: Option<Format>,
+
+    /// Format of DST (default: insitu for a raw SRC, raw for an insitu SRC).
+    #[arg(short = 'O', long = "output-format", value_name = "FMT", value_enum)]
+    pub output_format: Option<Format>,
+
+    /// Cluster size of an insitu DST (default: SRC's when it is an insitu image, else 64K).
+    #[arg(long, value_name = "SIZE")]
+    pub cluster_size: Option<ByteSize>,
+
+    /// Compression of an insitu DST: lz4, snappy, zstd, zstd:LEVEL or none (default: SRC's when it
+    /// is an insitu image, else lz4).
+    #[arg(long, short = 'c', value_name = "ALGO", value_parser = parse_compression)]
+    pub compression: Option<Compression>,
+
+    /// After converting, read both disks again and fail at the first differing byte.
+    #[arg(long)]
+    pub compare: bool,
+
+    /// Worker threads copying chunks in parallel (default: the CPUs, at most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: Option<u16>,
+}
+
+/// A validated `convert` request.
+#[derive(Debug)]
+pub struct ConvertConfig {
+    /// Source path.
+    pub src: PathBuf,
+    /// Destination path.
+    pub dst: PathBuf,
+    /// Forced source format.
+    pub source_format: Option<Format>,
+    /// Requested destination format.
+    pub output_format: Option<Format>,
+    /// Cluster size for an insitu DST.
+    pub cluster_size: Option<u32>,
+    /// Compression for an insitu DST.
+    pub compression: Option<Compression>,
+    /// Compare after converting.
+    pub compare: bool,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl TryFrom<ConvertArgs> for ConvertConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: ConvertArgs) -> anyhow::Result<Self> {
+        let cluster_size = args.cluster_size.map(validate_cluster_size).transpose()?;
+        let insitu_options_given = cluster_size.is_some() || args.compression.is_some();
+        let output_is_raw = args.output_format == Some(Format::Raw)
+            || (args.output_format.is_none() && args.source_format == Some(Format::Insitu));
+        if insitu_options_given && output_is_raw {
+            bail!("--cluster-size and --compression only apply to insitu output (-O insitu)");
+        }
+        let threads = match args.threads {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_DEFAULT_THREADS),
+        };
+        Ok(ConvertConfig {
+            src: args.src,
+            dst: args.dst,
+            source_format: args.source_format,
+            output_format: args.output_format,
+            cluster_size,
+            compression: args.compression,
+            compare: args.compare,
+            threads,
+        })
+    }
+}
+
+/// A disk being read: random access in bytes, thread-safe.
+#[derive(Debug)]
+enum Source {
+    Raw {
+        storage: FileStorage,
+        /// Bytes really in the file or device.
+        data_len: u64,
+        /// `data_len` rounded up to a whole sector; the tail reads as zeros.
+        len: u64,
+    },
+    Insitu(Image),
+}
+
+impl Source {
+    fn format(&self) -> Format {
+        match self {
+            Source::Raw { .. } => Format::Raw,
+            Source::Insitu(_) => Format::Insitu,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Source::Raw { len, .. } => *len,
+            Source::Insitu(image) => image.size(),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (inside [`Source::len`]). When a large read fails, the
+    /// error names the first failing cluster-sized block, not just the start of the chunk.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        let Err(err) = self.read_once(offset, buf) else {
+            return Ok(());
+        };
+        let step = match self {
+            Source::Raw { .. } => DEFAULT_CLUSTER_SIZE as usize,
+            Source::Insitu(image) => image.geometry().cluster_size.max(512) as usize,
+        };
+        if buf.len() > step {
+            for (index, piece) in buf.chunks_mut(step).enumerate() {
+                self.read_once(offset + (index * step) as u64, piece)?;
+            }
+        }
+        Err(err)
+    }
+
+    fn read_once(&self, offset: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        match self {
+            Source::Raw {
+                storage, data_len, ..
+            } => {
+                let available = data_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+                let (data, padding) = buf.split_at_mut(available);
+                storage
+                    .read_at(offset, data)
+                    .with_context(|| format!("read at byte {offset}"))?;
+                padding.fill(0);
+                Ok(())
+            }
+            Source::Insitu(image) => image
+                .read(offset, buf)
+                .with_context(|| format!("read at byte {offset}")),
+        }
+    }
+
+    fn open_raw(path: &Path) -> anyhow::Result<Source> {
+        let storage = FileStorage::open(path, true)?;
+        let data_len = storage.len()?;
+        let len = data_len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        Ok(Source::Raw {
+            storage,
+            data_len,
+            len,
+        })
+    }
+
+    fn open_insitu(path: &Path) -> Result<Source, ImageError> {
+        let options = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        Image::open(path, &options).map(Source::Insitu)
+    }
+
+    /// Opens SRC, detecting its format unless `forced`.
+    fn open(path: &Path, forced: Option<Format>) -> anyhow::Result<Source> {
+        match forced {
+            Some(Format::Raw) => Source::open_raw(path),
+            Some(Format::Insitu) => Ok(Source::open_insitu(path)?),
+            None => {
+                // A missing or unreadable file fails here, plainly, before any format guessing.
+                let raw = Source::open_raw(path)?;
+                match Source::open_insitu(path) {
+                    Ok(image) => Ok(image),
+                    Err(ImageError::NotAnImage(_)) => Ok(raw),
+                    // Too short to hold a superblock: certainly not an image.
+                    Err(ImageError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        Ok(raw)
+                    }
+                    Err(err @ ImageError::CorruptMetadata(_)) => Err(anyhow!(err).context(
+                        "it is an insitu-blk image with corrupt metadata ('insitu-blk check' \
+                         explains; -f raw would copy its bytes as they are)",
+                    )),
+                    Err(err) => Err(err.into()),
+                }
+            }
+        }
+    }
+}
+
+/// A disk being written.
+#[derive(Debug)]
+enum Sink {
+    Raw {
+        storage: FileStorage,
+        /// A block device may hold old data: zeros must be written, not skipped.
+        write_zeros: bool,
+    },
+    Insitu(Image),
+}
+
+impl Sink {
+    /// Granularity of zero skipping: a cluster for an image (a zero cluster stores nothing), a
+    /// filesystem block for a raw file.
+    fn zero_block(&self) -> usize {
+        match self {
+            Sink::Raw { .. } => RAW_ZERO_BLOCK,
+            Sink::Insitu(image) => image.geometry().cluster_size as usize,
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Sink::Raw { storage, .. } => storage
+                .write_at(offset, data)
+                .with_context(|| format!("write at byte {offset}")),
+            Sink::Insitu(image) => image
+                .write(offset, data)
+                .with_context(|| format!("write at byte {offset}")),
+        }
+    }
+
+    /// Writes a chunk, skipping all-zero blocks unless the sink must see them.
+    fn write_chunk(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        if let Sink::Raw {
+            write_zeros: true, ..
+        } = self
+        {
+            return self.write(offset, data);
+        }
+        for (start, end) in nonzero_runs(data, self.zero_block()) {
+            self.write(offset + start as u64, &data[start..end])?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything durable and releases the image.
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Sink::Raw { storage, .. } => storage.flush().context("flush"),
+            Sink::Insitu(image) => {
+                image.flush().context("flush")?;
+                image.close().context("close")
+            }
+        }
+    }
+}
+
+/// `[start, end)` byte ranges of `data` made of consecutive blocks (of `block` bytes, the last one
+/// possibly shorter) that are not all zero.
+fn nonzero_runs(data: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let block = block.max(1);
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (index, piece) in data.chunks(block).enumerate() {
+        if is_zero(piece) {
+            continue;
+        }
+        let start = index * block;
+        let end = start + piece.len();
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// Whether every byte is zero. OR-folding fixed-size words lets the compiler vectorise it.
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    let folded = words.by_ref().fold(0u128, |acc, word| {
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(word);
+        acc | u128::from_ne_bytes(bytes)
+    });
+    folded == 0 && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Runs `work(offset, len, buf)` on every chunk of `[0, total)` from `threads` threads, chunks
+/// handed out in increasing order. Stops at the first error, which it returns, or when `stop` is
+/// set (by SIGINT/SIGTERM).
+fn for_each_chunk<F>(
+    total: u64,
+    threads: usize,
+    progress: &ProgressBar,
+    stop: &AtomicBool,
+    work: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(u64, &mut [u8]) -> anyhow::Result<()> + Sync,
+{
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; CHUNK_SIZE as usize];
+                while !failed.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                    let offset = next.fetch_add(CHUNK_SIZE, Ordering::Relaxed);
+                    if offset >= total {
+                        break;
+                    }
+                    let len = (total - offset).min(CHUNK_SIZE) as usize;
+                    if let Err(err) = work(offset, &mut buf[..len]) {
+                        failed.store(true, Ordering::Relaxed);
+                        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(err);
+                        break;
+                    }
+                    progress.inc(len as u64);
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(err) => Err(err),
+        None if stop.load(Ordering::Relaxed) => bail!("interrupted by a signal"),
+        None => Ok(()),
+    }
+}
+
+fn progress_bar(total: u64, message: &'static str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(message);
+    bar
+}
+
+/// Identity of an existing file or device, to refuse converting a disk onto itself: the device
+/// number for block devices (two nodes may name one device), else the inode.
+#[derive(Debug, PartialEq, Eq)]
+enum Identity {
+    Device(u64),
+    Inode(u64, u64),
+}
+
+fn identity(path: &Path) -> Option<Identity> {
+    let meta = fs::metadata(path).ok()?;
+    Some(if meta.file_type().is_block_device() {
+        Identity::Device(meta.rdev())
+    } else {
+        Identity::Inode(meta.dev(), meta.ino())
+    })
+}
+
+/// Creates DST (a new file, or an existing block device) in `format` for a disk of `len` bytes.
+fn create_sink(
+    config: &ConvertConfig,
+    format: Format,
+    source: &Source,
+    len: u64,
+) -> anyhow::Result<Sink> {
+    let dst = &config.dst;
+    match format {
+        Format::Raw => {
+            let storage = FileStorage::create(dst)?;
+            let block_device = storage.is_block_device();
+            if block_device {
+                let capacity = storage.len()?;
+                if capacity < len {
+                    bail!("block device holds {capacity} bytes, the disk needs {len}");
+                }
+                if capacity > len {
+                    note(&format!(
+                        "'{}' holds {capacity} bytes; bytes past {len} are left as they are",
+                        dst.display()
+                    ));
+                }
+            } else {
+                // Holes from the start: only non-zero data is written afterwards.
+                storage.set_len(len)?;
+            }
+            Ok(Sink::Raw {
+                storage,
+                write_zeros: block_device,
+            })
+        }
+        Format::Insitu => {
+            let (inherited_cluster, inherited_compression) = match source {
+                Source::Insitu(image) => {
+                    let g = image.geometry();
+                    (g.cluster_size, g.compression)
+                }
+                Source::Raw { .. } => (DEFAULT_CLUSTER_SIZE, Compression::default()),
+            };
+            let options = CreateOptions {
+                size: len,
+                cluster_size: config.cluster_size.unwrap_or(inherited_cluster),
+                compression: config.compression.unwrap_or(inherited_compression),
+            };
+            Image::create(dst, &options)?;
+            let image = Image::open(dst, &OpenOptions::default())?;
+            Ok(Sink::Insitu(image))
+        }
+    }
+}
+
+/// Converts, then compares if asked. A DST file created here is removed again on failure.
+pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
+    let src_name = config.src.display().to_string();
+    let dst_name = config.dst.display().to_string();
+
+    ensure_input_exists(&config.src)?;
+    let source = Source::open(&config.src, config.source_format)
+        .with_context(|| format!("cannot open '{src_name}'"))?;
+    let len = source.len();
+    if len == 0 {
+        bail!("'{src_name}' is empty; there is nothing to convert");
+    }
+    let output_format = config.output_format.unwrap_or(match source.format() {
+        Format::Raw => Format::Insitu,
+        Format::Insitu => Format::Raw,
+    });
+    if output_format == Format::Raw
+        && (config.cluster_size.is_some() || config.compression.is_some())
+    {
+        bail!("--cluster-size and --compression only apply to insitu output (-O insitu)");
+    }
+    if identity(&config.dst).is_some() && identity(&config.dst) == identity(&config.src) {
+        bail!("'{src_name}' and '{dst_name}' are the same file");
+    }
+    let dst_is_block_device = ensure_new_or_block_device(&config.dst)?;
+    if let Source::Raw { data_len, len, .. } = &source {
+        if data_len != len {
+            note(&format!(
+                "'{src_name}' is {data_len} bytes, not a multiple of {SECTOR_SIZE}; the disk is \
+                 rounded up to {len} bytes (zero-padded)"
+            ));
+        }
+    }
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // The first signal asks the copy to stop (and the partial DST to be removed); a second
+        // one ends the process at once, as if no handler were installed.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&interrupted))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&interrupted)))
+            .context("cannot install signal handlers")?;
+    }
+    let result = convert_and_compare(&config, &source, output_format, len, &interrupted);
+    if result.is_err() && !dst_is_block_device {
+        // Nothing was at DST before (checked above): a partial copy is worse than none.
+        let _ = fs::remove_file(&config.dst);
+    }
+    result
+}
+
+fn convert_and_compare(
+    config: &ConvertConfig,
+    source: &Source,
+    output_format: Format,
+    len: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let src_name = config.src.display().to_string();
+    let dst_name = config.dst.display().to_string();
+
+    let sink = create_sink(config, output_format, source, len)
+        .with_context(|| format!("cannot create '{dst_name}'"))?;
+    let progress = progress_bar(len, "converting");
+    for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
+        source
+            .read(offset, buf)
+            .with_context(|| format!("reading '{src_name}'"))?;
+        sink.write_chunk(offset, buf)
+            .with_context(|| format!("writing '{dst_name}'"))
+    })?;
+    sink.finish()
+        .with_context(|| format!("finishing '{dst_name}'"))?;
+    progress.finish_and_clear();
+
+    if config.compare {
+        compare(config, source, output_format, len, stop)?;
+        print_out("Images are identical.\n");
+    }
+    Ok(())
+}
+
+/// Re-reads SRC and the freshly written DST (opened anew, so what is compared is what is on
+/// disk) and fails at the first differing byte.
+fn compare(
+    config: &ConvertConfig,
+    source: &Source,
+    output_format: Format,
+    len: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let dst_name = config.dst.display().to_string();
+    let written = Source::open(&config.dst, Some(output_format))
+        .with_context(|| format!("cannot reopen '{dst_name}' to compare"))?;
+    if written.len() < len {
+        bail!(
+            "compare failed: '{dst_name}' is {} bytes, shorter than the {len} bytes of the source",
+            written.len()
+        );
+    }
+    let first_difference = AtomicU64::new(u64::MAX);
+    let progress = progress_bar(len, "comparing");
+    for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
+        // Chunks after a known difference cannot lower it.
+        if offset > first_difference.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut other = vec![0u8; buf.len()];
+        source.read(offset, buf).context("re-reading the source")?;
+        written
+            .read(offset, &mut other)
+            .with_context(|| format!("reading back '{dst_name}'"))?;
+        if let Some(index) = buf.iter().zip(&other).position(|(a, b)| a != b) {
+            first_difference.fetch_min(offset + index as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    match first_difference.into_inner() {
+        u64::MAX => Ok(()),
+        offset => bail!(
+            "compare failed: '{}' and '{dst_name}' differ, first at byte offset {offset}",
+            config.src.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> anyhow::Result<ConvertConfig> {
+        let mut full = vec!["insitu-blk", "convert"];
+        full.extend(args.iter().copied());
+        let cli = Cli::try_parse_from(full).map_err(|e| anyhow!("{e}"))?;
+        match cli.command {
+            Command::Convert(args) => ConvertConfig::try_from(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn formats_and_options_parse() {
+        let cfg = config(&[
+            "a.raw",
+            "b.img",
+            "-O",
+            "insitu",
+            "--cluster-size",
+            "16k",
+            "-c",
+            "zstd",
+            "--compare",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(cfg.output_format, Some(Format::Insitu));
+        assert_eq!(cfg.cluster_size, Some(16 << 10));
+        assert_eq!(cfg.compression, Some(Compression::Zstd { level: 3 }));
+        assert!(cfg.compare);
+        assert_eq!(cfg.threads, 2);
+        let cfg = config(&["-f", "raw", "a", "b"]).unwrap();
+        assert_eq!(cfg.source_format, Some(Format::Raw));
+        assert_eq!(cfg.output_format, None);
+        assert!(cfg.threads >= 1 && cfg.threads <= MAX_DEFAULT_THREADS);
+    }
+
+    #[test]
+    fn image_options_with_raw_output_are_rejected() {
+        let err = config(&["a", "b", "-O", "raw", "--compression", "lz4"]).unwrap_err();
+        assert!(
+            err.to_string().contains("only apply to insitu output"),
+            "{err}"
+        );
+        let err = config(&["-f", "insitu", "a", "b", "--cluster-size", "64K"]).unwrap_err();
+        assert!(
+            err.to_string().contains("only apply to insitu output"),
+            "{err}"
+        );
+        assert!(config(&["a", "b", "-O", "qcow2"]).is_err());
+        assert!(config(&["a", "b", "--threads", "0"]).is_err());
+        assert!(config(&["a", "b", "--cluster-size", "3K"]).is_err());
+    }
+
+    #[test]
+    fn zero_runs_are_skipped_at_block_granularity() {
+        let mut data = vec![0u8; 16 * 1024 + 512];
+        assert!(nonzero_runs(&data, 4096).is_empty());
+        data[5000] = 1; // block 1
+        data[9000] = 1; // block 2, merges with block 1
+        data[16 * 1024 + 100] = 1; // the short tail block
+        assert_eq!(
+            nonzero_runs(&data, 4096),
+            vec![(4096, 12288), (16384, 16896)]
+        );
+        assert_eq!(nonzero_runs(&data, 65536), vec![(0, data.len())]);
+    }
+
+    #[test]
+    fn is_zero_sees_every_byte() {
+        for len in [0usize, 1, 15, 16, 17, 4096, 4097] {
+            let mut data = vec![0u8; len];
+            assert!(is_zero(&data));
+            for i in 0..len {
+                data[i] = 0x80;
+                assert!(!is_zero(&data), "len {len} byte {i}");
+                data[i] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn raw_source_pads_an_unaligned_tail_with_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.raw");
+        fs::write(&path, vec![0xAAu8; 1000]).unwrap();
+        let source = Source::open_raw(&path).unwrap();
+        assert_eq!(source.len(), 1024);
+        let mut buf = vec![0xFFu8; 1024];
+        source.read(0, &mut buf).unwrap();
+        assert!(buf[..1000].iter().all(|&b| b == 0xAA));
+        assert!(buf[1000..].iter().all(|&b| b == 0));
+    }
+
+    fn raw_pair(a: &[u8], b: &[u8]) -> (tempfile::TempDir, ConvertConfig, Source) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("a.raw");
+        let dst = dir.path().join("b.raw");
+        fs::write(&src, a).unwrap();
+        fs::write(&dst, b).unwrap();
+        let cfg = config(&[
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+            "--threads",
+            "3",
+        ])
+        .unwrap();
+        let source = Source::open_raw(&src).unwrap();
+        (dir, cfg, source)
+    }
+
+    #[test]
+    fn compare_reports_the_first_differing_offset_across_threads() {
+        let len = 5 * CHUNK_SIZE as usize + 4096;
+        let a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let (_dir, cfg, source) = raw_pair(&a, &a);
+        compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+
+        let mut b = a.clone();
+        for offset in [
+            4 * CHUNK_SIZE as usize + 3,
+            CHUNK_SIZE as usize + 17,
+            len - 1,
+        ] {
+            b[offset] ^= 1;
+        }
+        let (_dir, cfg, source) = raw_pair(&a, &b);
+        let err = compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
+        let expected = format!("first at byte offset {}", CHUNK_SIZE + 17);
+        assert!(err.to_string().contains(&expected), "{err}");
+
+        let (_dir, cfg, source) = raw_pair(&a, &a[..len - 512]);
+        let err = compare(
+            &cfg,
+            &source,
+            Format::Raw,
+            len as u64,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("shorter"), "{err}");
+    }
+
+    #[test]
+    fn chunks_cover_everything_once_and_the_first_error_stops_the_copy() {
+        let total = 5 * CHUNK_SIZE + 4096;
+        let seen = Mutex::new(Vec::new());
+        for_each_chunk(
+            total,
+            3,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+            |offset, buf| {
+                seen.lock().unwrap().push((offset, buf.len() as u64));
+                Ok(())
+            },
+        )
+        .unwrap();
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        let expected: Vec<(u64, u64)> = (0..6)
+            .map(|i| (i * CHUNK_SIZE, if i == 5 { 4096 } else { CHUNK_SIZE }))
+            .collect();
+        assert_eq!(seen, expected);
+
+        let err = for_each_chunk(
+            total,
+            2,
+            &ProgressBar::hidden(),
+            &AtomicBool::new(false),
+            |offset, _| {
+                if offset == 2 * CHUNK_SIZE {
+                    bail!("disk on fire at {offset}");
+                }
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+
+        let stop = AtomicBool::new(false);
+        let done = AtomicU64::new(0);
+        let err = for_each_chunk(total, 1, &ProgressBar::hidden(), &stop, |_, _| {
+            if done.fetch_add(1, Ordering::Relaxed) == 1 {
+                stop.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+        assert_eq!(done.into_inner(), 2, "work went on after the stop request");
+    }
+}

@@ -1,0 +1,232 @@
+//! What the vhost-user layer needs from the device it serves, and the long-lived state around it
+//! that outlives each frontend connection: the quiesce/resume lifecycle (I7, I8) and the per-queue
+//! gates that let a quiesce wait for the requests in progress without a lock on the data path that
+//! all queues share.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+
+use crate::image::{ImageError, Stats};
+
+/// Guest memory as the vhost-user layer maps it: every region carries a dirty-page bitmap that
+/// the frontend's log (VHOST_USER_SET_LOG_BASE) plugs into during live migration, so every write
+/// through vm-memory marks the pages it touched.
+pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+/// The swappable handle to [`GuestMemory`] shared with the vhost-user handler.
+pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemory>;
+/// A descriptor chain popped from a virtqueue, holding its snapshot of guest memory.
+pub type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemory>>;
+
+/// A virtio device the vhost-user layer can serve: in production the virtio-blk request logic on
+/// top of the image engine ([`super::BlkDisk`]); tests use fakes that record what they were asked.
+///
+/// Every method is called from several threads at once (one worker per queue plus the control
+/// thread), hence `&self` and `Sync`.
+pub trait Device: Send + Sync + 'static {
+    /// Virtio device feature bits offered to the driver (the vhost-user bits are added on top).
+    fn features(&self) -> u64;
+
+    /// The device configuration space (`struct virtio_blk_config`, little-endian).
+    fn config_space(&self) -> Vec<u8>;
+
+    /// Executes one request and returns the number of bytes written into the chain's
+    /// device-writable buffers (the used length). Never panics on guest input: a bad request
+    /// fails alone.
+    fn process_chain(&self, chain: Chain, acked_features: u64) -> u32;
+
+    /// True when the device refuses writes (then resuming takes no writer lock).
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    /// Commits everything accepted so far, parks the metadata writer and releases the writer
+    /// lock. Idempotent.
+    fn quiesce(&self) -> Result<(), ImageError>;
+
+    /// Takes the writer lock, reloads the metadata if another process changed the image and
+    /// restarts the writer. Idempotent.
+    fn resume(&self) -> Result<(), ImageError>;
+
+    /// Live statistics of the image behind the device.
+    fn stats(&self) -> Stats;
+
+    /// Commits, checkpoints, stops the writer and releases the lock (at shutdown).
+    fn close(self) -> Result<(), ImageError>
+    where
+        Self: Sized;
+}
+
+/// How long a failed resume is not retried: requests arriving meanwhile fail at once (the engine
+/// answers them with an I/O error) instead of each waiting for the writer lock again.
+const RESUME_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Lifecycle state, changed only under [`SharedDisk::lifecycle`].
+#[derive(Debug, Default)]
+struct Lifecycle {
+    /// The daemon is shutting down: never resume again.
+    shutting_down: bool,
+    /// When the last resume failed (to rate-limit retries).
+    last_resume_failure: Option<Instant>,
+}
+
+/// The device plus the lifecycle state shared by the connections served one after another.
+///
+/// Locking protocol (why it is deadlock-free and needs no lock shared by all queues on the data
+/// path):
+/// - a worker processes a batch of requests of queue `q` holding only `gates[q]` (its own), and
+///   only after seeing `running == true` under it;
+/// - a quiesce takes `lifecycle`, then every gate in index order, so it waits for the batches in
+///   progress and no new batch starts until the engine is quiesced and `running` is false;
+/// - a resume takes `lifecycle` only (a worker never waits for it while holding its gate).
+pub struct SharedDisk<D: Device> {
+    device: D,
+    num_queues: usize,
+    gates: Vec<Mutex<()>>,
+    running: AtomicBool,
+    lifecycle: Mutex<Lifecycle>,
+}
+
+/// Locks a mutex whose data cannot be left inconsistent by a panic (unit, or plain flags):
+/// a poisoned lock is taken over rather than propagated.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<D: Device> SharedDisk<D> {
+    /// Wraps `device`, served with `num_queues` queues. The device starts quiesced.
+    pub fn new(device: D, num_queues: usize) -> Self {
+        Self {
+            device,
+            num_queues,
+            gates: (0..num_queues).map(|_| Mutex::new(())).collect(),
+            running: AtomicBool::new(false),
+            lifecycle: Mutex::new(Lifecycle::default()),
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Takes the device back (at shutdown, once no connection uses it).
+    pub fn into_device(self) -> D {
+        self.device
+    }
+
+    /// Number of queues offered.
+    pub fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    /// True while the engine is resumed (writer running, lock held).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Takes queue `q`'s gate: held by that queue's worker while it processes a batch.
+    pub(crate) fn gate(&self, q: usize) -> Option<MutexGuard<'_, ()>> {
+        self.gates.get(q).map(lock)
+    }
+
+    /// Resumes the engine unless it runs already. `still_wanted` is checked under the lifecycle
+    /// lock: a ring that was stopped meanwhile must not resume the engine.
+    ///
+    /// Returns whether the engine runs afterwards. A failure is logged (and not retried for
+    /// [`RESUME_RETRY_DELAY`]); the requests then fail with an I/O error from the engine.
+    pub(crate) fn ensure_running(&self, reason: &str, still_wanted: impl FnOnce() -> bool) -> bool {
+        let mut life = lock(&self.lifecycle);
+        if self.running.load(Ordering::Acquire) {
+            return true;
+        }
+        if life.shutting_down || !still_wanted() {
+            return false;
+        }
+        if life
+            .last_resume_failure
+            .is_some_and(|at| at.elapsed() < RESUME_RETRY_DELAY)
+        {
+            return false;
+        }
+        let read_only = self.device.is_read_only();
+        if read_only {
+            tracing::info!("{reason}: loading the image's metadata (read-only)");
+        } else {
+            tracing::info!("{reason}: taking the image's writer lock and resuming");
+        }
+        match self.device.resume() {
+            Ok(()) => {
+                life.last_resume_failure = None;
+                self.running.store(true, Ordering::Release);
+                if read_only {
+                    tracing::info!("device resumed (read-only: no writer lock, no writer)");
+                } else {
+                    tracing::info!("device resumed: writer lock taken, metadata writer running");
+                }
+                true
+            }
+            Err(e) => {
+                life.last_resume_failure = Some(Instant::now());
+                tracing::error!("cannot resume the device ({reason}): {e}; requests fail with I/O errors until it can");
+                false
+            }
+        }
+    }
+
+    /// Quiesces the engine if it runs and `should_quiesce` (checked once every queue's batch in
+    /// progress has finished and none can start) says so. Returns the engine's error if the
+    /// commit failed (the engine then still counts as running: a later quiesce retries).
+    pub(crate) fn quiesce_if(
+        &self,
+        reason: &str,
+        should_quiesce: impl FnOnce() -> bool,
+    ) -> Result<(), ImageError> {
+        let _life = lock(&self.lifecycle);
+        let _gates: Vec<_> = self.gates.iter().map(lock).collect();
+        // Always evaluated: it also updates the caller's bookkeeping (e.g. the stopped ring).
+        let wanted = should_quiesce();
+        if !wanted || !self.running.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.quiesce_locked(reason)
+    }
+
+    fn quiesce_locked(&self, reason: &str) -> Result<(), ImageError> {
+        match self.device.quiesce() {
+            Ok(()) => {
+                self.running.store(false, Ordering::Release);
+                if self.device.is_read_only() {
+                    tracing::info!("device quiesced ({reason}, read-only)");
+                } else {
+                    tracing::info!(
+                        "device quiesced ({reason}): metadata committed, writer parked, \
+                         writer lock released"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("cannot quiesce the device ({reason}): {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// Quiesces for good: no resume happens afterwards. Used at shutdown.
+    pub fn shut_down(&self, reason: &str) -> Result<(), ImageError> {
+        let mut life = lock(&self.lifecycle);
+        life.shutting_down = true;
+        let _gates: Vec<_> = self.gates.iter().map(lock).collect();
+        if !self.running.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.quiesce_locked(reason)
+    }
+}

@@ -1,0 +1,82 @@
+//! The production [`Device`]: the virtio-blk request layer on the image engine.
+
+use std::sync::Arc;
+
+use crate::blk::{BlkConfig, BlkDevice, BlkError};
+use crate::image::{Image, ImageError, LockPolicy, Stats};
+
+use super::device::{Chain, Device};
+
+/// An image served as a virtio-blk device.
+#[derive(Debug)]
+pub struct BlkDisk {
+    blk: BlkDevice,
+    lock: LockPolicy,
+}
+
+impl BlkDisk {
+    /// Serves `image` (opened `start_quiesced`, with the lock policy `lock`) with `config`.
+    pub fn new(image: Image, config: BlkConfig, lock: LockPolicy) -> Result<Self, BlkError> {
+        Ok(Self {
+            blk: BlkDevice::new(Arc::new(image), config)?,
+            lock,
+        })
+    }
+
+    /// The virtio-blk device.
+    pub fn blk(&self) -> &BlkDevice {
+        &self.blk
+    }
+}
+
+impl Device for BlkDisk {
+    fn features(&self) -> u64 {
+        self.blk.features()
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        self.blk.config_space()
+    }
+
+    fn process_chain(&self, chain: Chain, acked_features: u64) -> u32 {
+        self.blk.process_chain(chain, acked_features)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.blk.is_read_only()
+    }
+
+    fn quiesce(&self) -> Result<(), ImageError> {
+        self.blk.image().quiesce()
+    }
+
+    fn resume(&self) -> Result<(), ImageError> {
+        if let LockPolicy::Wait(limit) = self.lock {
+            if !self.blk.image().is_read_only() {
+                tracing::info!(
+                    "waiting up to {limit:?} for the image's writer lock if another process \
+                     (e.g. a migration source) still holds it"
+                );
+            }
+        }
+        self.blk.image().resume()
+    }
+
+    fn stats(&self) -> Stats {
+        self.blk.image().stats()
+    }
+
+    fn close(self) -> Result<(), ImageError> {
+        let image = Arc::clone(self.blk.image());
+        drop(self.blk);
+        match Arc::try_unwrap(image) {
+            Ok(image) => image.close(),
+            Err(image) => {
+                // Someone still holds the image (cannot happen once every connection ended):
+                // make everything durable at least.
+                tracing::warn!("image still in use at close: committed, not checkpointed");
+                image.quiesce()
+            }
+        }
+    }
+}

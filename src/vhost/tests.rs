@@ -1,0 +1,872 @@
+//! Tests of the vhost-user layer over a real socket: the vhost crate's `Frontend` plays the
+//! frontend, guest memory is a memfd shared with the backend, and a fake device records what it
+//! was asked (the virtio-blk logic and the engine have their own tests; the end-to-end tests with
+//! the real binary live in tests/).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::image::{ImageError, Stats};
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const MEM_SIZE: usize = 4 << 20;
+const QUEUE_LEN: u16 = 256;
+const CONFIG: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+
+/// Records every call; checks that no quiesce happens while a request executes.
+#[derive(Default)]
+struct FakeDevice {
+    events: Mutex<Vec<&'static str>>,
+    in_flight: AtomicUsize,
+    quiesced: AtomicBool,
+    processed: AtomicUsize,
+    processed_while_quiesced: AtomicUsize,
+    quiesce_during_request: AtomicUsize,
+    threads: Mutex<Vec<(usize, thread::ThreadId)>>,
+    delay: Mutex<Duration>,
+    fail_resume: AtomicBool,
+}
+
+impl FakeDevice {
+    fn new() -> Self {
+        let device = Self::default();
+        device.quiesced.store(true, Ordering::SeqCst);
+        device
+    }
+
+    fn events(&self) -> Vec<&'static str> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+impl Device for FakeDevice {
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        CONFIG.to_vec()
+    }
+
+    fn process_chain(&self, chain: Chain, _acked_features: u64) -> u32 {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let delay = *self.delay.lock().unwrap();
+        thread::sleep(delay);
+        let mem = chain.memory().clone();
+        let mut status_addr = None;
+        let mut queue_tag = 0usize;
+        for desc in chain {
+            if desc.is_write_only() {
+                status_addr = Some(desc.addr());
+            } else {
+                queue_tag = mem.read_obj::<u64>(desc.addr()).unwrap_or(0) as usize;
+            }
+        }
+        let quiesced = self.quiesced.load(Ordering::SeqCst);
+        if quiesced {
+            self.processed_while_quiesced.fetch_add(1, Ordering::SeqCst);
+        }
+        let status: u8 = if quiesced { 1 } else { 0 };
+        if let Some(addr) = status_addr {
+            mem.write_obj(status, addr).unwrap();
+        }
+        self.threads
+            .lock()
+            .unwrap()
+            .push((queue_tag, thread::current().id()));
+        self.processed.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        1
+    }
+
+    fn quiesce(&self) -> Result<(), ImageError> {
+        if self.in_flight.load(Ordering::SeqCst) != 0 {
+            self.quiesce_during_request.fetch_add(1, Ordering::SeqCst);
+        }
+        self.quiesced.store(true, Ordering::SeqCst);
+        self.events.lock().unwrap().push("quiesce");
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ImageError> {
+        if self.fail_resume.load(Ordering::SeqCst) {
+            self.events.lock().unwrap().push("resume-failed");
+            return Err(ImageError::Locked);
+        }
+        self.quiesced.store(false, Ordering::SeqCst);
+        self.events.lock().unwrap().push("resume");
+        Ok(())
+    }
+
+    fn close(self) -> Result<(), ImageError> {
+        Ok(())
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            reads: self.processed.load(Ordering::SeqCst) as u64,
+            ..Stats::default()
+        }
+    }
+}
+
+/// A running daemon on a temporary socket.
+struct Served {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    disk: Arc<SharedDisk<FakeDevice>>,
+    stop: StopHandle,
+    thread: Option<thread::JoinHandle<Result<(), DaemonError>>>,
+}
+
+impl Served {
+    fn start(num_queues: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vhost.sock");
+        let listener = bind_listener(&SocketSource::Path(socket.clone())).unwrap();
+        let mut daemon = Daemon::new(
+            FakeDevice::new(),
+            listener,
+            DaemonConfig {
+                num_queues,
+                queue_size: 256,
+            },
+        )
+        .unwrap();
+        let disk = daemon.disk();
+        let stop = daemon.stop_handle();
+        let thread = Some(thread::spawn(move || daemon.serve()));
+        Self {
+            _dir: dir,
+            socket,
+            disk,
+            stop,
+            thread,
+        }
+    }
+
+    fn device(&self) -> &FakeDevice {
+        self.disk.device()
+    }
+
+    fn stop(mut self) {
+        self.stop.stop();
+        self.thread.take().unwrap().join().unwrap().unwrap();
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.stop();
+            // After a failed assertion the daemon may be the thing that hangs: do not wait.
+            if !thread::panicking() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+fn memfd(size: usize) -> File {
+    // SAFETY: the name is a valid C string; the returned descriptor is checked and then owned.
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    file
+}
+
+/// Guest addresses of a split virtqueue's parts.
+struct RingAddresses {
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+}
+
+/// A frontend with memfd guest memory and split virtqueues.
+struct TestFrontend {
+    frontend: Frontend,
+    mem: GuestMemoryMmap<()>,
+    _memfd: File,
+    queues: Vec<Option<(RingAddresses, EventFd, EventFd)>>,
+    submitted: Vec<u16>,
+}
+
+const QUEUE_AREA: u64 = 0x1_0000;
+const BUFFER_AREA: u64 = 0x20_0000;
+
+impl TestFrontend {
+    fn connect(socket: &Path, num_queues: usize) -> Self {
+        let mut frontend = Frontend::connect(socket, num_queues as u64).unwrap();
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        frontend.set_features(features).unwrap();
+        let protocol = frontend.get_protocol_features().unwrap();
+        frontend.set_protocol_features(protocol).unwrap();
+
+        let file = memfd(MEM_SIZE);
+        let region =
+            MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), MEM_SIZE).unwrap();
+        let mem =
+            GuestMemoryMmap::from_regions(vec![
+                GuestRegionMmap::new(region, GuestAddress(0)).unwrap()
+            ])
+            .unwrap();
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: MEM_SIZE as u64,
+                userspace_addr: 0x7000_0000,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }])
+            .unwrap();
+        Self {
+            frontend,
+            mem,
+            _memfd: file,
+            queues: (0..num_queues).map(|_| None).collect(),
+            submitted: vec![0; num_queues],
+        }
+    }
+
+    fn start_queue(&mut self, q: usize) {
+        let start = GuestAddress(QUEUE_AREA * (q as u64 + 1));
+        // Split virtqueue layout (virtio 1.2, 2.7): descriptor table, then the available ring
+        // (flags, idx, ring[len], used_event), then the used ring 4-byte aligned.
+        let len = u64::from(QUEUE_LEN);
+        let desc = start;
+        let avail = GuestAddress(desc.0 + 16 * len);
+        let used = GuestAddress((avail.0 + 6 + 2 * len + 3) & !3);
+        let end = used.0 + 6 + 8 * len;
+        assert!(end <= start.0 + QUEUE_AREA);
+        self.mem
+            .write_slice(&vec![0u8; (end - start.0) as usize], start)
+            .unwrap();
+        let vq = RingAddresses { desc, avail, used };
+        let to_user = |a: GuestAddress| 0x7000_0000 + a.0;
+        self.frontend.set_vring_num(q, QUEUE_LEN).unwrap();
+        self.frontend
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QUEUE_LEN,
+                    queue_size: QUEUE_LEN,
+                    flags: 0,
+                    desc_table_addr: to_user(vq.desc),
+                    used_ring_addr: to_user(vq.used),
+                    avail_ring_addr: to_user(vq.avail),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        self.frontend.set_vring_base(q, 0).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.frontend.set_vring_call(q, &call).unwrap();
+        self.frontend.set_vring_kick(q, &kick).unwrap();
+        self.frontend.set_vring_enable(q, true).unwrap();
+        self.queues[q] = Some((vq, kick, call));
+        self.submitted[q] = 0;
+    }
+
+    /// Adds one request (a readable tag naming the queue, a writable status byte) and kicks.
+    fn submit(&mut self, q: usize) -> GuestAddress {
+        let n = self.submitted[q];
+        let (rings, kick, _) = self.queues[q].as_ref().unwrap();
+        let slot = n % (QUEUE_LEN / 2);
+        let buffer = GuestAddress(BUFFER_AREA + (q as u64 * 0x1000) + u64::from(slot) * 16);
+        self.mem.write_obj(q as u64, buffer).unwrap();
+        let status = GuestAddress(buffer.0 + 8);
+        self.mem.write_obj(0xffu8, status).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(
+                buffer.0,
+                8,
+                VIRTQ_DESC_F_NEXT,
+                slot * 2 + 1,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(status.0, 1, VIRTQ_DESC_F_WRITE, 0)),
+        ];
+        for (i, desc) in descs.iter().enumerate() {
+            let at = GuestAddress(rings.desc.0 + 16 * u64::from(slot * 2 + i as u16));
+            self.mem.write_obj(*desc, at).unwrap();
+        }
+        let avail_idx = u16::from_le(self.mem.read_obj(GuestAddress(rings.avail.0 + 2)).unwrap());
+        let entry = GuestAddress(rings.avail.0 + 4 + 2 * u64::from(avail_idx % QUEUE_LEN));
+        self.mem.write_obj(u16::to_le(slot * 2), entry).unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(
+                u16::to_le(avail_idx.wrapping_add(1)),
+                GuestAddress(rings.avail.0 + 2),
+            )
+            .unwrap();
+        self.submitted[q] = n + 1;
+        kick.write(1).unwrap();
+        status
+    }
+
+    /// Makes `count` one-descriptor requests (just a status byte) available at once, then kicks
+    /// once. Returns their status addresses.
+    fn submit_burst(&mut self, q: usize, count: u16) -> Vec<GuestAddress> {
+        assert!(count <= QUEUE_LEN);
+        let (rings, kick, _) = self.queues[q].as_ref().unwrap();
+        let base = BUFFER_AREA + 0x10_0000 + q as u64 * 0x1000;
+        let avail_idx = u16::from_le(self.mem.read_obj(GuestAddress(rings.avail.0 + 2)).unwrap());
+        let mut statuses = Vec::new();
+        for i in 0..count {
+            let status = GuestAddress(base + u64::from(i));
+            self.mem.write_obj(0xffu8, status).unwrap();
+            let desc =
+                RawDescriptor::from(SplitDescriptor::new(status.0, 1, VIRTQ_DESC_F_WRITE, 0));
+            self.mem
+                .write_obj(desc, GuestAddress(rings.desc.0 + 16 * u64::from(i)))
+                .unwrap();
+            let slot = avail_idx.wrapping_add(i) % QUEUE_LEN;
+            self.mem
+                .write_obj(
+                    u16::to_le(i),
+                    GuestAddress(rings.avail.0 + 4 + 2 * u64::from(slot)),
+                )
+                .unwrap();
+            statuses.push(status);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(
+                u16::to_le(avail_idx.wrapping_add(count)),
+                GuestAddress(rings.avail.0 + 2),
+            )
+            .unwrap();
+        self.submitted[q] = self.submitted[q].wrapping_add(count);
+        kick.write(1).unwrap();
+        statuses
+    }
+
+    /// Sets the driver's available index (a hostile driver may set anything) and kicks.
+    fn set_avail_idx(&self, q: usize, idx: u16) {
+        let (rings, kick, _) = self.queues[q].as_ref().unwrap();
+        self.mem
+            .write_obj(u16::to_le(idx), GuestAddress(rings.avail.0 + 2))
+            .unwrap();
+        kick.write(1).unwrap();
+    }
+
+    fn used_idx(&self, q: usize) -> u16 {
+        let (rings, _, _) = self.queues[q].as_ref().unwrap();
+        u16::from_le(self.mem.read_obj(GuestAddress(rings.used.0 + 2)).unwrap())
+    }
+
+    fn wait_used(&self, q: usize, expected: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx(q) != expected {
+            assert!(
+                Instant::now() < deadline,
+                "queue {q}: used index {} never reached {expected}",
+                self.used_idx(q)
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn status(&self, addr: GuestAddress) -> u8 {
+        self.mem.read_obj(addr).unwrap()
+    }
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn config_is_answered_while_quiesced_without_resuming() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (_, config) = fe
+        .frontend
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
+        .unwrap();
+    assert_eq!(config, CONFIG);
+    // A frontend asking for a larger struct gets our bytes followed by zeros.
+    let (_, config) = fe
+        .frontend
+        .get_config(4, 12, VhostUserConfigFlags::WRITABLE, &[0; 12])
+        .unwrap();
+    assert_eq!(config, [5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert!(served.device().events().is_empty());
+    assert!(!served.disk.is_running());
+    served.stop();
+}
+
+#[test]
+fn offers_the_protocol_features_frontends_need() {
+    let served = Served::start(1);
+    let mut frontend = Frontend::connect(&served.socket, 1).unwrap();
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    assert_ne!(features & VIRTIO_F_VERSION_1, 0);
+    assert_ne!(features & (1 << 30), 0, "PROTOCOL_FEATURES");
+    assert_ne!(features & (1 << 26), 0, "LOG_ALL");
+    frontend.set_features(features).unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    for needed in [
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::CONFIG,
+        VhostUserProtocolFeatures::REPLY_ACK,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        VhostUserProtocolFeatures::LOG_SHMFD,
+    ] {
+        assert!(protocol.contains(needed), "{needed:?} missing");
+    }
+    frontend.set_protocol_features(protocol).unwrap();
+    assert_eq!(frontend.get_queue_num().unwrap(), 1);
+    served.stop();
+}
+
+#[test]
+fn starting_a_ring_resumes_and_requests_complete() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    let statuses: Vec<_> = (0..3).map(|_| fe.submit(0)).collect();
+    fe.wait_used(0, 3);
+    for status in statuses {
+        assert_eq!(fe.status(status), 0);
+    }
+    assert_eq!(
+        served
+            .device()
+            .processed_while_quiesced
+            .load(Ordering::SeqCst),
+        0
+    );
+    served.stop();
+}
+
+#[test]
+fn get_vring_base_drains_and_quiesces_before_the_reply() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    *served.device().delay.lock().unwrap() = Duration::from_millis(300);
+    fe.submit(0);
+    fe.submit(1);
+    wait_for("requests in flight", || {
+        served.device().in_flight.load(Ordering::SeqCst) == 2
+    });
+    // Stopping one ring waits for the requests in progress but keeps the device running: the
+    // other ring is still started.
+    assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 2);
+    assert_eq!(served.device().in_flight.load(Ordering::SeqCst), 0);
+    assert_eq!(fe.used_idx(0), 2);
+    assert_eq!(served.device().events(), ["resume"]);
+    // Stopping the last one quiesces before the reply.
+    assert_eq!(fe.frontend.get_vring_base(1).unwrap(), 1);
+    assert_eq!(served.device().events(), ["resume", "quiesce"]);
+    assert_eq!(
+        served
+            .device()
+            .quiesce_during_request
+            .load(Ordering::SeqCst),
+        0
+    );
+    assert_eq!(served.device().processed.load(Ordering::SeqCst), 3);
+    assert!(!served.disk.is_running());
+    // Rings restarting resume the device.
+    *served.device().delay.lock().unwrap() = Duration::ZERO;
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(served.device().events(), ["resume", "quiesce", "resume"]);
+    served.stop();
+}
+
+#[test]
+fn each_queue_is_served_by_its_own_thread() {
+    let served = Served::start(4);
+    let mut fe = TestFrontend::connect(&served.socket, 4);
+    for q in 0..4 {
+        fe.start_queue(q);
+    }
+    for round in 1..=3u16 {
+        for q in 0..4 {
+            fe.submit(q);
+        }
+        for q in 0..4 {
+            fe.wait_used(q, round);
+        }
+    }
+    let threads = served.device().threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 12);
+    for q in 0..4 {
+        let ids: Vec<_> = threads
+            .iter()
+            .filter(|(t, _)| *t == q)
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(ids.len(), 3);
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "queue {q} moved threads"
+        );
+        for (other, id) in &threads {
+            if *other != q {
+                assert_ne!(*id, ids[0], "queues {q} and {other} share a thread");
+            }
+        }
+    }
+    served.stop();
+}
+
+#[test]
+fn disconnect_quiesces_and_the_next_connection_finds_the_disk() {
+    let served = Served::start(1);
+    for connection in 1..=3 {
+        let mut fe = TestFrontend::connect(&served.socket, 1);
+        fe.start_queue(0);
+        let status = fe.submit(0);
+        fe.wait_used(0, 1);
+        assert_eq!(fe.status(status), 0);
+        drop(fe);
+        wait_for("quiesce after disconnect", || {
+            served.device().events().len() == connection * 2
+        });
+        assert!(!served.disk.is_running());
+    }
+    assert_eq!(
+        served.device().events(),
+        ["resume", "quiesce", "resume", "quiesce", "resume", "quiesce"]
+    );
+    served.stop();
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn reconnecting_does_not_leak_file_descriptors() {
+    let served = Served::start(8);
+    // Warm up (lazily created process-wide fds), then measure.
+    drop(TestFrontend::connect(&served.socket, 8));
+    thread::sleep(Duration::from_millis(100));
+    let before = open_fds();
+    for _ in 0..10 {
+        let mut fe = TestFrontend::connect(&served.socket, 8);
+        fe.start_queue(0);
+        fe.submit(0);
+        fe.wait_used(0, 1);
+    }
+    let settled = || open_fds() <= before;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !settled() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Other tests run in parallel in this process and open fds of their own: allow some slack,
+    // far below the 8 exit eventfds per connection (80 here) a leak would cost.
+    let after = open_fds();
+    assert!(
+        after <= before + 16,
+        "fds grew from {before} to {after} over 10 connections"
+    );
+    served.stop();
+}
+
+#[test]
+fn a_failed_resume_fails_requests_and_is_retried_later() {
+    let served = Served::start(1);
+    served.device().fail_resume.store(true, Ordering::SeqCst);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(
+        fe.status(status),
+        1,
+        "request must fail while the device cannot resume"
+    );
+    served.device().fail_resume.store(false, Ordering::SeqCst);
+    thread::sleep(Duration::from_millis(1100));
+    let status = fe.submit(0);
+    fe.wait_used(0, 2);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(served.device().events(), ["resume-failed", "resume"]);
+    served.stop();
+}
+
+#[test]
+fn stop_ends_an_active_connection_and_the_loop() {
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    let disk = Arc::clone(&served.disk);
+    served.stop();
+    // The connection's end quiesced the device.
+    assert_eq!(disk.device().events(), ["resume", "quiesce"]);
+    assert!(disk.shut_down("test").is_ok());
+}
+
+#[test]
+fn socket_path_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    // A live listener is not stolen.
+    let live = dir.path().join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    assert!(matches!(
+        bind_listener(&SocketSource::Path(live.clone())),
+        Err(DaemonError::SocketInUse(_))
+    ));
+    // A stale socket file is replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let listener = bind_listener(&SocketSource::Path(stale.clone())).unwrap();
+    assert!(std::os::unix::net::UnixStream::connect(&stale).is_ok());
+    drop(listener);
+    // A regular file is never removed.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"data").unwrap();
+    assert!(matches!(
+        bind_listener(&SocketSource::Path(file.clone())),
+        Err(DaemonError::NotASocket(_))
+    ));
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    // --fd must be an open, listening unix socket.
+    assert!(matches!(
+        bind_listener(&SocketSource::Fd(987_654)),
+        Err(DaemonError::BadFd { .. })
+    ));
+    let regular = File::open(&file).unwrap();
+    assert!(matches!(
+        bind_listener(&SocketSource::Fd(regular.as_raw_fd())),
+        Err(DaemonError::BadFd { .. })
+    ));
+}
+
+#[test]
+fn guest_memory_the_backend_writes_is_marked_in_the_dirty_log() {
+    use vhost::VhostUserDirtyLogRegion;
+    const PAGE: u64 = 4096;
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let log_size = (MEM_SIZE as u64 / PAGE).div_ceil(8);
+    let log = memfd(log_size as usize);
+    fe.frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log_size,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .unwrap();
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    let region = MmapRegion::<()>::from_file(FileOffset::new(log, 0), log_size as usize).unwrap();
+    let bitmap =
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()])
+            .unwrap();
+    let dirty = |addr: u64| {
+        let page = addr / PAGE;
+        let byte: u8 = bitmap.read_obj(GuestAddress(page / 8)).unwrap();
+        byte & (1 << (page % 8)) != 0
+    };
+    let (rings, _, _) = fe.queues[0].as_ref().unwrap();
+    assert!(dirty(status.0), "the status byte's page is not logged");
+    assert!(dirty(rings.used.0), "the used ring's page is not logged");
+    // Pages the backend only read stay clean.
+    assert!(
+        !dirty(rings.desc.0 + 2 * PAGE),
+        "an untouched page is logged"
+    );
+    assert!(!dirty(BUFFER_AREA + 0x10_0000));
+    served.stop();
+}
+
+#[test]
+fn a_full_ring_is_served_in_bounded_batches_from_a_single_kick() {
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    // The ring-start event has been handled once the device resumed: from here on, the burst's
+    // single kick is the only event.
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    // More requests than one event may execute (128): the worker must re-arm itself for the rest.
+    let statuses = fe.submit_burst(0, QUEUE_LEN);
+    fe.wait_used(0, QUEUE_LEN);
+    for status in statuses {
+        assert_eq!(fe.status(status), 0);
+    }
+    assert_eq!(
+        served.device().processed.load(Ordering::SeqCst),
+        usize::from(QUEUE_LEN)
+    );
+    served.stop();
+}
+
+/// Runs `f` on a thread and fails the test if it does not return within `limit`.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"))
+}
+
+#[test]
+fn a_broken_available_index_neither_spins_nor_blocks_a_stop() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    wait_for("resume", || served.device().events() == ["resume"]);
+    // More than a queue size ahead of the device: an invalid ring. Queue 0 must give up on it
+    // (not spin), the other queue keeps working, and stopping both is answered.
+    fe.set_avail_idx(0, QUEUE_LEN + 7);
+    let status = fe.submit(1);
+    fe.wait_used(1, 1);
+    assert_eq!(fe.status(status), 0);
+    thread::sleep(Duration::from_millis(100));
+    let fe = within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE of the broken ring",
+        move || {
+            fe.frontend.get_vring_base(0).unwrap();
+            fe
+        },
+    );
+    within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE of the good ring",
+        move || {
+            fe.frontend.get_vring_base(1).unwrap();
+        },
+    );
+    assert_eq!(served.device().events(), ["resume", "quiesce"]);
+    served.stop();
+}
+
+#[test]
+fn stopping_rings_under_load_always_answers_and_drains() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    *served.device().delay.lock().unwrap() = Duration::from_millis(20);
+    for round in 0..5 {
+        fe.start_queue(0);
+        fe.start_queue(1);
+        // Requests queued behind the one executing: the stop must drain what was popped and
+        // leave the rest in the ring for the next start, without hanging.
+        fe.submit_burst(0, 8);
+        fe.submit_burst(1, 8);
+        thread::sleep(Duration::from_millis(10));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let frontend = std::mem::replace(
+            &mut fe.frontend,
+            Frontend::from_stream(std::os::unix::net::UnixStream::pair().unwrap().0, 2),
+        );
+        thread::spawn(move || {
+            let bases = (
+                frontend.get_vring_base(0).unwrap(),
+                frontend.get_vring_base(1).unwrap(),
+            );
+            let _ = tx.send((frontend, bases));
+        });
+        let (frontend, (base0, base1)) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("round {round}: GET_VRING_BASE not answered"));
+        fe.frontend = frontend;
+        // Every request the backend took (next avail) was completed (used) before the reply.
+        assert_eq!(u32::from(fe.used_idx(0)), base0, "round {round}");
+        assert_eq!(u32::from(fe.used_idx(1)), base1, "round {round}");
+        assert_eq!(served.device().in_flight.load(Ordering::SeqCst), 0);
+        assert!(!served.disk.is_running(), "round {round}: not quiesced");
+    }
+    assert_eq!(
+        served
+            .device()
+            .quiesce_during_request
+            .load(Ordering::SeqCst),
+        0
+    );
+    served.stop();
+}
+
+#[test]
+fn disabling_every_ring_quiesces_and_enabling_one_resumes() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    fe.submit(0);
+    fe.submit(1);
+    fe.wait_used(0, 1);
+    fe.wait_used(1, 1);
+    assert_eq!(served.device().events(), ["resume"]);
+    // One ring disabled: the other still runs, nothing happens.
+    fe.frontend.set_vring_enable(0, false).unwrap();
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(served.device().events(), ["resume"]);
+    // Every ring disabled (cloud-hypervisor's pause): quiesced without any GET_VRING_BASE.
+    fe.frontend.set_vring_enable(1, false).unwrap();
+    wait_for("quiesce on pause", || {
+        served.device().events() == ["resume", "quiesce"]
+    });
+    assert!(!served.disk.is_running());
+    // A request queued while paused is served once the ring is enabled again.
+    let status = fe.submit(1);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(fe.used_idx(1), 1, "served while disabled");
+    fe.frontend.set_vring_enable(1, true).unwrap();
+    fe.wait_used(1, 2);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(served.device().events(), ["resume", "quiesce", "resume"]);
+    assert_eq!(
+        served
+            .device()
+            .processed_while_quiesced
+            .load(Ordering::SeqCst),
+        0
+    );
+    served.stop();
+}

@@ -1,0 +1,972 @@
+//! The real `insitu-blk` binary on real files: create, info, check, convert, and how each of them
+//! fails on bad input (one line on stderr, a documented exit code, never a panic).
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use insitu_blk::image::{FileStorage, Image, OpenOptions, Storage};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// What one run of the binary did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn insitu_blk<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let output = Command::new(env!("CARGO_BIN_EXE_insitu-blk"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run insitu-blk");
+    let run = Run {
+        // A signal (a crash) has no code: -1 fails every assertion on codes.
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "insitu-blk panicked: {run:#?}"
+    );
+    run
+}
+
+/// Asserts success and returns the run.
+fn ok<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let run = insitu_blk(args);
+    assert_eq!(run.code, 0, "{run:#?}");
+    run
+}
+
+/// Asserts the documented failure shape: exit `code`, exactly one stderr line that is an
+/// `insitu-blk: error:` line containing `needle`.
+fn fails_with(run: &Run, code: i32, needle: &str) {
+    assert_eq!(run.code, code, "{run:#?}");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "error is not one line: {run:#?}");
+    assert!(
+        lines[0].starts_with("insitu-blk: error: "),
+        "not an error line: {run:#?}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "'{needle}' missing from the error: {run:#?}"
+    );
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {run:#?}"))
+}
+
+fn create(path: &Path, size: &str, extra: &[&str]) {
+    let mut args = vec![
+        OsStr::new("create"),
+        path.as_os_str(),
+        OsStr::new("--size"),
+        OsStr::new(size),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    ok(args);
+}
+
+/// A raw disk with what real disks hold: long zero runs, compressible text, incompressible data,
+/// a lone non-zero byte inside an otherwise zero cluster, and data up to the very end.
+fn sample_disk(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut disk = vec![0u8; len];
+    let text = b"insitu-blk keeps guest data compressed in place. ";
+    let mut offset = 0;
+    while offset < len {
+        let run = rng.gen_range(4096..=300_000).min(len - offset);
+        match rng.gen_range(0..4) {
+            0 | 1 => {} // zeros
+            2 => {
+                for (i, byte) in disk[offset..offset + run].iter_mut().enumerate() {
+                    *byte = text[i % text.len()];
+                }
+            }
+            _ => rng.fill(&mut disk[offset..offset + run]),
+        }
+        offset += run;
+    }
+    if len > 3 * 65536 {
+        disk[2 * 65536..3 * 65536].fill(0);
+        disk[2 * 65536 + 777] = 0x5A;
+    }
+    let last = len - 1;
+    disk[last] = 0xEE;
+    disk
+}
+
+fn allocated(path: &Path) -> u64 {
+    fs::metadata(path).expect("stat").blocks() * 512
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+#[test]
+fn create_then_info_reports_geometry_as_json_and_text() {
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    create(
+        &image,
+        "1G",
+        &["--cluster-size", "32K", "--compression", "zstd:5"],
+    );
+
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["format"], "insitu");
+    assert_eq!(info["virtual_size"], 1u64 << 30);
+    assert_eq!(info["cluster_size"], 32768);
+    assert_eq!(info["compression"], "zstd:5");
+    assert_eq!(info["clusters"]["total"], 32768);
+    assert_eq!(info["clusters"]["zero"], 32768, "a new image is all zeros");
+    assert_eq!(info["clusters"]["compressed"], 0);
+    assert_eq!(info["stored_bytes"], 0);
+    assert_eq!(info["block_device"], false);
+    let host_allocated = info["host_allocated_bytes"]
+        .as_u64()
+        .expect("file has st_blocks");
+    assert_eq!(host_allocated, allocated(&image));
+    assert!(
+        host_allocated < 4 << 20,
+        "an empty 1 GiB image allocates {host_allocated} bytes on the host"
+    );
+    assert!(info["format_version"].as_u64().is_some());
+    assert!(!info["uuid"].as_str().expect("uuid").is_empty());
+
+    let text = ok(["info", path_str(&image)]).stdout;
+    assert!(
+        text.contains(&format!("image: {}", image.display())),
+        "{text}"
+    );
+    assert!(text.contains("file format: insitu"), "{text}");
+    assert!(
+        text.contains("virtual size: 1 GiB (1073741824 bytes)"),
+        "{text}"
+    );
+    assert!(text.contains("cluster_size: 32768"), "{text}");
+    assert!(text.contains("compression: zstd:5"), "{text}");
+}
+
+#[test]
+fn create_defaults_are_64k_lz4_and_sizes_take_suffixes() {
+    let dir = tempdir();
+    let image = dir.path().join("d.img");
+    create(&image, "3MiB", &[]);
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["virtual_size"], 3u64 << 20);
+    assert_eq!(info["cluster_size"], 65536);
+    assert_eq!(info["compression"], "lz4");
+}
+
+#[test]
+fn create_never_overwrites_an_existing_file() {
+    let dir = tempdir();
+    let image = dir.path().join("precious");
+    fs::write(&image, b"do not touch").unwrap();
+    let run = insitu_blk(["create", path_str(&image), "--size", "1M"]);
+    fails_with(&run, 1, "already exists");
+    assert_eq!(fs::read(&image).unwrap(), b"do not touch");
+}
+
+#[test]
+fn bad_command_lines_fail_with_one_line_and_create_nothing() {
+    let dir = tempdir();
+    let image = dir.path().join("never.img");
+    let image = path_str(&image);
+    let cases: &[(&[&str], &str)] = &[
+        (&["create", image, "--size", "0"], "must not be 0"),
+        (&["create", image, "--size", "1000"], "multiple of 512"),
+        (&["create", image, "--size", "ten"], "not a size"),
+        (&["create", image, "--size", "1.5G"], "fractional"),
+        (&["create", image, "--size", "20Q"], "unknown unit"),
+        (&["create", image, "--size", "99999999999T"], "too large"),
+        (
+            &["create", image, "--size", "18446744073709551616"],
+            "too large",
+        ),
+        (&["create", image], "--size"),
+        (
+            &["create", image, "--size", "1G", "--cluster-size", "8K"],
+            "power of two",
+        ),
+        (
+            &["create", image, "--size", "1G", "--cluster-size", "48K"],
+            "power of two",
+        ),
+        (
+            &["create", image, "--size", "1G", "--compression", "gzip"],
+            "unknown compression",
+        ),
+        (
+            &["create", image, "--size", "1G", "--compression", "zstd:40"],
+            "out of range",
+        ),
+        (&["create", image, "--size", "1G", "--bogus"], "--bogus"),
+        (&["frobnicate"], "frobnicate"),
+        (&["info"], "<IMAGE>"),
+        (&["convert", "a", image, "-O", "qcow2"], "qcow2"),
+        (
+            &["convert", "a", image, "-O", "raw", "-c", "lz4"],
+            "only apply to insitu output",
+        ),
+        (
+            &["--log-level", "loud=very=much", "info", image],
+            "--log-level",
+        ),
+    ];
+    for (args, needle) in cases {
+        let run = insitu_blk(*args);
+        fails_with(&run, 1, needle);
+    }
+    assert!(
+        !Path::new(image).exists(),
+        "a failed command left a file behind"
+    );
+}
+
+#[test]
+fn missing_and_foreign_files_are_clear_errors() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing.img");
+    fails_with(&insitu_blk(["info", path_str(&missing)]), 1, "missing.img");
+    fails_with(
+        &insitu_blk([
+            "convert",
+            path_str(&missing),
+            path_str(&dir.path().join("out")),
+        ]),
+        1,
+        "missing.img",
+    );
+    let raw = dir.path().join("disk.raw");
+    fs::write(&raw, vec![0x11u8; 1 << 20]).unwrap();
+    fails_with(
+        &insitu_blk(["info", path_str(&raw)]),
+        1,
+        "not an insitu-blk image",
+    );
+}
+
+#[test]
+fn check_help_documents_the_exit_codes() {
+    let help = ok(["check", "--help"]).stdout;
+    for line in [
+        "0   no problems found",
+        "1   check not completed",
+        "2   corruptions found",
+        "3   only leaked space found",
+        "63  not an insitu-blk image",
+    ] {
+        assert!(help.contains(line), "'{line}' missing:\n{help}");
+    }
+}
+
+#[test]
+fn check_of_a_fresh_image_is_clean() {
+    let dir = tempdir();
+    let image = dir.path().join("fresh.img");
+    create(&image, "64M", &[]);
+    let run = ok(["check", path_str(&image)]);
+    assert!(run.stdout.contains("No errors were found"), "{run:#?}");
+    let report = json(&ok(["check", "--json", path_str(&image)]));
+    assert_eq!(report["result"], "clean");
+    assert_eq!(report["exit_code"], 0);
+    assert_eq!(
+        report["found"]["corruptions"].as_array().map(Vec::len),
+        Some(0)
+    );
+    assert_eq!(report["found"]["leaked_bytes"], 0);
+}
+
+#[test]
+fn check_of_a_file_that_is_not_an_image_exits_63() {
+    let dir = tempdir();
+    let zeros = dir.path().join("zeros.raw");
+    fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
+    let run = insitu_blk(["check", path_str(&zeros)]);
+    fails_with(&run, 63, "not an insitu-blk image");
+
+    // A qcow2 header: magic "QFI\xfb", version 3.
+    let qcow2 = dir.path().join("disk.qcow2");
+    let mut header = vec![0u8; 1 << 16];
+    header[..8].copy_from_slice(&[b'Q', b'F', b'I', 0xfb, 0, 0, 0, 3]);
+    fs::write(&qcow2, &header).unwrap();
+    let run = insitu_blk(["check", "--json", path_str(&qcow2)]);
+    assert_eq!(run.code, 63, "{run:#?}");
+    assert_eq!(json(&run)["result"], "not-insitu");
+
+    let run = insitu_blk(["check", path_str(&dir.path().join("absent.img"))]);
+    fails_with(&run, 1, "absent.img");
+}
+
+/// Converts `raw` (sample data) into an image with `compression`, returns its path.
+fn converted_image(dir: &Path, disk: &[u8], extra: &[&str]) -> PathBuf {
+    let raw = dir.join("src.raw");
+    fs::write(&raw, disk).unwrap();
+    let image = dir.join("disk.img");
+    let mut args = vec!["convert", path_str(&raw), path_str(&image)];
+    args.extend_from_slice(extra);
+    ok(args);
+    image
+}
+
+#[test]
+fn convert_raw_to_insitu_to_raw_round_trips_and_compares() {
+    let dir = tempdir();
+    let len = 16 << 20;
+    let disk = sample_disk(len, 7);
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, &disk).unwrap();
+    let image = dir.path().join("disk.img");
+    let back = dir.path().join("back.raw");
+
+    let run = ok(["convert", "--compare", path_str(&raw), path_str(&image)]);
+    assert!(run.stdout.contains("Images are identical."), "{run:#?}");
+    assert_eq!(
+        run.stderr, "",
+        "no progress bar or noise when stderr is not a terminal"
+    );
+
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["virtual_size"], len as u64);
+    let nonzero_clusters = disk
+        .chunks(65536)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .count();
+    let stored = info["clusters"]["compressed"].as_u64().unwrap()
+        + info["clusters"]["raw"].as_u64().unwrap();
+    assert_eq!(stored, nonzero_clusters as u64, "{info:#}");
+    ok(["check", path_str(&image)]);
+
+    let run = ok(["convert", "--compare", path_str(&image), path_str(&back)]);
+    assert!(run.stdout.contains("Images are identical."), "{run:#?}");
+    assert_eq!(fs::read(&back).unwrap(), disk, "insitu -> raw lost bytes");
+}
+
+#[test]
+fn convert_output_is_sparse() {
+    let dir = tempdir();
+    // 64 MiB of which only a few scattered 4 KiB blocks are non-zero.
+    let len = 64 << 20;
+    let mut disk = vec![0u8; len];
+    for block in [0usize, 1, 1000, 7777, 16383] {
+        disk[block * 4096..block * 4096 + 4096].fill(0xC3);
+    }
+    let image = converted_image(dir.path(), &disk, &[]);
+    let image_allocated = allocated(&image);
+    assert!(
+        image_allocated < 4 << 20,
+        "image of 20 KiB of data allocates {image_allocated} bytes"
+    );
+
+    let back = dir.path().join("back.raw");
+    ok(["convert", path_str(&image), path_str(&back)]);
+    assert_eq!(fs::metadata(&back).unwrap().len(), len as u64);
+    let back_allocated = allocated(&back);
+    assert!(
+        back_allocated <= 64 * 4096,
+        "raw output of 5 non-zero blocks allocates {back_allocated} bytes"
+    );
+    assert_eq!(fs::read(&back).unwrap(), disk);
+
+    let copy = dir.path().join("copy.raw");
+    ok([
+        "convert",
+        "-O",
+        "raw",
+        path_str(&dir.path().join("src.raw")),
+        path_str(&copy),
+    ]);
+    assert!(allocated(&copy) <= 64 * 4096, "raw -> raw is sparse too");
+    assert_eq!(fs::read(&copy).unwrap(), disk);
+}
+
+#[test]
+fn convert_pads_a_raw_source_that_is_not_a_sector_multiple() {
+    let dir = tempdir();
+    let disk = sample_disk(3 * 65536 + 1000, 11);
+    let raw = dir.path().join("odd.raw");
+    fs::write(&raw, &disk).unwrap();
+    let image = dir.path().join("odd.img");
+    let run = ok(["convert", "--compare", path_str(&raw), path_str(&image)]);
+    assert!(run.stderr.contains("not a multiple of 512"), "{run:#?}");
+    assert!(run.stderr.contains("zero-padded"), "{run:#?}");
+    let padded = (disk.len() as u64).div_ceil(512) * 512;
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["virtual_size"], padded);
+
+    let back = dir.path().join("back.raw");
+    ok(["convert", path_str(&image), path_str(&back)]);
+    let back = fs::read(&back).unwrap();
+    assert_eq!(back.len() as u64, padded);
+    assert_eq!(&back[..disk.len()], &disk[..]);
+    assert!(back[disk.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn convert_takes_image_options_and_recompresses() {
+    let dir = tempdir();
+    let disk = sample_disk(4 << 20, 3);
+    let image = converted_image(
+        dir.path(),
+        &disk,
+        &[
+            "--cluster-size",
+            "16K",
+            "--compression",
+            "snappy",
+            "--threads",
+            "3",
+        ],
+    );
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["cluster_size"], 16384);
+    assert_eq!(info["compression"], "snappy");
+
+    // insitu -> insitu inherits the cluster size unless told, and takes a new algorithm.
+    let zstd = dir.path().join("zstd.img");
+    ok([
+        "convert",
+        "--compare",
+        "-O",
+        "insitu",
+        "-c",
+        "zstd:9",
+        path_str(&image),
+        path_str(&zstd),
+    ]);
+    let info = json(&ok(["info", "--json", path_str(&zstd)]));
+    assert_eq!(info["cluster_size"], 16384);
+    assert_eq!(info["compression"], "zstd:9");
+    let back = dir.path().join("back.raw");
+    ok(["convert", path_str(&zstd), path_str(&back)]);
+    assert_eq!(fs::read(&back).unwrap(), disk);
+}
+
+#[test]
+fn convert_never_overwrites_and_never_converts_onto_itself() {
+    let dir = tempdir();
+    let disk = sample_disk(1 << 20, 5);
+    let image = converted_image(dir.path(), &disk, &[]);
+    let raw = dir.path().join("src.raw");
+    let before = fs::read(&image).unwrap();
+    fails_with(
+        &insitu_blk(["convert", path_str(&raw), path_str(&image)]),
+        1,
+        "already exists",
+    );
+    assert_eq!(fs::read(&image).unwrap(), before);
+    fails_with(
+        &insitu_blk(["convert", path_str(&raw), path_str(&raw)]),
+        1,
+        "same file",
+    );
+    assert_eq!(fs::read(&raw).unwrap(), disk);
+    let empty = dir.path().join("empty.raw");
+    fs::write(&empty, b"").unwrap();
+    let out = dir.path().join("out.img");
+    fails_with(
+        &insitu_blk(["convert", path_str(&empty), path_str(&out)]),
+        1,
+        "empty",
+    );
+    assert!(!out.exists());
+}
+
+/// Offsets of `needle` in `haystack`.
+fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
+    haystack
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[test]
+fn check_finds_a_corrupted_payload_and_exits_2() {
+    let dir = tempdir();
+    // Uncompressed clusters store the guest bytes verbatim, so the test can find and damage
+    // cluster 3's payload without knowing the layout.
+    let mut disk = vec![0u8; 1 << 20];
+    let marker = b"CLUSTER-THREE-PAYLOAD-MARKER-0123456789";
+    for (i, chunk) in disk[3 * 65536..4 * 65536]
+        .chunks_mut(marker.len())
+        .enumerate()
+    {
+        let n = chunk.len();
+        chunk.copy_from_slice(&marker[..n]);
+        chunk[0] = i as u8;
+    }
+    disk[7 * 65536..8 * 65536].fill(0x77);
+    let image = converted_image(dir.path(), &disk, &["--compression", "none"]);
+    ok(["check", path_str(&image)]);
+
+    let mut bytes = fs::read(&image).unwrap();
+    let hits = find_all(&bytes, &marker[1..]);
+    assert!(
+        !hits.is_empty(),
+        "payload of cluster 3 not found in the image"
+    );
+    let victim = hits[hits.len() / 2] + 5;
+    bytes[victim] ^= 0xFF;
+    fs::write(&image, &bytes).unwrap();
+
+    let run = insitu_blk(["check", path_str(&image)]);
+    assert_eq!(run.code, 2, "{run:#?}");
+    assert!(run.stdout.contains("ERROR"), "{run:#?}");
+    assert!(run.stdout.contains("corruption"), "{run:#?}");
+    let report = json(&insitu_blk(["check", "--json", path_str(&image)]));
+    assert_eq!(report["result"], "corrupt");
+    assert_eq!(report["exit_code"], 2);
+    assert!(!report["found"]["corruptions"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The damaged cluster fails to read; converting it out stops with the offset, leaves nothing.
+    let out = dir.path().join("out.raw");
+    let run = insitu_blk(["convert", path_str(&image), path_str(&out)]);
+    fails_with(&run, 1, "196608");
+    assert!(!out.exists(), "a failed convert left its partial output");
+    // info still works (it reads metadata, not payloads).
+    ok(["info", path_str(&image)]);
+}
+
+#[test]
+fn info_works_while_another_process_holds_the_image_read_write() {
+    let dir = tempdir();
+    let image = dir.path().join("busy.img");
+    create(&image, "16M", &[]);
+
+    // This test process is "the other process": it holds the image open read-write (lock taken).
+    // No timer commit during the test: only the explicit flush commits.
+    let options = OpenOptions {
+        commit_interval: std::time::Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let held = Image::open(&image, &options).expect("open read-write");
+    held.write(0, &[0xABu8; 65536]).expect("write");
+    held.write(5 * 65536, &[0x01u8; 4096]).expect("write");
+
+    // Not committed yet: info shows the last committed state, an empty disk.
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["clusters"]["zero"], 256, "{info:#}");
+    assert_eq!(info["stored_bytes"], 0, "{info:#}");
+
+    held.flush().expect("flush");
+
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    let stored = info["clusters"]["compressed"].as_u64().unwrap()
+        + info["clusters"]["raw"].as_u64().unwrap();
+    assert_eq!(stored, 2, "info does not show the flushed writes: {info:#}");
+    assert!(info["stored_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(info["allocated_logical_bytes"], 2 * 65536);
+
+    // Reading is fine while in use; anything that writes is refused.
+    let run = insitu_blk(["check", path_str(&image)]);
+    assert_eq!(run.code, 0, "{run:#?}");
+    let run = insitu_blk(["check", "--repair", path_str(&image)]);
+    fails_with(&run, 1, "locked");
+    fails_with(
+        &insitu_blk(["create", path_str(&image), "--size", "1M"]),
+        1,
+        "already exists",
+    );
+    held.close().expect("close");
+}
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup");
+        assert!(output.status.success(), "losetup: {output:?}");
+        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        LoopDevice { path }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// Block devices as SRC and DST of convert and as the target of create. Needs root and loop
+/// devices, so it runs only with INSITU_BLK_LOOP_TESTS=1 (it says so when skipped).
+#[test]
+fn block_devices_work_as_source_and_destination() {
+    if std::env::var_os("INSITU_BLK_LOOP_TESTS").is_none() {
+        eprintln!("skipped: set INSITU_BLK_LOOP_TESTS=1 (root, loop devices) to run");
+        return;
+    }
+    let dir = tempdir();
+    let len = 8 << 20;
+    let disk = sample_disk(len, 21);
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, &disk).unwrap();
+
+    // raw file -> raw block device: zeros must be written too (the device holds old bytes).
+    let backing = dir.path().join("dev.backing");
+    fs::write(&backing, vec![0xFFu8; len + (1 << 20)]).unwrap();
+    let device = LoopDevice::attach(&backing);
+    let dev = path_str(&device.path);
+    let run = ok(["convert", "--compare", "-O", "raw", path_str(&raw), dev]);
+    assert!(run.stderr.contains("left as they are"), "{run:#?}");
+    let written = fs::read(&backing).unwrap();
+    assert_eq!(&written[..len], &disk[..], "block device copy differs");
+
+    // block device -> insitu image: SRC size comes from the device (9 MiB here).
+    let image = dir.path().join("from-dev.img");
+    ok(["convert", "--compare", "-f", "raw", dev, path_str(&image)]);
+    let info = json(&ok(["info", "--json", path_str(&image)]));
+    assert_eq!(info["virtual_size"], (len + (1 << 20)) as u64);
+
+    // create on a block device formats it; info then sees a block device.
+    let blank = dir.path().join("blank.backing");
+    fs::write(&blank, vec![0u8; 32 << 20]).unwrap();
+    let target = LoopDevice::attach(&blank);
+    ok(["create", path_str(&target.path), "--size", "16M"]);
+    let info = json(&ok(["info", "--json", path_str(&target.path)]));
+    assert_eq!(info["block_device"], true);
+    assert_eq!(info["host_allocated_bytes"], serde_json::Value::Null);
+    assert_eq!(info["virtual_size"], 16u64 << 20);
+    ok(["check", path_str(&target.path)]);
+
+    // raw file -> insitu image on a block device (formatted in place), and back to a raw file.
+    let formatted = dir.path().join("formatted.backing");
+    fs::write(&formatted, vec![0xEEu8; 24 << 20]).unwrap();
+    let device = LoopDevice::attach(&formatted);
+    ok([
+        "convert",
+        "--compare",
+        "-O",
+        "insitu",
+        path_str(&raw),
+        path_str(&device.path),
+    ]);
+    ok(["check", path_str(&device.path)]);
+    let back = dir.path().join("back.raw");
+    ok(["convert", path_str(&device.path), path_str(&back)]);
+    assert_eq!(
+        fs::read(&back).unwrap(),
+        disk,
+        "block device image round trip"
+    );
+}
+
+/// Flips one byte of the file in place.
+fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    byte[0] ^= 0x5A;
+    file.write_all_at(&byte, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+/// docs/FORMAT.md: two superblock copies, 4 KiB each, at bytes 0 and 4096, each starting with the
+/// magic `INSITUBK` and covered by a crc32c in its last 4 bytes.
+#[test]
+fn check_explains_damaged_superblocks() {
+    let dir = tempdir();
+    let disk = sample_disk(1 << 20, 9);
+    let image = converted_image(dir.path(), &disk, &[]);
+    ok(["check", path_str(&image)]);
+
+    // One damaged copy: the image still opens from the other, but check reports the damage.
+    flip_byte(&image, 100);
+    let run = insitu_blk(["check", path_str(&image)]);
+    assert_eq!(run.code, 2, "{run:#?}");
+    assert!(run.stdout.contains("ERROR"), "{run:#?}");
+    assert!(run.stdout.contains("superblock"), "{run:#?}");
+    // info succeeds from the intact copy, and its (held back) warning says what it fell back on.
+    let run = ok(["info", path_str(&image)]);
+    assert!(run.stderr.contains("WARN"), "{run:#?}");
+    assert!(run.stderr.contains("superblock copy 0"), "{run:#?}");
+
+    // Both copies damaged (magic intact): corrupt, and nothing opens it.
+    flip_byte(&image, 4096 + 100);
+    let run = insitu_blk(["check", "--json", path_str(&image)]);
+    assert_eq!(run.code, 2, "{run:#?}");
+    let report = json(&run);
+    assert_eq!(report["result"], "corrupt");
+    let corruptions = report["found"]["corruptions"].to_string();
+    assert!(corruptions.contains("superblock"), "{report:#}");
+    fails_with(&insitu_blk(["info", path_str(&image)]), 1, "corrupt");
+    let out = dir.path().join("out.raw");
+    fails_with(
+        &insitu_blk(["convert", path_str(&image), path_str(&out)]),
+        1,
+        "corrupt metadata",
+    );
+    assert!(!out.exists());
+
+    // No magic left anywhere: not an insitu-blk image at all.
+    flip_byte(&image, 0);
+    flip_byte(&image, 4096);
+    fails_with(
+        &insitu_blk(["check", path_str(&image)]),
+        63,
+        "not an insitu-blk image",
+    );
+}
+
+/// Space in the data area that no table entry refers to (here: data planted in the last spare
+/// slot, as a crash between a data write and its commit leaves) is a leak: exit 3, and
+/// `--repair` punches it.
+#[test]
+fn check_reports_leaked_space_with_3_and_repair_reclaims_it() {
+    use insitu_blk::image::format::Layout;
+    use std::os::unix::fs::FileExt;
+
+    let dir = tempdir();
+    let image = dir.path().join("leaky.img");
+    create(&image, "16M", &[]);
+    let layout = Layout::new(16 << 20, 65536).expect("layout");
+    let last_slot = u32::try_from(layout.slot_count() - 1).expect("slot index");
+    let offset = layout.slot_offset(last_slot);
+    let file = fs::OpenOptions::new().write(true).open(&image).unwrap();
+    file.write_all_at(&[0xA5u8; 65536], offset).unwrap();
+    file.sync_all().unwrap();
+    let before = allocated(&image);
+    let planted = FileStorage::open(&image, true).unwrap();
+    assert_eq!(
+        planted.allocated_ranges(offset, 65536).unwrap(),
+        Some(vec![(offset, 65536)])
+    );
+
+    let run = insitu_blk(["check", path_str(&image)]);
+    assert_eq!(run.code, 3, "{run:#?}");
+    assert!(
+        run.stdout.contains("64 KiB (65536 bytes) of leaked space"),
+        "{run:#?}"
+    );
+    assert!(!run.stdout.contains("ERROR"), "{run:#?}");
+    let report = json(&insitu_blk(["check", "--json", path_str(&image)]));
+    assert_eq!(report["result"], "leaks");
+    assert_eq!(report["exit_code"], 3);
+    assert_eq!(report["found"]["leaked_bytes"], 65536);
+
+    let run = insitu_blk(["check", "--repair", path_str(&image)]);
+    assert_eq!(run.code, 0, "repaired image is consistent again: {run:#?}");
+    assert!(run.stdout.contains("released 65536 bytes"), "{run:#?}");
+    let storage = FileStorage::open(&image, true).unwrap();
+    let still_allocated = storage.allocated_ranges(offset, 65536).unwrap();
+    assert_eq!(
+        still_allocated,
+        Some(vec![]),
+        "repair did not punch the leaked slot (file: {before} -> {} bytes allocated)",
+        allocated(&image)
+    );
+    ok(["check", path_str(&image)]);
+}
+
+/// Ctrl-C during a convert stops it, removes the partial DST and says so in one line.
+#[test]
+fn interrupted_convert_leaves_no_partial_output() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+
+    let dir = tempdir();
+    // 64 GiB, nearly all holes: reading it takes far longer than the test waits.
+    let raw = dir.path().join("huge.raw");
+    let file = fs::File::create(&raw).unwrap();
+    file.set_len(64 << 30).unwrap();
+    for gib in 0..64u64 {
+        file.write_all_at(b"data", gib << 30).unwrap();
+    }
+    drop(file);
+    let out = dir.path().join("huge.img");
+    let child = Command::new(env!("CARGO_BIN_EXE_insitu-blk"))
+        .args(["convert", path_str(&raw), path_str(&out)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn convert");
+    // Wait until the copy is under way (DST created), then interrupt.
+    let start = Instant::now();
+    while !out.exists() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(out.exists(), "convert never created its output");
+    std::thread::sleep(Duration::from_millis(200));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let output = child.wait_with_output().expect("wait");
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    fails_with(&run, 1, "interrupted");
+    assert!(!out.exists(), "the partial output was left behind");
+}
+
+/// Rewrites both superblock copies with `edit` applied and a correct CRC-32C (docs/FORMAT.md §2:
+/// 4 KiB at bytes 0 and 4096, CRC-32C of bytes 0..4092 stored at 4092).
+fn rewrite_superblocks(path: &Path, edit: impl Fn(&mut [u8])) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    for offset in [0u64, 4096] {
+        let mut block = vec![0u8; 4096];
+        file.read_exact_at(&mut block, offset).unwrap();
+        edit(&mut block);
+        let crc = crc32c::crc32c(&block[..4092]);
+        block[4092..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&block, offset).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+fn check_of_an_unsupported_format_version_exits_63_not_2() {
+    let dir = tempdir();
+    let image = dir.path().join("future.img");
+    create(&image, "4M", &[]);
+    // Format version 2: intact, just newer than this build.
+    rewrite_superblocks(&image, |b| b[8..12].copy_from_slice(&2u32.to_le_bytes()));
+    let run = insitu_blk(["check", path_str(&image)]);
+    fails_with(&run, 63, "format version 2 is not supported");
+    // An unknown incompatible feature bit.
+    rewrite_superblocks(&image, |b| {
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[12..16].copy_from_slice(&0x80u32.to_le_bytes());
+    });
+    let run = insitu_blk(["check", "--json", path_str(&image)]);
+    assert_eq!(run.code, 63, "{run:#?}");
+    assert_eq!(json(&run)["result"], "not-insitu");
+    // The same bytes with a wrong checksum are damage, not a newer format.
+    flip_byte(&image, 100);
+    flip_byte(&image, 4096 + 100);
+    assert_eq!(insitu_blk(["check", path_str(&image)]).code, 2);
+    // Back to version 1 without feature bits: clean again (the edits above touched nothing else).
+    rewrite_superblocks(&image, |b| {
+        b[12..16].copy_from_slice(&0u32.to_le_bytes());
+        b[100] ^= 0x5A;
+    });
+    ok(["check", path_str(&image)]);
+}
+
+/// Damaged and foreign files of every kind: no command panics or dies of a signal, every exit
+/// code is a documented one, and a failure is one error line. Seeded; INSITU_BLK_CLI_FUZZ_CASES
+/// runs more cases.
+#[test]
+fn damaged_images_never_crash_any_command() {
+    let cases: u64 = std::env::var("INSITU_BLK_CLI_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let seed: u64 = std::env::var("INSITU_BLK_CLI_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x1u64 << 40 | 0xC11);
+    eprintln!("seed {seed} (INSITU_BLK_CLI_FUZZ_SEED), {cases} cases");
+    let mut rng = SmallRng::seed_from_u64(seed);
+
+    let dir = tempdir();
+    let disk = sample_disk(1 << 20, seed);
+    let pristine = fs::read(converted_image(
+        dir.path(),
+        &disk,
+        &["--cluster-size", "16K"],
+    ))
+    .unwrap();
+    let victim = dir.path().join("victim.img");
+    for case in 0..cases {
+        let mut bytes = pristine.clone();
+        match case % 4 {
+            // Random bytes flipped anywhere in the metadata (superblocks, checkpoints, journal).
+            0 | 1 => {
+                let metadata_end = (1usize << 20).min(bytes.len());
+                for _ in 0..rng.gen_range(1..16) {
+                    let at = rng.gen_range(0..metadata_end);
+                    bytes[at] ^= rng.gen_range(1..=255u8);
+                }
+            }
+            // Truncated anywhere.
+            2 => {
+                let keep = rng.gen_range(0..bytes.len());
+                bytes.truncate(keep);
+            }
+            // The magic followed by noise.
+            _ => {
+                let len = rng.gen_range(8..256 * 1024);
+                bytes = (0..len).map(|_| rng.gen()).collect();
+                bytes[..8].copy_from_slice(b"INSITUBK");
+            }
+        }
+        fs::write(&victim, &bytes).unwrap();
+        let context = format!("seed {seed} case {case}");
+
+        let check = insitu_blk(["check", path_str(&victim)]);
+        assert!(
+            [0, 1, 2, 3, 63].contains(&check.code),
+            "{context}: undocumented check exit code: {check:#?}"
+        );
+        let check_json = insitu_blk(["check", "--json", path_str(&victim)]);
+        assert_eq!(check_json.code, check.code, "{context}");
+        assert_eq!(json(&check_json)["exit_code"], check.code, "{context}");
+
+        let info = insitu_blk(["info", "--json", path_str(&victim)]);
+        match info.code {
+            0 => assert!(json(&info)["virtual_size"].as_u64().is_some(), "{context}"),
+            _ => fails_with(&info, 1, "victim.img"),
+        }
+        let out = dir.path().join(format!("out-{case}.raw"));
+        let convert = insitu_blk(["convert", "-f", "insitu", path_str(&victim), path_str(&out)]);
+        match convert.code {
+            0 => {
+                let _ = fs::remove_file(&out);
+            }
+            _ => {
+                assert_eq!(convert.code, 1, "{context}: {convert:#?}");
+                assert_eq!(convert.stderr.lines().count(), 1, "{context}: {convert:#?}");
+                assert!(!out.exists(), "{context}: partial output left behind");
+            }
+        }
+    }
+}
