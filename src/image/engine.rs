@@ -350,12 +350,9 @@ impl Core {
 
     /// Loads the metadata from storage.
     pub fn load(&self) -> Result<Loaded> {
-        let mode = if self.read_only {
-            RecoveryMode::Lenient
-        } else {
-            RecoveryMode::Strict
-        };
-        let loaded = recovery::load(self.storage.as_ref(), &self.sb, mode)?;
+        // Read-only opens are strict too: serving a table that is known to miss commits would
+        // return stale data as if it were current. Only `check` loads leniently (to report).
+        let loaded = recovery::load(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?;
         for p in &loaded.problems {
             log::warn!("{p}");
         }

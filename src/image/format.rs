@@ -114,7 +114,7 @@ impl Layout {
         }
         let cs = u64::from(cluster_size);
         let cluster_count = size.div_ceil(cs);
-        let spare_slots = (cluster_count / 64).max(64);
+        let spare_slots = (cluster_count / 16).max(64);
         let slot_count = cluster_count + spare_slots;
         if slot_count >= u64::from(u32::MAX) {
             return Err(format!(
@@ -605,10 +605,10 @@ mod tests {
     fn layout_of_a_one_gib_disk_is_derived_and_aligned() {
         let l = Layout::new(1 << 30, 65536).expect("layout");
         assert_eq!(l.cluster_count, 16384);
-        assert_eq!(l.spare_slots, 256);
+        assert_eq!(l.spare_slots, 1024);
         assert_eq!(l.data_offset % 65536, 0);
         assert!(l.journal_offset >= l.checkpoint_offsets[1] + l.checkpoint_area_size);
-        assert_eq!(l.total_len, l.data_offset + (16384 + 256) * 65536);
+        assert_eq!(l.total_len, l.data_offset + (16384 + 1024) * 65536);
     }
 
     #[test]

@@ -16,9 +16,9 @@ use super::ImageError;
 /// What strictness a load uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryMode {
-    /// Any sign of lost metadata fails the load (read-write opens).
+    /// Any sign of lost metadata fails the load (every open).
     Strict,
-    /// Load what is valid and report the rest (read-only opens, `check`).
+    /// Load what is valid and report the rest (`check`).
     Lenient,
 }
 
