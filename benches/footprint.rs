@@ -35,7 +35,7 @@ struct Args {
     /// Run one part only: sizes, ram or recovery.
     #[arg(long)]
     only: Option<String>,
-    /// Table RAM for every cluster size (16K and 32K create 0.5-1 GiB checkpoint areas).
+    /// Table RAM for every cluster size, not only 64K and 128K.
     #[arg(long)]
     all_cluster_sizes: bool,
     /// Fraction of the journal to fill for the recovery table (1.0 = full; less for a quick try).
@@ -152,7 +152,10 @@ fn sizes_table(image: &Path, workdir: &Path) -> Result<String> {
     let _ = writeln!(
         t,
         "\n### Host bytes stored: {} ({:.0} MiB logical, {:.1} MiB in non-zero 4 KiB blocks)\n",
-        image.display(),
+        image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         mib(data.len() as u64),
         mib(nonzero_4k * 4096)
     );
@@ -360,6 +363,20 @@ fn recovery_table(workdir: &Path, fill: f64) -> Result<String> {
     let img = Image::open(&path, &opts)?;
     let recovery_s = started.elapsed().as_secs_f64();
     let after = img.stats();
+    // The replay really happened: every cluster holds the payload of the last commit.
+    let mut check = vec![0u8; CLUSTER as usize];
+    for i in [
+        0u64,
+        ENTRIES_PER_COMMIT as u64 / 2,
+        ENTRIES_PER_COMMIT as u64 - 1,
+    ] {
+        img.read(i * stride * u64::from(CLUSTER), &mut check)?;
+        let commit = u64::from_le_bytes(check[..8].try_into()?);
+        let index = u64::from_le_bytes(check[8..16].try_into()?);
+        if commit != commits - 1 || index != i {
+            bail!("after recovery cluster {i} holds commit {commit} index {index}, expected commit {}", commits - 1);
+        }
+    }
     img.close()?;
     let started = Instant::now();
     let img = Image::open(&path, &opts)?;

@@ -61,6 +61,11 @@ struct Args {
     /// Workloads to run, comma separated, or "all".
     #[arg(long, default_value = "all")]
     workloads: String,
+    /// Disk content: "packed" (the root filesystem's non-zero 64 KiB clusters back to back,
+    /// repeated to fill the disk: every request touches real data) or "rootfs" (the image as is,
+    /// ~55 % of it zero clusters that both servers serve without touching data).
+    #[arg(long, default_value = "packed")]
+    fill: String,
     /// Servers to run, comma separated: qsd, insitu (tables need both).
     #[arg(long, default_value = "qsd,insitu")]
     servers: String,
@@ -204,6 +209,19 @@ fn run(args: &Args) -> Result<()> {
             DISK_SIZE
         );
     }
+    let disk = match args.fill.as_str() {
+        "rootfs" => rootfs.clone(),
+        "packed" => {
+            let clusters = loadgen::nonzero_blocks(&rootfs, CLUSTER);
+            clusters
+                .iter()
+                .copied()
+                .cycle()
+                .take(rootfs.len())
+                .collect()
+        }
+        other => bail!("--fill takes packed or rootfs, not '{other}'"),
+    };
     let modes: Vec<Compression> = args
         .modes
         .split(',')
@@ -250,12 +268,12 @@ fn run(args: &Args) -> Result<()> {
 
     // Pristine disks: a sparse raw copy for qsd, one engine image per mode for us.
     let pristine_raw = workdir.join("pristine-raw.img");
-    write_sparse_raw(&rootfs, &pristine_raw)?;
+    write_sparse_raw(&disk, &pristine_raw)?;
     let mut pristine_ours = BTreeMap::new();
     for mode in modes.iter().filter(|_| servers.contains(&Server::Ours)) {
         let path = workdir.join(format!("pristine-insitu-{}.img", mode_tag(*mode)));
         let started = Instant::now();
-        write_engine_image(&rootfs, &path, *mode)?;
+        write_engine_image(&disk, &path, *mode)?;
         eprintln!(
             "sidebyside: wrote {} ({} stored) in {:.1} s",
             path.display(),
@@ -276,6 +294,7 @@ fn run(args: &Args) -> Result<()> {
         })
         .collect();
     drop(rootfs);
+    drop(disk);
     let mut samples: BTreeMap<(String, &'static str, Server), Vec<Sample>> = BTreeMap::new();
     let started = Instant::now();
     for mode in &modes {
@@ -327,7 +346,9 @@ fn run(args: &Args) -> Result<()> {
         out.push_str(&codec.table());
     }
     for mode in &modes {
-        out.push_str(&summary_table(*mode, &workloads, &samples, args.reps));
+        out.push_str(&summary_table(
+            *mode, &workloads, &samples, args.reps, &args.fill,
+        ));
     }
     print!("{out}");
     let results = workdir.join("results.md");
@@ -684,12 +705,13 @@ fn summary_table(
     workloads: &[&Workload],
     samples: &BTreeMap<(String, &'static str, Server), Vec<Sample>>,
     reps: usize,
+    fill: &str,
 ) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
         "\n### insitu-blk `--compression {mode}` (64 KiB clusters) vs qemu-storage-daemon (raw), \
-         medians of {reps} runs each\n"
+         medians of {reps} runs each, disk fill `{fill}`\n"
     );
     t.push_str(
         "| workload | IOPS qsd | IOPS ours | ratio | MB/s qsd | MB/s ours | avg µs qsd | avg µs ours | \

@@ -170,7 +170,7 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
-    def check_image(cls, image):
+    def check_image(cls, image, after_crash=False):
         """Offline consistency check of an idle image; returns its output or raises."""
         return ""
 
@@ -198,8 +198,18 @@ class InsituBackend(Backend):
         run([INSITU_BIN, "convert", image, raw_path])
 
     @classmethod
-    def check_image(cls, image):
-        return run([INSITU_BIN, "check", image])
+    def check_image(cls, image, after_crash=False):
+        """`insitu-blk check` must be clean (exit 0). After a SIGKILL of the backend, leaked space
+        (exit 3, qemu-img's convention: allocated but unreferenced, data intact) is tolerated and
+        reported: writes in flight at the kill went to free space that no commit refers to."""
+        p = subprocess.run([INSITU_BIN, "check", image], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=scaled(300))
+        out = p.stdout.decode("utf-8", "replace")
+        if p.returncode == 0 or (after_crash and p.returncode == 3):
+            if p.returncode == 3:
+                log(f"check after a crash reports leaked space (tolerated): {out.strip().splitlines()[0]}")
+            return out
+        raise TestFailure(f"insitu-blk check {image} exited {p.returncode}:\n{out}")
 
     @classmethod
     def info(cls, image):
@@ -374,7 +384,9 @@ class Guest:
             if not self.alive() and not allow_exit:
                 raise TestFailure(f"QEMU {self.label} exited ({self.proc.returncode}) while waiting for /{pattern}/")
             if time.monotonic() > deadline:
-                raise TestFailure(f"timeout ({timeout}s) waiting for /{pattern}/ on guest {self.label}")
+                booted = "INSITU-BOOTED" in text or "-incoming" in self.cmd
+                raise TestFailure(f"timeout ({timeout}s) waiting for /{pattern}/ on guest {self.label}"
+                                  + ("" if booted else " (the guest never reached init: boot hang)"))
             time.sleep(0.1)
 
     def answer(self, tag, reply="go"):
@@ -745,11 +757,21 @@ def test_migrate(t):
 def test_restart(t):
     """e. SIGKILL the backend while the guest writes; restart; QEMU reconnects; synced data survives."""
     t.backend_cls.create_image(t.image, DISK_SIZE)
-    b1 = t.backend("b1").start()
+    b0 = t.backend("b0").start()
     g = t.guest("boot1", r"""
 mkfs_disk
-mount_disk
-step "writer: 256 KiB files, each synced before it is announced"
+# commit=300: no periodic ext4 journal commit (a FLUSH) between the pending write and the first kill.
+mount_disk commit=300
+step "phase 1: a write completed (O_DIRECT, not flushed) before a kill, flushed after the restart"
+dd if=/dev/zero of=/mnt/pending bs=65536 count=4 2>/dev/null
+sync
+dd if=/dev/urandom of=/tmp/pre bs=65536 count=4 2>/dev/null
+dd if=/tmp/pre of=/mnt/pending bs=65536 count=4 oflag=direct conv=notrunc 2>/dev/null
+echo "INSITU-PENDING $(md5sum < /tmp/pre | cut -d' ' -f1)"
+host_wait kill1
+sync
+echo "INSITU-PENDING-SYNCED"
+step "phase 2 writer: 256 KiB files, each synced before it is announced"
 (
     i=0
     while [ ! -e /tmp/stop ]; do
@@ -787,7 +809,18 @@ set -e
 sync
 umount /mnt
 e2fsck -fn /dev/vda
-""", b1.sock, reconnect=True).start()
+""", b0.sock, reconnect=True).start()
+    # Phase 1: the guest completed a write and issued no FLUSH since; kill, restart, let it flush.
+    g.wait_host_point("kill1", scaled(120))
+    pending = re.search(r"^INSITU-PENDING (\w+)", g.text(), re.M).group(1)
+    b0.kill()
+    t.note("phase 1: backend SIGKILLed after a completed, unflushed guest write")
+    time.sleep(1)
+    b1 = t.backend("b1", sock=b0.sock).start()
+    g.answer("kill1")
+    g.wait_for(r"^INSITU-PENDING-SYNCED", scaled(60))
+    t.note("phase 1: backend restarted, QEMU reconnected, the guest flushed")
+    # Phase 2: kill while the guest writes (synced files + an O_DIRECT stream).
     g.wait_for(r"^INSITU-SYNCED 5 ", scaled(120))
     b1.kill()
     t.note("backend SIGKILLed while the guest writes")
@@ -816,8 +849,9 @@ e2fsck -fn /dev/vda
     synced = dict(re.findall(r"^INSITU-SYNCED (\d+) (\w+)\s*$", text, re.M))
     if b2.stop() != 0:
         raise TestFailure("restarted backend exited non-zero on SIGTERM")
-    t.backend_cls.check_image(t.image)
-    expect = "\n".join(f"{h}  f{i}" for i, h in sorted(synced.items(), key=lambda kv: int(kv[0])))
+    t.backend_cls.check_image(t.image, after_crash=True)
+    expect = "\n".join([f"{h}  f{i}" for i, h in sorted(synced.items(), key=lambda kv: int(kv[0]))]
+                       + [f"{pending}  pending"])
     b3 = t.backend("b3").start()
     g2 = t.guest("boot2", r"""
 step "fresh boot: e2fsck -fn, then every synced file"
@@ -827,13 +861,33 @@ cat > /tmp/SUMS <<'EOF'
 %s
 EOF
 cd /mnt
-if ! md5sum -c /tmp/SUMS > /tmp/check.out 2>&1; then grep -v ': OK$' /tmp/check.out | head -20; exit 1; fi
+set +e
+md5sum -c /tmp/SUMS > /tmp/check.out 2>&1
+rc=$?
+set -e
+grep -v ': OK$' /tmp/check.out | sed 's/^/INSITU-BAD /'
+[ $rc = 0 ]
 echo "INSITU-VERIFIED $(wc -l < /tmp/SUMS)"
 cd /
 umount /mnt
 """ % expect, b3.sock).start()
-    g2.wait_result(scaled(300))
-    t.note(f"fresh boot: fsck clean, all {len(synced)} synced files intact ({len(before)} synced before the kill)")
+    try:
+        g2.wait_result(scaled(300))
+    except TestFailure:
+        bad = [int(i) for i in re.findall(r"^INSITU-BAD f(\d+):", g2.text(), re.M)]
+        pending_bad = re.search(r"^INSITU-BAD pending:", g2.text(), re.M) is not None
+        if not bad and not pending_bad:
+            raise
+        lost_before = [i for i in bad if str(i) in before]
+        lost_after = [i for i in bad if str(i) not in before]
+        raise TestFailure(
+            f"after the fresh boot, synced files are wrong: {len(lost_before)} synced before the kill "
+            f"{['f%d' % i for i in lost_before]}, {len(lost_after)} synced after the restart "
+            f"{['f%d' % i for i in lost_after]}; phase-1 file (written before the kill, flushed after "
+            f"the restart) {'WRONG' if pending_bad else 'intact'}. A write the guest saw complete before "
+            f"the kill, then flushed through the new backend, must be durable (I2)")
+    t.note(f"fresh boot: fsck clean, all {len(synced)} synced files intact ({len(before)} synced before the "
+           f"kill), and the phase-1 write")
     b3.stop()
 
 

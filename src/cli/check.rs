@@ -1,7 +1,6 @@
 //! `insitu-blk check IMAGE [--json] [--repair]`, with `qemu-img check` exit codes.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
 
 use insitu_blk::image::{self, CheckReport, ImageError};
 use serde::Serialize;
@@ -140,7 +139,7 @@ enum Outcome {
     Failed(Verdict, String),
 }
 
-fn run_engine_check(path: &std::path::Path, repair: bool) -> Outcome {
+fn run_engine_check(path: &Path, repair: bool) -> Outcome {
     match image::check(path, repair) {
         Ok(report) => Outcome::Completed(Box::new(report)),
         // The engine refuses metadata it cannot trust before it can build a report: that is a
@@ -162,9 +161,42 @@ fn run_engine_check(path: &std::path::Path, repair: bool) -> Outcome {
     }
 }
 
+/// When no superblock copy is usable: looks for a copy that is intact (magic and CRC-32C right,
+/// docs/FORMAT.md §2) but of another format version or with incompatible feature bits. That image
+/// is not corrupt, just of a format this build does not read (exit 63).
+fn unsupported_format(path: &Path) -> Option<String> {
+    use insitu_blk::image::format::{Superblock, BLOCK_USIZE, FORMAT_VERSION, SB_OFFSETS};
+    use std::os::unix::fs::FileExt;
+
+    let file = std::fs::File::open(path).ok()?;
+    let mut block = vec![0u8; BLOCK_USIZE];
+    SB_OFFSETS.iter().find_map(|&offset| {
+        file.read_exact_at(&mut block, offset).ok()?;
+        let (body, crc) = block.split_at(BLOCK_USIZE - 4);
+        let stored_crc = u32::from_le_bytes(crc.try_into().ok()?);
+        if !Superblock::has_magic(&block) || crc32c::crc32c(body) != stored_crc {
+            return None;
+        }
+        let version = u32::from_le_bytes(block.get(8..12)?.try_into().ok()?);
+        let incompatible = u32::from_le_bytes(block.get(12..16)?.try_into().ok()?);
+        if version != FORMAT_VERSION {
+            Some(format!(
+                "insitu-blk format version {version} is not supported (this build reads version \
+                 {FORMAT_VERSION})"
+            ))
+        } else if incompatible != 0 {
+            Some(format!(
+                "the image uses incompatible features {incompatible:#x} this build does not know"
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 /// Runs the check and returns the documented exit code. Never fails otherwise: every problem is
 /// reported and mapped to a code.
-pub fn run(config: CheckConfig) -> ExitCode {
+pub fn run(config: CheckConfig) -> u8 {
     let path = &config.image;
     let mut output = CheckOutput {
         filename: path.display().to_string(),
@@ -183,6 +215,14 @@ pub fn run(config: CheckConfig) -> ExitCode {
             Outcome::Failed(Verdict::Error, "it is a directory, not a disk image".into())
         }
         Ok(_) => run_engine_check(path, config.repair),
+    };
+    // No usable superblock may mean a newer format rather than damage.
+    let first = match first {
+        Outcome::Completed(found) if found.geometry.is_none() => match unsupported_format(path) {
+            Some(reason) => Outcome::Failed(Verdict::NotInsitu, reason),
+            None => Outcome::Completed(found),
+        },
+        other => other,
     };
     match first {
         Outcome::Failed(verdict, message) => {
@@ -221,7 +261,7 @@ pub fn run(config: CheckConfig) -> ExitCode {
             Ok(json) => print_out(&format!("{json}\n")),
             Err(err) => {
                 print_err(&format!("{PROG}: error: cannot encode JSON: {err}"));
-                return ExitCode::from(EXIT_NOT_COMPLETED);
+                return EXIT_NOT_COMPLETED;
             }
         }
     } else {
@@ -233,7 +273,7 @@ pub fn run(config: CheckConfig) -> ExitCode {
             path.display()
         ));
     }
-    ExitCode::from(output.exit_code)
+    output.exit_code
 }
 
 /// Human explanation of a report, in the spirit of `qemu-img check`.

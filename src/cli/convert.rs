@@ -71,7 +71,7 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "SIZE")]
     pub cluster_size: Option<ByteSize>,
 
-    /// Compression of an insitu DST: lz4, snappy, zstd[:LEVEL] or none (default: SRC's when it
+    /// Compression of an insitu DST: lz4, snappy, zstd, zstd:LEVEL or none (default: SRC's when it
     /// is an insitu image, else lz4).
     #[arg(long, short = 'c', value_name = "ALGO", value_parser = parse_compression)]
     pub compression: Option<Compression>,

@@ -30,7 +30,7 @@ pub struct CreateArgs {
     #[arg(long, value_name = "SIZE", default_value = "64K")]
     pub cluster_size: ByteSize,
 
-    /// Compression of new writes: lz4, snappy, zstd[:LEVEL] (level -7..=22, default 3) or none.
+    /// Compression of new writes: lz4, snappy, zstd (level 3), zstd:LEVEL (-7..=22, not 0) or none.
     #[arg(long, short = 'c', value_name = "ALGO", default_value = "lz4",
           value_parser = parse_compression)]
     pub compression: Compression,

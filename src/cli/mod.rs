@@ -14,6 +14,7 @@ pub mod size;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -118,26 +119,35 @@ fn clap_error_line(err: &clap::Error) -> String {
 
 /// Runs a parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    if let Err(err) = init_logging(cli.log_level.as_deref(), &cli.command) {
-        report_error(&err);
-        return ExitCode::from(EXIT_FAILURE);
-    }
+    let held_logs = match init_logging(cli.log_level.as_deref(), &cli.command) {
+        Ok(held) => held,
+        Err(err) => {
+            report_error(&err);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let result = match cli.command {
-        Command::Create(args) => create::CreateConfig::try_from(args)
-            .and_then(create::run)
-            .map(|()| ExitCode::SUCCESS),
-        Command::Info(args) => info::run(args.into()).map(|()| ExitCode::SUCCESS),
         // `check` maps its outcome (and its own failures) to the qemu-img check exit codes.
         Command::Check(args) => Ok(check::run(args.into())),
+        Command::Create(args) => create::CreateConfig::try_from(args)
+            .and_then(create::run)
+            .map(|()| 0),
+        Command::Info(args) => info::run(args.into()).map(|()| 0),
         Command::Convert(args) => convert::ConvertConfig::try_from(args)
             .and_then(convert::run)
-            .map(|()| ExitCode::SUCCESS),
-        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+            .map(|()| 0),
+        Command::Serve(args) => serve::run(args).map(|()| 0),
     };
-    result.unwrap_or_else(|err| {
+    let code = result.unwrap_or_else(|err| {
         report_error(&err);
-        ExitCode::from(EXIT_FAILURE)
-    })
+        EXIT_FAILURE
+    });
+    if let Some(held) = held_logs {
+        if code == 0 {
+            held.release();
+        }
+    }
+    ExitCode::from(code)
 }
 
 /// Prints `insitu-blk: error: context: cause: cause` as one line.
@@ -192,13 +202,49 @@ pub fn one_line(text: &str) -> String {
         .join("; ")
 }
 
-/// Installs the tracing subscriber (stderr). Precedence: `--log-level`, then RUST_LOG, then the
+/// Log lines of a one-shot tool, held back until it ends: printed when the command succeeds
+/// (a warning such as "superblock copy 0 is invalid; using copy 1" is worth knowing then), dropped
+/// when it fails (its one error line already says what went wrong, and `check` explains
+/// the rest). Bounded: a flood of lines cannot grow it without limit.
+#[derive(Clone, Debug, Default)]
+pub struct HeldLogs(Arc<Mutex<Vec<u8>>>);
+
+/// Bytes of log lines [`HeldLogs`] keeps.
+const HELD_LOGS_LIMIT: usize = 64 * 1024;
+
+impl HeldLogs {
+    /// Writes the held lines to stderr.
+    fn release(&self) {
+        let held = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        if !held.is_empty() {
+            print_err(String::from_utf8_lossy(&held).trim_end());
+        }
+    }
+}
+
+impl std::io::Write for HeldLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = HELD_LOGS_LIMIT.saturating_sub(held.len());
+        held.extend_from_slice(&buf[..buf.len().min(room)]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the tracing subscriber. Precedence: `--log-level`, then RUST_LOG, then the
 /// subcommand's default. `log` records from dependencies are forwarded too.
 ///
-/// With the default filter, the one-shot tools leave out the engine's error events: every engine
-/// failure there also fails the command, whose one-line error already says what went wrong.
-fn init_logging(flag: Option<&str>, command: &Command) -> anyhow::Result<()> {
+/// `serve`, and any command given an explicit filter, log straight to stderr. The one-shot tools
+/// with the default filter hold their lines back (see [`HeldLogs`], returned here) and leave out
+/// the engine's error events: every engine failure there fails the command, whose error line
+/// says the same.
+fn init_logging(flag: Option<&str>, command: &Command) -> anyhow::Result<Option<HeldLogs>> {
     use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -218,19 +264,27 @@ fn init_logging(flag: Option<&str>, command: &Command) -> anyhow::Result<()> {
             _ => (EnvFilter::new(command.default_log_filter()), false),
         },
     };
-    let quiet_engine_errors = !explicit && !matches!(command, Command::Serve(_));
+    let quiet_tool = !explicit && !matches!(command, Command::Serve(_));
+    let held = quiet_tool.then(HeldLogs::default);
+    let writer = match &held {
+        Some(held) => {
+            let held = held.clone();
+            BoxMakeWriter::new(move || held.clone())
+        }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .with_filter(filter)
         .with_filter(filter_fn(move |meta| {
-            !(quiet_engine_errors
+            !(quiet_tool
                 && *meta.level() == tracing::Level::ERROR
                 && meta.target().starts_with("insitu_blk::image"))
         }));
     // A subscriber installed earlier (only possible in tests) is kept; that is harmless.
     let _ = tracing_subscriber::registry().with(layer).try_init();
-    Ok(())
+    Ok(held)
 }
 
 /// Fails plainly for a path that cannot be an image or a disk: missing, unreadable metadata, or a
@@ -378,6 +432,16 @@ mod tests {
     fn missing_arguments_are_named_on_the_same_line() {
         let line = parse_err(&["insitu-blk", "info"]);
         assert!(line.contains("<IMAGE>"), "{line}");
+    }
+
+    #[test]
+    fn held_logs_are_bounded() {
+        use std::io::Write;
+        let mut held = HeldLogs::default();
+        for _ in 0..1000 {
+            held.write_all(&[b'x'; 1000]).unwrap();
+        }
+        assert_eq!(held.0.lock().unwrap().len(), HELD_LOGS_LIMIT);
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub fn format_storage(st: &dyn Storage, layout: Layout, compression: Compression
     let empty = Table::new(l);
     recovery::write_checkpoint(st, &sb, &empty, 0, 0, false)?;
     let mut rec = Vec::new();
-    format::encode_record(&mut rec, 1, &sb.uuid, &[]);
+    // Nothing can have leaked from a fresh image: its marker says "clean".
+    format::encode_record_flags(&mut rec, 1, &sb.uuid, &[], format::RECORD_CLEAN_CLOSE);
     st.write_at(l.journal_offset, &rec)
         .map_err(io("write journal", l.journal_offset))?;
     if st.is_block_device() {
@@ -166,13 +167,11 @@ fn check_loaded(
     let mut codecs = Codecs::default();
     let mut stored = vec![0u8; cs];
     let mut out = vec![0u8; cs];
-    let mut used = vec![0u32; layout.slot_count() as usize];
     for c in 0..layout.cluster_count as u32 {
         let e = table.current(c);
         if e.is_zero() {
             continue;
         }
-        used[e.slot as usize] |= e.mask();
         report.clusters_checked += 1;
         let len = e.units() as usize * BLOCK_USIZE;
         let off = layout.region_offset(e.slot, e.unit());
@@ -198,51 +197,32 @@ fn check_loaded(
     }
 
     // Leaks: allocated host space in the data area that no entry refers to.
-    let data_len = layout.total_len - layout.data_offset;
-    let unit = BLOCK;
-    let mut leaks: Vec<(u64, u64)> = Vec::new();
-    let mut push_leak = |o: u64, l: u64| match leaks.last_mut() {
-        Some((lo, ll)) if *lo + *ll == o => *ll += l,
-        _ => leaks.push((o, l)),
-    };
-    let referenced = |off: u64| -> bool {
-        let rel = off - layout.data_offset;
-        let slot = (rel / u64::from(layout.cluster_size)) as usize;
-        let u = ((rel % u64::from(layout.cluster_size)) / unit) as u32;
-        used.get(slot).is_some_and(|m| m & (1 << u) != 0)
-    };
-    match st
-        .allocated_ranges(layout.data_offset, data_len)
-        .map_err(io("list allocated ranges", layout.data_offset))?
-    {
-        Some(ranges) => {
-            for (o, l) in ranges {
-                let mut pos = o / unit * unit;
-                while pos < o + l {
-                    if pos >= layout.data_offset && !referenced(pos) {
-                        report.leaked_bytes += unit;
-                        push_leak(pos, unit);
-                    }
-                    pos += unit;
-                }
-            }
+    let leaks = match recovery::unreferenced_ranges(st, layout, table)? {
+        Some(leaks) => {
+            report.leaked_bytes = leaks.iter().map(|(_, l)| l).sum();
+            leaks
         }
         None => {
             report
                 .warnings
                 .push("the storage cannot list allocated ranges: leaks were not measured".into());
-            if repair {
-                // Punch everything unreferenced: cheap on holes, and the only way to be sure.
-                let mut pos = layout.data_offset;
-                while pos < layout.total_len {
-                    if !referenced(pos) {
-                        push_leak(pos, unit);
+            // With --repair, punch everything unreferenced: cheap on holes, and the only way
+            // to be sure.
+            let used = recovery::used_units(layout, table);
+            let mut leaks: Vec<(u64, u64)> = Vec::new();
+            let mut pos = layout.data_offset;
+            while repair && pos < layout.total_len {
+                if !recovery::unit_used(layout, &used, pos) {
+                    match leaks.last_mut() {
+                        Some((lo, ll)) if *lo + *ll == pos => *ll += BLOCK,
+                        _ => leaks.push((pos, BLOCK)),
                     }
-                    pos += unit;
                 }
+                pos += BLOCK;
             }
+            leaks
         }
-    }
+    };
     report.stats = Some(table_stats(table, layout));
 
     if !repair {

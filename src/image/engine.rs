@@ -205,12 +205,12 @@ pub struct Core {
     generation: AtomicU64,
     low_water: u64,
     dirty_limit: u64,
+    corruption_logs: AtomicU64,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("storage", &self.storage)
             .field("geometry", &self.geometry)
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
@@ -313,6 +313,7 @@ impl Core {
             generation: AtomicU64::new(0),
             low_water,
             dirty_limit,
+            corruption_logs: AtomicU64::new(0),
         }
     }
 
@@ -321,7 +322,8 @@ impl Core {
     }
 
     /// Installs a loaded table (writer stopped, no I/O running).
-    pub fn install(&self, loaded: Loaded) -> Result<()> {
+    pub fn install(&self, loaded: Loaded) -> Result<bool> {
+        let clean = loaded.clean;
         self.table.replace_with(loaded.table);
         recovery::rebuild_allocator(&self.table, &self.alloc)
             .map_err(ImageError::CorruptMetadata)?;
@@ -343,17 +345,14 @@ impl Core {
         ctl.pressure = false;
         ctl.checkpoint = false;
         self.failed.store(false, Ordering::Relaxed);
-        Ok(())
+        Ok(clean)
     }
 
     /// Loads the metadata from storage.
     pub fn load(&self) -> Result<Loaded> {
-        let mode = if self.read_only {
-            RecoveryMode::Lenient
-        } else {
-            RecoveryMode::Strict
-        };
-        let loaded = recovery::load(self.storage.as_ref(), &self.sb, mode)?;
+        // Read-only opens are strict too: serving a table that is known to miss commits would
+        // return stale data as if it were current. Only `check` loads leniently (to report).
+        let loaded = recovery::load(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?;
         for p in &loaded.problems {
             log::warn!("{p}");
         }
@@ -517,12 +516,22 @@ impl Core {
         self.verify(c, e, buf)?;
         codecs.decompress(e.alg(), buf, out).map_err(|reason| {
             self.shard().checksum_errors.fetch_add(1, Ordering::Relaxed);
-            log::error!("cluster {c}: payload does not decode: {reason}");
+            self.log_corruption(c, &format!("payload does not decode: {reason}"));
             ImageError::CorruptPayload {
                 cluster: u64::from(c),
                 reason,
             }
         })
+    }
+
+    /// Corrupt payloads are logged at error level a few times per open, then at debug: a guest
+    /// re-reading a bad cluster must not flood the log (each read still fails and is counted).
+    fn log_corruption(&self, c: u32, what: &str) {
+        if self.corruption_logs.fetch_add(1, Ordering::Relaxed) < 16 {
+            log::error!("cluster {c}: {what}");
+        } else {
+            log::debug!("cluster {c}: {what}");
+        }
     }
 
     fn verify(&self, c: u32, e: &Entry, buf: &[u8]) -> Result<()> {
@@ -533,7 +542,7 @@ impl Core {
                 "checksum mismatch in slot {} (stored {:#010x}, computed {got:#010x})",
                 e.slot, e.crc
             );
-            log::error!("cluster {c}: {reason}");
+            self.log_corruption(c, &reason);
             return Err(ImageError::CorruptPayload {
                 cluster: u64::from(c),
                 reason,
@@ -841,6 +850,11 @@ impl Core {
     fn wait_for_space(&self) -> Result<()> {
         self.signal_pressure(true);
         let g = lock(&self.space);
+        // Releases bump the free count before they notify under this lock: checking it here
+        // cannot miss a wake-up.
+        if self.alloc.free_slots() > 0 {
+            return self.writable();
+        }
         let _ = self
             .space_cv
             .wait_timeout(g, Duration::from_millis(20))
@@ -941,21 +955,8 @@ impl Core {
         let checkpoint = force_checkpoint || meta.journal_head + bytes > self.layout.journal_size;
         let mut buf = std::mem::take(&mut meta.buf);
         if checkpoint {
-            let area = 1 - meta.active_area;
-            recovery::write_checkpoint(st, &self.sb, &self.table, seq, area, true)?;
-            st.flush().map_err(Self::io("flush checkpoint", 0))?;
-            // The journal restarts with a marker record: a later recovery that has to fall back
-            // to the older checkpoint sees it and knows this checkpoint was lost.
-            format::encode_record(&mut buf, seq + 1, &self.sb.uuid, &[]);
-            let off = self.layout.journal_offset;
-            st.write_at(off, &buf)
-                .map_err(Self::io("write journal", off))?;
-            st.flush().map_err(Self::io("flush journal", off))?;
-            meta.last_seq = seq + 1;
-            meta.journal_head = BLOCK;
-            meta.active_area = area;
-            meta.area_seqs[area] = Some(seq);
-            self.checkpoints.fetch_add(1, Ordering::Relaxed);
+            // A requested checkpoint is the one `close` asks for: its marker says "clean".
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, force_checkpoint)?;
         } else {
             format::encode_record(&mut buf, seq, &self.sb.uuid, &records);
             let off = self.layout.journal_offset + meta.journal_head;
@@ -978,9 +979,10 @@ impl Core {
         }
         meta.records = records;
         drop(meta);
-        // Release what the commit stopped referring to (I1: only now), before completing the
-        // flushes: a guest that rewrites right after its flush then finds the space beside its
-        // committed version free again (ping-pong in place) instead of spilling to a spare.
+        // The waiting flushes are covered now. Releasing space is not part of durability, and a
+        // punch can cost a synchronous device discard: do it after completing them.
+        self.mark_durable(ticket);
+        // Release what the commit stopped referring to (I1: only now).
         frees.sort_by_key(|(_, e)| (e.slot, e.unit()));
         let mut k = 0;
         while k < frees.len() {
@@ -1014,8 +1016,83 @@ impl Core {
         if released {
             self.notify_space();
         }
-        self.mark_durable(ticket);
         Ok(())
+    }
+
+    /// Writes a checkpoint of the committed view as commit `seq` into the inactive area, then
+    /// restarts the journal with a marker record `seq + 1`: a later recovery that has to fall
+    /// back to the older checkpoint sees the marker and knows this checkpoint was lost.
+    fn checkpoint_and_marker(
+        &self,
+        meta: &mut Meta,
+        buf: &mut Vec<u8>,
+        seq: u64,
+        clean: bool,
+    ) -> Result<()> {
+        let st = self.storage.as_ref();
+        let area = 1 - meta.active_area;
+        recovery::write_checkpoint(st, &self.sb, &self.table, seq, area, true)?;
+        st.flush().map_err(Self::io("flush checkpoint", 0))?;
+        let flags = if clean { format::RECORD_CLEAN_CLOSE } else { 0 };
+        format::encode_record_flags(buf, seq + 1, &self.sb.uuid, &[], flags);
+        let off = self.layout.journal_offset;
+        st.write_at(off, buf)
+            .map_err(Self::io("write journal", off))?;
+        st.flush().map_err(Self::io("flush journal", off))?;
+        meta.last_seq = seq + 1;
+        meta.journal_head = BLOCK;
+        meta.active_area = area;
+        meta.area_seqs[area] = Some(seq);
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read-write open of a cleanly closed image: append an empty record so that the journal no
+    /// longer ends with the clean-close marker before any data is written (a crash from here on
+    /// makes the next open look for leaked space).
+    pub fn mark_open(&self) -> Result<()> {
+        let mut meta = lock(&self.meta);
+        let mut buf = std::mem::take(&mut meta.buf);
+        let seq = meta.last_seq + 1;
+        let r = if meta.journal_head + BLOCK > self.layout.journal_size {
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, false)
+        } else {
+            format::encode_record(&mut buf, seq, &self.sb.uuid, &[]);
+            let off = self.layout.journal_offset + meta.journal_head;
+            let st = self.storage.as_ref();
+            st.write_at(off, &buf)
+                .map_err(Self::io("write journal", off))
+                .and_then(|()| st.flush().map_err(Self::io("flush journal", off)))
+                .map(|()| {
+                    meta.last_seq = seq;
+                    meta.journal_head += BLOCK;
+                })
+        };
+        meta.buf = buf;
+        r
+    }
+
+    /// After an unclean shutdown: punch space that writes which never committed left behind.
+    pub fn reclaim_leaks(&self) {
+        let ranges =
+            match recovery::unreferenced_ranges(self.storage.as_ref(), &self.layout, &self.table) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    log::warn!("could not look for space left by uncommitted writes: {e}");
+                    return;
+                }
+            };
+        let mut total = 0;
+        for (off, len) in ranges {
+            match self.storage.punch_hole(off, len) {
+                Ok(()) => total += len,
+                Err(e) => log::warn!("punching {len} bytes at {off} failed: {e}"),
+            }
+        }
+        if total > 0 {
+            log::info!("released {total} bytes left by writes that never committed");
+        }
     }
 
     /// The metadata writer's loop.

@@ -114,7 +114,7 @@ impl Layout {
         }
         let cs = u64::from(cluster_size);
         let cluster_count = size.div_ceil(cs);
-        let spare_slots = (cluster_count / 256).max(64);
+        let spare_slots = (cluster_count / 16).max(64);
         let slot_count = cluster_count + spare_slots;
         if slot_count >= u64::from(u32::MAX) {
             return Err(format!(
@@ -491,12 +491,14 @@ pub fn open_chunk(b: &[u8], seq: u64) -> Result<u32, String> {
 /// Journal record header.
 ///
 /// Byte layout: `[8] magic "INSITUJR", u64 seq, u32 entry count, u32 block count, [16] uuid,
-/// u32 crc32c (of the whole record with this field zero), u32 reserved (0)`, then `entry count` ×
+/// u32 crc32c (of the whole record with this field zero), u32 flags`, then `entry count` ×
 /// (`u32 cluster`, 16-byte entry), zero padding to `block count` blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     /// Commit sequence number.
     pub seq: u64,
+    /// Record flags ([`RECORD_CLEAN_CLOSE`]).
+    pub flags: u32,
     /// Entries in the record.
     pub entry_count: u32,
     /// Record length in blocks.
@@ -508,8 +510,24 @@ pub fn record_blocks(entries: usize) -> u64 {
     ((JR_HEADER_LEN + entries * JR_ENTRY_LEN) as u64).div_ceil(BLOCK)
 }
 
-/// Encodes a record into `out` (cleared first).
+/// Record flag: the marker record written by a clean close. An image whose journal ends with it
+/// holds no space that no entry refers to; any other ending makes the next read-write open
+/// look for (and punch) space left behind by writes that never committed.
+pub const RECORD_CLEAN_CLOSE: u32 = 1;
+
+/// Encodes a record with no flags into `out` (cleared first).
 pub fn encode_record(out: &mut Vec<u8>, seq: u64, uuid: &[u8; 16], entries: &[(u32, DiskEntry)]) {
+    encode_record_flags(out, seq, uuid, entries, 0)
+}
+
+/// Encodes a record into `out` (cleared first).
+pub fn encode_record_flags(
+    out: &mut Vec<u8>,
+    seq: u64,
+    uuid: &[u8; 16],
+    entries: &[(u32, DiskEntry)],
+    flags: u32,
+) {
     let blocks = record_blocks(entries.len());
     out.clear();
     out.resize((blocks * BLOCK) as usize, 0);
@@ -518,6 +536,7 @@ pub fn encode_record(out: &mut Vec<u8>, seq: u64, uuid: &[u8; 16], entries: &[(u
     put_u32(out, 16, entries.len() as u32);
     put_u32(out, 20, blocks as u32);
     out[24..40].copy_from_slice(uuid);
+    put_u32(out, 44, flags);
     for (i, (cluster, e)) in entries.iter().enumerate() {
         let at = JR_HEADER_LEN + i * JR_ENTRY_LEN;
         put_u32(out, at, *cluster);
@@ -538,6 +557,7 @@ pub fn decode_record_header(b: &[u8], uuid: &[u8; 16], space: u64) -> Result<Rec
     }
     let h = RecordHeader {
         seq: le_u64(b, 8),
+        flags: le_u32(b, 44),
         entry_count: le_u32(b, 16),
         block_count: le_u32(b, 20),
     };
@@ -585,10 +605,10 @@ mod tests {
     fn layout_of_a_one_gib_disk_is_derived_and_aligned() {
         let l = Layout::new(1 << 30, 65536).expect("layout");
         assert_eq!(l.cluster_count, 16384);
-        assert_eq!(l.spare_slots, 64);
+        assert_eq!(l.spare_slots, 1024);
         assert_eq!(l.data_offset % 65536, 0);
         assert!(l.journal_offset >= l.checkpoint_offsets[1] + l.checkpoint_area_size);
-        assert_eq!(l.total_len, l.data_offset + (16384 + 64) * 65536);
+        assert_eq!(l.total_len, l.data_offset + (16384 + 1024) * 65536);
     }
 
     #[test]

@@ -503,7 +503,17 @@ impl Image {
         }
         let failed = table::lock(&core.ctl).failed.is_some();
         if failed || core.disk_changed() {
-            let loaded = core.load().and_then(|l| core.install(l));
+            let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
+                if core.read_only {
+                    return Ok(());
+                }
+                if clean {
+                    core.mark_open()
+                } else {
+                    core.reclaim_leaks();
+                    Ok(())
+                }
+            });
             if let Err(e) = loaded {
                 if life.lock_held {
                     let _ = core.storage.unlock();

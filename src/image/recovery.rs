@@ -16,9 +16,9 @@ use super::ImageError;
 /// What strictness a load uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryMode {
-    /// Any sign of lost metadata fails the load (read-write opens).
+    /// Any sign of lost metadata fails the load (every open).
     Strict,
-    /// Load what is valid and report the rest (read-only opens, `check`).
+    /// Load what is valid and report the rest (`check`).
     Lenient,
 }
 
@@ -105,6 +105,8 @@ pub struct Loaded {
     pub area_seqs: [Option<u64>; 2],
     /// Journal records replayed.
     pub records_replayed: u64,
+    /// The journal ends with a clean-close marker: no space is left over from uncommitted writes.
+    pub clean: bool,
     /// Harmless findings (e.g. a torn inactive checkpoint).
     pub warnings: Vec<String>,
     /// Problems tolerated in lenient mode.
@@ -177,6 +179,7 @@ fn load_checkpoint(
 }
 
 struct Replay {
+    last_flags: u32,
     last_seq: u64,
     head: u64,
     records: u64,
@@ -194,6 +197,7 @@ fn replay(
     let mut expected = base_seq + 1;
     let mut records = 0u64;
     let mut lost = None;
+    let mut last_flags = 0;
     let mut rec = Vec::new();
     while pos + BLOCK <= layout.journal_size {
         let mut first = vec![0u8; BLOCK_USIZE];
@@ -232,13 +236,67 @@ fn replay(
         pos += len;
         expected += 1;
         records += 1;
+        last_flags = h.flags;
+    }
+    if lost.is_none() {
+        lost = later_valid_record(st, sb, pos + BLOCK, expected)?;
     }
     Ok(Replay {
+        last_flags,
         last_seq: expected - 1,
         head: pos,
         records,
         lost,
     })
+}
+
+/// Looks past the point where replay stopped for a valid record of this journal cycle (seq >=
+/// `expected`). A crash cannot produce one: every record is durable before the next is written,
+/// and records of earlier cycles carry smaller sequence numbers. Finding one means a record in
+/// the middle was damaged after it became durable, and the commits after it would be silently
+/// lost.
+fn later_valid_record(
+    st: &dyn Storage,
+    sb: &Superblock,
+    from: u64,
+    expected: u64,
+) -> Result<Option<String>, ImageError> {
+    let layout = &sb.layout;
+    const BATCH: u64 = 256;
+    let mut buf = vec![0u8; (BATCH * BLOCK) as usize];
+    let mut rec = Vec::new();
+    let mut pos = from;
+    while pos + BLOCK <= layout.journal_size {
+        let n = ((layout.journal_size - pos) / BLOCK).min(BATCH);
+        let bytes = &mut buf[..(n * BLOCK) as usize];
+        st.read_at(layout.journal_offset + pos, bytes)
+            .map_err(io_err("read journal", layout.journal_offset + pos))?;
+        for k in 0..n {
+            let at = pos + k * BLOCK;
+            let first = &bytes[(k * BLOCK) as usize..((k + 1) * BLOCK) as usize];
+            let Ok(h) = format::decode_record_header(first, &sb.uuid, layout.journal_size - at)
+            else {
+                continue;
+            };
+            if h.seq < expected {
+                continue;
+            }
+            let len = u64::from(h.block_count) * BLOCK;
+            rec.clear();
+            rec.resize(len as usize, 0);
+            st.read_at(layout.journal_offset + at, &mut rec)
+                .map_err(io_err("read journal", layout.journal_offset + at))?;
+            if format::decode_record_entries(&rec, &h, layout).is_ok() {
+                return Ok(Some(format!(
+                    "journal record for commit {} at journal offset {at} follows a damaged \
+                     record (replay stopped before commit {expected}): committed data would be lost",
+                    h.seq
+                )));
+            }
+        }
+        pos += n * BLOCK;
+    }
+    Ok(None)
 }
 
 /// Marks every stored cluster's slot used. Fails naming a slot two clusters claim.
@@ -322,6 +380,7 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
         base_area: area,
         area_seqs,
         records_replayed: r.records,
+        clean: r.records > 0 && r.last_flags & format::RECORD_CLEAN_CLOSE != 0,
         warnings,
         problems,
     })
@@ -396,4 +455,57 @@ pub fn write_checkpoint(
     st.write_at(base, &header)
         .map_err(io_err("write checkpoint header", base))?;
     Ok(())
+}
+
+/// Ranges of the data area that hold allocated host space no entry of `table` refers to (4 KiB
+/// granularity, merged), or `None` when the storage cannot list allocated ranges.
+pub fn unreferenced_ranges(
+    st: &dyn Storage,
+    layout: &Layout,
+    table: &Table,
+) -> Result<Option<Vec<(u64, u64)>>, ImageError> {
+    let data_len = layout.total_len - layout.data_offset;
+    let Some(ranges) = st
+        .allocated_ranges(layout.data_offset, data_len)
+        .map_err(io_err("list allocated ranges", layout.data_offset))?
+    else {
+        return Ok(None);
+    };
+    let used = used_units(layout, table);
+    let mut leaks: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in ranges {
+        let mut pos = o.max(layout.data_offset) / BLOCK * BLOCK;
+        while pos < o + l {
+            if !unit_used(layout, &used, pos) {
+                match leaks.last_mut() {
+                    Some((lo, ll)) if *lo + *ll == pos => *ll += BLOCK,
+                    _ => leaks.push((pos, BLOCK)),
+                }
+            }
+            pos += BLOCK;
+        }
+    }
+    Ok(Some(leaks))
+}
+
+/// Per slot, the mask of units the table's entries occupy.
+pub fn used_units(layout: &Layout, table: &Table) -> Vec<u32> {
+    let mut used = vec![0u32; layout.slot_count() as usize];
+    for c in 0..layout.cluster_count as u32 {
+        let e = table.current(c);
+        if !e.is_zero() {
+            if let Some(m) = used.get_mut(e.slot as usize) {
+                *m |= e.mask();
+            }
+        }
+    }
+    used
+}
+
+/// Whether the unit at byte `off` (inside the data area) is occupied per `used`.
+pub fn unit_used(layout: &Layout, used: &[u32], off: u64) -> bool {
+    let rel = off - layout.data_offset;
+    let slot = (rel / u64::from(layout.cluster_size)) as usize;
+    let u = ((rel % u64::from(layout.cluster_size)) / BLOCK) as u32;
+    used.get(slot).is_some_and(|m| m & (1 << u) != 0)
 }

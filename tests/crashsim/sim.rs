@@ -389,12 +389,20 @@ struct Capture {
     capacity: usize,
     seen: u64,
     snapshots: Vec<CrashSnapshot>,
-    /// Focus: a write starting with these bytes opens a window of `FOCUS_WINDOW` operations that
-    /// are all captured (up to `focus_cap` in total), e.g. the steps of a checkpoint.
-    focus_magic: Option<Vec<u8>>,
+    /// Focus classes: a write starting with a class's magic opens a window of `FOCUS_WINDOW`
+    /// operations that are all captured; each class keeps a uniform sample of its windows.
+    focus: Vec<FocusClass>,
+    /// The window being filled: (class, index into its windows), operations left.
+    focus_active: Option<(usize, usize)>,
     focus_left: usize,
-    focus_cap: usize,
-    focus_snapshots: Vec<CrashSnapshot>,
+}
+
+/// Windows of crash points after writes that start with `magic` (reservoir of `capacity`).
+struct FocusClass {
+    magic: Vec<u8>,
+    capacity: usize,
+    seen: u64,
+    windows: Vec<Vec<CrashSnapshot>>,
 }
 
 /// Operations captured after a focus write (the write, its siblings, the flush, what follows).
@@ -621,20 +629,27 @@ impl SimStorage {
             capacity,
             seen: 0,
             snapshots: Vec::new(),
-            focus_magic: None,
+            focus: Vec::new(),
+            focus_active: None,
             focus_left: 0,
-            focus_cap: 0,
-            focus_snapshots: Vec::new(),
         });
     }
 
     /// While capturing: additionally take a crash point after *every* one of the few storage
-    /// operations that follow a write starting with `magic` (at most `cap` of them in total), so
-    /// rare multi-step sequences (a checkpoint) get crashed at each step.
-    pub fn focus_capture(&self, magic: &[u8], cap: usize) {
+    /// operations that follow a write starting with one of the magics (a window), keeping a
+    /// uniform sample of `windows` windows per magic, so rare multi-step sequences (a commit
+    /// record, a checkpoint) get crashed at each step wherever they happen in the run.
+    pub fn focus_capture(&self, classes: &[(&[u8], usize)]) {
         if let Some(capture) = self.lock().capture.as_mut() {
-            capture.focus_magic = Some(magic.to_vec());
-            capture.focus_cap = cap;
+            capture.focus = classes
+                .iter()
+                .map(|&(magic, capacity)| FocusClass {
+                    magic: magic.to_vec(),
+                    capacity,
+                    seen: 0,
+                    windows: Vec::new(),
+                })
+                .collect();
         }
     }
 
@@ -645,7 +660,9 @@ impl SimStorage {
             .capture
             .take()
             .map(|mut c| {
-                c.snapshots.append(&mut c.focus_snapshots);
+                for class in c.focus {
+                    c.snapshots.extend(class.windows.into_iter().flatten());
+                }
                 c.snapshots
             })
             .unwrap_or_default();
@@ -659,21 +676,40 @@ impl SimStorage {
         let Some(capture) = state.capture.as_mut() else {
             return;
         };
-        if let (Some(magic), Some(data)) = (&capture.focus_magic, data) {
-            if data.starts_with(magic) {
+        if let Some(data) = data {
+            if let Some(ci) = capture
+                .focus
+                .iter()
+                .position(|c| data.starts_with(&c.magic))
+            {
+                // A new window: reservoir-sample it among this class's windows.
+                let class = &mut capture.focus[ci];
+                class.seen += 1;
+                capture.focus_active = if class.windows.len() < class.capacity {
+                    class.windows.push(Vec::new());
+                    Some((ci, class.windows.len() - 1))
+                } else {
+                    let j = capture.rng.gen_range(0..class.seen);
+                    (j < class.capacity as u64).then(|| {
+                        class.windows[j as usize].clear();
+                        (ci, j as usize)
+                    })
+                };
                 capture.focus_left = FOCUS_WINDOW;
             }
         }
-        if capture.focus_left > 0 && capture.focus_snapshots.len() < capture.focus_cap {
+        if capture.focus_left > 0 {
             capture.focus_left -= 1;
-            let snap = CrashSnapshot {
-                clock: capture.clock.load(Ordering::SeqCst),
-                storage_ops: state.storage_ops,
-                after: format!("{} (focus)", what()),
-                durable: state.durable.clone(),
-                pending: state.pending.clone(),
-            };
-            capture.focus_snapshots.push(snap);
+            if let Some((ci, wi)) = capture.focus_active {
+                let snap = CrashSnapshot {
+                    clock: capture.clock.load(Ordering::SeqCst),
+                    storage_ops: state.storage_ops,
+                    after: format!("{} (focus)", what()),
+                    durable: state.durable.clone(),
+                    pending: state.pending.clone(),
+                };
+                capture.focus[ci].windows[wi].push(snap);
+            }
         }
         capture.seen += 1;
         let slot = if capture.snapshots.len() < capture.capacity {

@@ -131,7 +131,7 @@ impl Spec {
             commit_interval,
             crash_points: 25,
             crashes_per_point: 2,
-            rounds: 2,
+            rounds: rng.gen_range(2..=3),
             break_commit_order: false,
             stop_at_first: true,
             inject_fault: false,
@@ -617,9 +617,13 @@ fn run_round(
         sim.fail_after(rng.gen_range(1..120));
     }
     sim.start_capture(clock.clone(), spec.crash_points, round_seed ^ 0xC4A5);
-    // Checkpoints are rare and multi-step: crash at every step of (some of) them. The magic is
-    // the checkpoint header's, as documented in the format.
-    sim.focus_capture(b"INSITUCP", spec.crash_points);
+    // Commits and checkpoints are the moments that matter and are a small share of the storage
+    // operations: crash at every step after (some of) their records are written. The magics are
+    // the journal record's and checkpoint header's, as documented in docs/FORMAT.md.
+    sim.focus_capture(&[
+        (b"INSITUJR", (spec.crash_points / 8).max(2)),
+        (b"INSITUCP", 4),
+    ]);
     let ctx = Round {
         image,
         sim,
@@ -876,9 +880,9 @@ pub fn run(spec: &Spec) -> Outcome {
         let mut next: Option<Recovered> = None;
         let last = snaps.len() - 1;
         for (si, snap) in snaps.iter().enumerate() {
-            // Focus points (the steps of a checkpoint) are rare: draw more crashes from each.
+            // Focus points (the steps of a commit or checkpoint): draw more crashes from each.
             let draws = if snap.after.ends_with("(focus)") {
-                spec.crashes_per_point * 4
+                spec.crashes_per_point * 2
             } else {
                 spec.crashes_per_point
             };
@@ -1016,7 +1020,7 @@ fn clean_close_check(
     let clock_start = model.history.iter().map(|r| r.end).max().unwrap_or(0) + 1;
     let clock = Arc::new(AtomicU64::new(clock_start));
     storage.start_capture(clock.clone(), 6, rng.gen());
-    storage.focus_capture(b"INSITUCP", 12);
+    storage.focus_capture(&[(b"INSITUJR", 1), (b"INSITUCP", 1)]);
     let start = clock.fetch_add(1, Ordering::SeqCst);
     let closed = old.image.close();
     let end = clock.fetch_add(1, Ordering::SeqCst);
