@@ -2253,6 +2253,7 @@ fn stopped_or_disabled_rings_commit_completed_writes() {
 /// SET_VRING_NUM without a backend hook, so a daemon on it can only refuse the ring at the next
 /// message (which case20 checks).
 #[test]
+#[ignore = "vhost-user-backend 0.24 acks SET_VRING_NUM before the backend sees it (the ring is refused at SET_VRING_ADDR instead: case20)"]
 fn case20c_set_vring_num_not_power_of_two_is_refused_by_that_message() {
     let work = Workdir::new();
     let mut backend = Backend::start(
