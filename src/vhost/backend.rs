@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
@@ -35,6 +35,7 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{lock, Chain, Device, GuestMemoryHandle, SharedDisk};
+use super::vring::Vring;
 use crate::blk::SplitRing;
 
 /// Most requests a worker executes per event before it lets its event loop run again (it
@@ -47,10 +48,6 @@ const MAX_CONFIG_SIZE: u32 = 256;
 
 /// Largest number of queues: the crate maps queues to worker threads with 64-bit masks.
 pub const MAX_QUEUES: usize = 64;
-
-/// The vring type served: each ring behind its own mutex (only its worker and the control
-/// thread ever take it).
-pub type Vring = VringMutex<GuestMemoryHandle>;
 
 /// Backend state of one frontend connection. A fresh one is built for each connection (reusing
 /// one across connections leaves stale exit eventfds behind); it points at the long-lived disk.
@@ -140,6 +137,9 @@ impl<D: Device> ConnectionBackend<D> {
 
     /// True when ring `vring` is started and enabled (the frontend lets us process it).
     fn ring_is_live(vring: &Vring) -> bool {
+        if vring.refused_size().is_some() {
+            return false;
+        }
         let state = vring.get_ref();
         state.get_queue().ready() && state.is_enabled()
     }
