@@ -28,13 +28,14 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::device::{lock, Chain, Device, GuestMemoryHandle, SharedDisk};
+use crate::blk::SplitRing;
 
 /// Most requests a worker executes per event before it lets its event loop run again (it
 /// re-arms its own kick so the rest is not lost). Keeps exit events and ring stops responsive
@@ -199,8 +200,8 @@ impl<D: Device> ConnectionBackend<D> {
                 if executed >= MAX_REQUESTS_PER_EVENT {
                     return true;
                 }
-                let chain = match self.pop_chain(queue, vring) {
-                    Pop::Chain(chain) => chain,
+                let (chain, ring) = match self.pop_chain(queue, vring) {
+                    Pop::Chain(chain, ring) => (chain, ring),
                     Pop::Empty => break,
                     // Stopped by the frontend, or a broken ring: nothing to do until it is set
                     // up again (notifications stay off; the frontend kicks after a restart).
@@ -209,7 +210,7 @@ impl<D: Device> ConnectionBackend<D> {
                 popped_any = true;
                 executed += 1;
                 let head = chain.head_index();
-                let used_len = self.disk.device().process_chain(chain, acked);
+                let used_len = self.disk.device().process_chain(chain, ring, acked);
                 if let Err(e) = vring.add_used(head, used_len) {
                     // The used ring is unreachable (bad address from the frontend): nothing more
                     // can be completed on this ring until the frontend sets it up again.
@@ -244,9 +245,14 @@ impl<D: Device> ConnectionBackend<D> {
     fn pop_chain(&self, queue: usize, vring: &Vring) -> Pop {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        match state.get_queue_mut().iter(mem) {
+        let queue_state = state.get_queue_mut();
+        let ring = SplitRing {
+            desc_table: GuestAddress(queue_state.desc_table()),
+            size: queue_state.size(),
+        };
+        match queue_state.iter(mem) {
             Ok(mut available) => match available.next() {
-                Some(chain) => Pop::Chain(chain),
+                Some(chain) => Pop::Chain(chain, ring),
                 // Empty, or the entry could not be read (then `expect_more` catches it).
                 None => Pop::Empty,
             },
@@ -275,8 +281,8 @@ impl<D: Device> ConnectionBackend<D> {
 
 /// What popping the available ring gave.
 enum Pop {
-    /// A request.
-    Chain(Chain),
+    /// A request, and the layout of the ring it came from.
+    Chain(Chain, SplitRing),
     /// No request available.
     Empty,
     /// The ring is stopped or broken: stop serving it for this event.

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+
+use crate::blk::SplitRing;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -65,7 +67,7 @@ impl Device for FakeDevice {
         CONFIG.to_vec()
     }
 
-    fn process_chain(&self, chain: Chain, _acked_features: u64) -> u32 {
+    fn process_chain(&self, chain: Chain, _ring: SplitRing, _acked_features: u64) -> u32 {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let delay = *self.delay.lock().unwrap();
         thread::sleep(delay);
