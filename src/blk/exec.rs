@@ -16,6 +16,8 @@
 //!   the limit, or a range outside the disk give IOERR. Overlapping ranges are served (zeroing
 //!   twice is harmless).
 
+use std::sync::atomic::Ordering;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -59,6 +61,9 @@ impl BlkDevice {
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
+                if self.lost_writes.swap(false, Ordering::SeqCst) {
+                    return Err(RequestError::LostWrites);
+                }
                 self.flush_if(true)?;
                 Ok(0)
             }

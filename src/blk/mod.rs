@@ -23,6 +23,7 @@ mod tests;
 
 use std::cell::RefCell;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
@@ -92,6 +93,10 @@ pub enum RequestError {
     /// A write-type request on a read-only device.
     #[error("device is read-only")]
     ReadOnlyDevice,
+    /// A FLUSH after the backend lost writes it had completed (it was restarted after a crash
+    /// while the guest kept running): the guest must learn that its cache did not survive.
+    #[error("writes completed before the backend restarted were lost")]
+    LostWrites,
     /// Request type not implemented.
     #[error("unsupported request type {0:#x}")]
     UnsupportedType(u32),
@@ -149,6 +154,7 @@ impl RequestError {
             | RequestError::TooLarge { .. }
             | RequestError::ReadIntoReadOnlyBuffer
             | RequestError::ReadOnlyDevice
+            | RequestError::LostWrites
             | RequestError::BadZeroingPayload(_)
             | RequestError::TooManySegments { .. }
             | RequestError::BadSegmentLength { .. }
@@ -180,6 +186,8 @@ pub struct BlkDevice {
     capacity_sectors: u64,
     cluster_size: u32,
     id: [u8; config::ID_BYTES],
+    /// Set by [`BlkDevice::report_lost_writes`]; the next FLUSH fails and clears it.
+    lost_writes: AtomicBool,
 }
 
 thread_local! {
@@ -215,7 +223,16 @@ impl BlkDevice {
             read_only,
             capacity_sectors: size / SECTOR_SIZE,
             id,
+            lost_writes: AtomicBool::new(false),
         })
+    }
+
+    /// Tells the device that writes it completed earlier may be gone (the backend process was
+    /// killed and restarted while the guest kept running). The next FLUSH then fails with IOERR,
+    /// once, instead of claiming durability for them (I2); a guest filesystem reports the error
+    /// to its fsync callers like any failed cache flush.
+    pub fn report_lost_writes(&self) {
+        self.lost_writes.store(true, Ordering::SeqCst);
     }
 
     /// virtio device features offered (VERSION_1, EVENT_IDX and INDIRECT_DESC included).

@@ -305,6 +305,9 @@ struct Life {
     writer: Option<JoinHandle<()>>,
     lock_held: bool,
     closed: bool,
+    /// The last metadata load found no clean-close marker: the previous writer died, and writes
+    /// it had completed but not committed are gone.
+    unclean_load: bool,
 }
 
 impl fmt::Debug for Image {
@@ -473,7 +476,9 @@ impl Image {
                 log::error!("metadata writer thread panicked");
             }
         }
-        if life.lock_held {
+        // A failed final commit keeps the lock: handing the image to another process (a
+        // migration destination) would hand over an image that misses completed writes (I7).
+        if life.lock_held && result.is_ok() {
             if let Err(e) = self.core.storage.unlock() {
                 log::warn!("releasing the writer lock failed: {e}");
             }
@@ -502,11 +507,14 @@ impl Image {
             log::info!("writer lock taken");
         }
         let failed = table::lock(&core.ctl).failed.is_some();
+        // Only a resume that loads the metadata can find the previous writer's traces.
+        life.unclean_load = false;
         if failed || core.disk_changed() {
             let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
                 if core.read_only {
                     return Ok(());
                 }
+                life.unclean_load = !clean;
                 if clean {
                     core.mark_open()
                 } else {
@@ -540,6 +548,15 @@ impl Image {
         Ok(())
     }
 
+    /// True when the most recent metadata load (at open or at a `resume` that reloaded) found
+    /// that the previous writer did not close the image: it crashed or was killed, and writes it
+    /// had completed without a later FLUSH are lost. A frontend that outlived that writer (QEMU
+    /// reconnecting to a restarted backend) must be told, or its next FLUSH would claim
+    /// durability for writes that are gone (I2).
+    pub fn recovered_after_unclean_shutdown(&self) -> bool {
+        table::lock(&self.life).unclean_load
+    }
+
     /// Live statistics.
     pub fn stats(&self) -> Stats {
         self.core.stats()
@@ -547,6 +564,20 @@ impl Image {
 
     /// Commits, checkpoints, stops the writer and releases the lock.
     pub fn close(self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let parked = self.core.state.load(Ordering::SeqCst) != engine::RUNNING;
+        if parked && !self.core.read_only && table::lock(&self.life).writer.is_none() {
+            // Quiesced before close (the daemon quiesces at shutdown): write the checkpoint and
+            // the clean-close marker all the same, so the next open need not treat the image as
+            // crashed. Only if the lock is free: when another process took the image over
+            // (migration), it is theirs, and everything of ours was committed by the quiesce.
+            if self.core.storage.try_lock_exclusive().unwrap_or(false) {
+                let _ = self.core.storage.unlock();
+                if let Err(e) = self.resume() {
+                    log::warn!("closing a quiesced image: cannot resume it to checkpoint: {e}");
+                }
+            }
+        }
         let mut life = table::lock(&self.life);
         let r = self.park(&mut life, true);
         life.closed = true;

@@ -158,8 +158,11 @@ impl<D: Device> ConnectionBackend<D> {
                 // Never wait for the lifecycle lock while holding a gate (see SharedDisk).
                 drop(gate);
                 resume_attempted = true;
+                // A ring restored at a non-zero index belongs to a guest that ran before this
+                // resume (QEMU reconnecting after a backend restart, or `cont` after a pause).
+                let mid_session = vring.get_ref().get_queue().next_avail() != 0;
                 self.disk
-                    .ensure_running(&format!("queue {queue} started"), || {
+                    .ensure_running(&format!("queue {queue} started"), mid_session, || {
                         Self::ring_is_live(vring)
                     });
                 continue;

@@ -52,8 +52,10 @@ pub trait Device: Send + Sync + 'static {
     fn quiesce(&self) -> Result<(), ImageError>;
 
     /// Takes the writer lock, reloads the metadata if another process changed the image and
-    /// restarts the writer. Idempotent.
-    fn resume(&self) -> Result<(), ImageError>;
+    /// restarts the writer. Idempotent. `mid_session`: the frontend restored a ring that was in
+    /// use before, i.e. the guest ran before this resume (it may hold completed writes that a
+    /// crashed earlier backend never committed).
+    fn resume(&self, mid_session: bool) -> Result<(), ImageError>;
 
     /// Live statistics of the image behind the device.
     fn stats(&self) -> Stats;
@@ -144,7 +146,12 @@ impl<D: Device> SharedDisk<D> {
     ///
     /// Returns whether the engine runs afterwards. A failure is logged (and not retried for
     /// [`RESUME_RETRY_DELAY`]); the requests then fail with an I/O error from the engine.
-    pub(crate) fn ensure_running(&self, reason: &str, still_wanted: impl FnOnce() -> bool) -> bool {
+    pub(crate) fn ensure_running(
+        &self,
+        reason: &str,
+        mid_session: bool,
+        still_wanted: impl FnOnce() -> bool,
+    ) -> bool {
         let mut life = lock(&self.lifecycle);
         if self.running.load(Ordering::Acquire) {
             return true;
@@ -164,7 +171,7 @@ impl<D: Device> SharedDisk<D> {
         } else {
             tracing::info!("{reason}: taking the image's writer lock and resuming");
         }
-        match self.device.resume() {
+        match self.device.resume(mid_session) {
             Ok(()) => {
                 life.last_resume_failure = None;
                 self.running.store(true, Ordering::Release);
@@ -216,6 +223,10 @@ impl<D: Device> SharedDisk<D> {
                 Ok(())
             }
             Err(e) => {
+                // The engine is parked anyway (its writer failed and it keeps the writer lock, so
+                // no other process takes over an image missing writes): the next ring start
+                // resumes it, which reloads the metadata from disk.
+                self.running.store(false, Ordering::Release);
                 tracing::error!("cannot quiesce the device ({reason}): {e}");
                 Err(e)
             }

@@ -50,7 +50,7 @@ impl Device for BlkDisk {
         self.blk.image().quiesce()
     }
 
-    fn resume(&self) -> Result<(), ImageError> {
+    fn resume(&self, mid_session: bool) -> Result<(), ImageError> {
         if let LockPolicy::Wait(limit) = self.lock {
             if !self.blk.image().is_read_only() {
                 tracing::info!(
@@ -59,7 +59,19 @@ impl Device for BlkDisk {
                 );
             }
         }
-        self.blk.image().resume()
+        let image = self.blk.image();
+        image.resume()?;
+        if mid_session && !image.is_read_only() && image.recovered_after_unclean_shutdown() {
+            // The previous backend died with writes it had completed but not committed; the
+            // guest still believes they are in the disk's cache. Its next FLUSH must fail
+            // rather than declare them durable (I2); see docs/ARCHITECTURE.md.
+            tracing::warn!(
+                "the guest ran on a backend that did not shut down cleanly: writes it completed \
+                 without a later flush are lost; failing the guest's next FLUSH to tell it"
+            );
+            self.blk.report_lost_writes();
+        }
+        Ok(())
     }
 
     fn stats(&self) -> Stats {
