@@ -1092,3 +1092,10 @@ fn the_crash_oracle_catches_a_broken_commit_order() {
     let failures: u64 = (1..=3).map(|seed| crash_points(true, seed, 150)).sum();
     assert!(failures > 0, "breaking the commit order went unnoticed");
 }
+
+#[test]
+fn an_image_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Image>();
+    shareable::<Arc<Image>>();
+}
