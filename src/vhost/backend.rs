@@ -26,15 +26,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::device::{lock, Chain, Device, GuestMemoryHandle, SharedDisk};
+use super::vring::Vring;
+use crate::blk::SplitRing;
 
 /// Most requests a worker executes per event before it lets its event loop run again (it
 /// re-arms its own kick so the rest is not lost). Keeps exit events and ring stops responsive
@@ -46,10 +48,6 @@ const MAX_CONFIG_SIZE: u32 = 256;
 
 /// Largest number of queues: the crate maps queues to worker threads with 64-bit masks.
 pub const MAX_QUEUES: usize = 64;
-
-/// The vring type served: each ring behind its own mutex (only its worker and the control
-/// thread ever take it).
-pub type Vring = VringMutex<GuestMemoryHandle>;
 
 /// Backend state of one frontend connection. A fresh one is built for each connection (reusing
 /// one across connections leaves stale exit eventfds behind); it points at the long-lived disk.
@@ -139,6 +137,9 @@ impl<D: Device> ConnectionBackend<D> {
 
     /// True when ring `vring` is started and enabled (the frontend lets us process it).
     fn ring_is_live(vring: &Vring) -> bool {
+        if vring.refused_size().is_some() {
+            return false;
+        }
         let state = vring.get_ref();
         state.get_queue().ready() && state.is_enabled()
     }
@@ -199,8 +200,8 @@ impl<D: Device> ConnectionBackend<D> {
                 if executed >= MAX_REQUESTS_PER_EVENT {
                     return true;
                 }
-                let chain = match self.pop_chain(queue, vring) {
-                    Pop::Chain(chain) => chain,
+                let (chain, ring) = match self.pop_chain(queue, vring) {
+                    Pop::Chain(chain, ring) => (chain, ring),
                     Pop::Empty => break,
                     // Stopped by the frontend, or a broken ring: nothing to do until it is set
                     // up again (notifications stay off; the frontend kicks after a restart).
@@ -209,7 +210,7 @@ impl<D: Device> ConnectionBackend<D> {
                 popped_any = true;
                 executed += 1;
                 let head = chain.head_index();
-                let used_len = self.disk.device().process_chain(chain, acked);
+                let used_len = self.disk.device().process_chain(chain, ring, acked);
                 if let Err(e) = vring.add_used(head, used_len) {
                     // The used ring is unreachable (bad address from the frontend): nothing more
                     // can be completed on this ring until the frontend sets it up again.
@@ -244,9 +245,14 @@ impl<D: Device> ConnectionBackend<D> {
     fn pop_chain(&self, queue: usize, vring: &Vring) -> Pop {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        match state.get_queue_mut().iter(mem) {
+        let queue_state = state.get_queue_mut();
+        let ring = SplitRing {
+            desc_table: GuestAddress(queue_state.desc_table()),
+            size: queue_state.size(),
+        };
+        match queue_state.iter(mem) {
             Ok(mut available) => match available.next() {
-                Some(chain) => Pop::Chain(chain),
+                Some(chain) => Pop::Chain(chain, ring),
                 // Empty, or the entry could not be read (then `expect_more` catches it).
                 None => Pop::Empty,
             },
@@ -275,8 +281,8 @@ impl<D: Device> ConnectionBackend<D> {
 
 /// What popping the available ring gave.
 enum Pop {
-    /// A request.
-    Chain(Chain),
+    /// A request, and the layout of the ring it came from.
+    Chain(Chain, SplitRing),
     /// No request available.
     Empty,
     /// The ring is stopped or broken: stop serving it for this event.

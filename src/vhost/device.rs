@@ -11,6 +11,7 @@ use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
+use crate::blk::SplitRing;
 use crate::image::{ImageError, Stats};
 
 /// Guest memory as the vhost-user layer maps it: every region carries a dirty-page bitmap that
@@ -35,9 +36,11 @@ pub trait Device: Send + Sync + 'static {
     fn config_space(&self) -> Vec<u8>;
 
     /// Executes one request and returns the number of bytes written into the chain's
-    /// device-writable buffers (the used length). Never panics on guest input: a bad request
-    /// fails alone.
-    fn process_chain(&self, chain: Chain, acked_features: u64) -> u32;
+    /// device-writable buffers (the used length). `ring` is the layout of the queue the chain was
+    /// popped from, so the device can walk the descriptor table itself and refuse what
+    /// virtio-queue's iterator would silently accept (e.g. INDIRECT together with NEXT).
+    /// Never panics on guest input: a bad request fails alone.
+    fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32;
 
     /// True when the device refuses writes (then resuming takes no writer lock).
     fn is_read_only(&self) -> bool {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::blk::{BlkConfig, BlkDevice, BlkError};
+use crate::blk::{BlkConfig, BlkDevice, BlkError, SplitRing};
 use crate::image::{Image, ImageError, LockPolicy, Stats};
 
 use super::device::{Chain, Device};
@@ -38,8 +38,8 @@ impl Device for BlkDisk {
         self.blk.config_space()
     }
 
-    fn process_chain(&self, chain: Chain, acked_features: u64) -> u32 {
-        self.blk.process_chain(chain, acked_features)
+    fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32 {
+        self.blk.process_ring_chain(chain, ring, acked_features)
     }
 
     fn is_read_only(&self) -> bool {

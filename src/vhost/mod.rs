@@ -38,12 +38,14 @@ mod daemon;
 mod device;
 mod disk;
 mod stats;
+mod vring;
 
-pub use backend::{ConnectionBackend, Vring, MAX_QUEUES};
+pub use backend::{ConnectionBackend, MAX_QUEUES};
 pub use daemon::{bind_listener, Daemon, DaemonConfig, DaemonError, SocketSource, StopHandle};
 pub use device::{Chain, Device, GuestMemory, GuestMemoryHandle, SharedDisk};
 pub use disk::BlkDisk;
 pub use stats::StatsReporter;
+pub use vring::Vring;
 
 #[cfg(test)]
 mod tests;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+
+use crate::blk::SplitRing;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -65,7 +67,7 @@ impl Device for FakeDevice {
         CONFIG.to_vec()
     }
 
-    fn process_chain(&self, chain: Chain, _acked_features: u64) -> u32 {
+    fn process_chain(&self, chain: Chain, _ring: SplitRing, _acked_features: u64) -> u32 {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let delay = *self.delay.lock().unwrap();
         thread::sleep(delay);
@@ -868,5 +870,44 @@ fn disabling_every_ring_quiesces_and_enabling_one_resumes() {
             .load(Ordering::SeqCst),
         0
     );
+    served.stop();
+}
+
+#[test]
+fn a_ring_size_that_is_not_a_power_of_two_is_never_served() {
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    let rings = |len: u64| VringConfigData {
+        queue_max_size: len as u16,
+        queue_size: len as u16,
+        flags: 0,
+        desc_table_addr: 0x7000_0000 + QUEUE_AREA,
+        avail_ring_addr: 0x7000_0000 + QUEUE_AREA + 16 * len,
+        used_ring_addr: 0x7000_0000 + QUEUE_AREA + 0x8000,
+        log_addr: None,
+    };
+    fe.frontend
+        .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    // The crate acknowledges the size itself; the ring's addresses are then refused.
+    let _ = fe.frontend.set_vring_num(0, 100);
+    assert!(fe.frontend.set_vring_addr(0, &rings(100)).is_err());
+    assert!(
+        served.device().events().is_empty(),
+        "the refused ring was started"
+    );
+    // The crate ends a connection whose request it refused; the next one works.
+    drop(fe);
+    fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    // A bad size sent to a running ring (it is acknowledged by the crate) stops it from being
+    // served: the backend never reads it with a layout the frontend does not use.
+    let _ = fe.frontend.set_vring_num(0, 100);
+    let status = fe.submit(0);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(fe.used_idx(0), 1, "a ring with a refused size was served");
+    assert_eq!(fe.status(status), 0xff);
     served.stop();
 }

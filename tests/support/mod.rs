@@ -194,7 +194,7 @@ impl Backend {
         let socket = self.socket();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if socket.exists() {
+            if is_listening(&socket) {
                 return;
             }
             if let Some(status) = self.try_exit_status() {
@@ -369,6 +369,22 @@ impl Drop for Backend {
             );
         }
     }
+}
+
+/// True when a unix socket bound at `path` is listening (its file may exist before `listen`, and
+/// a client connecting in between is refused): /proc/net/unix marks listening sockets with the
+/// __SO_ACCEPTCON flag (0x10000).
+fn is_listening(path: &Path) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
 }
 
 /// Makes the child die when the test thread that spawned it dies (a killed or timed-out test run
