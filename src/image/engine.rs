@@ -30,6 +30,8 @@ pub const RUNNING: u8 = 0;
 pub const QUIESCED: u8 = 1;
 
 const OP_SHARDS: usize = 16;
+/// Freed regions punched between two looks at the commit triggers.
+const RECLAIM_BATCH: usize = 32;
 
 /// Per-thread request counters, each on its own cache lines.
 #[repr(align(128))]
@@ -206,6 +208,8 @@ pub struct Core {
     low_water: u64,
     dirty_limit: u64,
     corruption_logs: AtomicU64,
+    pending_frees: Mutex<Vec<(u32, Entry)>>,
+    pending_count: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Core {
@@ -314,6 +318,8 @@ impl Core {
             low_water,
             dirty_limit,
             corruption_logs: AtomicU64::new(0),
+            pending_frees: Mutex::new(Vec::new()),
+            pending_count: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -982,17 +988,43 @@ impl Core {
         // The waiting flushes are covered now. Releasing space is not part of durability, and a
         // punch can cost a synchronous device discard: do it after completing them.
         self.mark_durable(ticket);
-        // Release what the commit stopped referring to (I1: only now).
-        frees.sort_by_key(|(_, e)| (e.slot, e.unit()));
+        // Release what the commit stopped referring to (I1: only now). The regions stay pinned
+        // ("releasing") until punched; the writer punches them between commits, a batch at a
+        // time, so slow punches (synchronous discards) never delay a flush.
+        if !frees.is_empty() {
+            let mut pending = lock(&self.pending_frees);
+            pending.extend_from_slice(&frees);
+            self.pending_count.store(pending.len(), Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// True when freed regions wait to be punched.
+    pub fn has_pending_frees(&self) -> bool {
+        self.pending_count.load(Ordering::Acquire) > 0
+    }
+
+    /// Punches up to `max` freed regions (merging adjacent ones) and returns their slots to the
+    /// allocator as soon as each range is done.
+    pub fn reclaim_some(&self, max: usize) {
+        let mut batch = {
+            let mut pending = lock(&self.pending_frees);
+            let n = pending.len().min(max);
+            let batch: Vec<(u32, Entry)> = pending.drain(..n).collect();
+            self.pending_count.store(pending.len(), Ordering::Release);
+            batch
+        };
+        batch.sort_by_key(|(_, e)| (e.slot, e.unit()));
+        let st = self.storage.as_ref();
         let mut k = 0;
-        while k < frees.len() {
+        while k < batch.len() {
             let start = self
                 .layout
-                .region_offset(frees[k].1.slot, frees[k].1.unit());
-            let mut end = start + u64::from(frees[k].1.units()) * BLOCK;
+                .region_offset(batch[k].1.slot, batch[k].1.unit());
+            let mut end = start + u64::from(batch[k].1.units()) * BLOCK;
             let mut j = k + 1;
-            while j < frees.len() {
-                let e = &frees[j].1;
+            while j < batch.len() {
+                let e = &batch[j].1;
                 let o = self.layout.region_offset(e.slot, e.unit());
                 if o != end {
                     break;
@@ -1003,20 +1035,19 @@ impl Core {
             if let Err(err) = st.punch_hole(start, end - start) {
                 log::warn!("punching freed space at {start} failed: {err}");
             }
+            let mut released = false;
+            for (c, e) in &batch[k..j] {
+                let (s, i) = locate(*c);
+                if lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
+                    self.alloc.release(e.slot);
+                    released = true;
+                }
+            }
+            if released {
+                self.notify_space();
+            }
             k = j;
         }
-        let mut released = false;
-        for (c, e) in &frees {
-            let (s, i) = locate(*c);
-            if lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
-                self.alloc.release(e.slot);
-                released = true;
-            }
-        }
-        if released {
-            self.notify_space();
-        }
-        Ok(())
     }
 
     /// Writes a checkpoint of the committed view as commit `seq` into the inactive area, then
@@ -1103,6 +1134,10 @@ impl Core {
                 let mut ctl = lock(&core.ctl);
                 loop {
                     if ctl.stop {
+                        drop(ctl);
+                        // Everything freed by durable commits is released before parking, so
+                        // a reload after resume finds no region half-way through its release.
+                        core.reclaim_some(usize::MAX);
                         return;
                     }
                     let healthy = ctl.failed.is_none();
@@ -1112,6 +1147,12 @@ impl Core {
                     let elapsed = last.elapsed();
                     if healthy && elapsed >= core.commit_interval {
                         break;
+                    }
+                    if core.has_pending_frees() {
+                        drop(ctl);
+                        core.reclaim_some(RECLAIM_BATCH);
+                        ctl = lock(&core.ctl);
+                        continue;
                     }
                     let wait = if healthy {
                         core.commit_interval - elapsed

@@ -171,10 +171,11 @@ fn a_compressible_cluster_rewritten_stays_compressed_in_its_home_slot() {
         let data = compressible(65536, round);
         img.write(cluster * 65536, &data).expect("write");
         img.flush().expect("flush");
-        // Wait until the commit released the previous version (it does so after completing
+        // Wait until the writer released the previous version (it does so after completing
         // the flush); a write racing with that release may land in a spare, which is correct
-        // but not what this test is about.
-        img.flush().expect("flush");
+        // but not what this test is about. Quiesce waits for every release.
+        img.quiesce().expect("quiesce");
+        img.resume().expect("resume");
         let e = img.core.table.current(cluster as u32);
         assert_eq!(e.slot, cluster as u32, "round {round}: left its home slot");
         assert_ne!(e.alg(), alg::RAW);
@@ -276,9 +277,10 @@ fn discarded_space_is_punched_out_of_the_host_file() {
     assert!(full >= 8 << 20, "{full}");
     img.discard(0, 8 << 20).expect("discard");
     img.flush().expect("flush");
-    // The commit punches what it freed right after completing the flush; the next commit
-    // starts only once that is done.
-    img.flush().expect("flush");
+    // The writer punches what a commit freed after completing its flushes, between commits;
+    // quiesce waits for all of it.
+    img.quiesce().expect("quiesce");
+    img.resume().expect("resume");
     let after = st.allocated_bytes().expect("stat").expect("file");
     assert!(
         after < full - (7 << 20),
@@ -1089,4 +1091,11 @@ fn crashes_around_journal_wraps_and_checkpoints_recover_too() {
 fn the_crash_oracle_catches_a_broken_commit_order() {
     let failures: u64 = (1..=3).map(|seed| crash_points(true, seed, 150)).sum();
     assert!(failures > 0, "breaking the commit order went unnoticed");
+}
+
+#[test]
+fn an_image_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Image>();
+    shareable::<Arc<Image>>();
 }
