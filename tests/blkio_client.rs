@@ -454,7 +454,22 @@ fn sigkill_after_a_completed_flush_loses_nothing() {
 }
 
 #[test]
+fn sigkill_with_writes_in_flight_leaves_whole_versions_and_no_corruption() {
+    sigkill_mid_write(false);
+}
+
+/// Issue #5 item 7 literally: `check` of the image exactly as the SIGKILL left it exits 0 (leaked
+/// space from the interrupted session counts as a finding too, exit 3).
+#[test]
 fn sigkill_with_writes_in_flight_leaves_a_clean_image() {
+    sigkill_mid_write(true);
+}
+
+/// Three rounds of: writes in flight on four queues, SIGKILL, `check` of the image as left,
+/// restart, every cluster reads back as one whole version written to it. Then a clean close and
+/// a strict `check`. `strict_after_kill`: the check right after the kill must exit 0; otherwise it
+/// must find no corruption (exit 0, or 3 for leaked space only).
+fn sigkill_mid_write(strict_after_kill: bool) {
     let mut backend = start(opts());
     let clusters = (DISK / CLUSTER) as usize;
     // A flushed base: every cluster holds version 0.
@@ -501,7 +516,8 @@ fn sigkill_with_writes_in_flight_leaves_a_clean_image() {
         if backend.kind == BackendKind::Ours {
             let image = backend.image();
             let (st, out) = run_insitu_blk(&["check", image.to_str().unwrap()], TIMEOUT);
-            if !st.success() {
+            let acceptable = st.success() || (!strict_after_kill && st.code() == Some(3));
+            if !acceptable {
                 // Reported at the end, after the read-back of this and later rounds.
                 check_failures.push(format!(
                     "round {round}: `insitu-blk check` after SIGKILL: {st}\n{out}"
