@@ -880,7 +880,7 @@ fn recovery_reclaims_space_left_by_uncommitted_writes() {
     let before = check_on(crashed.clone(), false).expect("check");
     assert!(before.corruptions.is_empty(), "{:?}", before.corruptions);
     assert!(
-        before.leaked_bytes > 0,
+        before.uncommitted_bytes > 0,
         "the crash left no uncommitted data behind: the test checks nothing"
     );
     let recovered = Image::open_on(crashed.clone(), &opts).expect("recovery");

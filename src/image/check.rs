@@ -199,7 +199,20 @@ fn check_loaded(
     // Leaks: allocated host space in the data area that no entry refers to.
     let leaks = match recovery::unreferenced_ranges(st, layout, table)? {
         Some(leaks) => {
-            report.leaked_bytes = leaks.iter().map(|(_, l)| l).sum();
+            let bytes: u64 = leaks.iter().map(|(_, l)| l).sum();
+            if loaded.clean {
+                report.leaked_bytes = bytes;
+            } else {
+                // After a crash, payloads of writes that never committed are expected to hold
+                // space; the next read-write open punches them.
+                report.uncommitted_bytes = bytes;
+                if bytes > 0 {
+                    report.warnings.push(format!(
+                        "the image was not closed cleanly: {bytes} bytes hold writes that never \
+                         committed; the next read-write open reclaims them"
+                    ));
+                }
+            }
             leaks
         }
         None => {

@@ -228,8 +228,12 @@ impl Stats {
 pub struct CheckReport {
     /// Metadata or payload problems: each a sentence naming what and where.
     pub corruptions: Vec<String>,
-    /// Space that is allocated on the host but referenced by nothing (harmless, reclaimable).
+    /// Space that is allocated on the host but referenced by nothing (harmless, reclaimable),
+    /// on an image that was closed cleanly.
     pub leaked_bytes: u64,
+    /// Space held by payloads of writes that never committed, on an image that was not closed
+    /// cleanly (crash, kill): expected, and reclaimed by the next read-write open (or `--repair`).
+    pub uncommitted_bytes: u64,
     /// What `--repair` changed, if it ran.
     pub repairs: Vec<String>,
     /// Harmless findings (a torn inactive checkpoint left by a crash, an unused superblock copy
