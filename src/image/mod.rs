@@ -561,6 +561,25 @@ impl Image {
         table::lock(&self.life).unclean_load
     }
 
+    /// True when a `resume` could take the writer lock now: this image holds it already, or no
+    /// other process does. A probe (taken and released at once), for callers that want to wait
+    /// for the lock without blocking inside `resume`.
+    pub fn writer_lock_available(&self) -> bool {
+        let life = table::lock(&self.life);
+        if life.lock_held || self.core.read_only {
+            return true;
+        }
+        match self.core.storage.try_lock_exclusive() {
+            Ok(true) => {
+                let _ = self.core.storage.unlock();
+                true
+            }
+            Ok(false) => false,
+            // Let `resume` report the error.
+            Err(_) => true,
+        }
+    }
+
     /// Live statistics.
     pub fn stats(&self) -> Stats {
         self.core.stats()

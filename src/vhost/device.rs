@@ -57,6 +57,13 @@ pub trait Device: Send + Sync + 'static {
     /// crashed earlier backend never committed).
     fn resume(&self, mid_session: bool) -> Result<(), ImageError>;
 
+    /// Returns once the image's writer lock could be taken, the device's lock policy gives up,
+    /// or `keep_waiting` says no. Called without any lifecycle lock held; `resume` then takes
+    /// the lock for real. The default waits for nothing.
+    fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {
+        let _ = keep_waiting;
+    }
+
     /// Live statistics of the image behind the device.
     fn stats(&self) -> Stats;
 
@@ -150,8 +157,15 @@ impl<D: Device> SharedDisk<D> {
         &self,
         reason: &str,
         mid_session: bool,
-        still_wanted: impl FnOnce() -> bool,
+        still_wanted: impl Fn() -> bool,
     ) -> bool {
+        if !self.running.load(Ordering::Acquire) {
+            // Wait for another process's writer lock (`--wait-lock`) without holding the
+            // lifecycle lock: a GET_VRING_BASE, a disconnect or SIGTERM meanwhile must not wait
+            // behind it, and they end the wait.
+            self.device
+                .wait_until_lockable(&|| still_wanted() && !lock(&self.lifecycle).shutting_down);
+        }
         let mut life = lock(&self.lifecycle);
         if self.running.load(Ordering::Acquire) {
             return true;

@@ -74,6 +74,31 @@ impl Device for BlkDisk {
         Ok(())
     }
 
+    fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {
+        let LockPolicy::Wait(limit) = self.lock else {
+            return;
+        };
+        let image = self.blk.image();
+        if image.is_read_only() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + limit;
+        let mut logged = false;
+        while !image.writer_lock_available() {
+            if !keep_waiting() || std::time::Instant::now() >= deadline {
+                return;
+            }
+            if !logged {
+                tracing::info!(
+                    "waiting up to {limit:?} for the image's writer lock (held by another \
+                     process, e.g. a migration source)"
+                );
+                logged = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     fn stats(&self) -> Stats {
         self.blk.image().stats()
     }

@@ -903,7 +903,10 @@ fn a_ring_size_that_is_not_a_power_of_two_is_never_served() {
     fe.wait_used(0, 1);
     assert_eq!(fe.status(status), 0);
     // A bad size sent to a running ring (it is acknowledged by the crate) stops it from being
-    // served: the backend never reads it with a layout the frontend does not use.
+    // served: the backend never reads it with a layout the frontend does not use. Wait for the
+    // acknowledgement: nothing orders a message on the socket before a kick on the eventfd.
+    fe.frontend
+        .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
     let _ = fe.frontend.set_vring_num(0, 100);
     let status = fe.submit(0);
     thread::sleep(Duration::from_millis(300));
