@@ -715,9 +715,12 @@ fn summary_table(
     );
     t.push_str(
         "| workload | IOPS qsd | IOPS ours | ratio | MB/s qsd | MB/s ours | avg µs qsd | avg µs ours | \
-         lat ratio | p99 µs qsd | p99 µs ours | CPU s qsd | CPU s ours | host bytes qsd | host bytes ours |\n",
+         lat ratio | p99 µs qsd | p99 µs ours | flush µs qsd | flush µs ours | CPU s qsd | CPU s ours | \
+         host bytes qsd | host bytes ours |\n",
     );
-    t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for w in workloads {
         let get = |server: Server| samples.get(&(mode_tag(mode), w.name, server));
         let (Some(qsd), Some(ours)) = (get(Server::Qsd), get(Server::Ours)) else {
@@ -729,10 +732,11 @@ fn summary_table(
         let avg = |s: &Sample| s.report.avg_lat_us;
         let p99 = |s: &Sample| s.report.p99_lat_us;
         let cpu = |s: &Sample| s.server_cpu_s;
+        let flush = |s: &Sample| s.report.avg_flush_lat_us;
         let bytes = |s: &Sample| s.host_bytes as f64;
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} |",
             w.name,
             m(qsd, &iops),
             m(ours, &iops),
@@ -744,6 +748,8 @@ fn summary_table(
             m(ours, &avg) / m(qsd, &avg),
             m(qsd, &p99),
             m(ours, &p99),
+            if w.flush_every > 0 { format!("{:.0}", m(qsd, &flush)) } else { "-".into() },
+            if w.flush_every > 0 { format!("{:.0}", m(ours, &flush)) } else { "-".into() },
             m(qsd, &cpu),
             m(ours, &cpu),
             human(m(qsd, &bytes) as u64),
