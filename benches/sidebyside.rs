@@ -227,18 +227,21 @@ fn run(args: &Args) -> Result<()> {
         .split(',')
         .map(|m| m.trim().parse().map_err(anyhow::Error::msg))
         .collect::<Result<_>>()?;
+    // Always in the canonical order (reads first, on pristine data), whatever order was given.
     let workloads: Vec<&Workload> = if args.workloads == "all" {
         WORKLOADS.iter().collect()
     } else {
-        args.workloads
-            .split(',')
-            .map(|name| {
-                WORKLOADS
-                    .iter()
-                    .find(|w| w.name == name.trim())
-                    .with_context(|| format!("unknown workload '{name}'"))
-            })
-            .collect::<Result<_>>()?
+        let names: Vec<&str> = args.workloads.split(',').map(str::trim).collect();
+        if let Some(unknown) = names
+            .iter()
+            .find(|n| !WORKLOADS.iter().any(|w| w.name == **n))
+        {
+            bail!("unknown workload '{unknown}'");
+        }
+        WORKLOADS
+            .iter()
+            .filter(|w| names.contains(&w.name))
+            .collect()
     };
     let servers: Vec<Server> = args
         .servers
