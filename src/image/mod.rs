@@ -561,6 +561,15 @@ impl Image {
         table::lock(&self.life).unclean_load
     }
 
+    /// [`Image::recovered_after_unclean_shutdown`], answered `true` at most once per such load,
+    /// so the loss is reported to the guest once. Always false on read-only images.
+    pub fn take_unclean_shutdown_notice(&self) -> bool {
+        let mut life = table::lock(&self.life);
+        let notice = life.unclean_load && !self.core.read_only;
+        life.unclean_load = false;
+        notice
+    }
+
     /// True when a `resume` could take the writer lock now: this image holds it already, or no
     /// other process does. A probe (taken and released at once), for callers that want to wait
     /// for the lock without blocking inside `resume`.

@@ -158,11 +158,8 @@ impl<D: Device> ConnectionBackend<D> {
                 // Never wait for the lifecycle lock while holding a gate (see SharedDisk).
                 drop(gate);
                 resume_attempted = true;
-                // A ring restored at a non-zero index belongs to a guest that ran before this
-                // resume (QEMU reconnecting after a backend restart, or `cont` after a pause).
-                let mid_session = vring.get_ref().get_queue().next_avail() != 0;
                 self.disk
-                    .ensure_running(&format!("queue {queue} started"), mid_session, || {
+                    .ensure_running(&format!("queue {queue} started"), || {
                         Self::ring_is_live(vring)
                     });
                 continue;
@@ -171,7 +168,13 @@ impl<D: Device> ConnectionBackend<D> {
                 if let Some(slot) = self.rings.get(queue) {
                     slot.get_or_init(|| vring.clone());
                 }
-                self.started_queues.fetch_or(1 << queue, Ordering::AcqRel);
+                let before = self.started_queues.fetch_or(1 << queue, Ordering::AcqRel);
+                // A ring restored at a non-zero index belongs to a guest that ran before this
+                // connection's device start (QEMU reconnecting after a backend restart): any
+                // queue may be the one the guest used, so each one's first start asks.
+                if before & (1 << queue) == 0 && vring.get_ref().get_queue().next_avail() != 0 {
+                    self.disk.device().ring_restored_mid_session();
+                }
             }
             let more = self.process_available(queue, vring);
             drop(gate);

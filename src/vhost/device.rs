@@ -52,10 +52,12 @@ pub trait Device: Send + Sync + 'static {
     fn quiesce(&self) -> Result<(), ImageError>;
 
     /// Takes the writer lock, reloads the metadata if another process changed the image and
-    /// restarts the writer. Idempotent. `mid_session`: the frontend restored a ring that was in
-    /// use before, i.e. the guest ran before this resume (it may hold completed writes that a
-    /// crashed earlier backend never committed).
-    fn resume(&self, mid_session: bool) -> Result<(), ImageError>;
+    /// restarts the writer. Idempotent.
+    fn resume(&self) -> Result<(), ImageError>;
+
+    /// The frontend started a ring at a non-zero index: the guest ran before this device start
+    /// and may hold completed writes that a crashed earlier backend never committed.
+    fn ring_restored_mid_session(&self) {}
 
     /// Returns once the image's writer lock could be taken, the device's lock policy gives up,
     /// or `keep_waiting` says no. Called without any lifecycle lock held; `resume` then takes
@@ -153,12 +155,7 @@ impl<D: Device> SharedDisk<D> {
     ///
     /// Returns whether the engine runs afterwards. A failure is logged (and not retried for
     /// [`RESUME_RETRY_DELAY`]); the requests then fail with an I/O error from the engine.
-    pub(crate) fn ensure_running(
-        &self,
-        reason: &str,
-        mid_session: bool,
-        still_wanted: impl Fn() -> bool,
-    ) -> bool {
+    pub(crate) fn ensure_running(&self, reason: &str, still_wanted: impl Fn() -> bool) -> bool {
         if !self.running.load(Ordering::Acquire) {
             // Wait for another process's writer lock (`--wait-lock`) without holding the
             // lifecycle lock: a GET_VRING_BASE, a disconnect or SIGTERM meanwhile must not wait
@@ -185,7 +182,7 @@ impl<D: Device> SharedDisk<D> {
         } else {
             tracing::info!("{reason}: taking the image's writer lock and resuming");
         }
-        match self.device.resume(mid_session) {
+        match self.device.resume() {
             Ok(()) => {
                 life.last_resume_failure = None;
                 self.running.store(true, Ordering::Release);

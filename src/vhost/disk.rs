@@ -50,7 +50,7 @@ impl Device for BlkDisk {
         self.blk.image().quiesce()
     }
 
-    fn resume(&self, mid_session: bool) -> Result<(), ImageError> {
+    fn resume(&self) -> Result<(), ImageError> {
         if let LockPolicy::Wait(limit) = self.lock {
             if !self.blk.image().is_read_only() {
                 tracing::info!(
@@ -59,9 +59,11 @@ impl Device for BlkDisk {
                 );
             }
         }
-        let image = self.blk.image();
-        image.resume()?;
-        if mid_session && !image.is_read_only() && image.recovered_after_unclean_shutdown() {
+        self.blk.image().resume()
+    }
+
+    fn ring_restored_mid_session(&self) {
+        if self.blk.image().take_unclean_shutdown_notice() {
             // The previous backend died with writes it had completed but not committed; the
             // guest still believes they are in the disk's cache. Its next FLUSH must fail
             // rather than declare them durable (I2); see docs/ARCHITECTURE.md.
@@ -71,7 +73,6 @@ impl Device for BlkDisk {
             );
             self.blk.report_lost_writes();
         }
-        Ok(())
     }
 
     fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {

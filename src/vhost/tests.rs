@@ -107,7 +107,7 @@ impl Device for FakeDevice {
         Ok(())
     }
 
-    fn resume(&self, _mid_session: bool) -> Result<(), ImageError> {
+    fn resume(&self) -> Result<(), ImageError> {
         if self.fail_resume.load(Ordering::SeqCst) {
             self.events.lock().unwrap().push("resume-failed");
             return Err(ImageError::Locked);
