@@ -6,8 +6,13 @@
 //! - [`exec`]: request → engine calls → `VIRTIO_BLK_S_*`.
 //!
 //! One [`BlkDevice`] is shared (`Arc`) by all queue threads; it holds no lock. Each queue thread
-//! keeps its own [`RequestBuffers`] (or uses [`BlkDevice::process_chain`], which keeps one per
+//! keeps its own [`RequestBuffers`] (or lets [`BlkDevice::process_ring_chain`] keep one per
 //! thread), so the data path shares nothing mutable between queues.
+//!
+//! Used lengths: a request answered with a status returns the data bytes written into the chain
+//! plus the status byte (a read: data + 1; GET_ID: bytes of the id written + 1; everything else,
+//! and every failure: 1). A chain without a usable status byte is returned with 0 and nothing
+//! written.
 //!
 //! Guest data are only read and written through vm-memory's `Bytes` API (dirty-page logging for
 //! live migration sees every byte the device writes), and always through a private copy: a guest
