@@ -1022,7 +1022,7 @@ def main():
     args = ap.parse_args()
     if args.list:
         for name, fn in TESTS.items():
-            print(f"{name:8} {fn.__doc__.strip()}")
+            print(f"{name:8} {fn.__doc__.strip().splitlines()[0]}")
         return 0
     names = args.tests or list(TESTS)
     for n in names:
