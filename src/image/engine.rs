@@ -53,12 +53,17 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// Identity of a cached decompressed cluster: image generation, cluster, its entry, and its
+/// stripe's change counter when the entry was read (the entry alone is not unique, see
+/// [`super::table::Stripe::changes`]).
+type CacheKey = (u64, u32, Entry, u64);
+
 /// Decompressed clusters kept per thread (for partial writes and partial reads).
 const CACHE_SLOTS: usize = 4;
 
 #[derive(Default)]
 struct CacheSlot {
-    key: Option<(u64, u32, Entry)>,
+    key: Option<CacheKey>,
     data: Vec<u8>,
     stamp: u64,
 }
@@ -76,7 +81,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn cache_find(&mut self, key: &(u64, u32, Entry)) -> Option<usize> {
+    fn cache_find(&mut self, key: &CacheKey) -> Option<usize> {
         self.clock += 1;
         let now = self.clock;
         let k = self
@@ -462,7 +467,7 @@ impl Core {
 
     // ----- cluster exclusion ------------------------------------------------------------
 
-    fn lock_cluster(&self, c: u32, writer: bool) -> (ClusterGuard<'_>, Entry) {
+    fn lock_cluster(&self, c: u32, writer: bool) -> (ClusterGuard<'_>, Entry, u64) {
         let (s, i) = locate(c);
         let cell = &self.table.cells[s];
         let mut st = lock(&cell.stripe);
@@ -498,6 +503,7 @@ impl Core {
                 writer,
             },
             e,
+            st.changes,
         )
     }
 
@@ -559,7 +565,7 @@ impl Core {
 
     fn read_cluster(&self, c: u32, at: usize, out: &mut [u8]) -> Result<()> {
         let cs = self.layout.cluster_size as usize;
-        let (_guard, e) = self.lock_cluster(c, false);
+        let (_guard, e, changes) = self.lock_cluster(c, false);
         if e.is_zero() {
             out.fill(0);
             return Ok(());
@@ -577,7 +583,7 @@ impl Core {
                 }
                 return self.load_payload(c, &e, codecs, stored, out);
             }
-            let key = (generation, c, e);
+            let key = (generation, c, e, changes);
             let k = match sc.cache_find(&key) {
                 Some(k) => k,
                 None => {
@@ -678,7 +684,7 @@ impl Core {
 
     fn write_cluster(&self, c: u32, change: Change<'_>) -> Result<()> {
         let cs = self.layout.cluster_size as usize;
-        let (_guard, cur) = self.lock_cluster(c, true);
+        let (_guard, cur, changes) = self.lock_cluster(c, true);
         let generation = self.generation.load(Ordering::Relaxed);
         with_scratch(|sc| {
             // 1. The new content of the whole cluster.
@@ -690,7 +696,7 @@ impl Core {
                     sc.merge.resize(cs, 0);
                     if cur.is_zero() {
                         sc.merge.fill(0);
-                    } else if let Some(k) = sc.cache_find(&(generation, c, cur)) {
+                    } else if let Some(k) = sc.cache_find(&(generation, c, cur, changes)) {
                         let (merge, cache) = (&mut sc.merge, &sc.cache);
                         merge.copy_from_slice(&cache[k].data);
                     } else {
@@ -709,7 +715,7 @@ impl Core {
                 if cur.is_zero() {
                     return Ok(());
                 }
-                return self.publish(c, Entry::ZERO);
+                return self.publish(c, Entry::ZERO).map(|_| ());
             };
             // 2. Compress (raw when it saves no unit).
             let (code, units, payload): (u8, u32, &[u8]) =
@@ -744,11 +750,11 @@ impl Core {
                 });
             }
             // 4. Publish; remember the merged content for the next partial write.
-            self.publish(c, new)?;
+            let changes = self.publish(c, new)?;
             if merged {
                 let k = sc.cache_victim(cs);
                 std::mem::swap(&mut sc.cache[k].data, &mut sc.merge);
-                sc.cache[k].key = Some((generation, c, new));
+                sc.cache[k].key = Some((generation, c, new, changes));
             }
             Ok(())
         })
@@ -800,8 +806,11 @@ impl Core {
         st.tidy(c, i);
     }
 
-    fn publish(&self, c: u32, new: Entry) -> Result<()> {
+    /// Makes `new` the cluster's current entry; returns its stripe's change counter after the
+    /// change.
+    fn publish(&self, c: u32, new: Entry) -> Result<u64> {
         let (s, i) = locate(c);
+        let changes;
         let release = {
             let mut st = lock(&self.table.cells[s].stripe);
             let old = st.get(i);
@@ -814,6 +823,7 @@ impl Core {
                 p.releasing.push(old);
             }
             st.set(i, new);
+            changes = st.changes;
             if newly_dirty {
                 st.dirty.push(c);
             }
@@ -837,7 +847,7 @@ impl Core {
                 self.notify_space();
             }
         }
-        Ok(())
+        Ok(changes)
     }
 
     fn punch(&self, e: &Entry) {

@@ -167,6 +167,10 @@ pub struct Stripe {
     pub raw: u64,
     /// Units held by current entries.
     pub stored_units: u64,
+    /// Bumped by every change of an entry in this stripe. Caches of decompressed clusters key on
+    /// it: an entry alone (slot, units, algorithm, crc32c) does not identify a version, since a
+    /// later version can land in the same region with a colliding crc.
+    pub changes: u64,
 }
 
 impl Stripe {
@@ -181,6 +185,7 @@ impl Stripe {
 
     /// Sets the current entry, keeping the counters right.
     pub fn set(&mut self, i: usize, e: Entry) {
+        self.changes = self.changes.wrapping_add(1);
         let old = self.get(i);
         self.account(&old, false);
         self.account(&e, true);
