@@ -212,52 +212,43 @@ impl Stripe {
         }
     }
 
+    /// Calls `f` with every stored region cluster `c` (local index `i`) holds: current, durable,
+    /// in flight, being written, releasing. Zero entries are skipped.
+    fn for_each_region(&self, c: u32, i: usize, mut f: impl FnMut(&Entry)) {
+        let mut visit = |e: &Entry| {
+            if !e.is_zero() {
+                f(e);
+            }
+        };
+        visit(&self.get(i));
+        if let Some(p) = self.pins.get(&c) {
+            visit(&p.durable);
+            p.inflight.iter().for_each(&mut visit);
+            p.writing.iter().for_each(&mut visit);
+            p.releasing.iter().for_each(&mut visit);
+        }
+    }
+
     /// Union of the units cluster `c` (local index `i`) occupies in `slot`: current, durable,
     /// in flight, releasing, being written.
     pub fn live_mask(&self, c: u32, i: usize, slot: u32) -> u32 {
         let mut m = 0;
-        let mut add = |e: &Entry| {
-            if !e.is_zero() && e.slot == slot {
+        self.for_each_region(c, i, |e| {
+            if e.slot == slot {
                 m |= e.mask();
             }
-        };
-        add(&self.get(i));
-        if let Some(p) = self.pins.get(&c) {
-            add(&p.durable);
-            if let Some(e) = &p.inflight {
-                add(e);
-            }
-            if let Some(e) = &p.writing {
-                add(e);
-            }
-            for e in &p.releasing {
-                add(e);
-            }
-        }
+        });
         m
     }
 
     /// Slots cluster `c` holds regions in (at most a handful).
     pub fn owned_slots(&self, c: u32, i: usize, out: &mut Vec<u32>) {
         out.clear();
-        let mut add = |e: &Entry| {
-            if !e.is_zero() && !out.contains(&e.slot) {
+        self.for_each_region(c, i, |e| {
+            if !out.contains(&e.slot) {
                 out.push(e.slot);
             }
-        };
-        add(&self.get(i));
-        if let Some(p) = self.pins.get(&c) {
-            add(&p.durable);
-            if let Some(e) = &p.inflight {
-                add(e);
-            }
-            if let Some(e) = &p.writing {
-                add(e);
-            }
-            for e in &p.releasing {
-                add(e);
-            }
-        }
+        });
     }
 
     /// Pins of `c`, created from the current entry (which then equals the durable one).
