@@ -224,6 +224,10 @@ impl<D: Device> ConnectionBackend<D> {
                     return false;
                 }
                 self.notify_guest(queue, vring);
+                if self.disk.gates_wanted() {
+                    // A quiesce waits for this queue's gate: the rest waits for the next turn.
+                    return true;
+                }
             }
             if expect_more && !popped_any {
                 self.ring_fault(

@@ -513,6 +513,36 @@ fn get_vring_base_drains_and_quiesces_before_the_reply() {
     served.stop();
 }
 
+/// Reviewer F4: GET_VRING_BASE of one ring waits for every queue's request in progress (the
+/// gates), but not for the rest of another queue's batch: a busy worker gives its gate back after
+/// its current request. Without that, stopping ring 0 here waits for all 20 slow requests of
+/// queue 1.
+#[test]
+fn get_vring_base_waits_for_one_request_of_a_busy_queue_not_its_batch() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    *served.device().delay.lock().unwrap() = Duration::from_millis(100);
+    let statuses = fe.submit_burst(1, 20);
+    wait_for("queue 1 busy", || {
+        served.device().in_flight.load(Ordering::SeqCst) == 1
+    });
+    assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 0);
+    let done = fe.used_idx(1);
+    assert!(
+        done < 10,
+        "GET_VRING_BASE of ring 0 waited for {done} requests of queue 1"
+    );
+    // The yielded batch goes on: every request completes, none twice.
+    fe.wait_used(1, 20);
+    for status in statuses {
+        assert_eq!(fe.status(status), 0);
+    }
+    assert_eq!(served.device().processed.load(Ordering::SeqCst), 20);
+    served.stop();
+}
+
 #[test]
 fn each_queue_is_served_by_its_own_thread() {
     let served = Served::start(4);
