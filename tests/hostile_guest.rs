@@ -1529,6 +1529,41 @@ fn case18b_read_into_the_own_descriptor_table_is_not_fetched_twice() {
 
 /// The same with an indirect table: the read's data buffer is the indirect table itself, which
 /// the disk data turns into descriptors aiming at a victim. The table must be read once.
+/// hostile-guest.md #3 with INDIRECT_DESC not negotiated: an indirect descriptor is refused
+/// (virtio 1.2 2.7.5.3.1: the driver must not use one then), even with a well-formed table: the
+/// chain is returned with length 0, the table is not followed (its write does not reach the disk,
+/// its status byte stays untouched), and the queue goes on.
+#[test]
+fn case03c_indirect_descriptor_without_the_feature_is_refused() {
+    let mut fx = Fx::with(
+        ServeOptions::default(),
+        ConnectOptions {
+            driver_features: DRIVER_FEATURES & !VIRTIO_RING_F_INDIRECT_DESC,
+            ..ConnectOptions::default()
+        },
+    );
+    assert_eq!(fx.dev.acked_features & VIRTIO_RING_F_INDIRECT_DESC, 0);
+    for q in 0..2u16 {
+        let chain = out_req(&mut fx, 16, Desc::ro(0, 0));
+        let data = pattern(33 + u64::from(q), 4096);
+        let d = fx.buf(&data);
+        let mut table = [chain[0], Desc::ro(d, 4096), chain[2]];
+        for (k, e) in table.iter_mut().enumerate().take(2) {
+            e.flags |= VRING_DESC_F_NEXT;
+            e.next = k as u16 + 1;
+        }
+        let tgpa = fx.dev.gm.alloc(16 * 3);
+        fx.dev.write_indirect_table(tgpa, &table);
+        let head = indirect_head(&mut fx, q, tgpa, 48, 0);
+        let ctx = format!("case 3c, indirect table on queue {q} without INDIRECT_DESC");
+        let len = fx.run_head(q, head, &ctx);
+        fx.expect_len0(&ctx, len, chain[2].addr);
+        // Also checks the whole disk against the model, where sector 16 is unchanged.
+        fx.after(q, &ctx);
+    }
+    fx.finish();
+}
+
 #[test]
 fn case03b_indirect_table_is_read_once() {
     let mut fx = Fx::new();
