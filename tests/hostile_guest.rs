@@ -2283,6 +2283,77 @@ fn stopped_or_disabled_rings_commit_completed_writes() {
     }
 }
 
+/// Issue #5 item 5 over the socket: stopping every ring (QEMU `stop`) releases the image's
+/// writer lock; another process then opens the image read-write, changes it (a partial-cluster
+/// write into a cluster the backend has cached, a whole-cluster write, a discard, a partial
+/// write-zeroes) and closes it; starting the rings again (QEMU `cont`) re-takes the lock and
+/// reloads the metadata: the guest reads exactly the other process's data from every queue
+/// (nothing stale from the backend's table or its decompressed-cluster caches), and its own
+/// partial write into a changed cluster merges with the new content.
+#[test]
+fn paused_image_changed_by_another_process_is_reloaded_at_resume() {
+    use insitu_blk::image::{Image, ImageError, OpenOptions};
+    let mut fx = Fx::new();
+    if fx.backend.kind != BackendKind::Ours {
+        return; // the lock hand-over is ours
+    }
+    let base = 1 << 20;
+    fx.good_write(0, base, &pattern(7000, 4 * CLUSTER as usize));
+    assert_eq!(fx.dev.flush(0).unwrap(), VIRTIO_BLK_S_OK);
+    // Every queue's worker decompresses (and caches) the clusters.
+    for q in 0..fx.dev.vqs.len() as u16 {
+        fx.dev.verify(q, &fx.model, base, 4 * CLUSTER).unwrap();
+    }
+    fx.dev.stop_queues().unwrap();
+
+    let path = fx.backend.image();
+    let other = Image::open(&path, &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("open by another process while the rings are stopped: {e}"));
+    let mut change = |offset: u64, data: &[u8]| {
+        other.write(offset, data).unwrap();
+        fx.model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    };
+    change(base + 4096, &pattern(7001, 8192));
+    change(base + CLUSTER, &pattern(7002, CLUSTER as usize));
+    other.discard(base + 2 * CLUSTER, CLUSTER).unwrap();
+    other
+        .write_zeroes(base + 3 * CLUSTER + 512, 1024, false)
+        .unwrap();
+    let zeroed = [
+        (base + 2 * CLUSTER, CLUSTER),
+        (base + 3 * CLUSTER + 512, 1024),
+    ];
+    for (offset, len) in zeroed {
+        fx.model[offset as usize..(offset + len) as usize].fill(0);
+    }
+    other.close().unwrap();
+
+    fx.dev.restart_queues().unwrap();
+    for q in 0..fx.dev.vqs.len() as u16 {
+        fx.dev
+            .verify(q, &fx.model, 0, DISK)
+            .unwrap_or_else(|e| panic!("queue {q} after resume: {e}"));
+    }
+    // The backend holds the writer lock again.
+    match Image::open(&path, &OpenOptions::default()) {
+        Err(ImageError::Locked) => {}
+        Err(e) => panic!("second open while the device runs: unexpected error {e}"),
+        Ok(_) => panic!("a second process opened the image read-write while the device runs"),
+    }
+    // A partial write into a cluster the other process changed merges with its content.
+    fx.good_write(1, base + 512, &pattern(7003, 1024));
+    assert_eq!(fx.dev.flush(1).unwrap(), VIRTIO_BLK_S_OK);
+    for q in 0..fx.dev.vqs.len() as u16 {
+        fx.dev.verify(q, &fx.model, 0, DISK).unwrap();
+    }
+    let log = fx.backend.log();
+    assert!(
+        log.matches("device resumed").count() >= 2,
+        "no second resume in the log:\n{log}"
+    );
+    fx.finish();
+}
+
 /// hostile-guest.md #20 literally: SET_VRING_NUM with a size that is not a power of two is refused
 /// by that message itself (an error ack), not only at the ring set-up after it (case20).
 /// vhost-user-backend 0.24 acks such a size itself; the daemon's control-message filter

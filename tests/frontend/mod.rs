@@ -751,6 +751,52 @@ impl Device {
         Ok(bases)
     }
 
+    /// Starts every queue again after [`Device::stop_queues`], as QEMU does on `cont`: the same
+    /// rings and eventfds, the ring base at the driver's available index (every request was
+    /// completed before the stop).
+    pub fn restart_queues(&mut self) -> Result<(), String> {
+        let stream = self.stream.try_clone().map_err(err("dup socket"))?;
+        let cfgs: Vec<(usize, u16, u16, VringConfigData)> = self
+            .vqs
+            .iter()
+            .map(|vq| {
+                (
+                    usize::from(vq.index),
+                    vq.size,
+                    vq.avail_idx,
+                    VringConfigData {
+                        queue_max_size: vq.size,
+                        queue_size: vq.size,
+                        flags: 0,
+                        desc_table_addr: self.host_addr(vq.desc_gpa),
+                        used_ring_addr: self.host_addr(vq.used_gpa),
+                        avail_ring_addr: self.host_addr(vq.avail_gpa),
+                        log_addr: None,
+                    },
+                )
+            })
+            .collect();
+        let enable = self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+        let (fe, vqs) = (&mut self.fe, &self.vqs);
+        guarded(&stream, "restarting the queues", || {
+            for ((i, size, base, cfg), vq) in cfgs.iter().zip(vqs) {
+                fe.set_vring_num(*i, *size).map_err(err("SET_VRING_NUM"))?;
+                fe.set_vring_base(*i, *base)
+                    .map_err(err("SET_VRING_BASE"))?;
+                fe.set_vring_addr(*i, cfg).map_err(err("SET_VRING_ADDR"))?;
+                fe.set_vring_call(*i, &vq.call)
+                    .map_err(err("SET_VRING_CALL"))?;
+                fe.set_vring_kick(*i, &vq.kick)
+                    .map_err(err("SET_VRING_KICK"))?;
+                if enable {
+                    fe.set_vring_enable(*i, true)
+                        .map_err(err("SET_VRING_ENABLE"))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// GET_VRING_BASE on one queue, failing if the backend does not answer in time.
     pub fn get_vring_base(&mut self, q: u16) -> Result<u32, String> {
         let stream = self.stream.try_clone().map_err(err("dup socket"))?;
