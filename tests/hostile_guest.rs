@@ -2354,6 +2354,72 @@ fn paused_image_changed_by_another_process_is_reloaded_at_resume() {
     fx.finish();
 }
 
+/// VIRTIO_BLK_F_CONFIG_WCE: the driver reads the cache mode (write-back by default) and may set
+/// write-through, after which a completed write survives a SIGKILL without any FLUSH. Any other
+/// configuration write (another field, a writeback value other than 0 or 1) is refused.
+#[test]
+fn config_wce_write_through_makes_each_completed_write_durable() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    const WRITEBACK: u32 = 32;
+    let mut fx = Fx::new();
+    if fx.backend.kind != BackendKind::Ours {
+        return;
+    }
+    assert_ne!(
+        fx.dev.acked_features & VIRTIO_BLK_F_CONFIG_WCE,
+        0,
+        "CONFIG_WCE not offered"
+    );
+    let flags = VhostUserConfigFlags::WRITABLE;
+    let writeback = |dev: &mut Device| -> u8 {
+        let (_, value) = dev.fe.get_config(WRITEBACK, 1, flags, &[0]).unwrap();
+        value[0]
+    };
+    assert_eq!(writeback(&mut fx.dev), 1, "write-back by default");
+    fx.dev
+        .fe
+        .set_config(WRITEBACK, flags, &[0])
+        .expect("setting write-through");
+    assert_eq!(
+        writeback(&mut fx.dev),
+        0,
+        "write-through after the driver set it"
+    );
+    // Writes (and a write-zeroes) that completed, never flushed, then SIGKILL.
+    for k in 0..6u64 {
+        fx.good_write(
+            (k % 2) as u16,
+            (1 << 20) + k * 20_480,
+            &pattern(8000 + k, 20_480),
+        );
+    }
+    let st = fx
+        .dev
+        .dwz(0, VIRTIO_BLK_T_WRITE_ZEROES, &[(8, 16, 0)])
+        .unwrap();
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    fx.model[8 * 512..24 * 512].fill(0);
+    fx.backend.kill9();
+    fx.backend.restart();
+    fx.reconnect(ConnectOptions::default(), "reconnect after SIGKILL");
+    fx.dev
+        .verify(0, &fx.model, 0, DISK)
+        .unwrap_or_else(|e| panic!("write-through, then SIGKILL: completed writes lost: {e}"));
+    // Refused writes: they end the connection (the crate's way of refusing a message).
+    let capacity_byte = fx.dev.fe.get_config(0, 1, flags, &[0]).unwrap().1[0];
+    for (offset, data) in [(WRITEBACK, vec![2u8]), (0, vec![capacity_byte ^ 1])] {
+        let ctx = format!("configuration write of {data:?} at {offset}");
+        assert!(
+            fx.dev.fe.set_config(offset, flags, &data).is_err(),
+            "{ctx}: accepted"
+        );
+        fx.reconnect(ConnectOptions::default(), &ctx);
+        assert_eq!(fx.dev.capacity_bytes(), DISK, "{ctx}: capacity changed");
+        fx.after(0, &ctx);
+    }
+    fx.finish();
+}
+
 /// hostile-guest.md #20 literally: SET_VRING_NUM with a size that is not a power of two is refused
 /// by that message itself (an error ack), not only at the ring set-up after it (case20).
 /// vhost-user-backend 0.24 acks such a size itself; the daemon's control-message filter

@@ -35,6 +35,15 @@ pub trait Device: Send + Sync + 'static {
     /// The device configuration space (`struct virtio_blk_config`, little-endian).
     fn config_space(&self) -> Vec<u8>;
 
+    /// The driver writes `data` at `offset` into the configuration space (SET_CONFIG). The error
+    /// says why the write is refused. The default refuses every write.
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
+        let _ = data;
+        Err(format!(
+            "write at offset {offset}: the configuration space is read-only"
+        ))
+    }
+
     /// Executes one request and returns the number of bytes written into the chain's
     /// device-writable buffers (the used length). `ring` is the layout of the queue the chain was
     /// popped from, so the device can walk the descriptor table itself and refuse what

@@ -84,6 +84,7 @@ pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
+pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
@@ -105,6 +106,7 @@ pub const DRIVER_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_BLK_F_BLK_SIZE
     | VIRTIO_BLK_F_FLUSH
     | VIRTIO_BLK_F_TOPOLOGY
+    | VIRTIO_BLK_F_CONFIG_WCE
     | VIRTIO_BLK_F_MQ
     | VIRTIO_BLK_F_DISCARD
     | VIRTIO_BLK_F_WRITE_ZEROES;
