@@ -543,6 +543,32 @@ fn get_vring_base_waits_for_one_request_of_a_busy_queue_not_its_batch() {
     served.stop();
 }
 
+/// GET_VRING_BASE on a ring that was never started (a frontend stopping every ring it knows,
+/// as cloud-hypervisor does at reset, or QEMU with more queues than the guest set up) answers
+/// with the ring's base and neither resumes nor quiesces the device; the started rings go on.
+#[test]
+fn get_vring_base_of_a_never_started_ring_leaves_the_device_alone() {
+    let served = Served::start(3);
+    let mut fe = TestFrontend::connect(&served.socket, 3);
+    assert_eq!(fe.frontend.get_vring_base(1).unwrap(), 0);
+    fe.frontend.set_vring_base(2, 7).unwrap();
+    assert_eq!(fe.frontend.get_vring_base(2).unwrap(), 7);
+    assert!(served.device().events().is_empty());
+    assert!(!served.disk.is_running());
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.frontend.get_vring_base(1).unwrap(), 0);
+    assert_eq!(served.device().events(), ["resume"]);
+    assert!(served.disk.is_running());
+    let status = fe.submit(0);
+    fe.wait_used(0, 2);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 2);
+    assert_eq!(served.device().events(), ["resume", "quiesce"]);
+    served.stop();
+}
+
 #[test]
 fn each_queue_is_served_by_its_own_thread() {
     let served = Served::start(4);
