@@ -266,6 +266,23 @@ mod tests {
         [index.to_le_bytes(), num.to_le_bytes()].concat()
     }
 
+    /// The check that detects another process winning the race for the private listener: a
+    /// connection the listener accepted is told apart from one still queued when it closed.
+    #[test]
+    fn accepted_tells_an_accepted_connection_from_a_reset_one() {
+        let name = format!("insitu-blk-test/{}", uuid::Uuid::new_v4());
+        let address = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let listener = UnixListener::bind_addr(&address).unwrap();
+        let first = UnixStream::connect_addr(&address).unwrap();
+        let second = UnixStream::connect_addr(&address).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        drop(listener);
+        assert!(accepted(&first).unwrap(), "the accepted connection");
+        assert!(!accepted(&second).unwrap(), "the one never accepted");
+        drop(server_side);
+        assert!(!accepted(&first).unwrap(), "after the peer closed");
+    }
+
     #[test]
     fn set_vring_num_sizes_that_are_not_powers_of_two_become_zero() {
         let rules = Rules {
