@@ -195,6 +195,24 @@ impl Fx {
         );
     }
 
+    /// A read of `expected.len()` bytes into the buffer at `table` completed: status OK, the
+    /// used length covers the data and the status byte, and the buffer holds `expected`.
+    fn expect_read_into(
+        &self,
+        ctx: &str,
+        used_len: u32,
+        status_gpa: u64,
+        table: u64,
+        expected: &[u8],
+    ) {
+        self.expect_status(ctx, status_gpa, &[VIRTIO_BLK_S_OK]);
+        assert_eq!(used_len as usize, expected.len() + 1, "{ctx}: used length");
+        assert!(
+            self.dev.gm.read(table, expected.len()) == expected,
+            "{ctx}: the table does not hold the data read"
+        );
+    }
+
     /// Returned with used length 0 and no status written.
     fn expect_len0(&self, ctx: &str, used_len: u32, status_gpa: u64) {
         let st = self.status_byte(status_gpa);
@@ -203,6 +221,13 @@ impl Fx {
             "{ctx}: expected used length 0 and no status; got length {used_len}, status {st:#04x}"
         );
     }
+}
+
+/// A descriptor table of `entries` device-writable 64-byte descriptors all aimed at `victim`:
+/// the disk data of the tests where a read lands in a table the device must not fetch again.
+fn table_aimed_at(victim: u64, entries: usize) -> Vec<u8> {
+    let aimed = Desc::wo(victim, 64);
+    (0..entries).flat_map(|_| aimed.bytes()).collect()
 }
 
 fn in_req(fx: &mut Fx, sector: u64, data: Desc) -> Vec<Desc> {
@@ -1481,22 +1506,7 @@ fn case18b_read_into_the_own_descriptor_table_is_not_fetched_twice() {
     fx.dev.gm.write(victim, &[0x5A; 64]);
     let qsize = fx.dev.vqs[0].size as usize;
     let table_len = 16 * qsize;
-    let fake: Vec<u8> = (0..qsize)
-        .flat_map(|_| {
-            let d = Desc {
-                addr: victim,
-                len: 64,
-                flags: VRING_DESC_F_WRITE,
-                next: 0,
-            };
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-            b[8..12].copy_from_slice(&d.len.to_le_bytes());
-            b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-            b[14..16].copy_from_slice(&d.next.to_le_bytes());
-            b
-        })
-        .collect();
+    let fake = table_aimed_at(victim, qsize);
     // Away from the 512 KiB where `after` writes its good request.
     let sector = 3072u64;
     fx.good_write(0, sector * SECTOR, &fake);
@@ -1511,12 +1521,7 @@ fn case18b_read_into_the_own_descriptor_table_is_not_fetched_twice() {
             Desc::wo(s, 1),
         ];
         let len = fx.run_chain(0, &chain, &ctx);
-        fx.expect_status(&ctx, s, &[VIRTIO_BLK_S_OK]);
-        assert_eq!(len as usize, table_len + 1, "{ctx}: used length");
-        assert!(
-            fx.dev.gm.read(table, table_len) == fake,
-            "{ctx}: the table does not hold the data read"
-        );
+        fx.expect_read_into(&ctx, len, s, table, &fake);
         // The driver owns its table again: the shadow takes what the device legitimately wrote.
         fx.after(0, &ctx);
     }
@@ -1527,8 +1532,6 @@ fn case18b_read_into_the_own_descriptor_table_is_not_fetched_twice() {
     fx.finish();
 }
 
-/// The same with an indirect table: the read's data buffer is the indirect table itself, which
-/// the disk data turns into descriptors aiming at a victim. The table must be read once.
 /// hostile-guest.md #3 with INDIRECT_DESC not negotiated: an indirect descriptor is refused
 /// (virtio 1.2 2.7.5.3.1: the driver must not use one then), even with a well-formed table: the
 /// chain is returned with length 0, the table is not followed (its write does not reach the disk,
@@ -1564,6 +1567,8 @@ fn case03c_indirect_descriptor_without_the_feature_is_refused() {
     fx.finish();
 }
 
+/// The same with an indirect table: the read's data buffer is the indirect table itself, which
+/// the disk data turns into descriptors aiming at a victim. The table must be read once.
 #[test]
 fn case03b_indirect_table_is_read_once() {
     let mut fx = Fx::new();
@@ -1571,15 +1576,7 @@ fn case03b_indirect_table_is_read_once() {
     fx.dev.gm.write(victim, &[0x5B; 64]);
     let entries = 32usize;
     let table_len = 16 * entries;
-    let fake: Vec<u8> = (0..entries)
-        .flat_map(|_| {
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&victim.to_le_bytes());
-            b[8..12].copy_from_slice(&64u32.to_le_bytes());
-            b[12..14].copy_from_slice(&VRING_DESC_F_WRITE.to_le_bytes());
-            b
-        })
-        .collect();
+    let fake = table_aimed_at(victim, entries);
     let sector = 3072u64;
     fx.good_write(0, sector * SECTOR, &fake);
     for round in 0..4 {
@@ -1601,12 +1598,7 @@ fn case03b_indirect_table_is_read_once() {
         fx.dev.gm.write(table + 48, &vec![0u8; table_len - 48]);
         let head = indirect_head(&mut fx, 0, table, 48, 0);
         let len = fx.run_head(0, head, &ctx);
-        fx.expect_status(&ctx, s, &[VIRTIO_BLK_S_OK]);
-        assert_eq!(len as usize, table_len + 1, "{ctx}: used length");
-        assert!(
-            fx.dev.gm.read(table, table_len) == fake,
-            "{ctx}: the table does not hold the data read"
-        );
+        fx.expect_read_into(&ctx, len, s, table, &fake);
         fx.after(0, &ctx);
     }
     assert!(

@@ -164,8 +164,25 @@ impl Served {
         }
     }
 
+    /// A daemon with `num_queues` queues and a frontend connected to it (memory shared, no
+    /// ring started).
+    fn with_frontend(num_queues: usize) -> (Self, TestFrontend) {
+        let served = Self::start(num_queues);
+        let fe = TestFrontend::connect(&served.socket, num_queues);
+        (served, fe)
+    }
+
     fn device(&self) -> &FakeDevice {
         self.disk.device()
+    }
+
+    /// No request was executed while the device was quiesced.
+    fn assert_nothing_processed_while_quiesced(&self) {
+        let count = self
+            .device()
+            .processed_while_quiesced
+            .load(Ordering::SeqCst);
+        assert_eq!(count, 0, "requests executed while the device was quiesced");
     }
 
     fn stop(mut self) {
@@ -405,8 +422,7 @@ fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 
 #[test]
 fn config_is_answered_while_quiesced_without_resuming() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     let (_, config) = fe
         .frontend
         .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
@@ -450,8 +466,7 @@ fn offers_the_protocol_features_frontends_need() {
 
 #[test]
 fn starting_a_ring_resumes_and_requests_complete() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     fe.start_queue(0);
     wait_for("resume at ring start", || {
         served.device().events() == ["resume"]
@@ -461,20 +476,13 @@ fn starting_a_ring_resumes_and_requests_complete() {
     for status in statuses {
         assert_eq!(fe.status(status), 0);
     }
-    assert_eq!(
-        served
-            .device()
-            .processed_while_quiesced
-            .load(Ordering::SeqCst),
-        0
-    );
+    served.assert_nothing_processed_while_quiesced();
     served.stop();
 }
 
 #[test]
 fn get_vring_base_drains_and_quiesces_before_the_reply() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     fe.start_queue(0);
     fe.start_queue(1);
     fe.submit(0);
@@ -519,8 +527,7 @@ fn get_vring_base_drains_and_quiesces_before_the_reply() {
 /// queue 1.
 #[test]
 fn get_vring_base_waits_for_one_request_of_a_busy_queue_not_its_batch() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     fe.start_queue(0);
     fe.start_queue(1);
     *served.device().delay.lock().unwrap() = Duration::from_millis(100);
@@ -548,8 +555,7 @@ fn get_vring_base_waits_for_one_request_of_a_busy_queue_not_its_batch() {
 /// with the ring's base and neither resumes nor quiesces the device; the started rings go on.
 #[test]
 fn get_vring_base_of_a_never_started_ring_leaves_the_device_alone() {
-    let served = Served::start(3);
-    let mut fe = TestFrontend::connect(&served.socket, 3);
+    let (served, mut fe) = Served::with_frontend(3);
     assert_eq!(fe.frontend.get_vring_base(1).unwrap(), 0);
     fe.frontend.set_vring_base(2, 7).unwrap();
     assert_eq!(fe.frontend.get_vring_base(2).unwrap(), 7);
@@ -571,8 +577,7 @@ fn get_vring_base_of_a_never_started_ring_leaves_the_device_alone() {
 
 #[test]
 fn each_queue_is_served_by_its_own_thread() {
-    let served = Served::start(4);
-    let mut fe = TestFrontend::connect(&served.socket, 4);
+    let (served, mut fe) = Served::with_frontend(4);
     for q in 0..4 {
         fe.start_queue(q);
     }
@@ -684,8 +689,7 @@ fn a_failed_resume_fails_requests_and_is_retried_later() {
 
 #[test]
 fn stop_ends_an_active_connection_and_the_loop() {
-    let served = Served::start(1);
-    let mut fe = TestFrontend::connect(&served.socket, 1);
+    let (served, mut fe) = Served::with_frontend(1);
     fe.start_queue(0);
     fe.submit(0);
     fe.wait_used(0, 1);
@@ -737,8 +741,7 @@ fn socket_path_rules() {
 fn guest_memory_the_backend_writes_is_marked_in_the_dirty_log() {
     use vhost::VhostUserDirtyLogRegion;
     const PAGE: u64 = 4096;
-    let served = Served::start(1);
-    let mut fe = TestFrontend::connect(&served.socket, 1);
+    let (served, mut fe) = Served::with_frontend(1);
     fe.start_queue(0);
     let log_size = (MEM_SIZE as u64 / PAGE).div_ceil(8);
     let log = memfd(log_size as usize);
@@ -777,8 +780,7 @@ fn guest_memory_the_backend_writes_is_marked_in_the_dirty_log() {
 
 #[test]
 fn a_full_ring_is_served_in_bounded_batches_from_a_single_kick() {
-    let served = Served::start(1);
-    let mut fe = TestFrontend::connect(&served.socket, 1);
+    let (served, mut fe) = Served::with_frontend(1);
     fe.start_queue(0);
     // The ring-start event has been handled once the device resumed: from here on, the burst's
     // single kick is the only event.
@@ -814,8 +816,7 @@ fn within<T: Send + 'static>(
 
 #[test]
 fn a_broken_available_index_neither_spins_nor_blocks_a_stop() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     fe.start_queue(0);
     fe.start_queue(1);
     wait_for("resume", || served.device().events() == ["resume"]);
@@ -847,8 +848,7 @@ fn a_broken_available_index_neither_spins_nor_blocks_a_stop() {
 
 #[test]
 fn stopping_rings_under_load_always_answers_and_drains() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     *served.device().delay.lock().unwrap() = Duration::from_millis(20);
     for round in 0..5 {
         fe.start_queue(0);
@@ -892,8 +892,7 @@ fn stopping_rings_under_load_always_answers_and_drains() {
 
 #[test]
 fn disabling_every_ring_quiesces_and_enabling_one_resumes() {
-    let served = Served::start(2);
-    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let (served, mut fe) = Served::with_frontend(2);
     fe.start_queue(0);
     fe.start_queue(1);
     fe.submit(0);
@@ -919,20 +918,13 @@ fn disabling_every_ring_quiesces_and_enabling_one_resumes() {
     fe.wait_used(1, 2);
     assert_eq!(fe.status(status), 0);
     assert_eq!(served.device().events(), ["resume", "quiesce", "resume"]);
-    assert_eq!(
-        served
-            .device()
-            .processed_while_quiesced
-            .load(Ordering::SeqCst),
-        0
-    );
+    served.assert_nothing_processed_while_quiesced();
     served.stop();
 }
 
 #[test]
 fn a_ring_size_that_is_not_a_power_of_two_is_never_served() {
-    let served = Served::start(1);
-    let mut fe = TestFrontend::connect(&served.socket, 1);
+    let (served, mut fe) = Served::with_frontend(1);
     let rings = |len: u64| VringConfigData {
         queue_max_size: len as u16,
         queue_size: len as u16,

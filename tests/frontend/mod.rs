@@ -174,7 +174,8 @@ impl Desc {
         }
     }
 
-    fn bytes(&self) -> [u8; 16] {
+    /// The descriptor as the device reads it from a table.
+    pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
         b[8..12].copy_from_slice(&self.len.to_le_bytes());
