@@ -1092,13 +1092,26 @@ impl Core {
     /// longer ends with the clean-close marker before any data is written (a crash from here on
     /// makes the next open look for leaked space).
     pub fn mark_open(&self) -> Result<()> {
+        self.append_empty_record(false)
+    }
+
+    /// Quiesced with everything committed and the freed space released (writer stopped): end
+    /// the journal with a clean-close marker, so a process that takes the image over (a
+    /// migration destination) does not treat the hand-over as a crash. A resume of this process
+    /// writes [`Core::mark_open`] again before any write.
+    pub fn mark_clean(&self) -> Result<()> {
+        self.append_empty_record(true)
+    }
+
+    fn append_empty_record(&self, clean: bool) -> Result<()> {
+        let flags = if clean { format::RECORD_CLEAN_CLOSE } else { 0 };
         let mut meta = lock(&self.meta);
         let mut buf = std::mem::take(&mut meta.buf);
         let seq = meta.last_seq + 1;
         let r = if meta.journal_head + BLOCK > self.layout.journal_size {
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, false)
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, clean)
         } else {
-            format::encode_record(&mut buf, seq, &self.sb.uuid, &[]);
+            format::encode_record_flags(&mut buf, seq, &self.sb.uuid, &[], flags);
             let off = self.layout.journal_offset + meta.journal_head;
             let st = self.storage.as_ref();
             st.write_at(off, &buf)

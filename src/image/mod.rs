@@ -312,6 +312,9 @@ struct Life {
     /// The last metadata load found no clean-close marker: the previous writer died, and writes
     /// it had completed but not committed are gone.
     unclean_load: bool,
+    /// The last quiesce ended the journal with a clean-close marker (hand-over): a resume that
+    /// does not reload must append an open record before any write.
+    quiesced_clean: bool,
 }
 
 impl fmt::Debug for Image {
@@ -479,6 +482,17 @@ impl Image {
             if writer.join().is_err() {
                 log::error!("metadata writer thread panicked");
             }
+            // A quiesce that committed everything hands over a clean image (close's checkpoint
+            // carries its own clean marker).
+            if !checkpoint && result.is_ok() {
+                match self.core.mark_clean() {
+                    Ok(()) => life.quiesced_clean = true,
+                    Err(e) => log::warn!(
+                        "cannot mark the quiesced image clean (a process taking it over will \
+                         treat it as crashed): {e}"
+                    ),
+                }
+            }
         }
         // A failed final commit keeps the lock: handing the image to another process (a
         // migration destination) would hand over an image that misses completed writes (I7).
@@ -513,7 +527,19 @@ impl Image {
         let failed = table::lock(&core.ctl).failed.is_some();
         // Only a resume that loads the metadata can find the previous writer's traces.
         life.unclean_load = false;
-        if failed || core.disk_changed() {
+        let reload = failed || core.disk_changed();
+        if !reload && life.quiesced_clean && !core.read_only {
+            // Our own hand-over marker ends the journal: from here on a crash is a crash.
+            if let Err(e) = core.mark_open() {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
+                }
+                return Err(e);
+            }
+        }
+        life.quiesced_clean = false;
+        if reload {
             let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
                 if core.read_only {
                     return Ok(());
