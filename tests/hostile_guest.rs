@@ -2466,6 +2466,88 @@ fn memory_region_removed_and_added_back_while_the_rings_run() {
     fx.finish();
 }
 
+/// Reviewer R4 over the socket: a lock hand-over after a quiesce (live migration: the source's
+/// QEMU stops the rings, a destination `serve --wait-lock` on the same image takes over, and its
+/// QEMU starts the rings at the migrated, non-zero indexes) is no crash: the destination serves
+/// every write completed on the source, flushed or not, and the guest's first FLUSH there
+/// succeeds (a failed FLUSH makes a Linux guest's filesystem journal abort).
+#[test]
+fn migration_hand_over_loses_nothing_and_fails_no_flush() {
+    let mut fx = Fx::new();
+    if fx.backend.kind != BackendKind::Ours {
+        return;
+    }
+    for k in 0..6u64 {
+        fx.good_write(0, (1 << 20) + k * 20_480, &pattern(9300 + k, 20_480));
+    }
+    // Not flushed: the quiesce at the stop commits them.
+    let bases = fx.dev.stop_queues().unwrap();
+    let mut destination = Backend::start(
+        &fx.backend.work,
+        ServeOptions {
+            size: DISK,
+            socket_name: Some("destination.sock".into()),
+            wait_lock: Some("10s".into()),
+            ..ServeOptions::default()
+        },
+    );
+    let ring_base = u16::try_from(bases[0]).unwrap();
+    assert_ne!(ring_base, 0);
+    let mut dev = Device::connect(
+        &destination.socket(),
+        &ConnectOptions {
+            queues: 1,
+            ring_base,
+            ..ConnectOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("connect to the destination: {e}"));
+    assert_eq!(
+        dev.flush(0).unwrap(),
+        VIRTIO_BLK_S_OK,
+        "the guest's first FLUSH on the destination"
+    );
+    dev.verify(0, &fx.model, 0, DISK)
+        .unwrap_or_else(|e| panic!("on the destination: {e}"));
+    dev.disconnect();
+    destination.assert_healthy("destination");
+    let st = destination.terminate(Duration::from_secs(20));
+    assert!(st.success(), "destination SIGTERM: {st}");
+    fx.finish();
+}
+
+/// The other side of R4: after a stop and a start of the rings in the same process (QEMU
+/// `stop`/`cont`, the quiesce having marked the image clean), a backend killed with completed,
+/// unflushed writes must still be seen as crashed: the guest, reconnecting at its ring indexes,
+/// gets the lost-write notice (its first FLUSH fails once), never a silent OK.
+#[test]
+fn a_kill_after_pause_and_resume_is_still_reported_as_a_crash() {
+    let mut fx = Fx::new();
+    if fx.backend.kind != BackendKind::Ours {
+        return;
+    }
+    fx.dev.stop_queues().unwrap();
+    fx.dev.restart_queues().unwrap();
+    fx.good_write(0, 1 << 20, &pattern(9400, 20_480));
+    let ring_base = fx.dev.vqs[0].avail_idx;
+    fx.backend.kill9();
+    fx.backend.restart();
+    fx.reconnect(
+        ConnectOptions {
+            queues: 1,
+            ring_base,
+            ..ConnectOptions::default()
+        },
+        "reconnect after SIGKILL",
+    );
+    assert_eq!(
+        fx.dev.flush(0).unwrap(),
+        VIRTIO_BLK_S_IOERR,
+        "first FLUSH after the kill: the lost-write notice"
+    );
+    assert_eq!(fx.dev.flush(0).unwrap(), VIRTIO_BLK_S_OK, "second FLUSH");
+}
+
 /// hostile-guest.md #20 literally: SET_VRING_NUM with a size that is not a power of two is refused
 /// by that message itself (an error ack), not only at the ring set-up after it (case20).
 /// vhost-user-backend 0.24 acks such a size itself; the daemon's control-message filter

@@ -441,6 +441,9 @@ pub struct ConnectOptions {
     pub queue_size: u16,
     /// Features the driver accepts (ANDed with the offered ones).
     pub driver_features: u64,
+    /// The rings' indexes at the start (SET_VRING_BASE, and the avail and used indexes in guest
+    /// memory): non-zero for a guest that ran before, e.g. on a migration destination.
+    pub ring_base: u16,
 }
 
 impl Default for ConnectOptions {
@@ -449,6 +452,7 @@ impl Default for ConnectOptions {
             queues: 2,
             queue_size: 128,
             driver_features: DRIVER_FEATURES,
+            ring_base: 0,
         }
     }
 }
@@ -672,7 +676,7 @@ impl Device {
             backend_queues,
         };
         for i in 0..opts.queues {
-            dev.start_queue(i, opts.queue_size)?;
+            dev.start_queue(i, opts.queue_size, opts.ring_base)?;
         }
         Ok(dev)
     }
@@ -681,7 +685,7 @@ impl Device {
         self.gm.host_addr(gpa)
     }
 
-    fn start_queue(&mut self, index: u16, size: u16) -> Result<(), String> {
+    fn start_queue(&mut self, index: u16, size: u16, ring_base: u16) -> Result<(), String> {
         let base = REGION_A_GPA + RING_AREA_SIZE * u64::from(index);
         let vq = Vq {
             index,
@@ -689,8 +693,8 @@ impl Device {
             desc_gpa: base,
             avail_gpa: base + 0x4000,
             used_gpa: base + 0x8000,
-            avail_idx: 0,
-            last_used: 0,
+            avail_idx: ring_base,
+            last_used: ring_base,
             next_desc: 0,
             kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
             call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
@@ -701,6 +705,9 @@ impl Device {
             .write(vq.avail_gpa, &vec![0u8; 6 + 2 * size as usize]);
         self.gm
             .write(vq.used_gpa, &vec![0u8; 6 + 8 * size as usize]);
+        // A guest that ran before: every request it made was completed.
+        self.gm.write(vq.avail_gpa + 2, &ring_base.to_le_bytes());
+        self.gm.write(vq.used_gpa + 2, &ring_base.to_le_bytes());
         self.gm
             .always_allowed
             .push((vq.used_gpa, vq.used_gpa + 6 + 8 * size as u64));
@@ -709,7 +716,7 @@ impl Device {
             .set_vring_num(i, size)
             .map_err(err("SET_VRING_NUM"))?;
         self.fe
-            .set_vring_base(i, 0)
+            .set_vring_base(i, ring_base)
             .map_err(err("SET_VRING_BASE"))?;
         let cfg = VringConfigData {
             queue_max_size: size,
