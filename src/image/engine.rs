@@ -349,21 +349,41 @@ impl Core {
             Ordering::Relaxed,
         );
         self.dirty_count.store(0, Ordering::Relaxed);
+        // A writer failure is never cleared here (nor anywhere): see `fail`.
         let mut ctl = lock(&self.ctl);
-        ctl.failed = None;
         ctl.stop = false;
         ctl.flush_waiting = false;
         ctl.pressure = false;
         ctl.checkpoint = false;
-        self.failed.store(false, Ordering::Relaxed);
         Ok(clean)
     }
 
     /// Loads the metadata from storage.
     pub fn load(&self) -> Result<Loaded> {
+        if !self.read_only {
+            // A previous process may have died after a failed fdatasync (or this one may have
+            // seen one): the page cache can then hold metadata the disk never got. What a
+            // writer builds on must come from the disk.
+            let l = &self.layout;
+            let ranges = [
+                (l.checkpoint_offsets[0], l.checkpoint_area_size),
+                (l.checkpoint_offsets[1], l.checkpoint_area_size),
+                (l.journal_offset, l.journal_size),
+            ];
+            for (off, len) in ranges {
+                if let Err(e) = self.storage.drop_cached(off, len) {
+                    log::debug!("dropping cached metadata at byte {off}: {e}");
+                }
+            }
+        }
         // Read-only opens are strict too: serving a table that is known to miss commits would
         // return stale data as if it were current. Only `check` loads leniently (to report).
-        let loaded = recovery::load(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?;
+        let loaded = if self.read_only {
+            // Another process may be writing: see `load_settled`.
+            recovery::load_settled(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?
+        } else {
+            recovery::load(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?
+        };
         for p in &loaded.problems {
             log::warn!("{p}");
         }
@@ -927,9 +947,16 @@ impl Core {
         self.done_cv.notify_all();
     }
 
-    /// Records a writer failure: no later commit claims durability.
+    /// Records a writer failure: no later commit claims durability, for the rest of this
+    /// process. A failed fdatasync leaves the page cache out of step with the disk (Linux marks
+    /// the unwritten pages clean and reports the error once), so neither retrying the commit nor
+    /// reloading metadata through the same cache can be trusted; like PostgreSQL after a failed
+    /// fsync, only a new process, which reloads from the disk, writes again.
     pub fn fail(&self, msg: String) {
-        log::error!("metadata commit failed, the image accepts no more writes: {msg}");
+        log::error!(
+            "metadata commit failed, the image accepts no more writes until the process \
+             restarts: {msg}"
+        );
         let mut ctl = lock(&self.ctl);
         ctl.failed = Some(msg);
         self.failed.store(true, Ordering::Relaxed);

@@ -510,10 +510,13 @@ impl Image {
             life.lock_held = true;
             log::info!("writer lock taken");
         }
+        // A failed writer stays failed (`Core::fail`): reloading through the page cache that
+        // lied to it could resurrect commits the disk never got. Writes and flushes keep
+        // failing; reads go on.
         let failed = table::lock(&core.ctl).failed.is_some();
         // Only a resume that loads the metadata can find the previous writer's traces.
         life.unclean_load = false;
-        if failed || core.disk_changed() {
+        if !failed && core.disk_changed() {
             let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
                 if core.read_only {
                     return Ok(());

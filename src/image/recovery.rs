@@ -323,6 +323,34 @@ pub fn rebuild_allocator(table: &Table, alloc: &Allocator) -> Result<(), String>
     Ok(())
 }
 
+/// [`load`] for a reader that does not hold the writer lock (`info`, read-only opens, `check`):
+/// a writer running meanwhile can make one pass read a half-written journal record followed by
+/// a complete one, or checkpoint headers from before and a journal from after a checkpoint. The
+/// writer's durable state is consistent at every moment, so such a pass is retried a few times;
+/// only a problem that persists is reported. (An image that is really damaged costs these few
+/// retries, well under a second.)
+pub fn load_settled(
+    st: &dyn Storage,
+    sb: &Superblock,
+    mode: RecoveryMode,
+) -> Result<Loaded, ImageError> {
+    const RETRIES: u32 = 5;
+    let mut attempt = 0;
+    loop {
+        let r = load(st, sb, mode);
+        let unsettled = match &r {
+            Err(ImageError::CorruptMetadata(_)) => true,
+            Ok(l) => !l.problems.is_empty(),
+            Err(_) => false,
+        };
+        if !unsettled || attempt == RETRIES {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10 << attempt));
+        attempt += 1;
+    }
+}
+
 /// Loads the table: newest valid checkpoint, then the journal records that follow it.
 pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loaded, ImageError> {
     let headers = [
@@ -366,10 +394,11 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
     let r = replay(st, sb, &mut table, seq)?;
     if let Some(lost) = r.lost {
         if mode == RecoveryMode::Strict {
-            return Err(ImageError::CorruptMetadata(format!(
-                "{lost} ({})",
-                warnings.join("; ")
-            )));
+            return Err(ImageError::CorruptMetadata(if warnings.is_empty() {
+                lost
+            } else {
+                format!("{lost} ({})", warnings.join("; "))
+            }));
         }
         problems.push(lost);
     }
