@@ -169,6 +169,9 @@ pub struct Meta {
     pub area_seqs: [Option<u64>; 2],
     /// Metadata loaded at least once.
     pub loaded: bool,
+    /// The last journal record is a clean-close marker (written by `mark_clean`, a closing
+    /// checkpoint, or found at load): `mark_open` must follow it before the next write.
+    pub clean_marked: bool,
     records: Vec<(u32, DiskEntry)>,
     buf: Vec<u8>,
 }
@@ -344,6 +347,7 @@ impl Core {
         meta.active_area = loaded.base_area;
         meta.area_seqs = loaded.area_seqs;
         meta.loaded = true;
+        meta.clean_marked = clean;
         self.generation.store(
             NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
@@ -999,7 +1003,12 @@ impl Core {
         let mut buf = std::mem::take(&mut meta.buf);
         if checkpoint {
             // A requested checkpoint is the one `close` asks for: its marker says "clean".
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, force_checkpoint)?;
+            let flags = if force_checkpoint {
+                format::RECORD_CLEAN_CLOSE
+            } else {
+                0
+            };
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)?;
         } else {
             format::encode_record(&mut buf, seq, &self.sb.uuid, &records);
             let off = self.layout.journal_offset + meta.journal_head;
@@ -1008,6 +1017,7 @@ impl Core {
             st.flush().map_err(Self::io("flush journal", off))?;
             meta.last_seq = seq;
             meta.journal_head += bytes;
+            meta.clean_marked = false;
         }
         meta.buf = buf;
         if self.break_order {
@@ -1095,13 +1105,12 @@ impl Core {
         meta: &mut Meta,
         buf: &mut Vec<u8>,
         seq: u64,
-        clean: bool,
+        flags: u32,
     ) -> Result<()> {
         let st = self.storage.as_ref();
         let area = 1 - meta.active_area;
         recovery::write_checkpoint(st, &self.sb, &self.table, seq, area, true)?;
         st.flush().map_err(Self::io("flush checkpoint", 0))?;
-        let flags = if clean { format::RECORD_CLEAN_CLOSE } else { 0 };
         format::encode_record_flags(buf, seq + 1, &self.sb.uuid, &[], flags);
         let off = self.layout.journal_offset;
         st.write_at(off, buf)
@@ -1111,6 +1120,7 @@ impl Core {
         meta.journal_head = BLOCK;
         meta.active_area = area;
         meta.area_seqs[area] = Some(seq);
+        meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1119,13 +1129,40 @@ impl Core {
     /// longer ends with the clean-close marker before any data is written (a crash from here on
     /// makes the next open look for leaked space).
     pub fn mark_open(&self) -> Result<()> {
+        self.append_marker(0)
+    }
+
+    /// True when the journal ends with a clean-close marker (see `mark_open`).
+    pub fn clean_marked(&self) -> bool {
+        lock(&self.meta).clean_marked
+    }
+
+    /// Ends the journal with a clean-close marker once everything is committed (writer parked,
+    /// no request running): quiesce and close, so that the next opener (a migration destination,
+    /// a restarted backend) knows nothing was lost. `loss_unreported`: see
+    /// [`format::RECORD_LOSS_UNREPORTED`]. Nothing to write when the journal already ends so.
+    pub fn mark_clean(&self, loss_unreported: bool) -> Result<()> {
+        if !loss_unreported && self.clean_marked() {
+            return Ok(());
+        }
+        let loss = if loss_unreported {
+            format::RECORD_LOSS_UNREPORTED
+        } else {
+            0
+        };
+        self.append_marker(format::RECORD_CLEAN_CLOSE | loss)
+    }
+
+    /// Appends an empty record with `flags` and makes it durable (a checkpoint first when the
+    /// journal is full).
+    fn append_marker(&self, flags: u32) -> Result<()> {
         let mut meta = lock(&self.meta);
         let mut buf = std::mem::take(&mut meta.buf);
         let seq = meta.last_seq + 1;
         let r = if meta.journal_head + BLOCK > self.layout.journal_size {
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, false)
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)
         } else {
-            format::encode_record(&mut buf, seq, &self.sb.uuid, &[]);
+            format::encode_record_flags(&mut buf, seq, &self.sb.uuid, &[], flags);
             let off = self.layout.journal_offset + meta.journal_head;
             let st = self.storage.as_ref();
             st.write_at(off, &buf)
@@ -1134,6 +1171,7 @@ impl Core {
                 .map(|()| {
                     meta.last_seq = seq;
                     meta.journal_head += BLOCK;
+                    meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
                 })
         };
         meta.buf = buf;

@@ -107,6 +107,9 @@ pub struct Loaded {
     pub records_replayed: u64,
     /// The journal ends with a clean-close marker: no space is left over from uncommitted writes.
     pub clean: bool,
+    /// That marker says a loss of unflushed writes (an earlier unclean shutdown) was not yet
+    /// reported to the guest ([`format::RECORD_LOSS_UNREPORTED`]).
+    pub loss_unreported: bool,
     /// Harmless findings (e.g. a torn inactive checkpoint).
     pub warnings: Vec<String>,
     /// Problems tolerated in lenient mode.
@@ -410,6 +413,9 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
         area_seqs,
         records_replayed: r.records,
         clean: r.records > 0 && r.last_flags & format::RECORD_CLEAN_CLOSE != 0,
+        loss_unreported: r.records > 0
+            && r.last_flags & format::RECORD_CLEAN_CLOSE != 0
+            && r.last_flags & format::RECORD_LOSS_UNREPORTED != 0,
         warnings,
         problems,
     })
