@@ -143,7 +143,7 @@ fn check_loaded(
     report: &mut CheckReport,
 ) -> Result<()> {
     let layout = &sb.layout;
-    let loaded = match recovery::load_settled(st, sb, RecoveryMode::Lenient) {
+    let mut loaded = match recovery::load_settled(st, sb, RecoveryMode::Lenient) {
         Ok(l) => l,
         Err(ImageError::CorruptMetadata(m)) => {
             report.corruptions.push(m);
@@ -154,6 +154,18 @@ fn check_loaded(
     report.warnings.extend(loaded.warnings.iter().cloned());
     let metadata_lost = !loaded.problems.is_empty();
     report.corruptions.extend(loaded.problems.iter().cloned());
+    if repair && metadata_lost {
+        // Keep the commits recorded after the damage rather than dropping them (and punching
+        // their payloads as leaks).
+        let salvage = recovery::salvage_after_damage(
+            st,
+            sb,
+            &mut loaded.table,
+            loaded.journal_head,
+            loaded.last_seq + 1,
+        )?;
+        report.repairs.extend(salvage.notes);
+    }
     let table = &loaded.table;
     let alloc = Allocator::new(layout.slot_count());
     let mut slots_ok = true;
@@ -270,19 +282,23 @@ fn check_loaded(
         );
         return Ok(());
     }
-    let seq = loaded.last_seq + 1;
+    // Numbered above every record still in the journal, so none of them (the damaged cycle's
+    // records included) can ever be replayed after the new checkpoint.
+    let seq = loaded.last_seq.max(recovery::max_journal_seq(st, sb)?) + 1;
     let area = 1 - loaded.base_area;
     recovery::write_checkpoint(st, sb, table, seq, area, false)?;
     st.flush().map_err(io("flush checkpoint", 0))?;
+    // The repaired image is consistent and its leaks are punched below: a clean marker, so the
+    // next open does not take it for a crashed one.
     let mut rec = Vec::new();
-    format::encode_record(&mut rec, seq + 1, &sb.uuid, &[]);
+    format::encode_record_flags(&mut rec, seq + 1, &sb.uuid, &[], format::RECORD_CLEAN_CLOSE);
     st.write_at(layout.journal_offset, &rec)
         .map_err(io("write journal", layout.journal_offset))?;
     st.flush().map_err(io("flush journal", 0))?;
     report.repairs.push(format!(
         "wrote checkpoint {seq} of the recovered table to area {area}{}",
         if metadata_lost {
-            " (accepting the commits that were lost)"
+            " (the damaged commits' own changes are gone)"
         } else {
             ""
         }
