@@ -135,8 +135,13 @@ pub enum LockPolicy {
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
-    /// Open read-only: no lock, no writer thread, nothing is ever written (not even recovery).
+    /// Open read-only: no writer thread, nothing is ever written (not even recovery).
     pub read_only: bool,
+    /// With `read_only`: hold a shared lock while running (taken per `lock`), so no writer can
+    /// open the image under a read-only server and change what it serves (`serve --read-only`).
+    /// One-shot readers (`info`, `check`, `convert`) leave it off and read the last committed
+    /// state of an image in use.
+    pub shared_lock: bool,
     /// Interval of the timer commit.
     pub commit_interval: Duration,
     /// What to do when the writer lock is taken.
@@ -155,6 +160,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         Self {
             read_only: false,
+            shared_lock: false,
             commit_interval: DEFAULT_COMMIT_INTERVAL,
             lock: LockPolicy::Fail,
             start_quiesced: false,
@@ -302,6 +308,12 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 pub struct Image {
     core: Arc<engine::Core>,
     life: Mutex<Life>,
+    /// [`OpenOptions::shared_lock`] (read-only images only).
+    shared_lock: bool,
+    /// A loss found at load (see `Life::unclean_load`) that no successful FLUSH has followed
+    /// yet: the guest may not know. Quiesce and close record it in the clean-close marker, so a
+    /// backend restarted before the guest's next FLUSH still reports it.
+    loss_unreported: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -309,12 +321,14 @@ struct Life {
     writer: Option<JoinHandle<()>>,
     lock_held: bool,
     closed: bool,
-    /// The last metadata load found no clean-close marker: the previous writer died, and writes
-    /// it had completed but not committed are gone.
+    /// The last metadata load found no clean-close marker (the previous writer died, and writes
+    /// it had completed but not committed are gone), or a marker saying such a loss was never
+    /// reported to the guest.
     unclean_load: bool,
-    /// The last quiesce ended the journal with a clean-close marker (hand-over): a resume that
-    /// does not reload must append an open record before any write.
-    quiesced_clean: bool,
+    /// [`Image::take_unclean_shutdown_notice`] answered `true` for this loss already.
+    notice_given: bool,
+    /// The journal's host space is allocated (once per process).
+    journal_reserved: bool,
 }
 
 impl fmt::Debug for Image {
@@ -324,12 +338,22 @@ impl fmt::Debug for Image {
 }
 
 fn take_lock(storage: &dyn Storage, policy: LockPolicy) -> Result<()> {
+    take_lock_of_kind(storage, policy, false)
+}
+
+/// Takes the exclusive writer lock, or with `shared` the readers' lock.
+fn take_lock_of_kind(storage: &dyn Storage, policy: LockPolicy, shared: bool) -> Result<()> {
     let deadline = match policy {
         LockPolicy::Fail => None,
         LockPolicy::Wait(d) => Some(Instant::now() + d),
     };
     loop {
-        match storage.try_lock_exclusive() {
+        let attempt = if shared {
+            storage.try_lock_shared()
+        } else {
+            storage.try_lock_exclusive()
+        };
+        match attempt {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(source) => {
@@ -408,6 +432,8 @@ impl Image {
         let image = Image {
             core: Arc::new(core),
             life: Mutex::new(Life::default()),
+            shared_lock: opts.read_only && opts.shared_lock,
+            loss_unreported: std::sync::atomic::AtomicBool::new(false),
         };
         if !opts.start_quiesced {
             image.resume()?;
@@ -457,7 +483,12 @@ impl Image {
 
     /// I2: returns once every write that completed before the call is durable.
     pub fn flush(&self) -> Result<()> {
-        self.core.flush()
+        use std::sync::atomic::Ordering;
+        self.core.flush()?;
+        if self.loss_unreported.load(Ordering::Relaxed) {
+            self.loss_unreported.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// I7: commits everything accepted so far, parks the metadata writer and releases the writer
@@ -482,16 +513,12 @@ impl Image {
             if writer.join().is_err() {
                 log::error!("metadata writer thread panicked");
             }
-            // A quiesce that committed everything hands over a clean image (close's checkpoint
-            // carries its own clean marker).
-            if !checkpoint && result.is_ok() {
-                match self.core.mark_clean() {
-                    Ok(()) => life.quiesced_clean = true,
-                    Err(e) => log::warn!(
-                        "cannot mark the quiesced image clean (a process taking it over will \
-                         treat it as crashed): {e}"
-                    ),
-                }
+            // Everything is committed and nothing runs: say so in the journal, so the next
+            // opener (a migration destination, a restarted backend) knows nothing was lost.
+            if result.is_ok() {
+                result = self
+                    .core
+                    .mark_clean(self.loss_unreported.load(Ordering::SeqCst));
             }
         }
         // A failed final commit keeps the lock: handing the image to another process (a
@@ -501,7 +528,7 @@ impl Image {
                 log::warn!("releasing the writer lock failed: {e}");
             }
             life.lock_held = false;
-            log::info!("image quiesced, writer lock released");
+            log::info!("image quiesced, lock released");
         }
         result
     }
@@ -523,14 +550,34 @@ impl Image {
             take_lock(core.storage.as_ref(), core.lock_policy)?;
             life.lock_held = true;
             log::info!("writer lock taken");
+        } else if self.shared_lock && !life.lock_held {
+            take_lock_of_kind(core.storage.as_ref(), core.lock_policy, true)?;
+            life.lock_held = true;
+            log::info!("shared (read-only) lock taken");
         }
+        // A failed writer stays failed (`Core::fail`): reloading through the page cache that
+        // lied to it could resurrect commits the disk never got. Writes and flushes keep
+        // failing; reads go on.
         let failed = table::lock(&core.ctl).failed.is_some();
-        // Only a resume that loads the metadata can find the previous writer's traces.
-        life.unclean_load = false;
-        let reload = failed || core.disk_changed();
-        if !reload && life.quiesced_clean && !core.read_only {
-            // Our own hand-over marker ends the journal: from here on a crash is a crash.
-            if let Err(e) = core.mark_open() {
+        if !failed && core.disk_changed() {
+            let loaded = core.load().and_then(|l| {
+                let loss_unreported = l.loss_unreported;
+                let clean = core.install(l)?;
+                if core.read_only {
+                    return Ok(());
+                }
+                // A loss found here replaces whatever an earlier load found: the image has
+                // been closed cleanly (and that loss recorded) since, or this is the first load.
+                life.unclean_load = !clean || loss_unreported;
+                life.notice_given = false;
+                self.loss_unreported
+                    .store(life.unclean_load, Ordering::SeqCst);
+                if !clean {
+                    core.reclaim_leaks();
+                }
+                Ok(())
+            });
+            if let Err(e) = loaded {
                 if life.lock_held {
                     let _ = core.storage.unlock();
                     life.lock_held = false;
@@ -538,21 +585,28 @@ impl Image {
                 return Err(e);
             }
         }
-        life.quiesced_clean = false;
-        if reload {
-            let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
-                if core.read_only {
-                    return Ok(());
+        if !core.read_only && !failed && !life.journal_reserved {
+            // Commits must not fail for want of host space (a failed commit is final): the
+            // journal gets its blocks now, and a full host filesystem is a clear error here.
+            let l = &core.layout;
+            if let Err(source) = core.storage.preallocate(l.journal_offset, l.journal_size) {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
                 }
-                life.unclean_load = !clean;
-                if clean {
-                    core.mark_open()
-                } else {
-                    core.reclaim_leaks();
-                    Ok(())
-                }
-            });
-            if let Err(e) = loaded {
+                return Err(ImageError::Io {
+                    op: "reserve space for the journal",
+                    offset: l.journal_offset,
+                    source,
+                });
+            }
+            life.journal_reserved = true;
+        }
+        // The journal ends with a clean-close marker (found at load, or written by our own
+        // quiesce): a crash from now on must not look clean, so end it otherwise before any
+        // write is accepted.
+        if !core.read_only && !failed && core.clean_marked() {
+            if let Err(e) = core.mark_open() {
                 if life.lock_held {
                     let _ = core.storage.unlock();
                     life.lock_held = false;
@@ -589,10 +643,18 @@ impl Image {
 
     /// [`Image::recovered_after_unclean_shutdown`], answered `true` at most once per such load,
     /// so the loss is reported to the guest once. Always false on read-only images.
+    /// The loss counts as reported once a FLUSH succeeds after it (the guest was told by a
+    /// failed one, or it is a new guest that never had the lost writes); until then quiesce and
+    /// close carry it into the clean-close marker for the next backend.
     pub fn take_unclean_shutdown_notice(&self) -> bool {
+        use std::sync::atomic::Ordering;
         let mut life = table::lock(&self.life);
-        let notice = life.unclean_load && !self.core.read_only;
-        life.unclean_load = false;
+        let notice = self.loss_unreported.load(Ordering::SeqCst)
+            && !life.notice_given
+            && !self.core.read_only;
+        if notice {
+            life.notice_given = true;
+        }
         notice
     }
 
