@@ -24,7 +24,9 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
+};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -313,6 +315,18 @@ enum Pop {
     Stop,
 }
 
+/// The offset into `struct virtio_blk_config` of a GET_CONFIG / SET_CONFIG offset. Frontends
+/// count differently: QEMU from the start of the structure (0), cloud-hypervisor's GET_CONFIG
+/// from VHOST_USER_CONFIG_OFFSET (0x100, where virtio-mmio places the device configuration).
+/// The structure is shorter than 0x100 bytes, so both are understood.
+fn config_offset(offset: u32) -> u32 {
+    if offset >= VHOST_USER_CONFIG_OFFSET {
+        offset - VHOST_USER_CONFIG_OFFSET
+    } else {
+        offset
+    }
+}
+
 /// Makes the worker's event loop see the ring's kick again, so the requests left after a bounded
 /// batch are served on its next turn.
 fn rearm_kick(vring: &Vring) {
@@ -371,6 +385,7 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     /// ask for their own, possibly larger, `struct virtio_blk_config`); a request past the
     /// protocol's limit gets an empty answer, which the crate turns into an error reply.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let offset = config_offset(offset);
         let Some(end) = offset.checked_add(size) else {
             return Vec::new();
         };
@@ -392,7 +407,7 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         self.disk
             .device()
-            .set_config(offset, buf)
+            .set_config(config_offset(offset), buf)
             .map_err(|reason| {
                 tracing::warn!("frontend wrote the configuration space: refused: {reason}");
                 io::Error::new(io::ErrorKind::PermissionDenied, reason)

@@ -437,6 +437,17 @@ fn config_is_answered_while_quiesced_without_resuming() {
         .get_config(4, 12, VhostUserConfigFlags::WRITABLE, &[0; 12])
         .unwrap();
     assert_eq!(config, [5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    // cloud-hypervisor counts from VHOST_USER_CONFIG_OFFSET (0x100).
+    let (_, config) = fe
+        .frontend
+        .get_config(0x100, 12, VhostUserConfigFlags::WRITABLE, &[0; 12])
+        .unwrap();
+    assert_eq!(config, [1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0]);
+    let (_, config) = fe
+        .frontend
+        .get_config(0x104, 4, VhostUserConfigFlags::WRITABLE, &[0; 4])
+        .unwrap();
+    assert_eq!(config, [5, 6, 7, 8]);
     assert!(served.device().events().is_empty());
     assert!(!served.disk.is_running());
     served.stop();
