@@ -37,6 +37,7 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{lock, Chain, Device, GuestMemoryHandle, SharedDisk};
+use super::filter::ControlHooks;
 use super::vring::Vring;
 use crate::blk::SplitRing;
 
@@ -65,6 +66,10 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set once queue `q`'s start was checked for a restored ring index (cleared when
     /// the frontend stops the ring).
     notice_checked: AtomicU64,
+    /// Bit `q` set from the frontend's SET_VRING_ENABLE 0 of queue `q` (seen by the control
+    /// filter before the crate handles it) until its SET_VRING_ENABLE 1: the worker takes no new
+    /// request from the ring.
+    disabling: AtomicU64,
     /// Each queue's ring, recorded by its worker at the first event, so the pause detector
     /// ([`ConnectionBackend::every_started_ring_disabled`]) can look at its enabled state.
     rings: Vec<OnceLock<Vring>>,
@@ -91,6 +96,7 @@ impl<D: Device> ConnectionBackend<D> {
             event_idx: AtomicBool::new(false),
             started_queues: AtomicU64::new(0),
             notice_checked: AtomicU64::new(0),
+            disabling: AtomicU64::new(0),
             ring_fault_logged: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
         }
@@ -131,7 +137,7 @@ impl<D: Device> ConnectionBackend<D> {
         (0..self.rings.len().min(MAX_QUEUES))
             .filter(|q| started & (1u64 << q) != 0)
             .all(|q| match self.rings[q].get() {
-                Some(vring) => !vring.get_ref().is_enabled(),
+                Some(vring) => self.disabling(q) || !vring.get_ref().is_enabled(),
                 None => false,
             })
     }
@@ -150,6 +156,16 @@ impl<D: Device> ConnectionBackend<D> {
         state.get_queue().ready() && state.is_enabled()
     }
 
+    /// True once the frontend asked to disable queue `queue` (before the crate marks the ring).
+    fn disabling(&self, queue: usize) -> bool {
+        queue < MAX_QUEUES && self.disabling.load(Ordering::Acquire) & (1 << queue) != 0
+    }
+
+    /// [`Self::ring_is_live`], and no disable of the queue pending.
+    fn queue_is_live(&self, queue: usize, vring: &Vring) -> bool {
+        !self.disabling(queue) && Self::ring_is_live(vring)
+    }
+
     /// Serves queue `queue` after an event on its ring.
     fn serve_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
         let bit = 1u64 << (queue % MAX_QUEUES);
@@ -160,7 +176,7 @@ impl<D: Device> ConnectionBackend<D> {
             let Some(gate) = self.disk.gate(queue) else {
                 return Ok(());
             };
-            if !Self::ring_is_live(vring) {
+            if !self.queue_is_live(queue, vring) {
                 return Ok(());
             }
             if queue < MAX_QUEUES {
@@ -179,7 +195,7 @@ impl<D: Device> ConnectionBackend<D> {
                 resume_given_up = !self
                     .disk
                     .ensure_running(&format!("queue {queue} started"), || {
-                        Self::ring_is_live(vring)
+                        self.queue_is_live(queue, vring)
                     });
                 continue;
             }
@@ -240,8 +256,9 @@ impl<D: Device> ConnectionBackend<D> {
                     return false;
                 }
                 self.notify_guest(queue, vring);
-                if self.disk.gates_wanted() {
-                    // A quiesce waits for this queue's gate: the rest waits for the next turn.
+                if self.disk.gates_wanted() || self.disabling(queue) {
+                    // A quiesce waits for this queue's gate, or the frontend disables the ring:
+                    // the rest waits for the next turn.
                     return true;
                 }
             }
@@ -301,6 +318,27 @@ impl<D: Device> ConnectionBackend<D> {
                 }
             }
             Err(e) => self.ring_fault(queue, format_args!("cannot read the used event index: {e}")),
+        }
+    }
+}
+
+impl<D: Device> ControlHooks for ConnectionBackend<D> {
+    /// SET_VRING_ENABLE 0: no new request is taken from the ring, and the one in progress
+    /// completes before the crate (and so the frontend) sees the message: a frontend that
+    /// pauses by disabling the rings (cloud-hypervisor) can rely on guest memory not changing
+    /// after the reply. SET_VRING_ENABLE 1 lifts that (the crate then calls the worker).
+    fn vring_enable(&self, index: u32, enable: bool) {
+        let queue = index as usize;
+        if queue >= self.rings.len() || queue >= MAX_QUEUES {
+            return; // the crate refuses the message
+        }
+        let bit = 1u64 << queue;
+        if enable {
+            self.disabling.fetch_and(!bit, Ordering::AcqRel);
+        } else {
+            self.disabling.fetch_or(bit, Ordering::AcqRel);
+            // The worker gives its gate back after the request in progress.
+            drop(self.disk.gate(queue));
         }
     }
 }

@@ -328,8 +328,9 @@ impl<D: Device> Daemon<D> {
             max_queue_size: self.config.queue_size,
         };
         let filter =
-            match FilteredConnection::establish(frontend, rules, |listener| daemon.start(listener))
-            {
+            match FilteredConnection::establish(frontend, rules, backend.clone(), |listener| {
+                daemon.start(listener)
+            }) {
                 Ok(filter) => filter,
                 Err(e) => {
                     drop(daemon);

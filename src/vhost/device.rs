@@ -160,8 +160,15 @@ impl<D: Device> SharedDisk<D> {
         self.running.load(Ordering::Acquire)
     }
 
-    /// Takes queue `q`'s gate: held by that queue's worker while it processes a batch.
+    /// Takes queue `q`'s gate: held by that queue's worker while it processes a batch. Call it
+    /// holding no gate and not the lifecycle lock.
     pub(crate) fn gate(&self, q: usize) -> Option<MutexGuard<'_, ()>> {
+        if self.gates_wanted() {
+            // A quiesce waits for every gate, holding the lifecycle lock: let it go first. A
+            // worker that gave its gate back and took it again at once (mutexes are not fair)
+            // could otherwise keep it waiting request after request.
+            drop(lock(&self.lifecycle));
+        }
         self.gates.get(q).map(lock)
     }
 

@@ -10,6 +10,10 @@
 //! size: an error ack (when REPLY_ACK is negotiated and asked for) in the message's own place in
 //! the reply stream, and the end of the connection. Replies go back unchanged.
 //!
+//! It also lets the backend act on SET_VRING_ENABLE before the crate answers it (the crate has no
+//! hook for it): a ring being disabled takes no new request and its request in progress completes
+//! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
+//!
 //! Only the control connection passes through the filter (a few messages per ring start or
 //! stop); the data path (kick/call eventfds, shared guest memory) never does.
 //!
@@ -61,6 +65,28 @@ impl Rules {
     }
 }
 
+/// What the filter tells the backend before the crate handles a message.
+pub(crate) trait ControlHooks: Send + Sync + 'static {
+    /// SET_VRING_ENABLE of ring `index` to `enable`. Runs before the message reaches the crate,
+    /// so the crate's reply (the frontend's signal that the ring is disabled) can wait for what
+    /// this does (draining the ring's request in progress).
+    fn vring_enable(&self, index: u32, enable: bool);
+}
+
+/// The ring index and value of a SET_VRING_ENABLE payload (`struct vhost_vring_state`); None
+/// for another message or a malformed one (which the crate refuses).
+fn vring_enable(code: u32, payload: &[u8]) -> Option<(u32, bool)> {
+    if code != FrontendReq::SET_VRING_ENABLE as u32 || payload.len() != 8 {
+        return None;
+    }
+    let index = u32::from_le_bytes(payload[0..4].try_into().ok()?);
+    match u32::from_le_bytes(payload[4..8].try_into().ok()?) {
+        0 => Some((index, false)),
+        1 => Some((index, true)),
+        _ => None,
+    }
+}
+
 /// The two ends the filter joins, and its threads.
 pub(crate) struct FilteredConnection {
     frontend: UnixStream,
@@ -75,6 +101,7 @@ impl FilteredConnection {
     pub(crate) fn establish<E: std::fmt::Display>(
         frontend: UnixStream,
         rules: Rules,
+        hooks: std::sync::Arc<dyn ControlHooks>,
         start: impl FnOnce(&mut Listener) -> Result<(), E>,
     ) -> io::Result<Self> {
         let name = format!("insitu-blk/{}/{}", std::process::id(), uuid::Uuid::new_v4());
@@ -108,6 +135,9 @@ impl FilteredConnection {
             forward(&to_backend.0, &to_backend.1, |code, payload| {
                 if let Some(refused) = rules.apply(code, payload) {
                     tracing::warn!("frontend sent {refused}: refused");
+                }
+                if let Some((index, enable)) = vring_enable(code, payload) {
+                    hooks.vring_enable(index, enable);
                 }
             })
         })?);
@@ -281,6 +311,17 @@ mod tests {
         assert!(!accepted(&second).unwrap(), "the one never accepted");
         drop(server_side);
         assert!(!accepted(&first).unwrap(), "after the peer closed");
+    }
+
+    #[test]
+    fn set_vring_enable_payloads_are_recognised() {
+        let code = FrontendReq::SET_VRING_ENABLE as u32;
+        assert_eq!(vring_enable(code, &vring_num(2, 0)), Some((2, false)));
+        assert_eq!(vring_enable(code, &vring_num(2, 1)), Some((2, true)));
+        assert_eq!(vring_enable(code, &vring_num(2, 2)), None);
+        assert_eq!(vring_enable(code, &[0; 4]), None);
+        let other = FrontendReq::SET_VRING_NUM as u32;
+        assert_eq!(vring_enable(other, &vring_num(2, 0)), None);
     }
 
     #[test]

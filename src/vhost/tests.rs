@@ -618,6 +618,44 @@ fn stopping_one_ring_while_another_waits_for_the_resume_keeps_the_device_running
     }
 }
 
+/// cloud-hypervisor pauses a VM by SET_VRING_ENABLE 0 alone and may then snapshot guest memory:
+/// once that message is acknowledged, no request of the ring is in progress and none completes
+/// any more (before, the worker finished its whole batch after the reply); enabling the ring
+/// again serves the rest.
+#[test]
+fn set_vring_enable_0_waits_for_the_request_in_progress_and_stops_the_ring() {
+    let (served, mut fe) = Served::with_frontend(1);
+    fe.start_queue(0);
+    *served.device().delay.lock().unwrap() = Duration::from_millis(50);
+    let statuses = fe.submit_burst(0, 20);
+    wait_for("a request in progress", || {
+        served.device().in_flight.load(Ordering::SeqCst) == 1
+    });
+    fe.frontend
+        .set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+    fe.frontend.set_vring_enable(0, false).unwrap();
+    let at_reply = fe.used_idx(0);
+    assert_eq!(
+        served.device().in_flight.load(Ordering::SeqCst),
+        0,
+        "a request still in progress after the reply"
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fe.used_idx(0),
+        at_reply,
+        "requests completed after SET_VRING_ENABLE 0 was answered"
+    );
+    assert!(at_reply < 20, "the whole burst was served before the reply");
+    fe.frontend.set_vring_enable(0, true).unwrap();
+    fe.wait_used(0, 20);
+    for status in statuses {
+        assert_eq!(fe.status(status), 0);
+    }
+    served.assert_nothing_processed_while_quiesced();
+    served.stop();
+}
+
 #[test]
 fn each_queue_is_served_by_its_own_thread() {
     let (served, mut fe) = Served::with_frontend(4);
