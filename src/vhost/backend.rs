@@ -14,9 +14,10 @@
 //! (GET_VRING_BASE, before the reply) waits for the ring's requests in progress and, once no
 //! ring is started any more, quiesces the engine.
 //!
-//! SET_VRING_ENABLE 0 alone (all cloud-hypervisor sends on pause) reaches no backend hook: the
-//! crate unregisters the ring's kick fd, so no new request is taken and the requests in progress
-//! complete. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
+//! SET_VRING_ENABLE 0 alone (all cloud-hypervisor sends on pause) reaches no hook of the crate's;
+//! the daemon's control filter (`filter.rs`) calls [`ControlHooks::vring_enable`] before the crate
+//! handles it: the ring takes no new request and its request in progress completes before the
+//! reply. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
 //! 200 ms and quiesces the engine (commit, park, release the lock); re-enabling a ring resumes it.
 
 use std::io;

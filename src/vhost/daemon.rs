@@ -373,9 +373,10 @@ impl<D: Device> Daemon<D> {
 }
 
 /// Starts the thread that quiesces the disk while the frontend keeps every started ring disabled
-/// (SET_VRING_ENABLE 0 without GET_VRING_BASE: cloud-hypervisor's pause). No backend hook sees
-/// SET_VRING_ENABLE, so the rings' state is polled. Re-enabling a ring makes its worker resume the
-/// disk. The thread ends when the returned sender is dropped.
+/// (SET_VRING_ENABLE 0 without GET_VRING_BASE: cloud-hypervisor's pause). The control filter
+/// drains a ring when it is disabled, but the quiesce (a commit, possibly long) must not hold up
+/// the frontend's message, so the rings' state is polled. Re-enabling a ring makes its worker
+/// resume the disk. The thread ends when the returned sender is dropped.
 fn spawn_pause_detector<D: Device>(
     backend: Arc<ConnectionBackend<D>>,
 ) -> (

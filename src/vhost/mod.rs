@@ -19,7 +19,7 @@
 //! | starts a ring (SET_VRING_KICK + SET_VRING_ENABLE 1) | first started ring: `resume` (takes the writer lock, waiting up to `--wait-lock`; reloads metadata another process committed) |
 //! | GET_VRING_BASE (QEMU `stop`, migration, `quit`) | waits for that ring's requests in progress (every queue's worker gives its gate back after its current request); when no started ring is left: `quiesce` (commit, park writer, mark the image clean, release lock) *before* the reply |
 //! | starts rings again (QEMU `cont`) | `resume` again |
-//! | SET_VRING_ENABLE 0 on every started ring, no GET_VRING_BASE (cloud-hypervisor pause) | no hook reaches the backend; the kicks are unregistered by the crate, and the connection's pause detector, polling the rings' enabled state every 200 ms, quiesces once every started ring is disabled |
+//! | SET_VRING_ENABLE 0 on every started ring, no GET_VRING_BASE (cloud-hypervisor pause) | before the crate answers (control filter): the ring takes no new request and its request in progress completes; the connection's pause detector, polling the rings' enabled state every 200 ms, then quiesces once every started ring is disabled |
 //! | SET_VRING_ENABLE 1 again (cloud-hypervisor resume) | the ring's worker runs and resumes the engine |
 //! | disconnects | workers stop after their request in progress; `quiesce`; the next connection is accepted |
 //! | (SIGTERM/SIGINT) | ends the connection, quiesces, closes the image (commit + checkpoint), exit 0 |
