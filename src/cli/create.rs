@@ -295,6 +295,50 @@ mod tests {
     }
 
     #[test]
+    fn device_contents_are_recognised_before_overwriting() {
+        let probe_len = PROBE_LEN as usize;
+        assert_eq!(
+            classify_device_start(&vec![0u8; probe_len]),
+            DeviceContent::Empty
+        );
+        assert_eq!(classify_device_start(&[]), DeviceContent::Empty);
+        let in_use = |probe: &[u8]| match classify_device_start(probe) {
+            DeviceContent::InUse(what) => what,
+            other => panic!("{other:?}"),
+        };
+        for (offset, magic, needle) in [
+            (0usize, &b"INSITUBK"[..], "insitu-blk"),
+            (4096, b"INSITUBK", "insitu-blk"),
+            (0, b"XFSB", "XFS"),
+            (1080, &[0x53, 0xEF], "ext2/ext3/ext4"),
+            (65600, b"_BHRfS_M", "btrfs"),
+            (512, b"LABELONE", "LVM"),
+            (512, b"EFI PART", "GPT"),
+            (510, &[0x55, 0xAA], "partition table"),
+            (4086, b"SWAPSPACE2", "swap"),
+            (0, b"QFI\xfb", "qcow2"),
+            (0, b"LUKS\xba\xbe", "LUKS"),
+            (40000, b"x", "non-zero byte at offset 40000"),
+        ] {
+            let mut probe = vec![0u8; probe_len];
+            probe[offset..offset + magic.len()].copy_from_slice(magic);
+            let what = in_use(&probe);
+            assert!(what.contains(needle), "{needle}: {what}");
+        }
+        // Zeroed superblocks, then the first checkpoint: an interrupted create or convert.
+        let mut probe = vec![0u8; probe_len];
+        probe[8192..8200].copy_from_slice(b"INSITUCP");
+        probe[9000] = 7;
+        assert_eq!(
+            classify_device_start(&probe),
+            DeviceContent::InterruptedFormat
+        );
+        // ... but not when anything sits before it.
+        probe[100] = 1;
+        assert!(in_use(&probe).contains("offset 100"));
+    }
+
+    #[test]
     fn existing_files_are_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taken.img");
