@@ -88,7 +88,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub commit_interval: Option<Duration>,
 
-    /// Create the image with default settings and this virtual size if it does not exist.
+    /// Create the image with default settings and this virtual size if it does not exist (it
+    /// appears only once complete: a backend killed while creating it leaves nothing behind).
     #[arg(long, value_name = "SIZE")]
     pub create_size: Option<ByteSize>,
 
