@@ -3,7 +3,7 @@
 use std::fs::{self, File};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -225,7 +225,12 @@ pub fn run(config: CreateConfig) -> anyhow::Result<()> {
         options.cluster_size,
         options.compression
     ));
-    Image::create(&image, &options).with_context(|| format!("cannot create '{}'", image.display()))
+    Image::create(&image, &options)
+        .with_context(|| format!("cannot create '{}'", image.display()))?;
+    if interrupted.load(Ordering::Relaxed) {
+        note("interrupted, but the image was already complete: it is kept");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
