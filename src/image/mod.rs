@@ -304,6 +304,10 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 pub struct Image {
     core: Arc<engine::Core>,
     life: Mutex<Life>,
+    /// A loss found at load (see `Life::unclean_load`) that no successful FLUSH has followed
+    /// yet: the guest may not know. Quiesce and close record it in the clean-close marker, so a
+    /// backend restarted before the guest's next FLUSH still reports it.
+    loss_unreported: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -311,9 +315,12 @@ struct Life {
     writer: Option<JoinHandle<()>>,
     lock_held: bool,
     closed: bool,
-    /// The last metadata load found no clean-close marker: the previous writer died, and writes
-    /// it had completed but not committed are gone.
+    /// The last metadata load found no clean-close marker (the previous writer died, and writes
+    /// it had completed but not committed are gone), or a marker saying such a loss was never
+    /// reported to the guest.
     unclean_load: bool,
+    /// [`Image::take_unclean_shutdown_notice`] answered `true` for this loss already.
+    notice_given: bool,
 }
 
 impl fmt::Debug for Image {
@@ -426,6 +433,7 @@ impl Image {
         let image = Image {
             core: Arc::new(core),
             life: Mutex::new(Life::default()),
+            loss_unreported: std::sync::atomic::AtomicBool::new(false),
         };
         if !opts.start_quiesced {
             image.resume()?;
@@ -475,7 +483,12 @@ impl Image {
 
     /// I2: returns once every write that completed before the call is durable.
     pub fn flush(&self) -> Result<()> {
-        self.core.flush()
+        use std::sync::atomic::Ordering;
+        self.core.flush()?;
+        if self.loss_unreported.load(Ordering::Relaxed) {
+            self.loss_unreported.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// I7: commits everything accepted so far, parks the metadata writer and releases the writer
@@ -499,6 +512,13 @@ impl Image {
             self.core.writer_cv.notify_all();
             if writer.join().is_err() {
                 log::error!("metadata writer thread panicked");
+            }
+            // Everything is committed and nothing runs: say so in the journal, so the next
+            // opener (a migration destination, a restarted backend) knows nothing was lost.
+            if result.is_ok() {
+                result = self
+                    .core
+                    .mark_clean(self.loss_unreported.load(Ordering::SeqCst));
             }
         }
         // A failed final commit keeps the lock: handing the image to another process (a
@@ -531,23 +551,41 @@ impl Image {
             life.lock_held = true;
             log::info!("writer lock taken");
         }
+        // A failed writer stays failed (`Core::fail`): reloading through the page cache that
+        // lied to it could resurrect commits the disk never got. Writes and flushes keep
+        // failing; reads go on.
         let failed = table::lock(&core.ctl).failed.is_some();
-        // Only a resume that loads the metadata can find the previous writer's traces.
-        life.unclean_load = false;
-        if failed || core.disk_changed() {
-            let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
+        if !failed && core.disk_changed() {
+            let loaded = core.load().and_then(|l| {
+                let loss_unreported = l.loss_unreported;
+                let clean = core.install(l)?;
                 if core.read_only {
                     return Ok(());
                 }
-                life.unclean_load = !clean;
-                if clean {
-                    core.mark_open()
-                } else {
+                // A loss found here replaces whatever an earlier load found: the image has
+                // been closed cleanly (and that loss recorded) since, or this is the first load.
+                life.unclean_load = !clean || loss_unreported;
+                life.notice_given = false;
+                self.loss_unreported
+                    .store(life.unclean_load, Ordering::SeqCst);
+                if !clean {
                     core.reclaim_leaks();
-                    Ok(())
                 }
+                Ok(())
             });
             if let Err(e) = loaded {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
+                }
+                return Err(e);
+            }
+        }
+        // The journal ends with a clean-close marker (found at load, or written by our own
+        // quiesce): a crash from now on must not look clean, so end it otherwise before any
+        // write is accepted.
+        if !core.read_only && !failed && core.clean_marked() {
+            if let Err(e) = core.mark_open() {
                 if life.lock_held {
                     let _ = core.storage.unlock();
                     life.lock_held = false;
@@ -584,10 +622,18 @@ impl Image {
 
     /// [`Image::recovered_after_unclean_shutdown`], answered `true` at most once per such load,
     /// so the loss is reported to the guest once. Always false on read-only images.
+    /// The loss counts as reported once a FLUSH succeeds after it (the guest was told by a
+    /// failed one, or it is a new guest that never had the lost writes); until then quiesce and
+    /// close carry it into the clean-close marker for the next backend.
     pub fn take_unclean_shutdown_notice(&self) -> bool {
+        use std::sync::atomic::Ordering;
         let mut life = table::lock(&self.life);
-        let notice = life.unclean_load && !self.core.read_only;
-        life.unclean_load = false;
+        let notice = self.loss_unreported.load(Ordering::SeqCst)
+            && !life.notice_given
+            && !self.core.read_only;
+        if notice {
+            life.notice_given = true;
+        }
         notice
     }
 

@@ -56,6 +56,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(None)
     }
+    /// Drops cached copies of a range so the next read comes from the device. After a failed
+    /// fdatasync, Linux marks the pages that did not reach the disk clean and keeps them: a
+    /// later reader would see data the disk does not hold. A read-write load calls this on the
+    /// metadata areas before trusting them. A hint: storages without a cache do nothing.
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 /// `BLKGETSIZE64 = _IOR(0x12, 114, size_t)`.
@@ -183,6 +191,27 @@ impl Storage for FileStorage {
             return Ok(None);
         }
         Ok(Some(self.file.metadata()?.blocks() * 512))
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Ok(());
+        };
+        // SAFETY: posix_fadvise takes the fd, range and advice by value and touches no memory.
+        let ret = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                off,
+                length,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        // posix_fadvise returns the error number instead of setting errno.
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        Ok(())
     }
 
     fn try_lock_exclusive(&self) -> io::Result<bool> {

@@ -224,6 +224,10 @@ impl<D: Device> ConnectionBackend<D> {
                     return false;
                 }
                 self.notify_guest(queue, vring);
+                if self.disk.gates_wanted() {
+                    // A quiesce waits for this queue's gate: the rest waits for the next turn.
+                    return true;
+                }
             }
             if expect_more && !popped_any {
                 self.ring_fault(
@@ -369,16 +373,16 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         out
     }
 
+    /// The driver's write into the configuration space (the cache mode, with CONFIG_WCE). A
+    /// refused write makes the crate refuse the message and end the connection.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // No writable config field is offered (no CONFIG_WCE).
-        tracing::debug!(
-            "frontend wrote {} config bytes at {offset}: rejected",
-            buf.len()
-        );
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the virtio-blk configuration space is read-only",
-        ))
+        self.disk
+            .device()
+            .set_config(offset, buf)
+            .map_err(|reason| {
+                tracing::warn!("frontend wrote the configuration space: refused: {reason}");
+                io::Error::new(io::ErrorKind::PermissionDenied, reason)
+            })
     }
 
     fn update_memory(&self, _mem: GuestMemoryHandle) -> io::Result<()> {

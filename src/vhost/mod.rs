@@ -5,7 +5,8 @@
 //!
 //! # Threads
 //! The listener loop ([`Daemon::serve`]); per connection the crate's control thread (vhost-user
-//! messages) and one worker per queue ([`ConnectionBackend`]). A worker pops a request, executes it
+//! messages, reaching it through the control filter of `filter.rs`, which makes it refuse what it
+//! would wrongly accept) and one worker per queue ([`ConnectionBackend`]). A worker pops a request, executes it
 //! through [`Device::process_chain`] without holding its ring's lock, completes it and notifies
 //! the guest (EVENT_IDX aware), at most 128 requests per event before it yields to its event loop.
 //! No lock is shared by the queues on the data path: each worker holds only its own gate
@@ -37,6 +38,7 @@ mod backend;
 mod daemon;
 mod device;
 mod disk;
+mod filter;
 mod stats;
 mod vring;
 
