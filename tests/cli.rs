@@ -1299,6 +1299,26 @@ fn block_devices_holding_data_are_only_overwritten_with_force() {
         assert!(run.stderr.contains("--force"), "{run:#?}");
     }
     ok(["check", dev]);
+    // In use (its writer lock held, as a running `serve` holds it): refused even with --force,
+    // and nothing is written.
+    let user = FileStorage::open(&device.path, false).unwrap();
+    assert!(user.try_lock_exclusive().unwrap());
+    for args in [
+        vec!["create", "--force", dev, "--size", "8M"],
+        vec!["convert", "--force", path_str(&raw), dev],
+        vec!["convert", "--force", "-O", "raw", path_str(&raw), dev],
+    ] {
+        let run = insitu_blk(&args);
+        assert_eq!(run.code, 1, "{run:#?}");
+        assert!(
+            run.stderr.contains("in use") || run.stderr.contains("locked"),
+            "{run:#?}"
+        );
+    }
+    drop(user);
+    let info = json(&ok(["info", "--json", dev]));
+    assert_eq!(info["virtual_size"], 8u64 << 20);
+    ok(["check", dev]);
     ok(["convert", "--force", "--compare", path_str(&raw), dev]);
     ok(["check", dev]);
 

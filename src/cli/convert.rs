@@ -576,7 +576,13 @@ fn create_sink(
 ) -> anyhow::Result<(Sink, Destination)> {
     let dst = &config.dst;
     let (new_file, storage) = if dst_is_block_device {
-        (None, FileStorage::open(dst, false)?)
+        let device = FileStorage::open(dst, false)?;
+        // Before the first byte is written: a device served right now (or being converted or
+        // formatted by another process) is left alone, --force or not.
+        if !device.try_lock_exclusive()? {
+            bail!("the device is in use (another process holds its writer lock)");
+        }
+        (None, device)
     } else {
         let new = NewFile::create(dst)?;
         let storage = FileStorage::from_file(new.file().try_clone()?)?;
