@@ -139,7 +139,7 @@ impl NewFile {
 
     /// Makes the data durable, links the file at its final path (failing with `AlreadyExists`
     /// rather than replacing anything that appeared there meanwhile) and makes the directory
-    /// entry durable. Every handle to the file other than [`NewFile::file`] should be closed
+    /// entry durable. On any error nothing is left at the final path. Every handle to the file other than [`NewFile::file`] should be closed
     /// first, so that nothing writes to it after it became visible.
     pub fn publish(mut self) -> io::Result<()> {
         self.file.sync_all()?;
@@ -148,7 +148,12 @@ impl NewFile {
             Staging::Named(temp) => rename_no_replace(temp, &self.final_path)?,
         }
         self.published = true;
-        File::open(&self.directory)?.sync_all()
+        let synced = File::open(&self.directory).and_then(|dir| dir.sync_all());
+        if synced.is_err() {
+            // Not known to be durable: take it back, so that an error means "nothing there".
+            let _ = fs::remove_file(&self.final_path);
+        }
+        synced
     }
 }
 
