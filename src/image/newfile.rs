@@ -241,7 +241,10 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     // No RENAME_NOREPLACE here (NFS, old kernels): link fails on an existing target, and the
     // temporary's name goes only once the final one is in place.
     fs::hard_link(from, to).map_err(|e| map_exists(e, to))?;
-    fs::remove_file(from)
+    // The file is in place; a second name left behind is only a stale temporary (the next
+    // create for this name removes it, and with it only that name).
+    let _ = fs::remove_file(from);
+    Ok(())
 }
 
 fn map_exists(err: io::Error, path: &Path) -> io::Error {
