@@ -285,6 +285,25 @@ fn check_help_documents_the_exit_codes() {
 }
 
 #[test]
+fn create_and_convert_help_document_force_and_complete_output() {
+    for command in ["create", "convert"] {
+        let help = ok([command, "--help"]).stdout;
+        for needle in [
+            "--force",
+            "block device",
+            "first 64 KiB",
+            "killed",
+            "in use",
+        ] {
+            assert!(
+                help.contains(needle),
+                "{command} --help lacks '{needle}': {help}"
+            );
+        }
+    }
+}
+
+#[test]
 fn check_of_a_fresh_image_is_clean() {
     let dir = tempdir();
     let image = dir.path().join("fresh.img");

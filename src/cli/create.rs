@@ -23,7 +23,8 @@ IMAGE must not exist yet: an existing file is never overwritten. The new file ap
 only once it is a complete image (a killed create leaves nothing there). IMAGE may also be a \
 block device, which is formatted in place; one that already holds an insitu-blk image, a \
 filesystem, a partition table or any other data in its first 64 KiB is refused unless \
---force is given.")]
+--force is given (the remains of an interrupted create or convert need no --force); a device \
+in use (its writer lock held, e.g. by serve) is refused even then.")]
 pub struct CreateArgs {
     /// Path of the new image file (or a block device to format).
     #[arg(value_name = "IMAGE")]
