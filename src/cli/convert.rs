@@ -888,6 +888,43 @@ mod tests {
         assert_eq!(nonzero_runs(&data, 65536), vec![(0, data.len())]);
     }
 
+    /// The superblock hold on a plain file (the real device case runs in tests/cli.rs with
+    /// INSITU_BLK_LOOP_TESTS=1): an image formatted, filled and closed through it has no
+    /// superblock on the storage until `write_through`, then opens with everything written.
+    #[test]
+    fn held_superblocks_reach_the_storage_only_at_the_end() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held.img");
+        let file = fs::File::create_new(&path).unwrap();
+        file.write_all_at(&[0xAB; 16384], 0).unwrap();
+        let storage = FileStorage::open(&path, false).unwrap();
+        let held = Arc::new(HeldSuperblocks::new(storage).unwrap());
+        let options = CreateOptions::new(4 << 20);
+        Image::create_on(held.clone(), &options).unwrap();
+        let image = Image::open_on(held.clone(), &OpenOptions::default()).unwrap();
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        image.write(1 << 20, &data).unwrap();
+        image.flush().unwrap();
+        image.close().unwrap();
+
+        let mut start = vec![0xFFu8; HeldSuperblocks::HELD_LEN as usize];
+        file.read_exact_at(&mut start, 0).unwrap();
+        assert!(is_zero(&start), "superblocks reached the storage early");
+        let err = Image::open(&path, &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, ImageError::NotAnImage(_)), "{err}");
+
+        held.write_through().unwrap();
+        let image = Image::open(&path, &OpenOptions::default()).unwrap();
+        let mut back = vec![0u8; data.len()];
+        image.read(1 << 20, &mut back).unwrap();
+        assert!(back == data);
+        image.close().unwrap();
+        let report = insitu_blk::image::check(&path, false).unwrap();
+        assert!(report.corruptions.is_empty(), "{report:?}");
+        assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    }
+
     #[test]
     fn is_zero_sees_every_byte() {
         for len in [0usize, 1, 15, 16, 17, 4096, 4097] {
