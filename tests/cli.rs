@@ -1363,6 +1363,54 @@ fn block_devices_holding_data_are_only_overwritten_with_force() {
     );
     ok(["create", "--force", dev, "--size", "8M"]);
     ok(["check", dev]);
+
+    // A mounted filesystem: the kernel refuses the exclusive open, --force or not.
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F", dev])
+        .status()
+        .expect("run mkfs.ext4");
+    assert!(made.success());
+    let mountpoint = dir.path().join("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    let mounted = Mount::new(&device.path, &mountpoint);
+    for args in [
+        vec!["create", "--force", dev, "--size", "8M"],
+        vec!["convert", "--force", path_str(&raw), dev],
+        vec!["convert", "--force", "-O", "raw", path_str(&raw), dev],
+    ] {
+        fails_with(&insitu_blk(&args), 1, "in use by the system (mounted");
+    }
+    drop(mounted);
+    fails_with(
+        &insitu_blk(["create", dev, "--size", "8M"]),
+        1,
+        "ext2/ext3/ext4 filesystem",
+    );
+}
+
+/// A filesystem mounted for a test, unmounted on drop.
+struct Mount {
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    fn new(device: &Path, mountpoint: &Path) -> Mount {
+        let status = Command::new("mount")
+            .arg(device)
+            .arg(mountpoint)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount failed");
+        Mount {
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mountpoint).status();
+    }
 }
 
 /// R8 on block devices: convert (raw -> insitu image, and raw -> raw) SIGKILLed at random

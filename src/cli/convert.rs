@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use insitu_blk::image::format::{BLOCK, SB_OFFSETS};
 use insitu_blk::image::{
-    Compression, CreateOptions, FileStorage, Image, ImageError, NewFile, OpenOptions, Storage,
-    DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
+    open_block_device_exclusively, Compression, CreateOptions, FileStorage, Image, ImageError,
+    NewFile, OpenOptions, Storage, DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -576,7 +576,7 @@ fn create_sink(
 ) -> anyhow::Result<(Sink, Destination)> {
     let dst = &config.dst;
     let (new_file, storage) = if dst_is_block_device {
-        let device = FileStorage::open(dst, false)?;
+        let device = open_block_device_exclusively(dst)?;
         // Before the first byte is written: a device served right now (or being converted or
         // formatted by another process) is left alone, --force or not.
         if !device.try_lock_exclusive()? {

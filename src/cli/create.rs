@@ -1,14 +1,16 @@
 //! `insitu-blk create IMAGE --size SIZE [--cluster-size 64K] [--compression ALGO] [--force]`.
 
-use std::fs::{self, File};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use insitu_blk::image::format::{Superblock, BLOCK, CP_MAGIC, SB_OFFSETS};
-use insitu_blk::image::{Compression, CreateOptions, Image};
+use insitu_blk::image::{
+    open_block_device_exclusively, Compression, CreateOptions, Image, Storage,
+};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::size::ByteSize;
@@ -161,20 +163,16 @@ pub fn classify_device_start(probe: &[u8]) -> DeviceContent {
 
 /// Refuses to overwrite a block device that holds something, unless `force`.
 pub fn ensure_device_may_be_overwritten(path: &Path, force: bool) -> anyhow::Result<()> {
-    let file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-    let mut probe = vec![0u8; PROBE_LEN as usize];
-    let mut filled = 0;
-    while filled < probe.len() {
-        match file.read_at(&mut probe[filled..], filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(err) => {
-                return Err(err).with_context(|| format!("cannot read '{}'", path.display()))
-            }
-        }
-    }
-    probe.truncate(filled);
+    // Exclusively, as the write will: a mounted or otherwise claimed device is refused first,
+    // whatever it holds (--force does not override that).
+    let device = open_block_device_exclusively(path)
+        .with_context(|| format!("cannot open '{}'", path.display()))?;
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut probe = vec![0u8; device.len()?.min(PROBE_LEN) as usize];
+        device.read_at(0, &mut probe)?;
+        Ok(probe)
+    };
+    let probe = read().with_context(|| format!("cannot read '{}'", path.display()))?;
     match classify_device_start(&probe) {
         DeviceContent::Empty => Ok(()),
         DeviceContent::InterruptedFormat => {

@@ -356,6 +356,31 @@ fn take_lock(storage: &dyn Storage, policy: LockPolicy) -> Result<()> {
     }
 }
 
+/// Opens a block device to overwrite it, with `O_EXCL`: the kernel refuses (`EBUSY`) while the
+/// device is mounted or held by device-mapper, LVM, RAID or another exclusive opener, and keeps
+/// them off it while it is open. That is a stronger guard than the advisory writer lock, which
+/// only other insitu-blk processes honour.
+pub fn open_block_device_exclusively(path: &Path) -> std::io::Result<FileStorage> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .map_err(|err| {
+            if err.raw_os_error() == Some(libc::EBUSY) {
+                std::io::Error::new(
+                    err.kind(),
+                    "the device is in use by the system (mounted, or held by device-mapper, \
+                     LVM, RAID or another exclusive user)",
+                )
+            } else {
+                err
+            }
+        })?;
+    FileStorage::from_file(file)
+}
+
 /// The geometry `opts` asks for, or why it is not allowed.
 fn validate_create_options(opts: &CreateOptions) -> Result<format::Layout> {
     let layout =
@@ -390,7 +415,7 @@ impl Image {
             .map(|meta| std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()))
             .unwrap_or(false);
         if is_block_device {
-            let storage = FileStorage::open(path, false).map_err(io("open block device"))?;
+            let storage = open_block_device_exclusively(path).map_err(io("open block device"))?;
             return Self::create_on(Arc::new(storage), opts);
         }
         let new = NewFile::create(path).map_err(io("create image"))?;
