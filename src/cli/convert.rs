@@ -52,7 +52,8 @@ defaults to insitu when SRC is raw and to raw when SRC is an insitu image. DST m
 once the whole disk is written and durable (an interrupted or killed convert leaves nothing at \
 DST). A block device DST is written in place; one that already holds an insitu-blk image, a \
 filesystem, a partition table or any other data in its first 64 KiB is refused unless --force \
-is given, and one in use (its writer lock held, e.g. by serve) even then. Its first MiB (raw) or superblocks (insitu) are written last, so an interrupted \
+is given, and one in use (mounted, held by LVM/RAID/device-mapper, or its writer lock held by \
+serve) even then. Its first MiB (raw) or superblocks (insitu) are written last, so an interrupted \
 convert leaves neither a valid-looking image nor a partial filesystem's signature. All-zero \
 blocks are not written, so a file DST is sparse. A raw SRC whose size is not a multiple of 512 bytes is \
 zero-padded to the next multiple. A progress bar is shown when stderr is a terminal.")]

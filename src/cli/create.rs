@@ -26,7 +26,8 @@ only once it is a complete image (a killed create leaves nothing there). IMAGE m
 block device, which is formatted in place; one that already holds an insitu-blk image, a \
 filesystem, a partition table or any other data in its first 64 KiB is refused unless \
 --force is given (the remains of an interrupted create or convert need no --force); a device \
-in use (its writer lock held, e.g. by serve) is refused even then.")]
+in use (mounted, held by LVM/RAID/device-mapper, or its writer lock held by serve) is refused \
+even then.")]
 pub struct CreateArgs {
     /// Path of the new image file (or a block device to format).
     #[arg(value_name = "IMAGE")]
