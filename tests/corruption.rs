@@ -431,20 +431,26 @@ fn flipped_bit_in_the_checkpoint_is_detected() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The three writes of [`expected_contents`], each flushed: one journal record per commit.
+/// Returns the image bytes taken after the last flush, before any checkpoint (as a crash would
+/// leave them), and the offsets of the journal records in commit order.
+fn commit_each_write(backend: Backend) -> (Vec<u8>, Vec<usize>) {
+    let bytes = build(backend, Compression::Lz4, false, &|image| {
+        for (c, data) in expected_contents() {
+            image.write(c * u64::from(CLUSTER), &data).expect("write");
+            image.flush().expect("flush");
+        }
+    });
+    let mut records = blocks_with_magic(&bytes, b"INSITUJR");
+    records.sort_by_key(|&off| le_u64(&bytes, off + 8));
+    (bytes, records)
+}
+
 #[test]
 fn flipped_bit_in_a_journal_record_is_detected() {
     let mut failures = Vec::new();
     for backend in BACKENDS {
-        // Three commits, each with its own record; the image is copied after the last flush,
-        // before any checkpoint (as a crash would leave it).
-        let bytes = build(backend, Compression::Lz4, false, &|image| {
-            for (c, data) in expected_contents() {
-                image.write(c * u64::from(CLUSTER), &data).expect("write");
-                image.flush().expect("flush");
-            }
-        });
-        let mut records = blocks_with_magic(&bytes, b"INSITUJR");
-        records.sort_by_key(|&off| le_u64(&bytes, off + 8));
+        let (bytes, records) = commit_each_write(backend);
         assert!(
             records.len() >= 3,
             "{backend:?}: expected a journal record per commit, found {}",
@@ -823,14 +829,7 @@ fn payloads_that_decode_to_the_wrong_size_fail_their_cluster_only() {
 #[test]
 fn repair_of_a_damaged_journal_record_keeps_the_commits_after_it() {
     for backend in BACKENDS {
-        let bytes = build(backend, Compression::Lz4, false, &|image| {
-            for (c, data) in expected_contents() {
-                image.write(c * u64::from(CLUSTER), &data).expect("write");
-                image.flush().expect("flush");
-            }
-        });
-        let mut records = blocks_with_magic(&bytes, b"INSITUJR");
-        records.sort_by_key(|&off| le_u64(&bytes, off + 8));
+        let (bytes, records) = commit_each_write(backend);
         // The record of the second write (cluster 5); cluster 11's record follows it.
         let middle = records[records.len() - 2];
         let mut bad = bytes;

@@ -156,3 +156,80 @@ fn an_unreported_loss_survives_clean_restarts_until_a_flush() {
     assert!(!fourth.take_unclean_shutdown_notice());
     fourth.close().expect("close");
 }
+
+/// A read-only server holds a shared lock while it runs: a writer cannot open the image under
+/// it (and change what it serves), other readers and `info`-style readers can; once the reader
+/// is quiesced (VM paused) or closed, a writer can.
+#[test]
+fn a_running_read_only_server_keeps_writers_out() {
+    use insitu_blk::image::ImageError;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = new_image(dir.path(), 16 << 20);
+    let writer = open(&path);
+    writer.write(0, &vec![3; CLUSTER]).expect("write");
+    writer.close().expect("close");
+
+    let serving = OpenOptions {
+        read_only: true,
+        shared_lock: true,
+        ..options()
+    };
+    let reader = Image::open(&path, &serving).expect("read-only server");
+    let second_reader = Image::open(&path, &serving).expect("a second read-only server");
+    let one_shot = OpenOptions {
+        read_only: true,
+        ..options()
+    };
+    Image::open(&path, &one_shot)
+        .expect("info-style reader")
+        .close()
+        .expect("close");
+    match Image::open(&path, &options()) {
+        Err(ImageError::Locked) => {}
+        Ok(_) => panic!("a writer opened an image a read-only server is serving"),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    reader.quiesce().expect("pause the first reader");
+    second_reader.close().expect("close the second reader");
+    let writer = open(&path);
+    writer.write(0, &vec![4; CLUSTER]).expect("write");
+    writer.close().expect("close");
+    // The paused reader resumes and sees the writer's data, not its stale table.
+    reader.resume().expect("resume");
+    assert_eq!(read_cluster(&reader, 0), vec![4; CLUSTER]);
+    reader.close().expect("close");
+}
+
+/// A read-write open allocates the journal's host space, so a commit can never fail with ENOSPC
+/// (a failed commit is final for the process): a full host filesystem shows at open instead.
+#[test]
+fn a_read_write_open_reserves_the_journal() {
+    use insitu_blk::image::{format, FileStorage, Storage};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let size = 64 << 20;
+    let path = new_image(dir.path(), size);
+    let layout = format::Layout::new(size, CLUSTER as u32).expect("layout");
+    let allocated = |path: &Path| -> u64 {
+        let storage = FileStorage::open(path, true).expect("open file");
+        storage
+            .allocated_ranges(layout.journal_offset, layout.journal_size)
+            .expect("ranges")
+            .expect("a file lists its ranges")
+            .iter()
+            .map(|(_, len)| len)
+            .sum()
+    };
+    assert!(
+        allocated(&path) < layout.journal_size,
+        "a fresh image is sparse"
+    );
+    let image = open(&path);
+    assert_eq!(
+        allocated(&path),
+        layout.journal_size,
+        "the journal is not fully allocated after a read-write open"
+    );
+    image.close().expect("close");
+}

@@ -403,6 +403,9 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
     }
     let options = OpenOptions {
         read_only: config.read_only,
+        // A read-only server keeps writers out while it serves (they could change data under
+        // it); `info`/`check` never take this lock.
+        shared_lock: config.read_only,
         commit_interval: config.commit_interval,
         lock: config.lock,
         start_quiesced: true,

@@ -137,8 +137,13 @@ pub enum LockPolicy {
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
-    /// Open read-only: no lock, no writer thread, nothing is ever written (not even recovery).
+    /// Open read-only: no writer thread, nothing is ever written (not even recovery).
     pub read_only: bool,
+    /// With `read_only`: hold a shared lock while running (taken per `lock`), so no writer can
+    /// open the image under a read-only server and change what it serves (`serve --read-only`).
+    /// One-shot readers (`info`, `check`, `convert`) leave it off and read the last committed
+    /// state of an image in use.
+    pub shared_lock: bool,
     /// Interval of the timer commit.
     pub commit_interval: Duration,
     /// What to do when the writer lock is taken.
@@ -157,6 +162,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         Self {
             read_only: false,
+            shared_lock: false,
             commit_interval: DEFAULT_COMMIT_INTERVAL,
             lock: LockPolicy::Fail,
             start_quiesced: false,
@@ -304,6 +310,8 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 pub struct Image {
     core: Arc<engine::Core>,
     life: Mutex<Life>,
+    /// [`OpenOptions::shared_lock`] (read-only images only).
+    shared_lock: bool,
     /// A loss found at load (see `Life::unclean_load`) that no successful FLUSH has followed
     /// yet: the guest may not know. Quiesce and close record it in the clean-close marker, so a
     /// backend restarted before the guest's next FLUSH still reports it.
@@ -321,6 +329,8 @@ struct Life {
     unclean_load: bool,
     /// [`Image::take_unclean_shutdown_notice`] answered `true` for this loss already.
     notice_given: bool,
+    /// The journal's host space is allocated (once per process).
+    journal_reserved: bool,
 }
 
 impl fmt::Debug for Image {
@@ -330,12 +340,22 @@ impl fmt::Debug for Image {
 }
 
 fn take_lock(storage: &dyn Storage, policy: LockPolicy) -> Result<()> {
+    take_lock_of_kind(storage, policy, false)
+}
+
+/// Takes the exclusive writer lock, or with `shared` the readers' lock.
+fn take_lock_of_kind(storage: &dyn Storage, policy: LockPolicy, shared: bool) -> Result<()> {
     let deadline = match policy {
         LockPolicy::Fail => None,
         LockPolicy::Wait(d) => Some(Instant::now() + d),
     };
     loop {
-        match storage.try_lock_exclusive() {
+        let attempt = if shared {
+            storage.try_lock_shared()
+        } else {
+            storage.try_lock_exclusive()
+        };
+        match attempt {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(source) => {
@@ -458,6 +478,7 @@ impl Image {
         let image = Image {
             core: Arc::new(core),
             life: Mutex::new(Life::default()),
+            shared_lock: opts.read_only && opts.shared_lock,
             loss_unreported: std::sync::atomic::AtomicBool::new(false),
         };
         if !opts.start_quiesced {
@@ -553,7 +574,7 @@ impl Image {
                 log::warn!("releasing the writer lock failed: {e}");
             }
             life.lock_held = false;
-            log::info!("image quiesced, writer lock released");
+            log::info!("image quiesced, lock released");
         }
         result
     }
@@ -575,6 +596,10 @@ impl Image {
             take_lock(core.storage.as_ref(), core.lock_policy)?;
             life.lock_held = true;
             log::info!("writer lock taken");
+        } else if self.shared_lock && !life.lock_held {
+            take_lock_of_kind(core.storage.as_ref(), core.lock_policy, true)?;
+            life.lock_held = true;
+            log::info!("shared (read-only) lock taken");
         }
         // A failed writer stays failed (`Core::fail`): reloading through the page cache that
         // lied to it could resurrect commits the disk never got. Writes and flushes keep
@@ -605,6 +630,23 @@ impl Image {
                 }
                 return Err(e);
             }
+        }
+        if !core.read_only && !failed && !life.journal_reserved {
+            // Commits must not fail for want of host space (a failed commit is final): the
+            // journal gets its blocks now, and a full host filesystem is a clear error here.
+            let l = &core.layout;
+            if let Err(source) = core.storage.preallocate(l.journal_offset, l.journal_size) {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
+                }
+                return Err(ImageError::Io {
+                    op: "reserve space for the journal",
+                    offset: l.journal_offset,
+                    source,
+                });
+            }
+            life.journal_reserved = true;
         }
         // The journal ends with a clean-close marker (found at load, or written by our own
         // quiesce): a crash from now on must not look clean, so end it otherwise before any
