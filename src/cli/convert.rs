@@ -553,8 +553,16 @@ impl Storage for HeldSuperblocks {
         self.device.set_len(len)
     }
 
+    fn allocated_bytes(&self) -> std::io::Result<Option<u64>> {
+        self.device.allocated_bytes()
+    }
+
     fn try_lock_exclusive(&self) -> std::io::Result<bool> {
         self.device.try_lock_exclusive()
+    }
+
+    fn try_lock_shared(&self) -> std::io::Result<bool> {
+        self.device.try_lock_shared()
     }
 
     fn unlock(&self) -> std::io::Result<()> {
@@ -563,6 +571,18 @@ impl Storage for HeldSuperblocks {
 
     fn is_block_device(&self) -> bool {
         self.device.is_block_device()
+    }
+
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        self.device.allocated_ranges(offset, len)
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.device.preallocate(offset, len)
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.device.drop_cached(offset, len)
     }
 }
 
