@@ -8,9 +8,9 @@
 //!
 //! Where the file is built:
 //! - preferably an unnamed file (`O_TMPFILE` in the final directory): a killed process leaves
-//!   nothing behind at all, the kernel frees the inode; it is linked in with `linkat`, which fails
-//!   with `EEXIST` instead of replacing;
-//! - on filesystems without `O_TMPFILE` (NFS, some FUSE), a hidden temporary
+//!   nothing behind at all, the kernel frees the inode; it is linked in with `linkat` (through
+//!   `/proc/self/fd`), which fails with `EEXIST` instead of replacing;
+//! - on filesystems without `O_TMPFILE` (NFS, some FUSE) or without `/proc`, a hidden temporary
 //!   `.NAME.insitu-tmp.PID` in the same directory, created with `O_EXCL`, moved into place with
 //!   `renameat2(RENAME_NOREPLACE)` (or `link` + `unlink` where that is unsupported), and removed
 //!   again when dropped unpublished. Its creator holds an open-file-description lock on it for
@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 
 /// Marks the hidden temporaries: `.NAME` + this + the creator's pid.
 const TEMP_INFIX: &str = ".insitu-tmp.";
+/// Where this process's open files have names.
+const PROC_FDS: &str = "/proc/self/fd";
 
 /// Where the file being built lives until it is published.
 #[derive(Debug)]
@@ -64,6 +66,10 @@ impl NewFile {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        // Linking an unnamed file in without privileges goes through /proc/self/fd.
+        if !Path::new(PROC_FDS).is_dir() {
+            return Self::create_named(final_path, &directory, name.as_bytes());
+        }
         let unnamed = OpenOptions::new()
             .read(true)
             .write(true)
@@ -177,13 +183,13 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
-/// Gives an `O_TMPFILE` file its name. `linkat` through `/proc/self/fd` needs no privilege;
-/// `AT_EMPTY_PATH` is the fallback where `/proc` is not mounted (it needs CAP_DAC_READ_SEARCH).
+/// Gives an `O_TMPFILE` file its name: `linkat` through `/proc/self/fd` (which, unlike
+/// `AT_EMPTY_PATH`, needs no privilege).
 fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
     let target_c = c_path(target)?;
-    let proc_path = c_path(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
-    // SAFETY: both paths are NUL-terminated strings that live across the call; the fds are
-    // AT_FDCWD and a plain integer.
+    let proc_path = c_path(Path::new(&format!("{PROC_FDS}/{}", file.as_raw_fd())))?;
+    // SAFETY: both paths are NUL-terminated strings that live across the call; both directory
+    // fds are AT_FDCWD.
     let ret = unsafe {
         libc::linkat(
             libc::AT_FDCWD,
@@ -191,24 +197,6 @@ fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
             libc::AT_FDCWD,
             target_c.as_ptr(),
             libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if ret == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::ENOENT) || Path::new("/proc/self/fd").exists() {
-        return Err(map_exists(err, target));
-    }
-    let empty = c"";
-    // SAFETY: as above; the empty path with AT_EMPTY_PATH names the fd itself.
-    let ret = unsafe {
-        libc::linkat(
-            file.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            target_c.as_ptr(),
-            libc::AT_EMPTY_PATH,
         )
     };
     if ret == 0 {
