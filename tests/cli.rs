@@ -1494,3 +1494,100 @@ fn killed_convert_onto_a_block_device_never_looks_complete() {
     }
     eprintln!("killed convert onto a device: {incomplete} incomplete, {complete} complete");
 }
+
+/// The named-temporary fallback of filesystems without O_TMPFILE, forced by running the binary
+/// where /proc is not mounted (a private mount namespace: needs root, so it runs only with
+/// INSITU_BLK_LOOP_TESTS=1). SIGKILLed create and convert leave nothing at the final name (or a
+/// complete image) and at most the hidden temporary of the last killed run, which the next run
+/// removes; a successful run leaves no temporary at all.
+#[test]
+fn killed_runs_without_o_tmpfile_leave_only_a_stale_temporary_that_the_next_run_removes() {
+    if std::env::var_os("INSITU_BLK_LOOP_TESTS").is_none() {
+        eprintln!("skipped: set INSITU_BLK_LOOP_TESTS=1 (root, mount namespaces) to run");
+        return;
+    }
+    let dir = tempdir();
+    let disk = sample_disk(16 << 20, 61);
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, &disk).unwrap();
+    let image = dir.path().join("out.img");
+    // unshare and sh exec the binary: the pid killed is the binary's.
+    let script = format!(
+        "umount -l /proc && exec {} \"$@\"",
+        env!("CARGO_BIN_EXE_insitu-blk")
+    );
+    let wrapped = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        all.push(script.clone());
+        all.push("insitu-blk".into());
+        all.extend(args.iter().map(|s| s.to_string()));
+        all
+    };
+    let run_wrapped = |args: &[&str], delay: Option<std::time::Duration>| -> bool {
+        let all = wrapped(args);
+        let mut child = Command::new(&all[0])
+            .args(&all[1..])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn unshare");
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().expect("wait");
+        if output.status.code().is_some() {
+            assert!(output.status.success(), "{args:?}: {output:?}");
+            return false;
+        }
+        true
+    };
+    let temporaries = |name: &str| -> Vec<String> {
+        let prefix = format!(".{name}.insitu-tmp.");
+        entries(dir.path())
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    };
+    let mut rng = SmallRng::seed_from_u64(62);
+    let mut stale_seen = 0;
+    for (args, is_convert) in [
+        (vec!["create", path_str(&image), "--size", "20G"], false),
+        (vec!["convert", path_str(&raw), path_str(&image)], true),
+    ] {
+        let start = std::time::Instant::now();
+        assert!(!run_wrapped(&args, None));
+        let full = start.elapsed();
+        assert!(
+            temporaries("out.img").is_empty(),
+            "a successful run left a temporary"
+        );
+        fs::remove_file(&image).unwrap();
+        for _ in 0..8 {
+            run_wrapped(&args, Some(full.mul_f64(rng.gen_range(0.0..1.2))));
+            let left = temporaries("out.img");
+            assert!(left.len() <= 1, "stale temporaries pile up: {left:?}");
+            stale_seen += left.len();
+            if fs::symlink_metadata(&image).is_ok() {
+                ok(["check", path_str(&image)]);
+                if is_convert {
+                    assert!(
+                        image_content(&image) == disk,
+                        "a killed convert left wrong data"
+                    );
+                }
+                fs::remove_file(&image).unwrap();
+            }
+        }
+        assert!(!run_wrapped(&args, None));
+        assert!(
+            temporaries("out.img").is_empty(),
+            "the stale temporary was not removed"
+        );
+        fs::remove_file(&image).unwrap();
+    }
+    eprintln!("named fallback: {stale_seen} stale temporaries seen, each removed by the next run");
+}
