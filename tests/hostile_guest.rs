@@ -2466,6 +2466,39 @@ fn memory_region_removed_and_added_back_while_the_rings_run() {
     fx.finish();
 }
 
+/// cloud-hypervisor's configuration access: its GET_CONFIG counts from VHOST_USER_CONFIG_OFFSET
+/// (0x100) and asks for its whole `struct virtio_blk_config` there, its SET_CONFIG of the
+/// writeback byte counts from 0 (QEMU counts from 0 for both). Both must reach the same bytes.
+#[test]
+fn config_space_at_cloud_hypervisor_offsets() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    let mut fx = Fx::new();
+    if fx.backend.kind != BackendKind::Ours {
+        return;
+    }
+    let flags = VhostUserConfigFlags::WRITABLE;
+    let (_, from_zero) = fx.dev.fe.get_config(0, 60, flags, &[0; 60]).unwrap();
+    let (_, from_0x100) = fx
+        .dev
+        .fe
+        .get_config(0x100, 60, flags, &[0; 60])
+        .expect("GET_CONFIG at offset 0x100 (cloud-hypervisor)");
+    assert_eq!(from_zero, from_0x100);
+    assert_eq!(
+        u64::from_le_bytes(from_0x100[..8].try_into().unwrap()),
+        DISK / SECTOR,
+        "capacity"
+    );
+    fx.dev
+        .fe
+        .set_config(32, flags, &[0])
+        .expect("SET_CONFIG writeback");
+    let (_, writeback) = fx.dev.fe.get_config(0x100 + 32, 1, flags, &[0]).unwrap();
+    assert_eq!(writeback, [0]);
+    fx.after(0, "cloud-hypervisor config offsets");
+    fx.finish();
+}
+
 /// Reviewer R4 over the socket: a lock hand-over after a quiesce (live migration: the source's
 /// QEMU stops the rings, a destination `serve --wait-lock` on the same image takes over, and its
 /// QEMU starts the rings at the migrated, non-zero indexes) is no crash: the destination serves

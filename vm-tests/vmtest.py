@@ -560,6 +560,8 @@ cat /tmp/fio.out
 echo "INSITU-FIO-DONE rc=$rc"
 [ $rc = 0 ]
 grep -q 'err= 0' /tmp/fio.out
+step "a cache flush after the workload (the first one after a migration or a pause) succeeds"
+sync /dev/vda
 """ % {"fio": FIO_VERIFY.format(size="64M"), "max": COUNTER_MAX, "base": COUNTER_BASE_BLOCK}
 
 
