@@ -16,8 +16,9 @@ fn io(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageErro
     move |source| ImageError::Io { op, offset, source }
 }
 
-/// Writes an empty image: checkpoint 0 (no chunks), a journal starting with marker record 1, an
-/// invalid second checkpoint area, then both superblock copies last.
+/// Writes an empty image: both superblock copies zeroed (durably), checkpoint 0 (no chunks), a
+/// journal starting with marker record 1, an invalid second checkpoint area, then both superblock
+/// copies last. Interrupted at any point, the storage holds no valid superblock.
 pub fn format_storage(st: &dyn Storage, layout: Layout, compression: Compression) -> Result<()> {
     if st.is_block_device() {
         let cap = st.len().map_err(io("size of device", 0))?;
@@ -41,6 +42,9 @@ pub fn format_storage(st: &dyn Storage, layout: Layout, compression: Compression
         st.write_at(off, &zero)
             .map_err(io("write superblock", off))?;
     }
+    // Durable before anything else is written: if the device held an image, a crash from here on
+    // must not leave its old superblocks pointing at half-written new metadata.
+    st.flush().map_err(io("flush", 0))?;
     st.write_at(l.checkpoint_offsets[1], &zero)
         .map_err(io("write checkpoint header", l.checkpoint_offsets[1]))?;
     let empty = Table::new(l);

@@ -15,6 +15,7 @@ mod check;
 mod codec;
 mod engine;
 pub mod format;
+mod newfile;
 mod recovery;
 pub mod storage;
 mod table;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub use newfile::NewFile;
 pub use storage::{FileStorage, MemStorage, Storage};
 
 /// Logical sector size: every offset and length handed to the engine is a multiple of this.
@@ -374,34 +376,78 @@ fn take_lock_of_kind(storage: &dyn Storage, policy: LockPolicy, shared: bool) ->
     }
 }
 
-impl Image {
-    /// Creates a new image at `path` (a new regular file, or an existing block device).
-    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
-        let existed = path.exists();
-        let storage = FileStorage::create(path).map_err(|source| ImageError::Io {
-            op: "create image",
-            offset: 0,
-            source,
+/// Opens a block device to overwrite it, with `O_EXCL`: the kernel refuses (`EBUSY`) while the
+/// device is mounted or held by device-mapper, LVM, RAID or another exclusive opener, and keeps
+/// them off it while it is open. That is a stronger guard than the advisory writer lock, which
+/// only other insitu-blk processes honour.
+pub fn open_block_device_exclusively(path: &Path) -> std::io::Result<FileStorage> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .map_err(|err| {
+            if err.raw_os_error() == Some(libc::EBUSY) {
+                std::io::Error::new(
+                    err.kind(),
+                    "the device is in use by the system (mounted, or held by device-mapper, \
+                     LVM, RAID or another exclusive user)",
+                )
+            } else {
+                err
+            }
         })?;
-        let r = Self::create_on(Arc::new(storage), opts);
-        if r.is_err() && !existed {
-            let _ = std::fs::remove_file(path);
+    FileStorage::from_file(file)
+}
+
+/// The geometry `opts` asks for, or why it is not allowed.
+fn validate_create_options(opts: &CreateOptions) -> Result<format::Layout> {
+    let layout =
+        format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
+    if let Compression::Zstd { level } = opts.compression {
+        if !(-7..=22).contains(&level) || level == 0 {
+            return Err(ImageError::InvalidOption(format!(
+                "zstd level {level} is out of range (-7..=22, not 0)"
+            )));
         }
-        r
+    }
+    Ok(layout)
+}
+
+impl Image {
+    /// Creates a new image at `path`: a new regular file, or an existing block device.
+    ///
+    /// A file is built unnamed (or under a hidden temporary name) and appears at `path` only once
+    /// it is a complete, durable image; an existing file is never replaced (`AlreadyExists`). So a
+    /// process killed meanwhile leaves nothing at `path`. A block device is formatted in place,
+    /// superblocks last: killed half way, it holds no valid superblock.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        validate_create_options(opts)?;
+        let io = |op: &'static str| {
+            move |source| ImageError::Io {
+                op,
+                offset: 0,
+                source,
+            }
+        };
+        let is_block_device = std::fs::metadata(path)
+            .map(|meta| std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()))
+            .unwrap_or(false);
+        if is_block_device {
+            let storage = open_block_device_exclusively(path).map_err(io("open block device"))?;
+            return Self::create_on(Arc::new(storage), opts);
+        }
+        let new = NewFile::create(path).map_err(io("create image"))?;
+        let file = new.file().try_clone().map_err(io("create image"))?;
+        let storage = FileStorage::from_file(file).map_err(io("create image"))?;
+        Self::create_on(Arc::new(storage), opts)?;
+        new.publish().map_err(io("publish image"))
     }
 
     /// Creates a new image on `storage` (overwrites whatever is there).
     pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<()> {
-        let layout =
-            format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
-        if let Compression::Zstd { level } = opts.compression {
-            if !(-7..=22).contains(&level) || level == 0 {
-                return Err(ImageError::InvalidOption(format!(
-                    "zstd level {level} is out of range (-7..=22, not 0)"
-                )));
-            }
-        }
+        let layout = validate_create_options(opts)?;
         take_lock(storage.as_ref(), LockPolicy::Fail)?;
         let r = check::format_storage(storage.as_ref(), layout, opts.compression);
         let _ = storage.unlock();
