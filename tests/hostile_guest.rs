@@ -2148,6 +2148,76 @@ fn case20_hostile_frontend_messages_are_rejected() {
     );
 }
 
+/// hostile-guest.md #20 at the byte level (the daemon's control filter frames every message):
+/// a header announcing more than the protocol's largest payload, a message cut short, an unknown
+/// request, file descriptors on a message that takes none, and random bytes. Each connection
+/// ends (or the message is refused) without harming the backend, and the next one works.
+#[test]
+fn case20d_malformed_control_bytes_end_only_their_connection() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let work = Workdir::new();
+    let mut backend = Backend::start(
+        &work,
+        ServeOptions {
+            size: DISK,
+            ..ServeOptions::default()
+        },
+    );
+    let header = |code: u32, flags: u32, size: u32| -> Vec<u8> {
+        [code.to_le_bytes(), flags.to_le_bytes(), size.to_le_bytes()].concat()
+    };
+    let mut junk = vec![0u8; 4096];
+    for (i, b) in junk.iter_mut().enumerate() {
+        *b = (i * 37 % 251) as u8;
+    }
+    let eventfd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "size larger than any message",
+            header(1, 1, 0x10_0000),
+            false,
+        ),
+        (
+            "payload cut short",
+            [header(2, 1, 8), vec![1, 2, 3]].concat(),
+            false,
+        ),
+        ("unknown request", header(0xdead, 1, 0), false),
+        ("GET_FEATURES with a file descriptor", header(1, 1, 0), true),
+        ("random bytes", junk, false),
+    ];
+    for (ctx, bytes, with_fd) in cases {
+        let ctx = format!("case 20d, {ctx}");
+        {
+            let stream = connect_socket(&backend.socket()).unwrap();
+            if with_fd {
+                stream
+                    .send_with_fds(&[&bytes[..]], &[eventfd.as_raw_fd()])
+                    .unwrap();
+            } else {
+                (&stream).write_all(&bytes).unwrap();
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            // Whatever the backend answers, it ends this connection.
+            stream.set_read_timeout(Some(MESSAGE_TIMEOUT)).unwrap();
+            let mut sink = Vec::new();
+            let _ = (&stream).read_to_end(&mut sink);
+        }
+        backend.assert_healthy(&ctx);
+        let mut dev = Device::connect(&backend.socket(), &ConnectOptions::default())
+            .unwrap_or_else(|e| panic!("{ctx}: a good connection afterwards: {e}"));
+        let data = pattern(20_500, 4096);
+        assert_eq!(dev.write(0, 8, &data).unwrap(), VIRTIO_BLK_S_OK, "{ctx}");
+        let (st, back) = dev.read(1, 8, 4096).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{ctx}");
+        assert!(back == data, "{ctx}: read back");
+        dev.disconnect();
+    }
+    backend.assert_healthy("case 20d, at the end");
+}
+
 /// Misaligned vring addresses (virtio wants 16/2/4-byte alignment): whether the backend refuses
 /// them or not, kicking such a ring must not crash it, and the next connection must work.
 #[test]
