@@ -656,6 +656,31 @@ fn set_vring_enable_0_waits_for_the_request_in_progress_and_stops_the_ring() {
     served.stop();
 }
 
+/// SET_FEATURES while the rings run (QEMU switches VHOST_F_LOG_ALL on at the start of a live
+/// migration and off when it is cancelled): the rings keep running, with their state.
+#[test]
+fn set_features_while_running_keeps_the_rings_running() {
+    let (served, mut fe) = Served::with_frontend(1);
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    let offered = fe.frontend.get_features().unwrap();
+    const LOG_ALL: u64 = 1 << 26;
+    for (k, features) in [offered, offered & !LOG_ALL, offered]
+        .into_iter()
+        .enumerate()
+    {
+        fe.frontend.set_features(features).unwrap();
+        let status = fe.submit(0);
+        fe.wait_used(0, k as u16 + 2);
+        assert_eq!(fe.status(status), 0, "after SET_FEATURES {features:#x}");
+    }
+    assert_eq!(served.device().events(), ["resume"]);
+    served.assert_nothing_processed_while_quiesced();
+    served.stop();
+}
+
 #[test]
 fn each_queue_is_served_by_its_own_thread() {
     let (served, mut fe) = Served::with_frontend(4);
