@@ -28,7 +28,7 @@ mod tests;
 
 use std::cell::RefCell;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
@@ -194,7 +194,16 @@ pub struct BlkDevice {
     id: [u8; config::ID_BYTES],
     /// Set by [`BlkDevice::report_lost_writes`]; the next FLUSH fails and clears it.
     lost_writes: AtomicBool,
+    /// Requests failed by the host (I/O errors, corrupt payloads) so far: logged at error level
+    /// a few times, then at debug with a periodic summary, so a guest re-reading a bad cluster
+    /// or a full disk cannot flood the log.
+    host_failures: AtomicU64,
 }
+
+/// Host failures logged at error level before the log is rate-limited.
+const HOST_FAILURES_LOGGED: u64 = 16;
+/// After that, one summary line per this many failures.
+const HOST_FAILURE_SUMMARY_EVERY: u64 = 1000;
 
 thread_local! {
     /// Scratch of [`BlkDevice::process_chain`]: one per queue thread.
@@ -230,6 +239,7 @@ impl BlkDevice {
             capacity_sectors: size / SECTOR_SIZE,
             id,
             lost_writes: AtomicBool::new(false),
+            host_failures: AtomicU64::new(0),
         })
     }
 
@@ -366,7 +376,18 @@ impl BlkDevice {
             Ok(written) => (exec::STATUS_OK, written),
             Err(err) => {
                 if err.is_host_failure() {
-                    tracing::error!(head, error = %err, source = ?std::error::Error::source(&err), "virtio-blk request failed");
+                    let n = self.host_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n <= HOST_FAILURES_LOGGED {
+                        tracing::error!(head, error = %err, source = ?std::error::Error::source(&err), "virtio-blk request failed");
+                    } else if n % HOST_FAILURE_SUMMARY_EVERY == 0 {
+                        tracing::error!(
+                            failures = n,
+                            error = %err,
+                            "virtio-blk requests keep failing (logged at debug level after the first {HOST_FAILURES_LOGGED})"
+                        );
+                    } else {
+                        tracing::debug!(head, error = %err, "virtio-blk request failed");
+                    }
                 } else {
                     tracing::debug!(head, error = %err, "virtio-blk request rejected");
                 }
