@@ -11,7 +11,9 @@
 //! full), fdatasync, complete the flushes whose snapshot this was, then punch what the commit
 //! freed and return the slots.
 
-use std::cell::RefCell;
+mod writeback;
+
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +53,9 @@ static ZEROS: [u8; MAX_CLUSTER_SIZE as usize] = [0; MAX_CLUSTER_SIZE as usize];
 thread_local! {
     static THREAD_SHARD: usize = (NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed) as usize) % OP_SHARDS;
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// Set on the metadata writer thread: a placement that finds no free slot fails instead of
+    /// waiting for a commit (that thread is the one that would make it).
+    static NO_SPACE_WAIT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Identity of a cached decompressed cluster: image generation, cluster, its entry, and its
@@ -230,6 +235,10 @@ pub struct Core {
     started: Instant,
     /// Stale slots not reused for this long are punched by the writer.
     stale_grace: Duration,
+    /// Most clusters the write-back buffer holds (0: no buffering).
+    wb_limit: usize,
+    /// Clusters in the write-back buffer.
+    wb_entries: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Core {
@@ -298,8 +307,14 @@ impl Core {
         break_order: bool,
         commit_interval: Duration,
         lock_policy: LockPolicy,
+        write_buffer_bytes: u64,
     ) -> Core {
         let layout = sb.layout.clone();
+        let wb_limit = if read_only {
+            0
+        } else {
+            (write_buffer_bytes / u64::from(layout.cluster_size)) as usize
+        };
         let geometry = Geometry {
             size: layout.size,
             cluster_size: layout.cluster_size,
@@ -343,6 +358,8 @@ impl Core {
             pending_count: std::sync::atomic::AtomicUsize::new(0),
             started: Instant::now(),
             stale_grace: (commit_interval * 2).max(Duration::from_millis(200)),
+            wb_limit,
+            wb_entries: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -353,6 +370,7 @@ impl Core {
     /// Installs a loaded table (writer stopped, no I/O running).
     pub fn install(&self, loaded: Loaded) -> Result<bool> {
         let clean = loaded.clean;
+        self.buffer_drop_all();
         self.table.replace_with(loaded.table);
         recovery::rebuild_allocator(&self.table, &self.alloc)
             .map_err(ImageError::CorruptMetadata)?;
@@ -584,6 +602,10 @@ impl Core {
     fn read_cluster(&self, c: u32, at: usize, out: &mut [u8]) -> Result<()> {
         let cs = self.layout.cluster_size as usize;
         let (_guard, e, changes) = self.lock_cluster(c, false);
+        // Writes still in the write-back buffer override the stored version.
+        if self.wb_entries.load(Ordering::Acquire) > 0 && self.read_buffered(c, &e, at, out)? {
+            return Ok(());
+        }
         if e.is_zero() {
             out.fill(0);
             return Ok(());
@@ -701,8 +723,24 @@ impl Core {
     }
 
     fn write_cluster(&self, c: u32, change: Change<'_>) -> Result<()> {
-        let cs = self.layout.cluster_size as usize;
         let (_guard, cur, changes) = self.lock_cluster(c, true);
+        if self.wb_limit > 0 {
+            match change {
+                Change::Partial(at, d) => {
+                    if self.buffer_write(c, cur, changes, at, d)? {
+                        return Ok(());
+                    }
+                }
+                Change::Full(_) | Change::Zero => self.buffer_discard(c),
+            }
+        }
+        self.write_locked(c, cur, changes, change)
+    }
+
+    /// Stores a new version of cluster `c` (whose writer exclusion the caller holds; `cur` and
+    /// `changes` as `lock_cluster` returned them).
+    fn write_locked(&self, c: u32, cur: Entry, changes: u64, change: Change<'_>) -> Result<()> {
+        let cs = self.layout.cluster_size as usize;
         let generation = self.generation.load(Ordering::Relaxed);
         with_scratch(|sc| {
             // 1. The new content of the whole cluster.
@@ -827,6 +865,13 @@ impl Core {
                     }
                     return Ok((slot, 0, stale));
                 }
+            }
+            if NO_SPACE_WAIT.with(Cell::get) {
+                return Err(ImageError::Io {
+                    op: "place cluster (no free slot before the next commit)",
+                    offset: 0,
+                    source: std::io::ErrorKind::WouldBlock.into(),
+                });
             }
             self.wait_for_space()?;
         }
@@ -1002,6 +1047,8 @@ impl Core {
         if self.read_only {
             return Ok(());
         }
+        // Writes completed before this flush and still buffered go into its commit.
+        self.write_back_all()?;
         self.sync(false)
     }
 
@@ -1221,6 +1268,7 @@ impl Core {
 
     /// The metadata writer's loop.
     pub fn writer_main(core: Arc<Core>) {
+        NO_SPACE_WAIT.with(|f| f.set(true));
         let mut last = Instant::now();
         loop {
             let (ticket, checkpoint) = {
@@ -1241,6 +1289,12 @@ impl Core {
                     }
                     let elapsed = last.elapsed();
                     if healthy && elapsed >= core.commit_interval {
+                        if core.wb_entries.load(Ordering::Acquire) > 0 {
+                            // The timer commit takes the buffered writes too.
+                            drop(ctl);
+                            core.write_back_idle();
+                            ctl = lock(&core.ctl);
+                        }
                         break;
                     }
                     if core.has_pending_frees() {
