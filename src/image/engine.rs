@@ -1270,6 +1270,8 @@ impl Core {
     pub fn writer_main(core: Arc<Core>) {
         NO_SPACE_WAIT.with(|f| f.set(true));
         let mut last = Instant::now();
+        // Since when the write-back buffer holds something (roughly: reset while it is empty).
+        let mut buffered_since = Instant::now();
         loop {
             let (ticket, checkpoint) = {
                 let mut ctl = lock(&core.ctl);
@@ -1288,11 +1290,17 @@ impl Core {
                         break;
                     }
                     let elapsed = last.elapsed();
-                    if healthy && elapsed >= core.commit_interval {
-                        if core.wb_entries.load(Ordering::Acquire) > 0 {
-                            // The timer commit takes the buffered writes too.
+                    if core.wb_entries.load(Ordering::Acquire) == 0 {
+                        buffered_since = Instant::now();
+                    }
+                    // Buffered writes older than a commit interval are stored and committed
+                    // like a timer commit, even when pressure commits keep `last` recent.
+                    let buffer_due = buffered_since.elapsed() >= core.commit_interval;
+                    if healthy && (elapsed >= core.commit_interval || buffer_due) {
+                        if buffer_due {
                             drop(ctl);
                             core.write_back_idle();
+                            buffered_since = Instant::now();
                             ctl = lock(&core.ctl);
                         }
                         break;
