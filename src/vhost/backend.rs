@@ -24,7 +24,9 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
+};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -60,6 +62,9 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set while queue `q` is started (a worker saw it started and enabled); changed only
     /// under that queue's gate, read under all gates.
     started_queues: AtomicU64,
+    /// Bit `q` set once queue `q`'s start was checked for a restored ring index (cleared when
+    /// the frontend stops the ring).
+    notice_checked: AtomicU64,
     /// Each queue's ring, recorded by its worker at the first event, so the pause detector
     /// ([`ConnectionBackend::every_started_ring_disabled`]) can look at its enabled state.
     rings: Vec<OnceLock<Vring>>,
@@ -85,6 +90,7 @@ impl<D: Device> ConnectionBackend<D> {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             started_queues: AtomicU64::new(0),
+            notice_checked: AtomicU64::new(0),
             ring_fault_logged: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
         }
@@ -146,7 +152,10 @@ impl<D: Device> ConnectionBackend<D> {
 
     /// Serves queue `queue` after an event on its ring.
     fn serve_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
-        let mut resume_attempted = false;
+        let bit = 1u64 << (queue % MAX_QUEUES);
+        // Set once a resume failed or was no longer wanted: the requests then fail with an I/O
+        // error from the engine (see SharedDisk::ensure_running) instead of waiting.
+        let mut resume_given_up = false;
         loop {
             let Some(gate) = self.disk.gate(queue) else {
                 return Ok(());
@@ -154,27 +163,34 @@ impl<D: Device> ConnectionBackend<D> {
             if !Self::ring_is_live(vring) {
                 return Ok(());
             }
-            if !self.disk.is_running() && !resume_attempted {
-                // Never wait for the lifecycle lock while holding a gate (see SharedDisk).
+            if queue < MAX_QUEUES {
+                // Started from the moment its worker sees it live (under its gate, which a
+                // quiesce holds while it counts the started rings): stopping another ring must
+                // not quiesce the device while this one waits for the resume.
+                self.started_queues.fetch_or(bit, Ordering::AcqRel);
+                if let Some(slot) = self.rings.get(queue) {
+                    slot.get_or_init(|| vring.clone());
+                }
+            }
+            if !self.disk.is_running() && !resume_given_up {
+                // Never wait for the lifecycle lock while holding a gate (see SharedDisk). If a
+                // quiesce comes between the resume and the gate, the loop resumes again.
                 drop(gate);
-                resume_attempted = true;
-                self.disk
+                resume_given_up = !self
+                    .disk
                     .ensure_running(&format!("queue {queue} started"), || {
                         Self::ring_is_live(vring)
                     });
                 continue;
             }
-            if queue < MAX_QUEUES {
-                if let Some(slot) = self.rings.get(queue) {
-                    slot.get_or_init(|| vring.clone());
-                }
-                let before = self.started_queues.fetch_or(1 << queue, Ordering::AcqRel);
-                // A ring restored at a non-zero index belongs to a guest that ran before this
-                // connection's device start (QEMU reconnecting after a backend restart): any
-                // queue may be the one the guest used, so each one's first start asks.
-                if before & (1 << queue) == 0 && vring.get_ref().get_queue().next_avail() != 0 {
-                    self.disk.device().ring_restored_mid_session();
-                }
+            // A ring restored at a non-zero index belongs to a guest that ran before this device
+            // start (QEMU reconnecting after a backend restart): any queue may be the one the
+            // guest used, so each one's first start after a resume asks.
+            if queue < MAX_QUEUES
+                && self.notice_checked.fetch_or(bit, Ordering::AcqRel) & bit == 0
+                && vring.get_ref().get_queue().next_avail() != 0
+            {
+                self.disk.device().ring_restored_mid_session();
             }
             let more = self.process_available(queue, vring);
             drop(gate);
@@ -224,6 +240,10 @@ impl<D: Device> ConnectionBackend<D> {
                     return false;
                 }
                 self.notify_guest(queue, vring);
+                if self.disk.gates_wanted() {
+                    // A quiesce waits for this queue's gate: the rest waits for the next turn.
+                    return true;
+                }
             }
             if expect_more && !popped_any {
                 self.ring_fault(
@@ -295,6 +315,18 @@ enum Pop {
     Stop,
 }
 
+/// The offset into `struct virtio_blk_config` of a GET_CONFIG / SET_CONFIG offset. Frontends
+/// count differently: QEMU from the start of the structure (0), cloud-hypervisor's GET_CONFIG
+/// from VHOST_USER_CONFIG_OFFSET (0x100, where virtio-mmio places the device configuration).
+/// The structure is shorter than 0x100 bytes, so both are understood.
+fn config_offset(offset: u32) -> u32 {
+    if offset >= VHOST_USER_CONFIG_OFFSET {
+        offset - VHOST_USER_CONFIG_OFFSET
+    } else {
+        offset
+    }
+}
+
 /// Makes the worker's event loop see the ring's kick again, so the requests left after a bounded
 /// batch are served on its next turn.
 fn rearm_kick(vring: &Vring) {
@@ -353,6 +385,7 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     /// ask for their own, possibly larger, `struct virtio_blk_config`); a request past the
     /// protocol's limit gets an empty answer, which the crate turns into an error reply.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let offset = config_offset(offset);
         let Some(end) = offset.checked_add(size) else {
             return Vec::new();
         };
@@ -369,16 +402,16 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         out
     }
 
+    /// The driver's write into the configuration space (the cache mode, with CONFIG_WCE). A
+    /// refused write makes the crate refuse the message and end the connection.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // No writable config field is offered (no CONFIG_WCE).
-        tracing::debug!(
-            "frontend wrote {} config bytes at {offset}: rejected",
-            buf.len()
-        );
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the virtio-blk configuration space is read-only",
-        ))
+        self.disk
+            .device()
+            .set_config(config_offset(offset), buf)
+            .map_err(|reason| {
+                tracing::warn!("frontend wrote the configuration space: refused: {reason}");
+                io::Error::new(io::ErrorKind::PermissionDenied, reason)
+            })
     }
 
     fn update_memory(&self, _mem: GuestMemoryHandle) -> io::Result<()> {
@@ -416,6 +449,8 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
             .quiesce_if("the frontend stopped every queue", || {
                 if queue < MAX_QUEUES {
                     self.started_queues
+                        .fetch_and(!(1u64 << queue), Ordering::AcqRel);
+                    self.notice_checked
                         .fetch_and(!(1u64 << queue), Ordering::AcqRel);
                 }
                 self.started_queues.load(Ordering::Acquire) == 0
