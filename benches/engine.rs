@@ -3,7 +3,10 @@
 //!
 //! - `write_cluster`: compress + place one whole 64 KiB cluster (a fresh cluster each time);
 //! - `read_cluster`: read + verify + decompress one whole cluster;
-//! - `partial_write_4k`: a 4 KiB write into a stored compressed cluster (read-modify-write);
+//! - `partial_write_4k`: a 4 KiB write into a stored compressed cluster (read-modify-write; the
+//!   write-back buffer is off so that every write pays it);
+//! - `seq_write_4k_buffered`: sequential 4 KiB writes through the write-back buffer (default
+//!   size), a flush after every 32 (the side-by-side's journal-like workload, without vhost);
 //! - `commit`: `flush()` after N clusters were written (data fdatasync + journal record + fdatasync).
 //!
 //! ```text
@@ -150,7 +153,13 @@ fn partial_write(c: &mut Criterion, clusters: &[Vec<u8>]) {
     let mut group = c.benchmark_group("partial_write_4k");
     group.throughput(Throughput::Bytes(4096));
     for mode in MODES {
-        let f = fixture(mode);
+        let f = fixture_with(
+            mode,
+            OpenOptions {
+                write_buffer_bytes: 0,
+                ..OpenOptions::default()
+            },
+        );
         fill(&f.image, clusters);
         let mut rng = SmallRng::seed_from_u64(1);
         group.bench_function(BenchmarkId::from_parameter(mode), |b| {
@@ -164,6 +173,33 @@ fn partial_write(c: &mut Criterion, clusters: &[Vec<u8>]) {
                         &source[block * 4096..(block + 1) * 4096],
                     )
                     .expect("partial write");
+            })
+        });
+        f.image.close().expect("close");
+    }
+    group.finish();
+}
+
+fn seq_write_buffered(c: &mut Criterion, clusters: &[Vec<u8>]) {
+    let mut group = c.benchmark_group("seq_write_4k_buffered");
+    group.throughput(Throughput::Bytes(4096));
+    for mode in MODES {
+        let f = fixture(mode);
+        fill(&f.image, clusters);
+        let blocks = clusters.len() * CLUSTER / 4096;
+        let mut next = 0usize;
+        group.bench_function(BenchmarkId::from_parameter(mode), |b| {
+            b.iter(|| {
+                let block = next % blocks;
+                next += 1;
+                let source = &clusters[(block * 4096 / CLUSTER + 1) % clusters.len()];
+                let at = block * 4096 % CLUSTER;
+                f.image
+                    .write((block * 4096) as u64, &source[at..at + 4096])
+                    .expect("sequential write");
+                if next % 32 == 0 {
+                    f.image.flush().expect("flush");
+                }
             })
         });
         f.image.close().expect("close");
@@ -211,6 +247,7 @@ fn benches(c: &mut Criterion) {
     write_cluster(c, &clusters);
     read_cluster(c, &clusters);
     partial_write(c, &clusters);
+    seq_write_buffered(c, &clusters);
     commit(c, &clusters);
 }
 

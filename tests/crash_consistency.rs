@@ -507,6 +507,25 @@ fn crash_mixed_workload_concurrent_writers() {
 }
 
 #[test]
+fn crash_small_sequential_writes_through_the_write_back_buffer() {
+    let name = "crash_small_sequential_writes_through_the_write_back_buffer";
+    let seeds = seeds(11, 10);
+    let total = run_seeds(name, &seeds, |seed| {
+        let threads = if seed % 4 == 3 { 2 } else { 1 };
+        let mut spec = Spec::random(seed, Profile::SmallSequential, threads);
+        spec.ops_per_thread = 120;
+        // Mostly the default buffer; every fourth seed a buffer of two clusters (full).
+        spec.write_buffer_bytes = if seed % 4 == 1 {
+            2 * u64::from(spec.cluster_size)
+        } else {
+            insitu_blk::image::DEFAULT_WRITE_BUFFER_BYTES
+        };
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 80);
+}
+
+#[test]
 fn crash_concurrent_writers_on_the_same_clusters() {
     let name = "crash_concurrent_writers_on_the_same_clusters";
     let seeds = seeds(3, 6);

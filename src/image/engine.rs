@@ -11,7 +11,9 @@
 //! full), fdatasync, complete the flushes whose snapshot this was, then punch what the commit
 //! freed and return the slots.
 
-use std::cell::RefCell;
+mod writeback;
+
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +53,9 @@ static ZEROS: [u8; MAX_CLUSTER_SIZE as usize] = [0; MAX_CLUSTER_SIZE as usize];
 thread_local! {
     static THREAD_SHARD: usize = (NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed) as usize) % OP_SHARDS;
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// Set on the metadata writer thread: a placement that finds no free slot fails instead of
+    /// waiting for a commit (that thread is the one that would make it).
+    static NO_SPACE_WAIT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Identity of a cached decompressed cluster: image generation, cluster, its entry, and its
@@ -131,6 +136,17 @@ fn is_zero(b: &[u8]) -> bool {
             acc | u64::from_ne_bytes(a)
         }) == 0
         && post.iter().all(|&x| x == 0)
+}
+
+/// Calls `f(first unit, unit count)` for every run of set bits in `mask`.
+fn for_each_run(mask: u32, mut f: impl FnMut(u32, u32)) {
+    let mut m = mask;
+    while m != 0 {
+        let start = m.trailing_zeros();
+        let len = (m >> start).trailing_ones();
+        f(start, len);
+        m &= !unit_mask(start, len);
+    }
 }
 
 fn find_gap(mask: u32, units: u32, per_slot: u32) -> Option<u32> {
@@ -218,6 +234,14 @@ pub struct Core {
     corruption_logs: AtomicU64,
     pending_frees: Mutex<Vec<(u32, Entry)>>,
     pending_count: std::sync::atomic::AtomicUsize,
+    /// Origin of the millisecond clock that dates stale slots.
+    started: Instant,
+    /// Stale slots not reused for this long are punched by the writer.
+    stale_grace: Duration,
+    /// Most clusters the write-back buffer holds (0: no buffering).
+    wb_limit: usize,
+    /// Clusters in the write-back buffer.
+    wb_entries: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Core {
@@ -286,8 +310,14 @@ impl Core {
         break_order: bool,
         commit_interval: Duration,
         lock_policy: LockPolicy,
+        write_buffer_bytes: u64,
     ) -> Core {
         let layout = sb.layout.clone();
+        let wb_limit = if read_only {
+            0
+        } else {
+            (write_buffer_bytes / u64::from(layout.cluster_size)) as usize
+        };
         let geometry = Geometry {
             size: layout.size,
             cluster_size: layout.cluster_size,
@@ -295,7 +325,8 @@ impl Core {
             uuid: uuid::Uuid::from_bytes(sb.uuid).hyphenated().to_string(),
             format_version: format::FORMAT_VERSION,
         };
-        let low_water = (layout.spare_slots / 4).max(8);
+        // Half the spare pool: the commit this asks for runs while the other half is used.
+        let low_water = (layout.spare_slots / 2).max(8);
         // Keep one commit's record well inside the journal.
         let dirty_limit = ((layout.journal_size / 4) / format::JR_ENTRY_LEN as u64).max(256);
         Core {
@@ -328,6 +359,10 @@ impl Core {
             corruption_logs: AtomicU64::new(0),
             pending_frees: Mutex::new(Vec::new()),
             pending_count: std::sync::atomic::AtomicUsize::new(0),
+            started: Instant::now(),
+            stale_grace: (commit_interval * 2).max(Duration::from_millis(200)),
+            wb_limit,
+            wb_entries: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -338,6 +373,7 @@ impl Core {
     /// Installs a loaded table (writer stopped, no I/O running).
     pub fn install(&self, loaded: Loaded) -> Result<bool> {
         let clean = loaded.clean;
+        self.buffer_drop_all();
         self.table.replace_with(loaded.table);
         recovery::rebuild_allocator(&self.table, &self.alloc)
             .map_err(ImageError::CorruptMetadata)?;
@@ -590,6 +626,10 @@ impl Core {
     fn read_cluster(&self, c: u32, at: usize, out: &mut [u8]) -> Result<()> {
         let cs = self.layout.cluster_size as usize;
         let (_guard, e, changes) = self.lock_cluster(c, false);
+        // Writes still in the write-back buffer override the stored version.
+        if self.wb_entries.load(Ordering::Acquire) > 0 && self.read_buffered(c, &e, at, out)? {
+            return Ok(());
+        }
         if e.is_zero() {
             out.fill(0);
             return Ok(());
@@ -707,8 +747,24 @@ impl Core {
     }
 
     fn write_cluster(&self, c: u32, change: Change<'_>) -> Result<()> {
-        let cs = self.layout.cluster_size as usize;
         let (_guard, cur, changes) = self.lock_cluster(c, true);
+        if self.wb_limit > 0 {
+            match change {
+                Change::Partial(at, d) => {
+                    if self.buffer_write(c, cur, changes, at, d)? {
+                        return Ok(());
+                    }
+                }
+                Change::Full(_) | Change::Zero => self.buffer_discard(c),
+            }
+        }
+        self.write_locked(c, cur, changes, change)
+    }
+
+    /// Stores a new version of cluster `c` (whose writer exclusion the caller holds; `cur` and
+    /// `changes` as `lock_cluster` returned them).
+    fn write_locked(&self, c: u32, cur: Entry, changes: u64, change: Change<'_>) -> Result<()> {
+        let cs = self.layout.cluster_size as usize;
         let generation = self.generation.load(Ordering::Relaxed);
         with_scratch(|sc| {
             // 1. The new content of the whole cluster.
@@ -756,12 +812,26 @@ impl Core {
                 };
             let crc = crc32c::crc32c(payload);
             // 3. Place it where nothing committed or current lives, and write it.
-            let (slot, unit) = self.place(c, units, &mut sc.owned)?;
+            let (slot, unit, stale) = self.place(c, units, &mut sc.owned)?;
             let new = Entry::stored(slot, unit, units, code, crc);
+            // Old bytes of a reused stale slot that the payload does not overwrite: pinned to
+            // this cluster until the writer punches them.
+            let leftover = stale & !new.mask();
             {
                 let (s, i) = locate(c);
                 let mut st = lock(&self.table.cells[s].stripe);
-                st.pins_mut(c, i).writing = Some(new);
+                let p = st.pins_mut(c, i);
+                p.writing = Some(new);
+                for_each_run(leftover, |u, n| {
+                    p.releasing.push(Entry::stored(slot, u, n, alg::RAW, 0));
+                });
+            }
+            if leftover != 0 {
+                let mut pending = lock(&self.pending_frees);
+                for_each_run(leftover, |u, n| {
+                    pending.push((c, Entry::stored(slot, u, n, alg::RAW, 0)));
+                });
+                self.pending_count.store(pending.len(), Ordering::Release);
             }
             let off = self.layout.region_offset(slot, unit);
             if let Err(source) = self.storage.write_at(off, payload) {
@@ -786,8 +856,9 @@ impl Core {
 
     /// Chooses a free region of `units` units for cluster `c`: beside its committed version in
     /// its home slot (ping-pong in place), else in another slot it owns, else in a free slot.
-    /// Marks the region as being written. Waits for a commit when no slot is free.
-    fn place(&self, c: u32, units: u32, owned: &mut Vec<u32>) -> Result<(u32, u32)> {
+    /// Returns (slot, first unit, mask of the slot's units holding unreferenced old bytes when a
+    /// stale slot was claimed). Waits for a commit when no slot is free.
+    fn place(&self, c: u32, units: u32, owned: &mut Vec<u32>) -> Result<(u32, u32, u32)> {
         let (s, i) = locate(c);
         let per_slot = self.layout.units_per_slot();
         let home = c;
@@ -797,37 +868,108 @@ impl Core {
                 st.owned_slots(c, i, owned);
                 if owned.contains(&home) {
                     if let Some(u) = find_gap(st.live_mask(c, i, home), units, per_slot) {
-                        return Ok((home, u));
+                        return Ok((home, u, 0));
                     }
-                } else if self.alloc.claim(home) {
-                    return Ok((home, 0));
+                } else if let Some(stale) = self.alloc.claim_slot(home) {
+                    return Ok((home, 0, stale));
                 }
                 for &slot in owned.iter().filter(|&&x| x != home) {
                     if let Some(u) = find_gap(st.live_mask(c, i, slot), units, per_slot) {
-                        return Ok((slot, u));
+                        return Ok((slot, u, 0));
                     }
                 }
-                if let Some(slot) = self.alloc.claim_any(u64::from(c)) {
-                    if self.alloc.free_slots() < self.low_water {
+                if let Some((slot, stale)) = self.alloc.claim_any(u64::from(c), units) {
+                    // Ask for a commit early enough that it completes before the free slots
+                    // run out, but not again while the last one's snapshot still holds them
+                    // (a storm of tiny commits).
+                    if self.alloc.free_slots() < self.low_water
+                        && self.dirty_count.load(Ordering::Relaxed) >= self.low_water / 2
+                    {
                         self.signal_pressure(false);
                     }
-                    return Ok((slot, 0));
+                    return Ok((slot, 0, stale));
                 }
+            }
+            if NO_SPACE_WAIT.with(Cell::get) {
+                return Err(ImageError::Io {
+                    op: "place cluster (no free slot before the next commit)",
+                    offset: 0,
+                    source: std::io::ErrorKind::WouldBlock.into(),
+                });
             }
             self.wait_for_space()?;
         }
     }
 
+    /// A write into `e` failed: its bytes (possibly part-written) are garbage nobody refers to.
     fn abandon_region(&self, c: u32, e: &Entry) {
-        let (s, i) = locate(c);
-        let mut st = lock(&self.table.cells[s].stripe);
-        if let Some(p) = st.pins.get_mut(&c) {
+        {
+            let (s, i) = locate(c);
+            let mut st = lock(&self.table.cells[s].stripe);
+            let p = st.pins_mut(c, i);
             p.writing = None;
+            p.releasing.push(*e);
         }
-        if st.live_mask(c, i, e.slot) == 0 {
-            self.alloc.release(e.slot);
+        self.dispose(c, *e);
+    }
+
+    /// `old`, a region of cluster `c` listed in its `releasing` pins, is referenced by nothing
+    /// any more (the commit that replaced it is durable, or it was never committed). When it was
+    /// the cluster's last region in its slot, the slot returns to the allocator as *stale* at
+    /// once: no punch, and the next version written there overwrites allocated blocks. Else the
+    /// region stays pinned and is queued for the writer to punch.
+    fn dispose(&self, c: u32, old: Entry) {
+        let (s, i) = locate(c);
+        {
+            let mut st = lock(&self.table.cells[s].stripe);
+            let Some(p) = st.pins.get_mut(&c) else {
+                return;
+            };
+            match p.releasing.iter().position(|r| *r == old) {
+                Some(k) => {
+                    p.releasing.swap_remove(k);
+                }
+                // Not listed: already handled.
+                None => return,
+            }
+            if st.live_mask(c, i, old.slot) == 0 {
+                self.alloc
+                    .release_stale(old.slot, old.mask(), self.now_ms());
+                st.tidy(c, i);
+                drop(st);
+                self.notify_space();
+                return;
+            }
+            st.pins_mut(c, i).releasing.push(old);
         }
-        st.tidy(c, i);
+        let mut pending = lock(&self.pending_frees);
+        pending.push((c, old));
+        self.pending_count.store(pending.len(), Ordering::Release);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Punches up to `max` stale slots that were freed at least `grace` ago (all of them with
+    /// `Duration::ZERO`) and returns them to the allocator clean. Returns how many.
+    pub fn punch_stale(&self, grace: Duration, max: usize) -> usize {
+        let before = self.now_ms().saturating_sub(grace.as_millis() as u64);
+        let mut slots = Vec::new();
+        self.alloc.take_stale_older(before, max, &mut slots);
+        for &(slot, mask) in &slots {
+            for_each_run(mask, |u, n| {
+                let off = self.layout.region_offset(slot, u);
+                let len = u64::from(n) * BLOCK;
+                if let Err(err) = self.storage.punch_hole(off, len) {
+                    log::warn!(
+                        "punching {len} bytes at {off} failed (space stays allocated): {err}"
+                    );
+                }
+            });
+            self.alloc.release(slot);
+        }
+        slots.len()
     }
 
     /// Makes `new` the cluster's current entry; returns its stripe's change counter after the
@@ -861,25 +1003,12 @@ impl Core {
             unreferenced.then_some(old)
         };
         // The replaced version was never committed: nothing durable or in flight refers to it,
-        // and this thread still holds the cluster, so its units are released right away.
+        // and this thread still holds the cluster, so its units are released right away (no
+        // punch on the write path: a whole slot becomes stale, a part of one is queued).
         if let Some(old) = release {
-            self.punch(&old);
-            let (s, i) = locate(c);
-            let free = lock(&self.table.cells[s].stripe).release_done(c, i, &old);
-            if free {
-                self.alloc.release(old.slot);
-                self.notify_space();
-            }
+            self.dispose(c, old);
         }
         Ok(changes)
-    }
-
-    fn punch(&self, e: &Entry) {
-        let off = self.layout.region_offset(e.slot, e.unit());
-        let len = u64::from(e.units()) * BLOCK;
-        if let Err(err) = self.storage.punch_hole(off, len) {
-            log::warn!("punching {len} bytes at {off} failed (space stays allocated): {err}");
-        }
     }
 
     fn notify_space(&self) {
@@ -942,6 +1071,8 @@ impl Core {
         if self.read_only {
             return Ok(());
         }
+        // Writes completed before this flush and still buffered go into its commit.
+        self.write_back_all()?;
         self.sync(false)
     }
 
@@ -1035,13 +1166,12 @@ impl Core {
         // The waiting flushes are covered now. Releasing space is not part of durability, and a
         // punch can cost a synchronous device discard: do it after completing them.
         self.mark_durable(ticket);
-        // Release what the commit stopped referring to (I1: only now). The regions stay pinned
-        // ("releasing") until punched; the writer punches them between commits, a batch at a
-        // time, so slow punches (synchronous discards) never delay a flush.
-        if !frees.is_empty() {
-            let mut pending = lock(&self.pending_frees);
-            pending.extend_from_slice(&frees);
-            self.pending_count.store(pending.len(), Ordering::Release);
+        // Release what the commit stopped referring to (I1: only now): whole slots return to the
+        // allocator stale (reusable without a punch); parts of slots stay pinned ("releasing")
+        // until the writer punches them between commits, a batch at a time, so slow punches
+        // (synchronous discards) never delay a flush.
+        for (c, old) in frees {
+            self.dispose(c, old);
         }
         Ok(())
     }
@@ -1203,7 +1333,10 @@ impl Core {
 
     /// The metadata writer's loop.
     pub fn writer_main(core: Arc<Core>) {
+        NO_SPACE_WAIT.with(|f| f.set(true));
         let mut last = Instant::now();
+        // Since when the write-back buffer holds something (roughly: reset while it is empty).
+        let mut buffered_since = Instant::now();
         loop {
             let (ticket, checkpoint) = {
                 let mut ctl = lock(&core.ctl);
@@ -1211,8 +1344,10 @@ impl Core {
                     if ctl.stop {
                         drop(ctl);
                         // Everything freed by durable commits is released before parking, so
-                        // a reload after resume finds no region half-way through its release.
+                        // a reload after resume finds no region half-way through its release, and
+                        // a parked or closed image stores nothing its table does not refer to.
                         core.reclaim_some(usize::MAX);
+                        core.punch_stale(Duration::ZERO, usize::MAX);
                         return;
                     }
                     let healthy = ctl.failed.is_none();
@@ -1220,7 +1355,19 @@ impl Core {
                         break;
                     }
                     let elapsed = last.elapsed();
-                    if healthy && elapsed >= core.commit_interval {
+                    if core.wb_entries.load(Ordering::Acquire) == 0 {
+                        buffered_since = Instant::now();
+                    }
+                    // Buffered writes older than a commit interval are stored and committed
+                    // like a timer commit, even when pressure commits keep `last` recent.
+                    let buffer_due = buffered_since.elapsed() >= core.commit_interval;
+                    if healthy && (elapsed >= core.commit_interval || buffer_due) {
+                        if buffer_due {
+                            drop(ctl);
+                            core.write_back_idle();
+                            buffered_since = Instant::now();
+                            ctl = lock(&core.ctl);
+                        }
                         break;
                     }
                     if core.has_pending_frees() {
@@ -1229,8 +1376,18 @@ impl Core {
                         ctl = lock(&core.ctl);
                         continue;
                     }
+                    if core.alloc.stale_slots() > 0 {
+                        drop(ctl);
+                        let n = core.punch_stale(core.stale_grace, RECLAIM_BATCH);
+                        ctl = lock(&core.ctl);
+                        if n > 0 {
+                            continue;
+                        }
+                    }
                     let wait = if healthy {
-                        core.commit_interval - elapsed
+                        // Wake for the timer commit, and in time to punch stale slots whose
+                        // grace period ends.
+                        (core.commit_interval - elapsed).min(core.stale_grace)
                     } else {
                         Duration::from_secs(3600)
                     };
@@ -1300,6 +1457,19 @@ mod tests {
         assert_eq!(find_gap(0xff00, 8, 16), Some(0));
         assert_eq!(find_gap(0x0ff0, 8, 16), None);
         assert_eq!(find_gap(0, 17, 16), None);
+    }
+
+    #[test]
+    fn runs_of_units_are_found_in_order() {
+        let mut runs = Vec::new();
+        for_each_run(0b1110_0110, |u, n| runs.push((u, n)));
+        assert_eq!(runs, vec![(1, 2), (5, 3)]);
+        runs.clear();
+        for_each_run(u32::MAX, |u, n| runs.push((u, n)));
+        assert_eq!(runs, vec![(0, 32)]);
+        runs.clear();
+        for_each_run(0, |u, n| runs.push((u, n)));
+        assert!(runs.is_empty());
     }
 
     #[test]

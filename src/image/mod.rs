@@ -42,6 +42,8 @@ pub const MAX_CLUSTER_SIZE: u32 = 128 * 1024;
 pub const DEFAULT_CLUSTER_SIZE: u32 = 64 * 1024;
 /// Interval of the metadata writer's timer commit when none is given (like dm-thin).
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// RAM for partial-cluster writes held back to be merged ([`OpenOptions::write_buffer_bytes`]).
+pub const DEFAULT_WRITE_BUFFER_BYTES: u64 = 32 << 20;
 
 /// Compression algorithm of an image (the default for new writes) or of one stored cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -152,6 +154,11 @@ pub struct OpenOptions {
     /// take no lock and load no table. [`Image::resume`] later takes the lock and loads the
     /// metadata. This is how `serve` starts: it must answer GET_CONFIG before the device runs.
     pub start_quiesced: bool,
+    /// RAM (bytes) of the write-back buffer: writes smaller than a cluster are merged there, per
+    /// cluster, and stored (compressed once) when the cluster is complete, at the next FLUSH,
+    /// timer commit or quiesce. 0 stores every write at once (read-modify-write per write). When
+    /// the buffer is full, further partial writes are stored at once (bounded RAM).
+    pub write_buffer_bytes: u64,
     /// TEST ONLY: write the commit record *before* making the data durable (breaks I2/I3).
     /// Exists so the crash simulator can show that its oracle catches a broken commit order.
     #[doc(hidden)]
@@ -166,6 +173,7 @@ impl Default for OpenOptions {
             commit_interval: DEFAULT_COMMIT_INTERVAL,
             lock: LockPolicy::Fail,
             start_quiesced: false,
+            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
             test_break_commit_order: false,
         }
     }
@@ -474,6 +482,7 @@ impl Image {
             opts.test_break_commit_order,
             opts.commit_interval.max(Duration::from_millis(1)),
             opts.lock,
+            opts.write_buffer_bytes,
         );
         let image = Image {
             core: Arc::new(core),
@@ -553,7 +562,13 @@ impl Image {
             self.core.drain();
         }
         if let Some(writer) = life.writer.take() {
+            // Buffered writes first: they were accepted, so the quiesce commits them (I7).
+            let buffered = self.core.write_back_all();
             result = self.core.sync(checkpoint);
+            if let Err(e) = buffered {
+                log::error!("storing buffered writes at quiesce failed: {e}");
+                result = Err(e);
+            }
             table::lock(&self.core.ctl).stop = true;
             self.core.writer_cv.notify_all();
             if writer.join().is_err() {

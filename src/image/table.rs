@@ -138,6 +138,67 @@ pub struct Pins {
     pub writing: Option<Entry>,
 }
 
+/// Sectors (512 bytes) per cluster at most: bits of [`Buffered::written`].
+const MAX_SECTORS: usize = 256;
+
+/// A cluster's writes held in the write-back buffer (see `engine::writeback`): the bytes of
+/// every sector written since the cluster was last stored, over a base that is the cluster's
+/// current stored version (not loaded: sectors not in `written` are read from it when needed).
+#[derive(Debug)]
+pub struct Buffered {
+    /// Cluster-sized; only the sectors set in `written` are meaningful.
+    pub data: Vec<u8>,
+    /// Bit per 512-byte sector written.
+    pub written: [u64; MAX_SECTORS / 64],
+}
+
+impl Buffered {
+    /// An empty entry for a cluster of `cluster_size` bytes.
+    pub fn new(cluster_size: usize) -> Buffered {
+        Buffered {
+            data: vec![0; cluster_size],
+            written: [0; MAX_SECTORS / 64],
+        }
+    }
+
+    fn sectors(at: usize, len: usize) -> std::ops::Range<usize> {
+        at / 512..(at + len).div_ceil(512)
+    }
+
+    /// Copies `d` in at byte `at` (both multiples of 512 bytes) and marks those sectors.
+    pub fn merge(&mut self, at: usize, d: &[u8]) {
+        self.data[at..at + d.len()].copy_from_slice(d);
+        for k in Self::sectors(at, d.len()) {
+            self.written[k / 64] |= 1 << (k % 64);
+        }
+    }
+
+    fn is_written(&self, k: usize) -> bool {
+        self.written[k / 64] & (1 << (k % 64)) != 0
+    }
+
+    /// True when every sector of `at..at + len` was written.
+    pub fn covers(&self, at: usize, len: usize) -> bool {
+        Self::sectors(at, len).all(|k| self.is_written(k))
+    }
+
+    /// True when the whole cluster was written (its stored version is not needed any more).
+    pub fn is_complete(&self) -> bool {
+        self.covers(0, self.data.len())
+    }
+
+    /// Copies the written sectors of `at..at + out.len()` into `out`.
+    pub fn overlay(&self, at: usize, out: &mut [u8]) {
+        for k in Self::sectors(at, out.len()) {
+            if self.is_written(k) {
+                let src = k * 512;
+                let dst = src - at;
+                out[dst..dst + 512].copy_from_slice(&self.data[src..src + 512]);
+            }
+        }
+    }
+}
+
 /// Per-cluster request exclusion.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Busy {
@@ -161,6 +222,8 @@ pub struct Stripe {
     pub busy: HashMap<u32, Busy>,
     /// Clusters changed since the last snapshot.
     pub dirty: Vec<u32>,
+    /// Clusters with writes in the write-back buffer.
+    pub buffered: HashMap<u32, Box<Buffered>>,
     /// Clusters stored compressed (current entries).
     pub compressed: u64,
     /// Clusters stored raw.
@@ -440,6 +503,29 @@ mod tests {
         assert_eq!(Entry::from_disk(&e.to_disk()), e);
         assert!(Entry::ZERO.is_zero());
         assert_eq!(Entry::ZERO.mask(), 0);
+    }
+
+    #[test]
+    fn buffered_sectors_are_tracked_and_overlaid_exactly() {
+        let mut b = Buffered::new(16384);
+        assert!(!b.is_complete());
+        b.merge(512, &[7u8; 1024]);
+        assert!(b.covers(512, 1024));
+        assert!(!b.covers(0, 1024));
+        assert!(!b.covers(1024, 1024));
+        let mut out = vec![1u8; 2048];
+        b.overlay(0, &mut out);
+        assert_eq!(&out[..512], &[1u8; 512][..]);
+        assert_eq!(&out[512..1536], &[7u8; 1024][..]);
+        assert_eq!(&out[1536..], &[1u8; 512][..]);
+        let mut out = vec![1u8; 512];
+        b.overlay(1024, &mut out);
+        assert_eq!(out, vec![7u8; 512]);
+        b.merge(0, &[9u8; 16384]);
+        assert!(b.is_complete());
+        let mut b = Buffered::new(128 * 1024);
+        b.merge(0, &vec![3u8; 128 * 1024]);
+        assert!(b.is_complete());
     }
 
     #[test]

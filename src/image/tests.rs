@@ -1105,3 +1105,112 @@ fn an_image_can_be_shared_between_threads() {
     shareable::<Image>();
     shareable::<Arc<Image>>();
 }
+
+#[test]
+fn buffered_partial_writes_read_back_merge_into_one_version_and_follow_flush() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let opts = OpenOptions {
+        // Only FLUSH, quiesce and completed clusters store buffered writes here.
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &opts).expect("open");
+    let base = compressible(4 << 20, 1);
+    img.write(0, &base).expect("write");
+    img.flush().expect("flush");
+    let stored = img.stats().stored_bytes;
+    let mut expect = base.clone();
+    // Sequential 4 KiB writes: cluster 1 complete (stored at once), cluster 2 half written.
+    for k in 0..24u64 {
+        let d = random(4096, 100 + k);
+        let at = 65536 + k * 4096;
+        img.write(at, &d).expect("write");
+        expect[at as usize..at as usize + 4096].copy_from_slice(&d);
+    }
+    // Scattered sectors into a stored cluster and into a never-written region's neighbour.
+    for (at, seed) in [
+        (3 * 65536 + 512, 7u64),
+        (3 * 65536 + 40960, 8),
+        (50 * 65536, 9),
+    ] {
+        let d = compressible(1024, seed);
+        img.write(at, &d).expect("write");
+        expect[at as usize..at as usize + 1024].copy_from_slice(&d);
+    }
+    // Reads see every buffered write: whole clusters, pieces fully inside buffered sectors,
+    // pieces mixing buffered and stored bytes, across cluster edges.
+    assert_eq!(read_all(&img), expect);
+    for (at, len) in [
+        (2 * 65536, 4096),
+        (2 * 65536 + 30000 / 512 * 512, 8192),
+        (3 * 65536, 2048),
+    ] {
+        let mut buf = vec![0u8; len];
+        img.read(at, &mut buf).expect("read");
+        assert_eq!(buf, &expect[at as usize..at as usize + len], "{at}");
+    }
+    // A crash now (killed process) loses what is only buffered, whole clusters at a time:
+    // cluster 2 and 3 read as their flushed versions, never a mix.
+    img.abandon();
+    let img = Image::open_on(st.clone(), &opts).expect("reopen");
+    let back = read_all(&img);
+    for c in [2usize, 3] {
+        let r = c * 65536..(c + 1) * 65536;
+        assert_eq!(back[r.clone()], base[r], "cluster {c}");
+    }
+    // Again, then FLUSH: everything survives.
+    let mut expect = back.clone();
+    for k in 0..5u64 {
+        let at = 2 * 65536 + k * 8192;
+        let d = random(4096, 200 + k);
+        img.write(at, &d).expect("write");
+        expect[at as usize..at as usize + 4096].copy_from_slice(&d);
+    }
+    img.flush().expect("flush");
+    img.abandon();
+    let img = Image::open_on(st.clone(), &opts).expect("reopen");
+    assert_eq!(read_all(&img), expect);
+    // A whole-cluster write replaces what is buffered for that cluster.
+    img.write(5 * 65536 + 4096, &random(4096, 300))
+        .expect("write");
+    let full = compressible(65536, 301);
+    img.write(5 * 65536, &full).expect("write");
+    img.close().expect("close");
+    let img = Image::open_on(st.clone(), &opts).expect("reopen");
+    let mut buf = vec![0u8; 65536];
+    img.read(5 * 65536, &mut buf).expect("read");
+    assert_eq!(buf, full);
+    assert!(img.stats().stored_bytes >= stored / 2);
+    img.close().expect("close");
+    let report = check_on(st.clone(), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0);
+}
+
+#[test]
+fn a_full_write_back_buffer_stores_further_partial_writes_at_once() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        write_buffer_bytes: 2 * 65536,
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &opts).expect("open");
+    let mut expect = vec![0u8; 4 << 20];
+    for c in 0..10u64 {
+        let at = c * 65536 + 4096;
+        let d = random(4096, c);
+        img.write(at, &d).expect("write");
+        expect[at as usize..at as usize + 4096].copy_from_slice(&d);
+    }
+    // Two clusters are buffered; the other eight were stored at once (published, not yet
+    // committed).
+    assert_eq!(img.stats().uncommitted_writes, 8);
+    assert_eq!(read_all(&img), expect);
+    img.flush().expect("flush");
+    assert_eq!(img.stats().uncommitted_writes, 0);
+    img.abandon();
+    let img = Image::open_on(st.clone(), &opts).expect("reopen");
+    assert_eq!(read_all(&img), expect);
+    img.close().expect("close");
+}

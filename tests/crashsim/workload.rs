@@ -64,6 +64,11 @@ pub enum Profile {
     /// Small writes each followed by a flush: one commit per request, so the journal fills and
     /// checkpoints are written (and crashed) during the workload.
     Journal,
+    /// Small sequential writes (512 B..8 KiB) that fill clusters piece by piece, sometimes
+    /// stepping back to rewrite, reads of what was just written, flushes every ~16 requests:
+    /// the engine's write-back buffer holds partial clusters, completes some, and FLUSH/timer
+    /// commits store the rest. Crashes fall before, during and after those stores.
+    SmallSequential,
 }
 
 /// Everything that defines one run.
@@ -102,6 +107,9 @@ pub struct Spec {
     pub lying_flush: bool,
     /// Simulate a block device whose discarded ranges do not read as zeros.
     pub block_device: Option<DiscardContent>,
+    /// RAM of the engine's write-back buffer: the default, none (every write stored at once),
+    /// or two clusters (mostly full: partial writes fall back to storing at once).
+    pub write_buffer_bytes: u64,
 }
 
 impl Spec {
@@ -137,6 +145,12 @@ impl Spec {
             inject_fault: false,
             lying_flush: false,
             block_device: None,
+            // From the seed, not the rng: older seeds keep drawing the same runs.
+            write_buffer_bytes: match seed % 3 {
+                0 => insitu_blk::image::DEFAULT_WRITE_BUFFER_BYTES,
+                1 => 0,
+                _ => 2 * u64::from(cluster_size),
+            },
         }
     }
 }
@@ -263,6 +277,8 @@ pub struct Generator {
     hot: Vec<u64>,
     profile: Profile,
     flush_next: bool,
+    /// Next byte of a sequential walk (`Profile::SmallSequential`).
+    cursor: u64,
     /// Whether `Op::QuiesceResume` may be generated.
     pub allow_quiesce: bool,
 }
@@ -280,6 +296,7 @@ impl Generator {
             hot,
             profile,
             flush_next: false,
+            cursor: lo * cluster_size,
             allow_quiesce: false,
         }
     }
@@ -404,6 +421,58 @@ impl Generator {
                         len: sectors * 512,
                         pattern: Pattern::Compressible,
                     },
+                }
+            }
+            Profile::SmallSequential => {
+                let (lo, hi) = (self.lo * cs, self.hi * cs);
+                match self.rng.gen_range(0..100) {
+                    0..=1 if self.allow_quiesce => Op::QuiesceResume,
+                    0..=5 => Op::Flush,
+                    6..=15 => {
+                        // What was just written (often still buffered), across a cluster edge
+                        // at times.
+                        let len = 512 * self.rng.gen_range(1..=32u64);
+                        let offset = self.cursor.saturating_sub(len / 2).max(lo) / 512 * 512;
+                        let len = len.min(hi - offset);
+                        Op::Read { offset, len }
+                    }
+                    16..=19 => {
+                        // Step back: rewrite part of a buffered or stored cluster.
+                        self.cursor = self.cursor.saturating_sub(cs / 2).max(lo) / 512 * 512;
+                        Op::Flush
+                    }
+                    20..=22 => {
+                        let len = (512 * self.rng.gen_range(1..=8u64)).min(hi - self.cursor);
+                        let offset = self.cursor;
+                        self.cursor += len;
+                        if self.cursor >= hi {
+                            self.cursor = lo;
+                        }
+                        Op::WriteZeroes {
+                            offset,
+                            len,
+                            unmap: self.rng.gen_bool(0.5),
+                        }
+                    }
+                    _ => {
+                        let len = if self.rng.gen_bool(0.7) {
+                            4096
+                        } else {
+                            512 * self.rng.gen_range(1..=16u64)
+                        };
+                        let len = len.min(hi - self.cursor);
+                        let offset = self.cursor;
+                        self.cursor += len;
+                        if self.cursor >= hi {
+                            self.cursor = lo;
+                        }
+                        let pattern = self.pattern();
+                        Op::Write {
+                            offset,
+                            len,
+                            pattern,
+                        }
+                    }
                 }
             }
             Profile::SharedClusters => {
@@ -594,6 +663,7 @@ fn open_options(spec: &Spec) -> OpenOptions {
     OpenOptions {
         commit_interval: spec.commit_interval,
         test_break_commit_order: spec.break_commit_order,
+        write_buffer_bytes: spec.write_buffer_bytes,
         ..OpenOptions::default()
     }
 }
