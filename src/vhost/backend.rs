@@ -21,7 +21,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,9 @@ pub struct ConnectionBackend<D: Device> {
     poll_max: Duration,
     /// Each queue's polling window (locked by its worker only).
     poll: Vec<Mutex<PollWindow>>,
+    /// Set when the connection ends: workers stop polling at once (their exit event is only
+    /// seen once they are back in their event loop).
+    polling_ended: AtomicBool,
 }
 
 impl<D: Device> ConnectionBackend<D> {
@@ -104,6 +107,7 @@ impl<D: Device> ConnectionBackend<D> {
             exit_fds: Mutex::new(Vec::new()),
             poll_max: Duration::ZERO,
             poll: Vec::new(),
+            polling_ended: AtomicBool::new(false),
         }
     }
 
@@ -114,6 +118,12 @@ impl<D: Device> ConnectionBackend<D> {
             .map(|_| Mutex::new(PollWindow::new(max)))
             .collect();
         self
+    }
+
+    /// Ends every worker's polling for good: call when the connection is over, before the
+    /// workers are stopped and joined.
+    pub fn end_polling(&self) {
+        self.polling_ended.store(true, Ordering::Release);
     }
 
     /// Closes the exit eventfd consumers the crate leaked (see `exit_fds`).
@@ -175,7 +185,8 @@ impl<D: Device> ConnectionBackend<D> {
     /// and returns to the event loop.
     ///
     /// Polling holds no gate and no ring lock between looks, so a quiesce or a GET_VRING_BASE
-    /// never waits for it; every look checks that the ring is still started and enabled.
+    /// never waits for it; every look checks that the ring is still started and enabled and
+    /// the connection still open.
     fn serve_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
         let mut resume_attempted = false;
         let mut budget = Budget::new();
@@ -289,7 +300,11 @@ impl<D: Device> ConnectionBackend<D> {
                 {
                     let state = vring.get_ref();
                     let ring = state.get_queue();
-                    if vring.refused_size().is_some() || !ring.ready() || !state.is_enabled() {
+                    if vring.refused_size().is_some()
+                        || !ring.ready()
+                        || !state.is_enabled()
+                        || self.polling_ended.load(Ordering::Acquire)
+                    {
                         return Polled::Stopped;
                     }
                     match ring.avail_idx(&*mem, Ordering::Acquire) {

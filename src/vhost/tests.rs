@@ -1078,3 +1078,29 @@ fn polling_off_still_serves_with_event_idx_kicks() {
     }
     served.stop();
 }
+
+#[test]
+fn a_disconnect_ends_a_long_poll_and_the_next_connection_is_served() {
+    let served = Served::start_polling(1, Duration::from_secs(30));
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    // The worker polls (30 s window) when the frontend goes away without stopping the ring.
+    drop(fe);
+    let socket = served.socket.clone();
+    let fe = within(
+        Duration::from_secs(5),
+        "serving the next connection",
+        move || {
+            let mut fe = TestFrontend::connect(&socket, 1);
+            fe.start_queue(0);
+            let status = fe.submit(0);
+            fe.wait_used(0, 1);
+            assert_eq!(fe.status(status), 0);
+            fe
+        },
+    );
+    drop(fe);
+    served.stop();
+}
