@@ -487,9 +487,21 @@ mod tests {
             &["--socket-path=s", "--blk-file=i", "--create-size=1000"],
             &["--socket-path=s", "--blk-file=i", "--create-size=0"],
             &["--socket-path=s", "--blk-file=i", "--stats-interval=0"],
+            &["--socket-path=s", "--blk-file=i", "--poll-max-us=10001"],
+            &["--socket-path=s", "--blk-file=i", "--poll-max-us=-1"],
         ] {
             assert!(config(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn polling_defaults_to_32_us_and_0_turns_it_off() {
+        let c = config(&["--socket-path=s", "--blk-file=i"]).unwrap();
+        assert_eq!(c.poll_max, Duration::from_micros(32));
+        let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us=0"]).unwrap();
+        assert!(c.poll_max.is_zero());
+        let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us", "10000"]).unwrap();
+        assert_eq!(c.poll_max, Duration::from_millis(10));
     }
 
     #[test]
