@@ -1104,3 +1104,34 @@ fn a_disconnect_ends_a_long_poll_and_the_next_connection_is_served() {
     drop(fe);
     served.stop();
 }
+
+#[test]
+fn a_completion_is_not_held_back_by_a_batch_of_slow_requests() {
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    // Eight requests of 20 ms each: notifying once per 8 completions (or when the ring drains)
+    // would tell the driver about the first one only 140 ms after it completed. The driver's
+    // used_event is 0, so the first notification is the one it asked for.
+    *served.device().delay.lock().unwrap() = Duration::from_millis(20);
+    fe.submit_burst(0, 8);
+    let (_, _, call) = fe.queues[0].as_ref().unwrap();
+    let mut pollfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
+    assert_eq!(ready, 1, "no notification within 10 s");
+    let used = fe.used_idx(0);
+    assert!(
+        (1..8).contains(&used),
+        "first notification only after {used} completions"
+    );
+    fe.wait_used(0, 8);
+    served.stop();
+}
