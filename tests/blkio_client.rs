@@ -127,10 +127,23 @@ impl Client {
         let _ = self.queues[q].do_io(&mut none, 0, Some(&mut timeout), None);
     }
 
-    fn write(&mut self, q: usize, offset: u64, data: &[u8], buf_off: usize) -> i32 {
+    /// Queues a write of `data` (copied to `buf_off` of the shared buffer) on queue `q` without
+    /// submitting it; its completion carries `user_data`.
+    fn queue_write(
+        &mut self,
+        q: usize,
+        offset: u64,
+        data: &[u8],
+        buf_off: usize,
+        user_data: usize,
+    ) {
         self.fill(buf_off, data);
         let p = self.buf(buf_off, data.len());
-        self.queues[q].write(offset, p, data.len(), 1, ReqFlags::empty());
+        self.queues[q].write(offset, p, data.len(), user_data, ReqFlags::empty());
+    }
+
+    fn write(&mut self, q: usize, offset: u64, data: &[u8], buf_off: usize) -> i32 {
+        self.queue_write(q, offset, data, buf_off, 1);
         self.wait_one(q)
     }
 
@@ -228,10 +241,7 @@ fn multi_queue_write_read_flush_discard_write_zeroes_round_trips() {
             let idx = q * per_queue + k;
             let off = idx as u64 * CLUSTER;
             let data = pattern(idx as u64, CLUSTER as usize);
-            let buf_off = idx * CLUSTER as usize;
-            c.fill(buf_off, &data);
-            let p = c.buf(buf_off, data.len());
-            c.queues[q].write(off, p, data.len(), idx, ReqFlags::empty());
+            c.queue_write(q, off, &data, idx * CLUSTER as usize, idx);
             model[off as usize..(off + CLUSTER) as usize].copy_from_slice(&data);
         }
         c.submit(q);
@@ -413,10 +423,7 @@ fn sigkill_after_a_completed_flush_loses_nothing() {
             let idx = q * 6 + k;
             let off = (idx as u64 * CLUSTER * 5 / 4) & !4095;
             let data = pattern(300 + idx as u64, 48 << 10);
-            let buf_off = idx * (48 << 10);
-            c.fill(buf_off, &data);
-            let p = c.buf(buf_off, data.len());
-            c.queues[q].write(off, p, data.len(), idx, ReqFlags::empty());
+            c.queue_write(q, off, &data, idx * (48 << 10), idx);
             model[off as usize..off as usize + data.len()].copy_from_slice(&data);
         }
         c.submit(q);
@@ -497,15 +504,7 @@ fn sigkill_mid_write(strict_after_kill: bool) {
                     CLUSTER as usize,
                 );
                 let buf_off = (q * per_queue + k) * CLUSTER as usize % REGION;
-                c.fill(buf_off, &data);
-                let p = c.buf(buf_off, data.len());
-                c.queues[q].write(
-                    cluster as u64 * CLUSTER,
-                    p,
-                    data.len(),
-                    k,
-                    ReqFlags::empty(),
-                );
+                c.queue_write(q, cluster as u64 * CLUSTER, &data, buf_off, k);
                 current[cluster].push(data);
             }
             c.submit(q);
@@ -630,15 +629,7 @@ fn sigterm_with_writes_in_flight_keeps_every_completed_write() {
             let cluster = 8 + q * 8 + k;
             let data = pattern(41_000 + cluster as u64, CLUSTER as usize);
             let buf_off = (q * 8 + k) * CLUSTER as usize;
-            c.fill(buf_off, &data);
-            let p = c.buf(buf_off, data.len());
-            c.queues[q].write(
-                cluster as u64 * CLUSTER,
-                p,
-                data.len(),
-                k,
-                ReqFlags::empty(),
-            );
+            c.queue_write(q, cluster as u64 * CLUSTER, &data, buf_off, k);
             versions[cluster].push(data);
         }
         c.submit(q);

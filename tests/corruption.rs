@@ -431,20 +431,26 @@ fn flipped_bit_in_the_checkpoint_is_detected() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The three writes of [`expected_contents`], each flushed: one journal record per commit.
+/// Returns the image bytes taken after the last flush, before any checkpoint (as a crash would
+/// leave them), and the offsets of the journal records in commit order.
+fn commit_each_write(backend: Backend) -> (Vec<u8>, Vec<usize>) {
+    let bytes = build(backend, Compression::Lz4, false, &|image| {
+        for (c, data) in expected_contents() {
+            image.write(c * u64::from(CLUSTER), &data).expect("write");
+            image.flush().expect("flush");
+        }
+    });
+    let mut records = blocks_with_magic(&bytes, b"INSITUJR");
+    records.sort_by_key(|&off| le_u64(&bytes, off + 8));
+    (bytes, records)
+}
+
 #[test]
 fn flipped_bit_in_a_journal_record_is_detected() {
     let mut failures = Vec::new();
     for backend in BACKENDS {
-        // Three commits, each with its own record; the image is copied after the last flush,
-        // before any checkpoint (as a crash would leave it).
-        let bytes = build(backend, Compression::Lz4, false, &|image| {
-            for (c, data) in expected_contents() {
-                image.write(c * u64::from(CLUSTER), &data).expect("write");
-                image.flush().expect("flush");
-            }
-        });
-        let mut records = blocks_with_magic(&bytes, b"INSITUJR");
-        records.sort_by_key(|&off| le_u64(&bytes, off + 8));
+        let (bytes, records) = commit_each_write(backend);
         assert!(
             records.len() >= 3,
             "{backend:?}: expected a journal record per commit, found {}",
@@ -813,4 +819,50 @@ fn payloads_that_decode_to_the_wrong_size_fail_their_cluster_only() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `check --repair` of a journal whose middle record is damaged keeps what the records after it
+/// committed (it used to write a checkpoint without them, punch their payloads as leaks, and
+/// leave the old records where the next open found them again). The damaged record's own change
+/// is gone: that cluster reads as it was before (zeros here), never as garbage. Afterwards the
+/// image opens read-write, checks clean, and stays so across a close and a reopen.
+#[test]
+fn repair_of_a_damaged_journal_record_keeps_the_commits_after_it() {
+    for backend in BACKENDS {
+        let (bytes, records) = commit_each_write(backend);
+        // The record of the second write (cluster 5); cluster 11's record follows it.
+        let middle = records[records.len() - 2];
+        let mut bad = bytes;
+        flip_bit(&mut bad, middle + 48 + 6, 4);
+        let storage = Arc::new(MemStorage::from_bytes(bad));
+        let before = check_on(storage.clone(), false).expect("check");
+        assert!(
+            !before.corruptions.is_empty(),
+            "{backend:?}: the damaged record went unnoticed"
+        );
+        let repaired = check_on(storage.clone(), true).expect("repair");
+        eprintln!("{backend:?}: repairs: {:#?}", repaired.repairs);
+        let after = check_on(storage.clone(), false).expect("check after repair");
+        assert!(
+            after.corruptions.is_empty() && after.leaked_bytes == 0,
+            "{backend:?}: not clean after repair: {after:#?}"
+        );
+        let mut expected = expected_contents();
+        // Cluster 5's commit is the damaged one: it reads as before that commit (zeros).
+        expected.retain(|(c, _)| *c != 5);
+        let image = Image::open_on(storage.clone(), &OpenOptions::default())
+            .unwrap_or_else(|e| panic!("{backend:?}: refuses to open after repair: {e}"));
+        let wrong = wrong_clusters(&image, &expected);
+        assert!(wrong.is_empty(), "{backend:?}: after repair: {wrong:?}");
+        assert!(
+            !image.recovered_after_unclean_shutdown(),
+            "{backend:?}: a repaired image opens as if it had crashed"
+        );
+        image.close().expect("close");
+        let image = Image::open_on(storage.clone(), &OpenOptions::default()).expect("reopen");
+        assert!(wrong_clusters(&image, &expected).is_empty());
+        image.close().expect("close");
+        let last = check_on(storage, false).expect("final check");
+        assert!(last.corruptions.is_empty(), "{backend:?}: {last:#?}");
+    }
 }

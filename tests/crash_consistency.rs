@@ -923,3 +923,80 @@ fn oracle_catches_a_broken_commit_order() {
          wrote commit records before the data was durable: the oracle is toothless"
     );
 }
+
+/// fsyncgate (Linux writeback-error semantics, modelled by the simulator: a failed flush loses
+/// what it covered for good while reads still see it). After any failed step of a commit the
+/// engine must never again report a FLUSH as successful in this process, not even after a
+/// quiesce and resume (which must not reload metadata through the cache that lied); and a crash
+/// afterwards recovers to an image that opens, checks clean and holds every write flushed before
+/// the failure.
+#[test]
+fn a_failed_commit_is_never_followed_by_a_successful_flush() {
+    use insitu_blk::image::{check_on, CreateOptions, Image, OpenOptions};
+    use std::time::Duration;
+
+    let cs = 16 * 1024usize;
+    let pattern = |byte: u8| vec![byte; cs];
+    let mut rng = SmallRng::seed_from_u64(0xF5_6A7E);
+    // A commit is: data flush, journal write, journal flush. Fail each in turn.
+    for failing_op in 1..=3u64 {
+        let sim = Arc::new(SimStorage::new());
+        let mut create = CreateOptions::new((cs * 8) as u64);
+        create.cluster_size = cs as u32;
+        create.compression = Compression::None;
+        Image::create_on(sim.clone(), &create).expect("create");
+        let opts = OpenOptions {
+            commit_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        };
+        let image = Image::open_on(sim.clone(), &opts).expect("open");
+        image.write(0, &pattern(0xA1)).expect("write A");
+        image.flush().expect("flush A");
+        image.write(cs as u64, &pattern(0xB2)).expect("write B");
+        sim.fail_after(failing_op);
+        assert!(
+            image.flush().is_err(),
+            "op {failing_op}: the failed commit must fail the FLUSH"
+        );
+        assert_eq!(
+            sim.injected_faults(),
+            1,
+            "op {failing_op}: the fault fired inside the commit"
+        );
+        // A VM pause and resume (GET_VRING_BASE, then the rings restart).
+        let _ = image.quiesce();
+        image.resume().expect("resume");
+        let c_written = image.write(2 * cs as u64, &pattern(0xC3)).is_ok();
+        assert!(
+            image.flush().is_err(),
+            "op {failing_op}: a FLUSH after a failed commit claimed durability (wrote C: {c_written})"
+        );
+        for mode in [CrashMode::KeepNone, CrashMode::KeepAll] {
+            let (crashed, desc) = sim.crash(mode, &mut rng);
+            let crashed = Arc::new(crashed);
+            let report = check_on(crashed.clone(), false).expect("check");
+            assert!(
+                report.corruptions.is_empty(),
+                "op {failing_op}, {desc}: {:?}",
+                report.corruptions
+            );
+            let reopened = Image::open_on(crashed, &opts)
+                .unwrap_or_else(|e| panic!("op {failing_op}, {desc}: refuses to open: {e}"));
+            let mut buf = vec![0u8; cs];
+            reopened.read(0, &mut buf).expect("read A");
+            assert!(
+                buf == pattern(0xA1),
+                "op {failing_op}, {desc}: flushed A lost"
+            );
+            for (k, byte) in [(1usize, 0xB2u8), (2, 0xC3)] {
+                reopened.read((k * cs) as u64, &mut buf).expect("read");
+                assert!(
+                    buf == pattern(byte) || buf == vec![0u8; cs],
+                    "op {failing_op}, {desc}: cluster {k} is neither its write nor zeros"
+                );
+            }
+            reopened.abandon();
+        }
+        image.abandon();
+    }
+}

@@ -544,6 +544,11 @@ fiopid=$!
         blk_pattern $n > /tmp/blk
         dd if=/tmp/blk of=/dev/vda bs=65536 seek=$((%(base)d + n)) oflag=direct conv=notrunc 2>/dev/null
         echo "INSITU-W $n"
+        # A guest FLUSH now and then: it must never fail (a migration or a pause must not
+        # look like a lost-write event to the guest).
+        if [ $((n %% 4)) = 3 ]; then
+            sync /dev/vda || echo "INSITU-FLUSH-FAILED $n"
+        fi
         n=$((n + 1))
     done
 ) &
@@ -555,7 +560,16 @@ cat /tmp/fio.out
 echo "INSITU-FIO-DONE rc=$rc"
 [ $rc = 0 ]
 grep -q 'err= 0' /tmp/fio.out
+step "a cache flush after the workload (the first one after a migration or a pause) succeeds"
+sync /dev/vda
 """ % {"fio": FIO_VERIFY.format(size="64M"), "max": COUNTER_MAX, "base": COUNTER_BASE_BLOCK}
+
+
+def no_failed_flush(*texts):
+    """The WORKLOAD's periodic guest FLUSHes all succeeded."""
+    failed = [m for text in texts for m in re.findall(r"^INSITU-FLUSH-FAILED \d+", text, re.M)]
+    if failed:
+        raise TestFailure(f"guest FLUSH failed: {failed}")
 
 
 def counters_announced(*texts):
@@ -694,6 +708,7 @@ def test_pause(t):
     g.qmp.cmd("cont")
     quiesce_log_check(t, b, log_offset, "resumed")
     text = g.wait_result(scaled(400))
+    no_failed_flush(text)
     last = counters_announced(text)
     if b.stop() != 0:
         raise TestFailure("backend exited non-zero on SIGTERM")
@@ -746,6 +761,7 @@ def test_migrate(t):
         src_b.stop()
     text = dst.wait_result(scaled(400))
     t.note(f"guest finished and verified on the destination; counters on source up to {src_last}")
+    no_failed_flush(src.text(), text)
     last = counters_announced(src.text(), text)
     if dst_b.stop() != 0:
         raise TestFailure("destination backend exited non-zero on SIGTERM")

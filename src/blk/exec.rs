@@ -13,8 +13,8 @@
 //! - DISCARD / WRITE_ZEROES: every segment is validated before the first one executes (no partial
 //!   effect of an invalid request): unknown flags, or UNMAP on DISCARD, give UNSUPP; an empty
 //!   payload, a payload not a multiple of 16, too many segments, a segment of 0 sectors or over
-//!   the limit, or a range outside the disk give IOERR. Overlapping ranges are served (zeroing
-//!   twice is harmless).
+//!   the limit, or a range outside the disk give IOERR. Overlapping and adjacent ranges are
+//!   merged first, so each byte is zeroed once whatever the guest repeats.
 
 use std::sync::atomic::Ordering;
 
@@ -212,25 +212,53 @@ impl BlkDevice {
                 self.capacity_sectors,
             )?;
         }
-        for segment in segments {
-            // Validated above.
-            let offset = segment.sector * SECTOR_SIZE;
-            let len = u64::from(segment.num_sectors) * SECTOR_SIZE;
+        // Validated above: every range lies on the disk.
+        for range in merged_ranges(&mut bufs.zeroing) {
+            let (offset, len) = (range.offset, range.len);
             match kind {
                 Zeroing::Discard => self
                     .image
                     .discard(offset, len)
                     .map_err(|e| RequestError::engine("discard", offset, e))?,
-                Zeroing::WriteZeroes => {
-                    let unmap = segment.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-                    self.image
-                        .write_zeroes(offset, len, unmap)
-                        .map_err(|e| RequestError::engine("write-zeroes", offset, e))?
-                }
+                Zeroing::WriteZeroes => self
+                    .image
+                    .write_zeroes(offset, len, range.unmap)
+                    .map_err(|e| RequestError::engine("write-zeroes", offset, e))?,
             }
         }
         Ok(())
     }
+}
+
+/// A byte range to zero, merged from one or more segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ZeroRange {
+    offset: u64,
+    len: u64,
+    /// Every merged segment allowed deallocation (WRITE_ZEROES UNMAP).
+    unmap: bool,
+}
+
+/// Sorts validated segments by start and merges overlapping and adjacent ones, so a request's
+/// work is bounded by the disk it covers, not by how often the guest repeats a range (256
+/// copies of one 1 GiB segment zero 1 GiB once). A merged range may deallocate only if every
+/// segment in it allowed that.
+fn merged_ranges(segments: &mut [request::ZeroingSegment]) -> Vec<ZeroRange> {
+    segments.sort_unstable_by_key(|s| s.sector);
+    let mut ranges: Vec<ZeroRange> = Vec::with_capacity(segments.len());
+    for segment in segments.iter() {
+        let offset = segment.sector * SECTOR_SIZE;
+        let len = u64::from(segment.num_sectors) * SECTOR_SIZE;
+        let unmap = segment.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+        match ranges.last_mut() {
+            Some(last) if offset <= last.offset + last.len => {
+                last.len = last.len.max(offset + len - last.offset);
+                last.unmap &= unmap;
+            }
+            _ => ranges.push(ZeroRange { offset, len, unmap }),
+        }
+    }
+    ranges
 }
 
 /// Splits `[offset, offset + len)` at multiples of [`CHUNK_BYTES`]: `(position, length)` pairs.
@@ -260,6 +288,48 @@ fn bounce_slice(bounce: &mut Vec<u8>, n: usize) -> &mut [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use request::ZeroingSegment;
+
+    fn seg(sector: u64, num_sectors: u32, flags: u32) -> ZeroingSegment {
+        ZeroingSegment {
+            sector,
+            num_sectors,
+            flags,
+        }
+    }
+
+    #[test]
+    fn zeroing_segments_are_merged_when_they_overlap_or_touch() {
+        const U: u32 = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+        let range = |sector: u64, sectors: u64, unmap| ZeroRange {
+            offset: sector * 512,
+            len: sectors * 512,
+            unmap,
+        };
+        // 256 copies of one segment: one range.
+        let mut same: Vec<_> = (0..256).map(|_| seg(8, 2048, U)).collect();
+        assert_eq!(merged_ranges(&mut same), vec![range(8, 2048, true)]);
+        // Unsorted, overlapping, adjacent, contained and disjoint segments.
+        let mut mixed = vec![
+            seg(1000, 10, U),
+            seg(0, 8, U),
+            seg(8, 8, 0),
+            seg(4, 2, U),
+            seg(20, 5, U),
+            seg(22, 1, U),
+            seg(1005, 100, U),
+        ];
+        assert_eq!(
+            merged_ranges(&mut mixed),
+            vec![
+                range(0, 16, false),
+                range(20, 5, true),
+                range(1000, 105, true)
+            ]
+        );
+        let mut one = vec![seg(7, 1, 0)];
+        assert_eq!(merged_ranges(&mut one), vec![range(7, 1, false)]);
+    }
 
     #[test]
     fn chunks_never_cross_a_chunk_boundary() {

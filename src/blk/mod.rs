@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::{Bytes, GuestMemory};
 
 pub use config::BlkConfig;
@@ -273,7 +274,8 @@ impl BlkDevice {
     /// Serves the request at the head of `chain`, read from the descriptor table of `ring`
     /// (the queue the chain was popped from), and writes its status. This is the strict path:
     /// the device walks the table itself, so it refuses every malformed indirect descriptor
-    /// (INDIRECT with NEXT, nested, not at the head, empty, ragged, longer than the queue).
+    /// (INDIRECT with NEXT, nested, not at the head, empty, ragged, longer than the queue, or any
+    /// indirect descriptor when the driver did not accept VIRTIO_RING_F_INDIRECT_DESC).
     ///
     /// Returns the used length for the used ring: the data bytes written into the chain plus the
     /// status byte, or 0 when the chain has no usable status byte (then nothing was written).
@@ -307,7 +309,8 @@ impl BlkDevice {
     {
         let head = chain.head_index();
         let mem = chain.memory();
-        let status = request::walk_chain(mem, ring, head, self.cfg.queue_size, bufs);
+        let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+        let status = request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
         self.serve(mem, bufs, head, status, acked_features)
     }
 

@@ -110,6 +110,10 @@ pub enum Unanswerable {
     /// The last descriptor is device-readable, empty, or outside guest memory.
     #[error("descriptor chain has no writable status byte")]
     NoStatus,
+    /// An indirect descriptor while VIRTIO_RING_F_INDIRECT_DESC was not negotiated (virtio 1.2
+    /// 2.7.5.3.1: the driver MUST NOT set INDIRECT then); its table is not followed.
+    #[error("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC negotiated")]
+    IndirectNotNegotiated,
 }
 
 /// The parsed request header.
@@ -190,12 +194,26 @@ fn read_descriptor<G: GuestMemory + ?Sized>(
 
 /// Walks the chain starting at descriptor `head` of `ring`, reading every descriptor once into
 /// `bufs.descriptors`, and locates the status byte. `max_descriptors` bounds the chain and any
-/// indirect table.
+/// indirect table. Indirect tables are followed (VIRTIO_RING_F_INDIRECT_DESC negotiated); see
+/// [`walk_chain_with`].
 pub fn walk_chain<G: GuestMemory + ?Sized>(
     mem: &G,
     ring: SplitRing,
     head: u16,
     max_descriptors: u16,
+    bufs: &mut RequestBuffers,
+) -> Result<StatusByte, Unanswerable> {
+    walk_chain_with(mem, ring, head, max_descriptors, true, bufs)
+}
+
+/// [`walk_chain`], refusing any indirect descriptor unless `indirect_negotiated` (the driver
+/// accepted VIRTIO_RING_F_INDIRECT_DESC).
+pub fn walk_chain_with<G: GuestMemory + ?Sized>(
+    mem: &G,
+    ring: SplitRing,
+    head: u16,
+    max_descriptors: u16,
+    indirect_negotiated: bool,
     bufs: &mut RequestBuffers,
 ) -> Result<StatusByte, Unanswerable> {
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -226,6 +244,9 @@ pub fn walk_chain<G: GuestMemory + ?Sized>(
             });
         };
         if desc.flags & INDIRECT != 0 {
+            if !indirect_negotiated {
+                return Err(Unanswerable::IndirectNotNegotiated);
+            }
             if desc.flags & NEXT != 0 {
                 return Err(Unanswerable::IndirectWithNext);
             }

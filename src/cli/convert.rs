@@ -14,13 +14,14 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use insitu_blk::image::format::{BLOCK, SB_OFFSETS};
 use insitu_blk::image::{
-    Compression, CreateOptions, FileStorage, Image, ImageError, OpenOptions, Storage,
-    DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
+    open_block_device_exclusively, Compression, CreateOptions, FileStorage, Image, ImageError,
+    NewFile, OpenOptions, Storage, DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use super::create::ensure_new_or_block_device;
+use super::create::{ensure_device_may_be_overwritten, ensure_new_or_block_device};
 use super::size::ByteSize;
 use super::validate_cluster_size;
 use super::{ensure_input_exists, note, parse_compression, print_out};
@@ -47,8 +48,14 @@ pub enum Format {
 #[command(after_help = "\
 SRC's format is detected (an insitu-blk image, otherwise raw) unless -f is given. DST's format \
 defaults to insitu when SRC is raw and to raw when SRC is an insitu image. DST must not exist \
-(an existing file is never overwritten) unless it is a block device. All-zero blocks are not \
-written, so a file DST is sparse. A raw SRC whose size is not a multiple of 512 bytes is \
+(an existing file is never overwritten) unless it is a block device. A file DST appears only \
+once the whole disk is written and durable (an interrupted or killed convert leaves nothing at \
+DST). A block device DST is written in place; one that already holds an insitu-blk image, a \
+filesystem, a partition table or any other data in its first 64 KiB is refused unless --force \
+is given, and one in use (mounted, held by LVM/RAID/device-mapper, or its writer lock held by \
+serve) even then. Its first MiB (raw) or superblocks (insitu) are written last, so an interrupted \
+convert leaves neither a valid-looking image nor a partial filesystem's signature. All-zero \
+blocks are not written, so a file DST is sparse. A raw SRC whose size is not a multiple of 512 bytes is \
 zero-padded to the next multiple. A progress bar is shown when stderr is a terminal.")]
 pub struct ConvertArgs {
     /// Source disk: a raw image, an insitu-blk image or a block device.
@@ -83,6 +90,11 @@ pub struct ConvertArgs {
     /// Worker threads copying chunks in parallel (default: the CPUs, at most 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
+
+    /// Overwrite a block device DST even though it already holds an image or other data (files
+    /// are never overwritten).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// A validated `convert` request.
@@ -104,6 +116,8 @@ pub struct ConvertConfig {
     pub compare: bool,
     /// Worker threads.
     pub threads: usize,
+    /// Overwrite a block device that holds data.
+    pub force: bool,
 }
 
 impl TryFrom<ConvertArgs> for ConvertConfig {
@@ -132,6 +146,7 @@ impl TryFrom<ConvertArgs> for ConvertConfig {
             compression: args.compression,
             compare: args.compare,
             threads,
+            force: args.force,
         })
     }
 }
@@ -294,6 +309,14 @@ impl Sink {
         Ok(())
     }
 
+    /// Makes everything written so far durable.
+    fn flush(&self) -> anyhow::Result<()> {
+        match self {
+            Sink::Raw { storage, .. } => storage.flush().context("flush"),
+            Sink::Insitu(image) => image.flush().context("flush"),
+        }
+    }
+
     /// Makes everything durable and releases the image.
     fn finish(self) -> anyhow::Result<()> {
         match self {
@@ -411,37 +434,218 @@ fn identity(path: &Path) -> Option<Identity> {
     })
 }
 
-/// Creates DST (a new file, or an existing block device) in `format` for a disk of `len` bytes.
+/// Where the converted disk goes and how it becomes visible once complete.
+#[derive(Debug)]
+enum Destination {
+    /// A new file, linked at DST only after the data is written, durable and closed.
+    File(NewFile),
+    /// A block device holding raw output, written in place; its first chunk is written last.
+    RawDevice,
+    /// A block device holding an insitu image, written in place; its superblocks are held back
+    /// in memory and written last.
+    ImageDevice(Arc<HeldSuperblocks>),
+}
+
+impl Destination {
+    /// Whether chunk 0 must be written after all the others (see [`Destination::RawDevice`]).
+    fn first_chunk_last(&self) -> bool {
+        matches!(self, Destination::RawDevice)
+    }
+
+    /// Makes the finished, closed output visible at DST.
+    fn complete(self) -> anyhow::Result<()> {
+        match self {
+            Destination::File(new) => new.publish().context("cannot put the output in place"),
+            Destination::RawDevice => Ok(()),
+            Destination::ImageDevice(held) => held.write_through().context("write superblocks"),
+        }
+    }
+}
+
+/// A block device whose superblock copies (its first bytes, up to the end of the last copy) are
+/// kept in memory instead of on the device until [`HeldSuperblocks::write_through`]. While a
+/// convert fills an image on the device, the device holds no superblock: a killed convert never
+/// leaves something that opens (and checks clean) as a complete image.
+#[derive(Debug)]
+struct HeldSuperblocks {
+    device: FileStorage,
+    held: Mutex<Vec<u8>>,
+}
+
+impl HeldSuperblocks {
+    /// Bytes `[0, HELD_LEN)` are held: both superblock copies (docs/FORMAT.md §2).
+    const HELD_LEN: u64 = SB_OFFSETS[1] + BLOCK;
+
+    /// Zeroes the device's superblocks (durably, before anything else changes: an old image on
+    /// it must not stay valid over half-written new metadata) and starts holding them.
+    fn new(device: FileStorage) -> anyhow::Result<HeldSuperblocks> {
+        let zeros = vec![0u8; Self::HELD_LEN as usize];
+        device
+            .write_at(0, &zeros)
+            .and_then(|()| device.flush())
+            .context("clear old superblocks")?;
+        Ok(HeldSuperblocks {
+            device,
+            held: Mutex::new(zeros),
+        })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the held superblocks to the device, durably.
+    fn write_through(&self) -> std::io::Result<()> {
+        let held = self.held().clone();
+        self.device.write_at(0, &held)?;
+        self.device.flush()
+    }
+
+    /// Splits `[offset, offset + len)` at [`Self::HELD_LEN`]: the length of the held part.
+    fn held_part(offset: u64, len: usize) -> usize {
+        Self::HELD_LEN.saturating_sub(offset).min(len as u64) as usize
+    }
+}
+
+impl Storage for HeldSuperblocks {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let (held, rest) = buf.split_at_mut(Self::held_part(offset, buf.len()));
+        if !held.is_empty() {
+            let start = offset as usize;
+            held.copy_from_slice(&self.held()[start..start + held.len()]);
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.device.read_at(offset.max(Self::HELD_LEN), rest)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let (held, rest) = data.split_at(Self::held_part(offset, data.len()));
+        if !held.is_empty() {
+            let start = offset as usize;
+            self.held()[start..start + held.len()].copy_from_slice(held);
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.device.write_at(offset.max(Self::HELD_LEN), rest)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.device.flush()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let end = offset.saturating_add(len);
+        let start = offset.max(Self::HELD_LEN);
+        if start >= end {
+            return Ok(());
+        }
+        self.device.punch_hole(start, end - start)
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.device.len()
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.device.set_len(len)
+    }
+
+    fn allocated_bytes(&self) -> std::io::Result<Option<u64>> {
+        self.device.allocated_bytes()
+    }
+
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.device.try_lock_exclusive()
+    }
+
+    fn try_lock_shared(&self) -> std::io::Result<bool> {
+        self.device.try_lock_shared()
+    }
+
+    fn unlock(&self) -> std::io::Result<()> {
+        self.device.unlock()
+    }
+
+    fn is_block_device(&self) -> bool {
+        self.device.is_block_device()
+    }
+
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        self.device.allocated_ranges(offset, len)
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.device.preallocate(offset, len)
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.device.drop_cached(offset, len)
+    }
+}
+
+/// Opens DST for writing `format`, a disk of `len` bytes: a new file out of sight, or the block
+/// device in place.
 fn create_sink(
     config: &ConvertConfig,
     format: Format,
     source: &Source,
     len: u64,
-) -> anyhow::Result<Sink> {
+    dst_is_block_device: bool,
+) -> anyhow::Result<(Sink, Destination)> {
     let dst = &config.dst;
+    let (new_file, storage) = if dst_is_block_device {
+        let device = open_block_device_exclusively(dst)?;
+        // Before the first byte is written: a device served right now (or being converted or
+        // formatted by another process) is left alone, --force or not.
+        if !device.try_lock_exclusive()? {
+            bail!("the device is in use (another process holds its writer lock)");
+        }
+        (None, device)
+    } else {
+        let new = NewFile::create(dst)?;
+        let storage = FileStorage::from_file(new.file().try_clone()?)?;
+        (Some(new), storage)
+    };
     match format {
         Format::Raw => {
-            let storage = FileStorage::create(dst)?;
-            let block_device = storage.is_block_device();
-            if block_device {
-                let capacity = storage.len()?;
-                if capacity < len {
-                    bail!("block device holds {capacity} bytes, the disk needs {len}");
+            let destination = match new_file {
+                Some(new) => {
+                    // Holes from the start: only non-zero data is written afterwards.
+                    storage.set_len(len)?;
+                    Destination::File(new)
                 }
-                if capacity > len {
-                    note(&format!(
-                        "'{}' holds {capacity} bytes; bytes past {len} are left as they are",
-                        dst.display()
-                    ));
+                None => {
+                    let capacity = storage.len()?;
+                    if capacity < len {
+                        bail!("block device holds {capacity} bytes, the disk needs {len}");
+                    }
+                    if capacity > len {
+                        note(&format!(
+                            "'{}' holds {capacity} bytes; bytes past {len} are left as they are",
+                            dst.display()
+                        ));
+                    }
+                    // Cleared now and written last: a partial copy carries no partition table
+                    // or filesystem signature, and a retry finds an empty start.
+                    let first = vec![0u8; len.min(CHUNK_SIZE) as usize];
+                    storage
+                        .write_at(0, &first)
+                        .and_then(|()| storage.flush())
+                        .context("clear the first chunk")?;
+                    Destination::RawDevice
                 }
-            } else {
-                // Holes from the start: only non-zero data is written afterwards.
-                storage.set_len(len)?;
-            }
-            Ok(Sink::Raw {
-                storage,
-                write_zeros: block_device,
-            })
+            };
+            let write_zeros = dst_is_block_device;
+            Ok((
+                Sink::Raw {
+                    storage,
+                    write_zeros,
+                },
+                destination,
+            ))
         }
         Format::Insitu => {
             let (inherited_cluster, inherited_compression) = match source {
@@ -456,14 +660,22 @@ fn create_sink(
                 cluster_size: config.cluster_size.unwrap_or(inherited_cluster),
                 compression: config.compression.unwrap_or(inherited_compression),
             };
-            Image::create(dst, &options)?;
-            let image = Image::open(dst, &OpenOptions::default())?;
-            Ok(Sink::Insitu(image))
+            let (storage, destination): (Arc<dyn Storage>, Destination) = match new_file {
+                Some(new) => (Arc::new(storage), Destination::File(new)),
+                None => {
+                    let held = Arc::new(HeldSuperblocks::new(storage)?);
+                    (held.clone(), Destination::ImageDevice(held))
+                }
+            };
+            Image::create_on(Arc::clone(&storage), &options)?;
+            let image = Image::open_on(storage, &OpenOptions::default())?;
+            Ok((Sink::Insitu(image), destination))
         }
     }
 }
 
-/// Converts, then compares if asked. A DST file created here is removed again on failure.
+/// Converts, then compares if asked. Until the copy is complete nothing appears at a file DST;
+/// a DST that fails the comparison is removed again.
 pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
     let src_name = config.src.display().to_string();
     let dst_name = config.dst.display().to_string();
@@ -488,6 +700,9 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
         bail!("'{src_name}' and '{dst_name}' are the same file");
     }
     let dst_is_block_device = ensure_new_or_block_device(&config.dst)?;
+    if dst_is_block_device {
+        ensure_device_may_be_overwritten(&config.dst, config.force)?;
+    }
     if let Source::Raw { data_len, len, .. } = &source {
         if data_len != len {
             note(&format!(
@@ -499,48 +714,79 @@ pub fn run(config: ConvertConfig) -> anyhow::Result<()> {
 
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
-        // The first signal asks the copy to stop (and the partial DST to be removed); a second
+        // The first signal asks the copy to stop (and the partial output to be dropped); a second
         // one ends the process at once, as if no handler were installed.
         signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&interrupted))
             .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&interrupted)))
             .context("cannot install signal handlers")?;
     }
-    let result = convert_and_compare(&config, &source, output_format, len, &interrupted);
-    if result.is_err() && !dst_is_block_device {
-        // Nothing was at DST before (checked above): a partial copy is worse than none.
-        let _ = fs::remove_file(&config.dst);
+    convert(
+        &config,
+        &source,
+        output_format,
+        len,
+        dst_is_block_device,
+        &interrupted,
+    )?;
+    if config.compare {
+        if let Err(err) = compare(&config, &source, output_format, len, &interrupted) {
+            if !dst_is_block_device {
+                // We created it (it did not exist before): a copy known to differ is worse than
+                // none.
+                let _ = fs::remove_file(&config.dst);
+            }
+            return Err(err);
+        }
+        print_out("Images are identical.\n");
     }
-    result
+    Ok(())
 }
 
-fn convert_and_compare(
+/// Copies SRC to DST and makes DST visible; on failure or interruption a file DST never appears
+/// (the unfinished file is dropped).
+fn convert(
     config: &ConvertConfig,
     source: &Source,
     output_format: Format,
     len: u64,
+    dst_is_block_device: bool,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let src_name = config.src.display().to_string();
     let dst_name = config.dst.display().to_string();
 
-    let sink = create_sink(config, output_format, source, len)
+    let (sink, destination) = create_sink(config, output_format, source, len, dst_is_block_device)
         .with_context(|| format!("cannot create '{dst_name}'"))?;
+    let deferred_first_chunk: Mutex<Option<Vec<u8>>> = Mutex::new(None);
+    let first_chunk_last = destination.first_chunk_last();
     let progress = progress_bar(len, "converting");
     for_each_chunk(len, config.threads, &progress, stop, |offset, buf| {
         source
             .read(offset, buf)
             .with_context(|| format!("reading '{src_name}'"))?;
+        if offset == 0 && first_chunk_last {
+            *deferred_first_chunk
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(buf.to_vec());
+            return Ok(());
+        }
         sink.write_chunk(offset, buf)
             .with_context(|| format!("writing '{dst_name}'"))
     })?;
+    if let Some(first) = deferred_first_chunk
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        sink.flush()
+            .and_then(|()| sink.write_chunk(0, &first))
+            .with_context(|| format!("writing '{dst_name}'"))?;
+    }
     sink.finish()
         .with_context(|| format!("finishing '{dst_name}'"))?;
+    destination
+        .complete()
+        .with_context(|| format!("finishing '{dst_name}'"))?;
     progress.finish_and_clear();
-
-    if config.compare {
-        compare(config, source, output_format, len, stop)?;
-        print_out("Images are identical.\n");
-    }
     Ok(())
 }
 
@@ -661,6 +907,43 @@ mod tests {
             vec![(4096, 12288), (16384, 16896)]
         );
         assert_eq!(nonzero_runs(&data, 65536), vec![(0, data.len())]);
+    }
+
+    /// The superblock hold on a plain file (the real device case runs in tests/cli.rs with
+    /// INSITU_BLK_LOOP_TESTS=1): an image formatted, filled and closed through it has no
+    /// superblock on the storage until `write_through`, then opens with everything written.
+    #[test]
+    fn held_superblocks_reach_the_storage_only_at_the_end() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held.img");
+        let file = fs::File::create_new(&path).unwrap();
+        file.write_all_at(&[0xAB; 16384], 0).unwrap();
+        let storage = FileStorage::open(&path, false).unwrap();
+        let held = Arc::new(HeldSuperblocks::new(storage).unwrap());
+        let options = CreateOptions::new(4 << 20);
+        Image::create_on(held.clone(), &options).unwrap();
+        let image = Image::open_on(held.clone(), &OpenOptions::default()).unwrap();
+        let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        image.write(1 << 20, &data).unwrap();
+        image.flush().unwrap();
+        image.close().unwrap();
+
+        let mut start = vec![0xFFu8; HeldSuperblocks::HELD_LEN as usize];
+        file.read_exact_at(&mut start, 0).unwrap();
+        assert!(is_zero(&start), "superblocks reached the storage early");
+        let err = Image::open(&path, &OpenOptions::default()).unwrap_err();
+        assert!(matches!(err, ImageError::NotAnImage(_)), "{err}");
+
+        held.write_through().unwrap();
+        let image = Image::open(&path, &OpenOptions::default()).unwrap();
+        let mut back = vec![0u8; data.len()];
+        image.read(1 << 20, &mut back).unwrap();
+        assert!(back == data);
+        image.close().unwrap();
+        let report = insitu_blk::image::check(&path, false).unwrap();
+        assert!(report.corruptions.is_empty(), "{report:?}");
+        assert_eq!(report.leaked_bytes, 0, "{report:?}");
     }
 
     #[test]

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use insitu_blk::blk::BlkConfig;
-use insitu_blk::image::{CreateOptions, Image, LockPolicy, OpenOptions, DEFAULT_COMMIT_INTERVAL};
+use insitu_blk::image::{
+    CreateOptions, Image, ImageError, LockPolicy, OpenOptions, DEFAULT_COMMIT_INTERVAL,
+};
 use insitu_blk::vhost::{
     bind_listener, BlkDisk, Daemon, DaemonConfig, Device, SharedDisk, SocketSource, StatsReporter,
     MAX_QUEUES,
@@ -86,7 +88,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub commit_interval: Option<Duration>,
 
-    /// Create the image with default settings and this virtual size if it does not exist.
+    /// Create the image with default settings and this virtual size if it does not exist (it
+    /// appears only once complete: a backend killed while creating it leaves nothing behind).
     #[arg(long, value_name = "SIZE")]
     pub create_size: Option<ByteSize>,
 
@@ -399,11 +402,18 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
     match std::fs::metadata(path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => match config.create_size {
-            Some(size) => {
-                Image::create(path, &CreateOptions::new(size))
-                    .with_context(|| format!("cannot create image {}", path.display()))?;
-                tracing::info!("created image {} ({size} bytes)", path.display());
-            }
+            // The image appears at `path` only once complete: a backend killed while creating
+            // it leaves nothing there, so the next start simply creates it again.
+            Some(size) => match Image::create(path, &CreateOptions::new(size)) {
+                Ok(()) => tracing::info!("created image {} ({size} bytes)", path.display()),
+                // Another process created it meanwhile: open that one like any existing image.
+                Err(ImageError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("cannot create image {}", path.display()))
+                }
+            },
             None => bail!(
                 "image {} does not exist (create it with `insitu-blk create` or pass --create-size)",
                 path.display()
@@ -415,6 +425,9 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
     }
     let options = OpenOptions {
         read_only: config.read_only,
+        // A read-only server keeps writers out while it serves (they could change data under
+        // it); `info`/`check` never take this lock.
+        shared_lock: config.read_only,
         commit_interval: config.commit_interval,
         lock: config.lock,
         start_quiesced: true,

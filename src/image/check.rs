@@ -16,8 +16,9 @@ fn io(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> ImageErro
     move |source| ImageError::Io { op, offset, source }
 }
 
-/// Writes an empty image: checkpoint 0 (no chunks), a journal starting with marker record 1, an
-/// invalid second checkpoint area, then both superblock copies last.
+/// Writes an empty image: both superblock copies zeroed (durably), checkpoint 0 (no chunks), a
+/// journal starting with marker record 1, an invalid second checkpoint area, then both superblock
+/// copies last. Interrupted at any point, the storage holds no valid superblock.
 pub fn format_storage(st: &dyn Storage, layout: Layout, compression: Compression) -> Result<()> {
     if st.is_block_device() {
         let cap = st.len().map_err(io("size of device", 0))?;
@@ -41,6 +42,9 @@ pub fn format_storage(st: &dyn Storage, layout: Layout, compression: Compression
         st.write_at(off, &zero)
             .map_err(io("write superblock", off))?;
     }
+    // Durable before anything else is written: if the device held an image, a crash from here on
+    // must not leave its old superblocks pointing at half-written new metadata.
+    st.flush().map_err(io("flush", 0))?;
     st.write_at(l.checkpoint_offsets[1], &zero)
         .map_err(io("write checkpoint header", l.checkpoint_offsets[1]))?;
     let empty = Table::new(l);
@@ -143,7 +147,7 @@ fn check_loaded(
     report: &mut CheckReport,
 ) -> Result<()> {
     let layout = &sb.layout;
-    let loaded = match recovery::load(st, sb, RecoveryMode::Lenient) {
+    let mut loaded = match recovery::load_settled(st, sb, RecoveryMode::Lenient) {
         Ok(l) => l,
         Err(ImageError::CorruptMetadata(m)) => {
             report.corruptions.push(m);
@@ -154,6 +158,18 @@ fn check_loaded(
     report.warnings.extend(loaded.warnings.iter().cloned());
     let metadata_lost = !loaded.problems.is_empty();
     report.corruptions.extend(loaded.problems.iter().cloned());
+    if repair && metadata_lost {
+        // Keep the commits recorded after the damage rather than dropping them (and punching
+        // their payloads as leaks).
+        let salvage = recovery::salvage_after_damage(
+            st,
+            sb,
+            &mut loaded.table,
+            loaded.journal_head,
+            loaded.last_seq + 1,
+        )?;
+        report.repairs.extend(salvage.notes);
+    }
     let table = &loaded.table;
     let alloc = Allocator::new(layout.slot_count());
     let mut slots_ok = true;
@@ -167,34 +183,57 @@ fn check_loaded(
     let mut codecs = Codecs::default();
     let mut stored = vec![0u8; cs];
     let mut out = vec![0u8; cs];
+    let mut suspects: Vec<(u32, String)> = Vec::new();
     for c in 0..layout.cluster_count as u32 {
-        let e = table.current(c);
-        if e.is_zero() {
+        if table.current(c).is_zero() {
             continue;
         }
         report.clusters_checked += 1;
-        let len = e.units() as usize * BLOCK_USIZE;
-        let off = layout.region_offset(e.slot, e.unit());
-        if let Err(err) = st.read_at(off, &mut stored[..len]) {
-            report.corruptions.push(format!(
-                "cluster {c}: payload at byte {off} unreadable: {err}"
-            ));
-            continue;
-        }
-        let got = crc32c::crc32c(&stored[..len]);
-        if got != e.crc {
-            report.corruptions.push(format!(
-                "cluster {c}: payload checksum mismatch in slot {} (stored {:#010x}, computed {got:#010x})",
-                e.slot, e.crc
-            ));
-            continue;
-        }
-        if let Err(err) = codecs.decompress(e.alg(), &stored[..len], &mut out) {
-            report
-                .corruptions
-                .push(format!("cluster {c}: payload does not decode: {err}"));
+        if let Err(problem) =
+            verify_payload(st, layout, table, c, &mut codecs, &mut stored, &mut out)
+        {
+            suspects.push((c, problem));
         }
     }
+    if !repair && !suspects.is_empty() {
+        // Without the writer lock, a running writer may have committed a new version of a
+        // cluster and released the old one after the table above was read: such a cluster is
+        // not corrupt. Re-read the metadata and verify each suspect's then-current version; a
+        // cluster is reported only when its version still fails after a few passes. (A corrupt
+        // image costs these few reloads; each reads only the suspects again.)
+        for pass in 0..3u32 {
+            std::thread::sleep(std::time::Duration::from_millis(20 << pass));
+            let Ok(fresh) = recovery::load_settled(st, sb, RecoveryMode::Lenient) else {
+                break;
+            };
+            suspects.retain_mut(|(c, problem)| {
+                if fresh.table.current(*c).is_zero() {
+                    return false;
+                }
+                match verify_payload(
+                    st,
+                    layout,
+                    &fresh.table,
+                    *c,
+                    &mut codecs,
+                    &mut stored,
+                    &mut out,
+                ) {
+                    Ok(()) => false,
+                    Err(p) => {
+                        *problem = p;
+                        true
+                    }
+                }
+            });
+            if suspects.is_empty() {
+                break;
+            }
+        }
+    }
+    report
+        .corruptions
+        .extend(suspects.into_iter().map(|(_, problem)| problem));
 
     // Leaks: allocated host space in the data area that no entry refers to.
     let leaks = match recovery::unreferenced_ranges(st, layout, table)? {
@@ -247,19 +286,23 @@ fn check_loaded(
         );
         return Ok(());
     }
-    let seq = loaded.last_seq + 1;
+    // Numbered above every record still in the journal, so none of them (the damaged cycle's
+    // records included) can ever be replayed after the new checkpoint.
+    let seq = loaded.last_seq.max(recovery::max_journal_seq(st, sb)?) + 1;
     let area = 1 - loaded.base_area;
     recovery::write_checkpoint(st, sb, table, seq, area, false)?;
     st.flush().map_err(io("flush checkpoint", 0))?;
+    // The repaired image is consistent and its leaks are punched below: a clean marker, so the
+    // next open does not take it for a crashed one.
     let mut rec = Vec::new();
-    format::encode_record(&mut rec, seq + 1, &sb.uuid, &[]);
+    format::encode_record_flags(&mut rec, seq + 1, &sb.uuid, &[], format::RECORD_CLEAN_CLOSE);
     st.write_at(layout.journal_offset, &rec)
         .map_err(io("write journal", layout.journal_offset))?;
     st.flush().map_err(io("flush journal", 0))?;
     report.repairs.push(format!(
         "wrote checkpoint {seq} of the recovered table to area {area}{}",
         if metadata_lost {
-            " (accepting the commits that were lost)"
+            " (the damaged commits' own changes are gone)"
         } else {
             ""
         }
@@ -286,4 +329,40 @@ fn check_loaded(
             .push(format!("released {punched} bytes of unreferenced space"));
     }
     Ok(())
+}
+
+/// Reads cluster `c`'s current payload per `table`, verifies its checksum and that it decodes to
+/// exactly one cluster; the problem as a sentence otherwise.
+fn verify_payload(
+    st: &dyn Storage,
+    layout: &Layout,
+    table: &Table,
+    c: u32,
+    codecs: &mut Codecs,
+    stored: &mut [u8],
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
+    let e = table.current(c);
+    let len = e.units() as usize * BLOCK_USIZE;
+    let off = layout.region_offset(e.slot, e.unit());
+    let Some(buf) = stored.get_mut(..len) else {
+        return Err(format!(
+            "cluster {c}: entry claims {len} bytes, more than a cluster"
+        ));
+    };
+    if let Err(err) = st.read_at(off, buf) {
+        return Err(format!(
+            "cluster {c}: payload at byte {off} unreadable: {err}"
+        ));
+    }
+    let got = crc32c::crc32c(buf);
+    if got != e.crc {
+        return Err(format!(
+            "cluster {c}: payload checksum mismatch in slot {} (stored {:#010x}, computed {got:#010x})",
+            e.slot, e.crc
+        ));
+    }
+    codecs
+        .decompress(e.alg(), buf, out)
+        .map_err(|err| format!("cluster {c}: payload does not decode: {err}"))
 }

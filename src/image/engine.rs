@@ -169,6 +169,9 @@ pub struct Meta {
     pub area_seqs: [Option<u64>; 2],
     /// Metadata loaded at least once.
     pub loaded: bool,
+    /// The last journal record is a clean-close marker (written by `mark_clean`, a closing
+    /// checkpoint, or found at load): `mark_open` must follow it before the next write.
+    pub clean_marked: bool,
     records: Vec<(u32, DiskEntry)>,
     buf: Vec<u8>,
 }
@@ -344,26 +347,47 @@ impl Core {
         meta.active_area = loaded.base_area;
         meta.area_seqs = loaded.area_seqs;
         meta.loaded = true;
+        meta.clean_marked = clean;
         self.generation.store(
             NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
         );
         self.dirty_count.store(0, Ordering::Relaxed);
+        // A writer failure is never cleared here (nor anywhere): see `fail`.
         let mut ctl = lock(&self.ctl);
-        ctl.failed = None;
         ctl.stop = false;
         ctl.flush_waiting = false;
         ctl.pressure = false;
         ctl.checkpoint = false;
-        self.failed.store(false, Ordering::Relaxed);
         Ok(clean)
     }
 
     /// Loads the metadata from storage.
     pub fn load(&self) -> Result<Loaded> {
+        if !self.read_only {
+            // A previous process may have died after a failed fdatasync (or this one may have
+            // seen one): the page cache can then hold metadata the disk never got. What a
+            // writer builds on must come from the disk.
+            let l = &self.layout;
+            let ranges = [
+                (l.checkpoint_offsets[0], l.checkpoint_area_size),
+                (l.checkpoint_offsets[1], l.checkpoint_area_size),
+                (l.journal_offset, l.journal_size),
+            ];
+            for (off, len) in ranges {
+                if let Err(e) = self.storage.drop_cached(off, len) {
+                    log::debug!("dropping cached metadata at byte {off}: {e}");
+                }
+            }
+        }
         // Read-only opens are strict too: serving a table that is known to miss commits would
         // return stale data as if it were current. Only `check` loads leniently (to report).
-        let loaded = recovery::load(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?;
+        let loaded = if self.read_only {
+            // Another process may be writing: see `load_settled`.
+            recovery::load_settled(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?
+        } else {
+            recovery::load(self.storage.as_ref(), &self.sb, RecoveryMode::Strict)?
+        };
         for p in &loaded.problems {
             log::warn!("{p}");
         }
@@ -929,9 +953,16 @@ impl Core {
         self.done_cv.notify_all();
     }
 
-    /// Records a writer failure: no later commit claims durability.
+    /// Records a writer failure: no later commit claims durability, for the rest of this
+    /// process. A failed fdatasync leaves the page cache out of step with the disk (Linux marks
+    /// the unwritten pages clean and reports the error once), so neither retrying the commit nor
+    /// reloading metadata through the same cache can be trusted; like PostgreSQL after a failed
+    /// fsync, only a new process, which reloads from the disk, writes again.
     pub fn fail(&self, msg: String) {
-        log::error!("metadata commit failed, the image accepts no more writes: {msg}");
+        log::error!(
+            "metadata commit failed, the image accepts no more writes until the process \
+             restarts: {msg}"
+        );
         let mut ctl = lock(&self.ctl);
         ctl.failed = Some(msg);
         self.failed.store(true, Ordering::Relaxed);
@@ -974,7 +1005,12 @@ impl Core {
         let mut buf = std::mem::take(&mut meta.buf);
         if checkpoint {
             // A requested checkpoint is the one `close` asks for: its marker says "clean".
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, force_checkpoint)?;
+            let flags = if force_checkpoint {
+                format::RECORD_CLEAN_CLOSE
+            } else {
+                0
+            };
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)?;
         } else {
             format::encode_record(&mut buf, seq, &self.sb.uuid, &records);
             let off = self.layout.journal_offset + meta.journal_head;
@@ -983,6 +1019,7 @@ impl Core {
             st.flush().map_err(Self::io("flush journal", off))?;
             meta.last_seq = seq;
             meta.journal_head += bytes;
+            meta.clean_marked = false;
         }
         meta.buf = buf;
         if self.break_order {
@@ -1070,13 +1107,12 @@ impl Core {
         meta: &mut Meta,
         buf: &mut Vec<u8>,
         seq: u64,
-        clean: bool,
+        flags: u32,
     ) -> Result<()> {
         let st = self.storage.as_ref();
         let area = 1 - meta.active_area;
         recovery::write_checkpoint(st, &self.sb, &self.table, seq, area, true)?;
         st.flush().map_err(Self::io("flush checkpoint", 0))?;
-        let flags = if clean { format::RECORD_CLEAN_CLOSE } else { 0 };
         format::encode_record_flags(buf, seq + 1, &self.sb.uuid, &[], flags);
         let off = self.layout.journal_offset;
         st.write_at(off, buf)
@@ -1086,6 +1122,7 @@ impl Core {
         meta.journal_head = BLOCK;
         meta.active_area = area;
         meta.area_seqs[area] = Some(seq);
+        meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1094,13 +1131,40 @@ impl Core {
     /// longer ends with the clean-close marker before any data is written (a crash from here on
     /// makes the next open look for leaked space).
     pub fn mark_open(&self) -> Result<()> {
+        self.append_marker(0)
+    }
+
+    /// True when the journal ends with a clean-close marker (see `mark_open`).
+    pub fn clean_marked(&self) -> bool {
+        lock(&self.meta).clean_marked
+    }
+
+    /// Ends the journal with a clean-close marker once everything is committed (writer parked,
+    /// no request running): quiesce and close, so that the next opener (a migration destination,
+    /// a restarted backend) knows nothing was lost. `loss_unreported`: see
+    /// [`format::RECORD_LOSS_UNREPORTED`]. Nothing to write when the journal already ends so.
+    pub fn mark_clean(&self, loss_unreported: bool) -> Result<()> {
+        if !loss_unreported && self.clean_marked() {
+            return Ok(());
+        }
+        let loss = if loss_unreported {
+            format::RECORD_LOSS_UNREPORTED
+        } else {
+            0
+        };
+        self.append_marker(format::RECORD_CLEAN_CLOSE | loss)
+    }
+
+    /// Appends an empty record with `flags` and makes it durable (a checkpoint first when the
+    /// journal is full).
+    fn append_marker(&self, flags: u32) -> Result<()> {
         let mut meta = lock(&self.meta);
         let mut buf = std::mem::take(&mut meta.buf);
         let seq = meta.last_seq + 1;
         let r = if meta.journal_head + BLOCK > self.layout.journal_size {
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, false)
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)
         } else {
-            format::encode_record(&mut buf, seq, &self.sb.uuid, &[]);
+            format::encode_record_flags(&mut buf, seq, &self.sb.uuid, &[], flags);
             let off = self.layout.journal_offset + meta.journal_head;
             let st = self.storage.as_ref();
             st.write_at(off, &buf)
@@ -1109,6 +1173,7 @@ impl Core {
                 .map(|()| {
                     meta.last_seq = seq;
                     meta.journal_head += BLOCK;
+                    meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
                 })
         };
         meta.buf = buf;

@@ -515,6 +515,11 @@ pub fn record_blocks(entries: usize) -> u64 {
 /// look for (and punch) space left behind by writes that never committed.
 pub const RECORD_CLEAN_CLOSE: u32 = 1;
 
+/// Record flag, only beside [`RECORD_CLEAN_CLOSE`]: the process that closed (or quiesced) the
+/// image had itself recovered it after an unclean shutdown and had not yet told the guest that
+/// writes it completed without a FLUSH were lost. The next opener tells it instead.
+pub const RECORD_LOSS_UNREPORTED: u32 = 2;
+
 /// Encodes a record with no flags into `out` (cleared first).
 pub fn encode_record(out: &mut Vec<u8>, seq: u64, uuid: &[u8; 16], entries: &[(u32, DiskEntry)]) {
     encode_record_flags(out, seq, uuid, entries, 0)

@@ -15,6 +15,7 @@ mod check;
 mod codec;
 mod engine;
 pub mod format;
+mod newfile;
 mod recovery;
 pub mod storage;
 mod table;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub use newfile::NewFile;
 pub use storage::{FileStorage, MemStorage, Storage};
 
 /// Logical sector size: every offset and length handed to the engine is a multiple of this.
@@ -135,8 +137,13 @@ pub enum LockPolicy {
 /// How to open an image.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
-    /// Open read-only: no lock, no writer thread, nothing is ever written (not even recovery).
+    /// Open read-only: no writer thread, nothing is ever written (not even recovery).
     pub read_only: bool,
+    /// With `read_only`: hold a shared lock while running (taken per `lock`), so no writer can
+    /// open the image under a read-only server and change what it serves (`serve --read-only`).
+    /// One-shot readers (`info`, `check`, `convert`) leave it off and read the last committed
+    /// state of an image in use.
+    pub shared_lock: bool,
     /// Interval of the timer commit.
     pub commit_interval: Duration,
     /// What to do when the writer lock is taken.
@@ -155,6 +162,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         Self {
             read_only: false,
+            shared_lock: false,
             commit_interval: DEFAULT_COMMIT_INTERVAL,
             lock: LockPolicy::Fail,
             start_quiesced: false,
@@ -302,6 +310,12 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 pub struct Image {
     core: Arc<engine::Core>,
     life: Mutex<Life>,
+    /// [`OpenOptions::shared_lock`] (read-only images only).
+    shared_lock: bool,
+    /// A loss found at load (see `Life::unclean_load`) that no successful FLUSH has followed
+    /// yet: the guest may not know. Quiesce and close record it in the clean-close marker, so a
+    /// backend restarted before the guest's next FLUSH still reports it.
+    loss_unreported: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -309,9 +323,14 @@ struct Life {
     writer: Option<JoinHandle<()>>,
     lock_held: bool,
     closed: bool,
-    /// The last metadata load found no clean-close marker: the previous writer died, and writes
-    /// it had completed but not committed are gone.
+    /// The last metadata load found no clean-close marker (the previous writer died, and writes
+    /// it had completed but not committed are gone), or a marker saying such a loss was never
+    /// reported to the guest.
     unclean_load: bool,
+    /// [`Image::take_unclean_shutdown_notice`] answered `true` for this loss already.
+    notice_given: bool,
+    /// The journal's host space is allocated (once per process).
+    journal_reserved: bool,
 }
 
 impl fmt::Debug for Image {
@@ -321,12 +340,22 @@ impl fmt::Debug for Image {
 }
 
 fn take_lock(storage: &dyn Storage, policy: LockPolicy) -> Result<()> {
+    take_lock_of_kind(storage, policy, false)
+}
+
+/// Takes the exclusive writer lock, or with `shared` the readers' lock.
+fn take_lock_of_kind(storage: &dyn Storage, policy: LockPolicy, shared: bool) -> Result<()> {
     let deadline = match policy {
         LockPolicy::Fail => None,
         LockPolicy::Wait(d) => Some(Instant::now() + d),
     };
     loop {
-        match storage.try_lock_exclusive() {
+        let attempt = if shared {
+            storage.try_lock_shared()
+        } else {
+            storage.try_lock_exclusive()
+        };
+        match attempt {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(source) => {
@@ -347,34 +376,78 @@ fn take_lock(storage: &dyn Storage, policy: LockPolicy) -> Result<()> {
     }
 }
 
-impl Image {
-    /// Creates a new image at `path` (a new regular file, or an existing block device).
-    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-        format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
-        let existed = path.exists();
-        let storage = FileStorage::create(path).map_err(|source| ImageError::Io {
-            op: "create image",
-            offset: 0,
-            source,
+/// Opens a block device to overwrite it, with `O_EXCL`: the kernel refuses (`EBUSY`) while the
+/// device is mounted or held by device-mapper, LVM, RAID or another exclusive opener, and keeps
+/// them off it while it is open. That is a stronger guard than the advisory writer lock, which
+/// only other insitu-blk processes honour.
+pub fn open_block_device_exclusively(path: &Path) -> std::io::Result<FileStorage> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .map_err(|err| {
+            if err.raw_os_error() == Some(libc::EBUSY) {
+                std::io::Error::new(
+                    err.kind(),
+                    "the device is in use by the system (mounted, or held by device-mapper, \
+                     LVM, RAID or another exclusive user)",
+                )
+            } else {
+                err
+            }
         })?;
-        let r = Self::create_on(Arc::new(storage), opts);
-        if r.is_err() && !existed {
-            let _ = std::fs::remove_file(path);
+    FileStorage::from_file(file)
+}
+
+/// The geometry `opts` asks for, or why it is not allowed.
+fn validate_create_options(opts: &CreateOptions) -> Result<format::Layout> {
+    let layout =
+        format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
+    if let Compression::Zstd { level } = opts.compression {
+        if !(-7..=22).contains(&level) || level == 0 {
+            return Err(ImageError::InvalidOption(format!(
+                "zstd level {level} is out of range (-7..=22, not 0)"
+            )));
         }
-        r
+    }
+    Ok(layout)
+}
+
+impl Image {
+    /// Creates a new image at `path`: a new regular file, or an existing block device.
+    ///
+    /// A file is built unnamed (or under a hidden temporary name) and appears at `path` only once
+    /// it is a complete, durable image; an existing file is never replaced (`AlreadyExists`). So a
+    /// process killed meanwhile leaves nothing at `path`. A block device is formatted in place,
+    /// superblocks last: killed half way, it holds no valid superblock.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+        validate_create_options(opts)?;
+        let io = |op: &'static str| {
+            move |source| ImageError::Io {
+                op,
+                offset: 0,
+                source,
+            }
+        };
+        let is_block_device = std::fs::metadata(path)
+            .map(|meta| std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()))
+            .unwrap_or(false);
+        if is_block_device {
+            let storage = open_block_device_exclusively(path).map_err(io("open block device"))?;
+            return Self::create_on(Arc::new(storage), opts);
+        }
+        let new = NewFile::create(path).map_err(io("create image"))?;
+        let file = new.file().try_clone().map_err(io("create image"))?;
+        let storage = FileStorage::from_file(file).map_err(io("create image"))?;
+        Self::create_on(Arc::new(storage), opts)?;
+        new.publish().map_err(io("publish image"))
     }
 
     /// Creates a new image on `storage` (overwrites whatever is there).
     pub fn create_on(storage: Arc<dyn Storage>, opts: &CreateOptions) -> Result<()> {
-        let layout =
-            format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
-        if let Compression::Zstd { level } = opts.compression {
-            if !(-7..=22).contains(&level) || level == 0 {
-                return Err(ImageError::InvalidOption(format!(
-                    "zstd level {level} is out of range (-7..=22, not 0)"
-                )));
-            }
-        }
+        let layout = validate_create_options(opts)?;
         take_lock(storage.as_ref(), LockPolicy::Fail)?;
         let r = check::format_storage(storage.as_ref(), layout, opts.compression);
         let _ = storage.unlock();
@@ -405,6 +478,8 @@ impl Image {
         let image = Image {
             core: Arc::new(core),
             life: Mutex::new(Life::default()),
+            shared_lock: opts.read_only && opts.shared_lock,
+            loss_unreported: std::sync::atomic::AtomicBool::new(false),
         };
         if !opts.start_quiesced {
             image.resume()?;
@@ -454,7 +529,12 @@ impl Image {
 
     /// I2: returns once every write that completed before the call is durable.
     pub fn flush(&self) -> Result<()> {
-        self.core.flush()
+        use std::sync::atomic::Ordering;
+        self.core.flush()?;
+        if self.loss_unreported.load(Ordering::Relaxed) {
+            self.loss_unreported.store(false, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// I7: commits everything accepted so far, parks the metadata writer and releases the writer
@@ -479,6 +559,13 @@ impl Image {
             if writer.join().is_err() {
                 log::error!("metadata writer thread panicked");
             }
+            // Everything is committed and nothing runs: say so in the journal, so the next
+            // opener (a migration destination, a restarted backend) knows nothing was lost.
+            if result.is_ok() {
+                result = self
+                    .core
+                    .mark_clean(self.loss_unreported.load(Ordering::SeqCst));
+            }
         }
         // A failed final commit keeps the lock: handing the image to another process (a
         // migration destination) would hand over an image that misses completed writes (I7).
@@ -487,7 +574,7 @@ impl Image {
                 log::warn!("releasing the writer lock failed: {e}");
             }
             life.lock_held = false;
-            log::info!("image quiesced, writer lock released");
+            log::info!("image quiesced, lock released");
         }
         result
     }
@@ -509,24 +596,63 @@ impl Image {
             take_lock(core.storage.as_ref(), core.lock_policy)?;
             life.lock_held = true;
             log::info!("writer lock taken");
+        } else if self.shared_lock && !life.lock_held {
+            take_lock_of_kind(core.storage.as_ref(), core.lock_policy, true)?;
+            life.lock_held = true;
+            log::info!("shared (read-only) lock taken");
         }
+        // A failed writer stays failed (`Core::fail`): reloading through the page cache that
+        // lied to it could resurrect commits the disk never got. Writes and flushes keep
+        // failing; reads go on.
         let failed = table::lock(&core.ctl).failed.is_some();
-        // Only a resume that loads the metadata can find the previous writer's traces.
-        life.unclean_load = false;
-        if failed || core.disk_changed() {
-            let loaded = core.load().and_then(|l| core.install(l)).and_then(|clean| {
+        if !failed && core.disk_changed() {
+            let loaded = core.load().and_then(|l| {
+                let loss_unreported = l.loss_unreported;
+                let clean = core.install(l)?;
                 if core.read_only {
                     return Ok(());
                 }
-                life.unclean_load = !clean;
-                if clean {
-                    core.mark_open()
-                } else {
+                // A loss found here replaces whatever an earlier load found: the image has
+                // been closed cleanly (and that loss recorded) since, or this is the first load.
+                life.unclean_load = !clean || loss_unreported;
+                life.notice_given = false;
+                self.loss_unreported
+                    .store(life.unclean_load, Ordering::SeqCst);
+                if !clean {
                     core.reclaim_leaks();
-                    Ok(())
                 }
+                Ok(())
             });
             if let Err(e) = loaded {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
+                }
+                return Err(e);
+            }
+        }
+        if !core.read_only && !failed && !life.journal_reserved {
+            // Commits must not fail for want of host space (a failed commit is final): the
+            // journal gets its blocks now, and a full host filesystem is a clear error here.
+            let l = &core.layout;
+            if let Err(source) = core.storage.preallocate(l.journal_offset, l.journal_size) {
+                if life.lock_held {
+                    let _ = core.storage.unlock();
+                    life.lock_held = false;
+                }
+                return Err(ImageError::Io {
+                    op: "reserve space for the journal",
+                    offset: l.journal_offset,
+                    source,
+                });
+            }
+            life.journal_reserved = true;
+        }
+        // The journal ends with a clean-close marker (found at load, or written by our own
+        // quiesce): a crash from now on must not look clean, so end it otherwise before any
+        // write is accepted.
+        if !core.read_only && !failed && core.clean_marked() {
+            if let Err(e) = core.mark_open() {
                 if life.lock_held {
                     let _ = core.storage.unlock();
                     life.lock_held = false;
@@ -563,10 +689,18 @@ impl Image {
 
     /// [`Image::recovered_after_unclean_shutdown`], answered `true` at most once per such load,
     /// so the loss is reported to the guest once. Always false on read-only images.
+    /// The loss counts as reported once a FLUSH succeeds after it (the guest was told by a
+    /// failed one, or it is a new guest that never had the lost writes); until then quiesce and
+    /// close carry it into the clean-close marker for the next backend.
     pub fn take_unclean_shutdown_notice(&self) -> bool {
+        use std::sync::atomic::Ordering;
         let mut life = table::lock(&self.life);
-        let notice = life.unclean_load && !self.core.read_only;
-        life.unclean_load = false;
+        let notice = self.loss_unreported.load(Ordering::SeqCst)
+            && !life.notice_given
+            && !self.core.read_only;
+        if notice {
+            life.notice_given = true;
+        }
         notice
     }
 

@@ -107,6 +107,9 @@ pub struct Loaded {
     pub records_replayed: u64,
     /// The journal ends with a clean-close marker: no space is left over from uncommitted writes.
     pub clean: bool,
+    /// That marker says a loss of unflushed writes (an earlier unclean shutdown) was not yet
+    /// reported to the guest ([`format::RECORD_LOSS_UNREPORTED`]).
+    pub loss_unreported: bool,
     /// Harmless findings (e.g. a torn inactive checkpoint).
     pub warnings: Vec<String>,
     /// Problems tolerated in lenient mode.
@@ -122,8 +125,19 @@ pub fn read_checkpoint_header(
     let mut b = vec![0u8; BLOCK_USIZE];
     st.read_at(sb.layout.checkpoint_offsets[area], &mut b)
         .map_err(|e| format!("unreadable: {e}"))?;
-    CheckpointHeader::decode(&b, &sb.layout, &sb.uuid)
+    let h = CheckpointHeader::decode(&b, &sb.layout, &sb.uuid)?;
+    if h.seq > MAX_SEQ {
+        return Err(format!(
+            "commit number {} is beyond any reachable one ({MAX_SEQ})",
+            h.seq
+        ));
+    }
+    Ok(h)
 }
+
+/// No image commits 2^62 times (a commit a microsecond for 146,000 years): a larger checkpoint
+/// sequence number is damage, and refusing it keeps every `seq + n` below overflow.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 fn load_checkpoint(
     st: &dyn Storage,
@@ -299,6 +313,135 @@ fn later_valid_record(
     Ok(None)
 }
 
+/// A journal record's sequence number and its (cluster, entry) changes.
+type SeqRecord = (u64, Vec<(u32, DiskEntry)>);
+
+/// Every valid record of the journal at or after byte `from` with a sequence number of at least
+/// `expected`, in sequence order (blocks that are not the start of a valid record are skipped).
+fn valid_records_from(
+    st: &dyn Storage,
+    sb: &Superblock,
+    from: u64,
+    expected: u64,
+) -> Result<Vec<SeqRecord>, ImageError> {
+    let layout = &sb.layout;
+    let mut found = Vec::new();
+    let mut first = vec![0u8; BLOCK_USIZE];
+    let mut rec = Vec::new();
+    let mut pos = from;
+    while pos + BLOCK <= layout.journal_size {
+        let at = layout.journal_offset + pos;
+        st.read_at(at, &mut first)
+            .map_err(io_err("read journal", at))?;
+        let Ok(h) = format::decode_record_header(&first, &sb.uuid, layout.journal_size - pos)
+        else {
+            pos += BLOCK;
+            continue;
+        };
+        let len = u64::from(h.block_count) * BLOCK;
+        rec.clear();
+        rec.resize(len as usize, 0);
+        st.read_at(at, &mut rec)
+            .map_err(io_err("read journal", at))?;
+        match format::decode_record_entries(&rec, &h, layout) {
+            Ok(entries) if h.seq >= expected => {
+                found.push((h.seq, entries));
+                pos += len;
+            }
+            Ok(_) => pos += len,
+            Err(_) => pos += BLOCK,
+        }
+    }
+    found.sort_by_key(|(seq, _)| *seq);
+    Ok(found)
+}
+
+/// The largest sequence number of any valid record in the journal (0 when none): a repair
+/// numbers its checkpoint above it, so no stale record can ever continue the new sequence.
+pub fn max_journal_seq(st: &dyn Storage, sb: &Superblock) -> Result<u64, ImageError> {
+    Ok(valid_records_from(st, sb, 0, 0)?
+        .last()
+        .map_or(0, |(seq, _)| *seq))
+}
+
+/// What [`salvage_after_damage`] did, as sentences for the repair report.
+pub struct Salvage {
+    /// Sentences for the report.
+    pub notes: Vec<String>,
+}
+
+/// `check --repair` of a journal with a damaged record in the middle (replay stopped at byte
+/// `damaged_at`, expecting commit `expected`): applies the valid records that follow it, in
+/// sequence order, instead of dropping the commits they describe (their payloads are intact;
+/// only the damaged record's own changes are gone). A cluster whose last known version shares a
+/// slot with a newer version of another cluster lost its data when that slot was reused: it
+/// becomes a zero cluster, and the report names it.
+pub fn salvage_after_damage(
+    st: &dyn Storage,
+    sb: &Superblock,
+    table: &mut Table,
+    damaged_at: u64,
+    expected: u64,
+) -> Result<Salvage, ImageError> {
+    let records = valid_records_from(st, sb, damaged_at, expected)?;
+    let mut notes = Vec::new();
+    if records.is_empty() {
+        return Ok(Salvage { notes });
+    }
+    // Newest writer of each cluster: the record's seq (older state: 0).
+    let mut newest: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for (seq, entries) in &records {
+        for (c, d) in entries {
+            table.load_set(*c, Entry::from_disk(d));
+            newest.insert(*c, *seq);
+        }
+    }
+    notes.push(format!(
+        "applied {} journal records past the damaged one (commits {} to {})",
+        records.len(),
+        records[0].0,
+        records[records.len() - 1].0
+    ));
+    // Slot owners: keep the most recently written cluster of each slot.
+    let mut owner: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    let mut zeroed = Vec::new();
+    for c in 0..table.cluster_count as u32 {
+        let e = table.current(c);
+        if e.is_zero() {
+            continue;
+        }
+        let seq_of = |x: u32| newest.get(&x).copied().unwrap_or(0);
+        match owner.get(&e.slot).copied() {
+            None => {
+                owner.insert(e.slot, c);
+            }
+            Some(other) => {
+                let (keep, lose) = if seq_of(c) > seq_of(other) {
+                    (c, other)
+                } else {
+                    (other, c)
+                };
+                owner.insert(e.slot, keep);
+                zeroed.push(lose);
+            }
+        }
+    }
+    for &c in &zeroed {
+        table.load_set(c, Entry::ZERO);
+    }
+    if !zeroed.is_empty() {
+        let shown: Vec<String> = zeroed.iter().take(16).map(u32::to_string).collect();
+        notes.push(format!(
+            "{} clusters lost their data with the damaged record (their space was reused by later \
+             commits) and now read as zeros: {}{}",
+            zeroed.len(),
+            shown.join(", "),
+            if zeroed.len() > 16 { ", ..." } else { "" }
+        ));
+    }
+    Ok(Salvage { notes })
+}
+
 /// Marks every stored cluster's slot used. Fails naming a slot two clusters claim.
 pub fn rebuild_allocator(table: &Table, alloc: &Allocator) -> Result<(), String> {
     alloc.reset();
@@ -321,6 +464,34 @@ pub fn rebuild_allocator(table: &Table, alloc: &Allocator) -> Result<(), String>
         }
     }
     Ok(())
+}
+
+/// [`load`] for a reader that does not hold the writer lock (`info`, read-only opens, `check`):
+/// a writer running meanwhile can make one pass read a half-written journal record followed by
+/// a complete one, or checkpoint headers from before and a journal from after a checkpoint. The
+/// writer's durable state is consistent at every moment, so such a pass is retried a few times;
+/// only a problem that persists is reported. (An image that is really damaged costs these few
+/// retries, well under a second.)
+pub fn load_settled(
+    st: &dyn Storage,
+    sb: &Superblock,
+    mode: RecoveryMode,
+) -> Result<Loaded, ImageError> {
+    const RETRIES: u32 = 5;
+    let mut attempt = 0;
+    loop {
+        let r = load(st, sb, mode);
+        let unsettled = match &r {
+            Err(ImageError::CorruptMetadata(_)) => true,
+            Ok(l) => !l.problems.is_empty(),
+            Err(_) => false,
+        };
+        if !unsettled || attempt == RETRIES {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10 << attempt));
+        attempt += 1;
+    }
 }
 
 /// Loads the table: newest valid checkpoint, then the journal records that follow it.
@@ -366,10 +537,11 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
     let r = replay(st, sb, &mut table, seq)?;
     if let Some(lost) = r.lost {
         if mode == RecoveryMode::Strict {
-            return Err(ImageError::CorruptMetadata(format!(
-                "{lost} ({})",
-                warnings.join("; ")
-            )));
+            return Err(ImageError::CorruptMetadata(if warnings.is_empty() {
+                lost
+            } else {
+                format!("{lost} ({})", warnings.join("; "))
+            }));
         }
         problems.push(lost);
     }
@@ -381,6 +553,9 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
         area_seqs,
         records_replayed: r.records,
         clean: r.records > 0 && r.last_flags & format::RECORD_CLEAN_CLOSE != 0,
+        loss_unreported: r.records > 0
+            && r.last_flags & format::RECORD_CLEAN_CLOSE != 0
+            && r.last_flags & format::RECORD_LOSS_UNREPORTED != 0,
         warnings,
         problems,
     })

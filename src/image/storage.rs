@@ -44,7 +44,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
     /// Takes the exclusive writer lock (I8) without blocking. `Ok(false)` when another holder has it.
     fn try_lock_exclusive(&self) -> io::Result<bool>;
-    /// Releases the writer lock taken by [`Storage::try_lock_exclusive`].
+    /// Takes a shared lock without blocking (a read-only server: no writer may open the image
+    /// meanwhile; other readers may). `Ok(false)` when a writer holds the exclusive lock.
+    /// Released by [`Storage::unlock`]. Storages without locks grant it.
+    fn try_lock_shared(&self) -> io::Result<bool> {
+        Ok(true)
+    }
+    /// Releases the lock taken by [`Storage::try_lock_exclusive`] or
+    /// [`Storage::try_lock_shared`].
     fn unlock(&self) -> io::Result<()>;
     /// True for block devices (no holes: discarded ranges are not guaranteed to read as zeros).
     fn is_block_device(&self) -> bool {
@@ -55,6 +62,20 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn allocated_ranges(&self, offset: u64, len: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
         let _ = (offset, len);
         Ok(None)
+    }
+    /// Allocates host space for a range now (fallocate), so writes into it cannot fail with
+    /// ENOSPC later. Storages that cannot run out of space do nothing.
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// Drops cached copies of a range so the next read comes from the device. After a failed
+    /// fdatasync, Linux marks the pages that did not reach the disk clean and keeps them: a
+    /// later reader would see data the disk does not hold. A read-write load calls this on the
+    /// metadata areas before trusting them. A hint: storages without a cache do nothing.
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
     }
 }
 
@@ -96,6 +117,22 @@ impl FileStorage {
     pub fn from_file(file: File) -> io::Result<Self> {
         let block_device = file.metadata()?.file_type().is_block_device();
         Ok(Self { file, block_device })
+    }
+}
+
+impl FileStorage {
+    /// `flock(kind | LOCK_NB)`: `Ok(false)` when a conflicting lock is held.
+    fn try_flock(&self, kind: libc::c_int) -> io::Result<bool> {
+        // SAFETY: flock takes the fd and flags by value.
+        let ret = unsafe { libc::flock(self.file.as_raw_fd(), kind | libc::LOCK_NB) };
+        if ret == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(false);
+        }
+        Err(err)
     }
 }
 
@@ -185,17 +222,64 @@ impl Storage for FileStorage {
         Ok(Some(self.file.metadata()?.blocks() * 512))
     }
 
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.block_device || len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range out of bounds",
+            ));
+        };
+        // SAFETY: fallocate takes the fd, mode and range by value and touches no memory.
+        let ret = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                length,
+            )
+        };
+        if ret != 0 {
+            let err = io::Error::last_os_error();
+            // Filesystems without fallocate: nothing to reserve with, writes take their chance.
+            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Ok(());
+        };
+        // SAFETY: posix_fadvise takes the fd, range and advice by value and touches no memory.
+        let ret = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                off,
+                length,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        // posix_fadvise returns the error number instead of setting errno.
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        Ok(())
+    }
+
     fn try_lock_exclusive(&self) -> io::Result<bool> {
-        // SAFETY: flock takes the fd and flags by value.
-        let ret = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if ret == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(false);
-        }
-        Err(err)
+        self.try_flock(libc::LOCK_EX)
+    }
+
+    fn try_lock_shared(&self) -> io::Result<bool> {
+        self.try_flock(libc::LOCK_SH)
     }
 
     fn unlock(&self) -> io::Result<()> {

@@ -14,9 +14,10 @@
 //! (GET_VRING_BASE, before the reply) waits for the ring's requests in progress and, once no
 //! ring is started any more, quiesces the engine.
 //!
-//! SET_VRING_ENABLE 0 alone (all cloud-hypervisor sends on pause) reaches no backend hook: the
-//! crate unregisters the ring's kick fd, so no new request is taken and the requests in progress
-//! complete. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
+//! SET_VRING_ENABLE 0 alone (all cloud-hypervisor sends on pause) reaches no hook of the crate's;
+//! the daemon's control filter (`filter.rs`) calls [`ControlHooks::vring_enable`] before the crate
+//! handles it: the ring takes no new request and its request in progress completes before the
+//! reply. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
 //! 200 ms and quiesces the engine (commit, park, release the lock); re-enabling a ring resumes it.
 
 use std::io;
@@ -25,7 +26,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
+};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -36,6 +39,7 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{lock, Chain, Device, GuestMemoryHandle, SharedDisk};
+use super::filter::ControlHooks;
 use super::vring::Vring;
 use crate::blk::SplitRing;
 
@@ -80,6 +84,13 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set while queue `q` is started (a worker saw it started and enabled); changed only
     /// under that queue's gate, read under all gates.
     started_queues: AtomicU64,
+    /// Bit `q` set once queue `q`'s start was checked for a restored ring index (cleared when
+    /// the frontend stops the ring).
+    notice_checked: AtomicU64,
+    /// Bit `q` set from the frontend's SET_VRING_ENABLE 0 of queue `q` (seen by the control
+    /// filter before the crate handles it) until its SET_VRING_ENABLE 1: the worker takes no new
+    /// request from the ring.
+    disabling: AtomicU64,
     /// Each queue's ring, recorded by its worker at the first event, so the pause detector
     /// ([`ConnectionBackend::every_started_ring_disabled`]) can look at its enabled state.
     rings: Vec<OnceLock<Vring>>,
@@ -111,6 +122,8 @@ impl<D: Device> ConnectionBackend<D> {
             queue_size,
             acked_features: AtomicU64::new(0),
             started_queues: AtomicU64::new(0),
+            notice_checked: AtomicU64::new(0),
+            disabling: AtomicU64::new(0),
             ring_fault_logged: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
             poll_max: Duration::ZERO,
@@ -169,7 +182,7 @@ impl<D: Device> ConnectionBackend<D> {
         (0..self.rings.len().min(MAX_QUEUES))
             .filter(|q| started & (1u64 << q) != 0)
             .all(|q| match self.rings[q].get() {
-                Some(vring) => !vring.get_ref().is_enabled(),
+                Some(vring) => self.disabling(q) || !vring.get_ref().is_enabled(),
                 None => false,
             })
     }
@@ -188,6 +201,16 @@ impl<D: Device> ConnectionBackend<D> {
         state.get_queue().ready() && state.is_enabled()
     }
 
+    /// True once the frontend asked to disable queue `queue` (before the crate marks the ring).
+    fn disabling(&self, queue: usize) -> bool {
+        queue < MAX_QUEUES && self.disabling.load(Ordering::Acquire) & (1 << queue) != 0
+    }
+
+    /// [`Self::ring_is_live`], and no disable of the queue pending.
+    fn queue_is_live(&self, queue: usize, vring: &Vring) -> bool {
+        !self.disabling(queue) && Self::ring_is_live(vring)
+    }
+
     /// Serves queue `queue` after an event on its ring: executes what is available, then polls
     /// the ring for a while (see [`PollWindow`]) before it re-enables the driver's notifications
     /// and returns to the event loop.
@@ -196,7 +219,10 @@ impl<D: Device> ConnectionBackend<D> {
     /// never waits for it; every look checks that the ring is still started and enabled and
     /// the connection still open.
     fn serve_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
-        let mut resume_attempted = false;
+        let bit = 1u64 << (queue % MAX_QUEUES);
+        // Set once a resume failed or was no longer wanted: the requests then fail with an I/O
+        // error from the engine (see SharedDisk::ensure_running) instead of waiting.
+        let mut resume_given_up = false;
         let mut budget = Budget::new();
         let poll = self.poll_state(queue);
         if let Some(poll) = poll {
@@ -206,33 +232,37 @@ impl<D: Device> ConnectionBackend<D> {
             let Some(gate) = self.disk.gate(queue) else {
                 return Ok(());
             };
-            if !Self::ring_is_live(vring) {
+            if !self.queue_is_live(queue, vring) {
                 return Ok(());
             }
-            if !self.disk.is_running() && !resume_attempted {
-                // Never wait for the lifecycle lock while holding a gate (see SharedDisk).
-                drop(gate);
-                resume_attempted = true;
-                self.disk
-                    .ensure_running(&format!("queue {queue} started"), || {
-                        Self::ring_is_live(vring)
-                    });
-                continue;
-            }
             if queue < MAX_QUEUES {
+                // Started from the moment its worker sees it live (under its gate, which a
+                // quiesce holds while it counts the started rings): stopping another ring must
+                // not quiesce the device while this one waits for the resume.
+                self.started_queues.fetch_or(bit, Ordering::AcqRel);
                 if let Some(slot) = self.rings.get(queue) {
                     slot.get_or_init(|| vring.clone());
                 }
-                let bit = 1u64 << queue;
-                if self.started_queues.load(Ordering::Acquire) & bit == 0 {
-                    let before = self.started_queues.fetch_or(bit, Ordering::AcqRel);
-                    // A ring restored at a non-zero index belongs to a guest that ran before this
-                    // connection's device start (QEMU reconnecting after a backend restart): any
-                    // queue may be the one the guest used, so each one's first start asks.
-                    if before & bit == 0 && vring.get_ref().get_queue().next_avail() != 0 {
-                        self.disk.device().ring_restored_mid_session();
-                    }
-                }
+            }
+            if !self.disk.is_running() && !resume_given_up {
+                // Never wait for the lifecycle lock while holding a gate (see SharedDisk). If a
+                // quiesce comes between the resume and the gate, the loop resumes again.
+                drop(gate);
+                resume_given_up = !self
+                    .disk
+                    .ensure_running(&format!("queue {queue} started"), || {
+                        self.queue_is_live(queue, vring)
+                    });
+                continue;
+            }
+            // A ring restored at a non-zero index belongs to a guest that ran before this device
+            // start (QEMU reconnecting after a backend restart): any queue may be the one the
+            // guest used, so each one's first start after a resume asks.
+            if queue < MAX_QUEUES
+                && self.notice_checked.fetch_or(bit, Ordering::AcqRel) & bit == 0
+                && vring.get_ref().get_queue().next_avail() != 0
+            {
+                self.disk.device().ring_restored_mid_session();
             }
             let outcome = self.process_available(queue, vring, &mut budget);
             drop(gate);
@@ -290,7 +320,11 @@ impl<D: Device> ConnectionBackend<D> {
     /// became available meanwhile. `Err` when the ring is stopped or broken.
     fn enable_notifications(&self, queue: usize, vring: &Vring) -> Result<bool, ()> {
         let mut state = vring.get_mut();
-        if vring.refused_size().is_some() || !state.get_queue().ready() || !state.is_enabled() {
+        if vring.refused_size().is_some()
+            || !state.get_queue().ready()
+            || !state.is_enabled()
+            || self.disabling(queue)
+        {
             return Err(());
         }
         state.enable_notification().map_err(|e| {
@@ -311,6 +345,7 @@ impl<D: Device> ConnectionBackend<D> {
                     if vring.refused_size().is_some()
                         || !ring.ready()
                         || !state.is_enabled()
+                        || self.disabling(queue)
                         || self.polling_ended.load(Ordering::Acquire)
                     {
                         return Polled::Stopped;
@@ -384,6 +419,11 @@ impl<D: Device> ConnectionBackend<D> {
                     self.notify_guest(queue, vring);
                     unsignalled = 0;
                 }
+                if self.disk.gates_wanted() || self.disabling(queue) {
+                    // A quiesce waits for this queue's gate, or the frontend disables the ring:
+                    // the rest waits for the next turn.
+                    break 'batch Batch::Bounded;
+                }
             }
             if budget.expect_more && !popped_any {
                 self.ring_fault(
@@ -435,6 +475,27 @@ impl<D: Device> ConnectionBackend<D> {
                 }
             }
             Err(e) => self.ring_fault(queue, format_args!("cannot read the used event index: {e}")),
+        }
+    }
+}
+
+impl<D: Device> ControlHooks for ConnectionBackend<D> {
+    /// SET_VRING_ENABLE 0: no new request is taken from the ring, and the one in progress
+    /// completes before the crate (and so the frontend) sees the message: a frontend that
+    /// pauses by disabling the rings (cloud-hypervisor) can rely on guest memory not changing
+    /// after the reply. SET_VRING_ENABLE 1 lifts that (the crate then calls the worker).
+    fn vring_enable(&self, index: u32, enable: bool) {
+        let queue = index as usize;
+        if queue >= self.rings.len() || queue >= MAX_QUEUES {
+            return; // the crate refuses the message
+        }
+        let bit = 1u64 << queue;
+        if enable {
+            self.disabling.fetch_and(!bit, Ordering::AcqRel);
+        } else {
+            self.disabling.fetch_or(bit, Ordering::AcqRel);
+            // The worker gives its gate back after the request in progress.
+            drop(self.disk.gate(queue));
         }
     }
 }
@@ -593,6 +654,18 @@ enum Pop {
     Stop,
 }
 
+/// The offset into `struct virtio_blk_config` of a GET_CONFIG / SET_CONFIG offset. Frontends
+/// count differently: QEMU from the start of the structure (0), cloud-hypervisor's GET_CONFIG
+/// from VHOST_USER_CONFIG_OFFSET (0x100, where virtio-mmio places the device configuration).
+/// The structure is shorter than 0x100 bytes, so both are understood.
+fn config_offset(offset: u32) -> u32 {
+    if offset >= VHOST_USER_CONFIG_OFFSET {
+        offset - VHOST_USER_CONFIG_OFFSET
+    } else {
+        offset
+    }
+}
+
 /// Makes the worker's event loop see the ring's kick again, so the requests left after a bounded
 /// batch are served on its next turn.
 fn rearm_kick(vring: &Vring) {
@@ -653,6 +726,7 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     /// ask for their own, possibly larger, `struct virtio_blk_config`); a request past the
     /// protocol's limit gets an empty answer, which the crate turns into an error reply.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let offset = config_offset(offset);
         let Some(end) = offset.checked_add(size) else {
             return Vec::new();
         };
@@ -669,16 +743,16 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         out
     }
 
+    /// The driver's write into the configuration space (the cache mode, with CONFIG_WCE). A
+    /// refused write makes the crate refuse the message and end the connection.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // No writable config field is offered (no CONFIG_WCE).
-        tracing::debug!(
-            "frontend wrote {} config bytes at {offset}: rejected",
-            buf.len()
-        );
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "the virtio-blk configuration space is read-only",
-        ))
+        self.disk
+            .device()
+            .set_config(config_offset(offset), buf)
+            .map_err(|reason| {
+                tracing::warn!("frontend wrote the configuration space: refused: {reason}");
+                io::Error::new(io::ErrorKind::PermissionDenied, reason)
+            })
     }
 
     fn update_memory(&self, _mem: GuestMemoryHandle) -> io::Result<()> {
@@ -716,6 +790,8 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
             .quiesce_if("the frontend stopped every queue", || {
                 if queue < MAX_QUEUES {
                     self.started_queues
+                        .fetch_and(!(1u64 << queue), Ordering::AcqRel);
+                    self.notice_checked
                         .fetch_and(!(1u64 << queue), Ordering::AcqRel);
                 }
                 self.started_queues.load(Ordering::Acquire) == 0

@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 
 use super::backend::{ConnectionBackend, MAX_QUEUES};
 use super::device::{lock, Device, SharedDisk};
+use super::filter::{FilteredConnection, Rules};
 
 /// Errors of the daemon's set-up and listener loop.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +240,11 @@ impl<D: Device> Daemon<D> {
                 EpollEvent::new(EventSet::IN, WAKE_EVENT),
             )
             .map_err(DaemonError::Listener)?;
+        // Accepted only after epoll reported a pending connection; one that vanished meanwhile
+        // must not block the loop (and SIGTERM with it).
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::Listener(io::Error::other(e.to_string())))?;
         let disk = Arc::new(SharedDisk::new(device, config.num_queues));
         Ok(Self {
             disk,
@@ -308,16 +314,40 @@ impl<D: Device> Daemon<D> {
         );
         let mut daemon = VhostUserDaemon::new("insitu-blk".to_string(), Arc::clone(&backend), mem)
             .map_err(|e| DaemonError::Connection(e.to_string()))?;
-        // A connection is pending (epoll said so): this accept does not block. A connection
+        // A connection is pending (epoll said so; the listener does not block). A connection
         // that cannot be set up is dropped; the daemon goes on listening.
-        if let Err(e) = daemon.start(&mut self.listener) {
-            drop(daemon);
-            backend.close_exit_fds();
-            tracing::warn!("cannot set up connection {number}: {e}");
-            // If the connection is still pending (e.g. out of file descriptors), do not spin.
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            return Ok(());
-        }
+        let frontend = match self.listener.accept() {
+            Ok(Some(frontend)) => frontend,
+            Ok(None) => {
+                // The connection went away before it was accepted.
+                drop(daemon);
+                backend.close_exit_fds();
+                return Ok(());
+            }
+            Err(e) => {
+                drop(daemon);
+                backend.close_exit_fds();
+                tracing::warn!("cannot accept connection {number}: {e}");
+                // If the connection is still pending (e.g. out of file descriptors), do not spin.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                return Ok(());
+            }
+        };
+        let rules = Rules {
+            max_queue_size: self.config.queue_size,
+        };
+        let filter =
+            match FilteredConnection::establish(frontend, rules, backend.clone(), |listener| {
+                daemon.start(listener)
+            }) {
+                Ok(filter) => filter,
+                Err(e) => {
+                    drop(daemon);
+                    backend.close_exit_fds();
+                    tracing::warn!("cannot set up connection {number}: {e}");
+                    return Ok(());
+                }
+            };
         {
             let mut current = lock(&self.control.current);
             *current = daemon.shutdown_handle();
@@ -344,6 +374,7 @@ impl<D: Device> Daemon<D> {
             )) => tracing::info!("frontend went away (connection {number})"),
             Err(e) => tracing::warn!("connection {number} ended: {e}"),
         }
+        filter.close();
         // Dropping the daemon stops and joins the worker threads (requests in progress finish).
         drop(daemon);
         backend.close_exit_fds();
@@ -352,9 +383,10 @@ impl<D: Device> Daemon<D> {
 }
 
 /// Starts the thread that quiesces the disk while the frontend keeps every started ring disabled
-/// (SET_VRING_ENABLE 0 without GET_VRING_BASE: cloud-hypervisor's pause). No backend hook sees
-/// SET_VRING_ENABLE, so the rings' state is polled. Re-enabling a ring makes its worker resume the
-/// disk. The thread ends when the returned sender is dropped.
+/// (SET_VRING_ENABLE 0 without GET_VRING_BASE: cloud-hypervisor's pause). The control filter
+/// drains a ring when it is disabled, but the quiesce (a commit, possibly long) must not hold up
+/// the frontend's message, so the rings' state is polled. Re-enabling a ring makes its worker
+/// resume the disk. The thread ends when the returned sender is dropped.
 fn spawn_pause_detector<D: Device>(
     backend: Arc<ConnectionBackend<D>>,
 ) -> (

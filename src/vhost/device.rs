@@ -3,7 +3,7 @@
 //! gates that let a quiesce wait for the requests in progress without a lock on the data path that
 //! all queues share.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,15 @@ pub trait Device: Send + Sync + 'static {
 
     /// The device configuration space (`struct virtio_blk_config`, little-endian).
     fn config_space(&self) -> Vec<u8>;
+
+    /// The driver writes `data` at `offset` into the configuration space (SET_CONFIG). The error
+    /// says why the write is refused. The default refuses every write.
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
+        let _ = data;
+        Err(format!(
+            "write at offset {offset}: the configuration space is read-only"
+        ))
+    }
 
     /// Executes one request and returns the number of bytes written into the chain's
     /// device-writable buffers (the used length). `ring` is the layout of the queue the chain was
@@ -94,13 +103,18 @@ struct Lifecycle {
 /// path):
 /// - a worker processes a batch of requests of queue `q` holding only `gates[q]` (its own), and
 ///   only after seeing `running == true` under it;
-/// - a quiesce takes `lifecycle`, then every gate in index order, so it waits for the batches in
-///   progress and no new batch starts until the engine is quiesced and `running` is false;
+/// - a quiesce takes `lifecycle`, then every gate in index order, so it waits for the requests in
+///   progress and no new batch starts until the engine is quiesced and `running` is false; while
+///   it waits, workers end their batch after the request in progress (`gates_wanted`), so the
+///   wait is one request per queue, not a batch of up to 128;
 /// - a resume takes `lifecycle` only (a worker never waits for it while holding its gate).
 pub struct SharedDisk<D: Device> {
     device: D,
     num_queues: usize,
     gates: Vec<Mutex<()>>,
+    /// Number of threads waiting to take every gate (quiesce, shutdown): workers then give their
+    /// gate back after the request in progress instead of finishing their batch.
+    gate_waiters: AtomicUsize,
     running: AtomicBool,
     lifecycle: Mutex<Lifecycle>,
 }
@@ -120,6 +134,7 @@ impl<D: Device> SharedDisk<D> {
             device,
             num_queues,
             gates: (0..num_queues).map(|_| Mutex::new(())).collect(),
+            gate_waiters: AtomicUsize::new(0),
             running: AtomicBool::new(false),
             lifecycle: Mutex::new(Lifecycle::default()),
         }
@@ -145,9 +160,31 @@ impl<D: Device> SharedDisk<D> {
         self.running.load(Ordering::Acquire)
     }
 
-    /// Takes queue `q`'s gate: held by that queue's worker while it processes a batch.
+    /// Takes queue `q`'s gate: held by that queue's worker while it processes a batch. Call it
+    /// holding no gate and not the lifecycle lock.
     pub(crate) fn gate(&self, q: usize) -> Option<MutexGuard<'_, ()>> {
+        if self.gates_wanted() {
+            // A quiesce waits for every gate, holding the lifecycle lock: let it go first. A
+            // worker that gave its gate back and took it again at once (mutexes are not fair)
+            // could otherwise keep it waiting request after request.
+            drop(lock(&self.lifecycle));
+        }
         self.gates.get(q).map(lock)
+    }
+
+    /// True while a quiesce or shutdown waits for the gates: a worker holding its gate should
+    /// give it back after its request in progress (the wait is then bounded by one request per
+    /// queue, not by a batch).
+    pub(crate) fn gates_wanted(&self) -> bool {
+        self.gate_waiters.load(Ordering::Acquire) != 0
+    }
+
+    /// Takes every gate in index order, announcing the wait to the workers meanwhile.
+    fn all_gates(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.gate_waiters.fetch_add(1, Ordering::AcqRel);
+        let gates = self.gates.iter().map(lock).collect();
+        self.gate_waiters.fetch_sub(1, Ordering::AcqRel);
+        gates
     }
 
     /// Resumes the engine unless it runs already. `still_wanted` is checked under the lifecycle
@@ -210,7 +247,7 @@ impl<D: Device> SharedDisk<D> {
         should_quiesce: impl FnOnce() -> bool,
     ) -> Result<(), ImageError> {
         let _life = lock(&self.lifecycle);
-        let _gates: Vec<_> = self.gates.iter().map(lock).collect();
+        let _gates = self.all_gates();
         // Always evaluated: it also updates the caller's bookkeeping (e.g. the stopped ring).
         let wanted = should_quiesce();
         if !wanted || !self.running.load(Ordering::Acquire) {
@@ -248,7 +285,7 @@ impl<D: Device> SharedDisk<D> {
     pub fn shut_down(&self, reason: &str) -> Result<(), ImageError> {
         let mut life = lock(&self.lifecycle);
         life.shutting_down = true;
-        let _gates: Vec<_> = self.gates.iter().map(lock).collect();
+        let _gates = self.all_gates();
         if !self.running.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -1,7 +1,11 @@
 //! The production [`Device`]: the virtio-blk request layer on the image engine.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+
+use crate::blk::config::{check_config_write, WRITEBACK_OFFSET};
 use crate::blk::{BlkConfig, BlkDevice, BlkError, SplitRing};
 use crate::image::{Image, ImageError, LockPolicy, Stats};
 
@@ -12,6 +16,11 @@ use super::device::{Chain, Device};
 pub struct BlkDisk {
     blk: BlkDevice,
     lock: LockPolicy,
+    /// The cache mode the driver chose (VIRTIO_BLK_F_CONFIG_WCE): true for write-back (the
+    /// default: completed writes are durable at the next FLUSH), false for write-through (each
+    /// write, discard and write-zeroes is durable when it completes). Kept for the process's
+    /// lifetime, so a frontend reconnecting finds the mode its guest set.
+    write_back: AtomicBool,
 }
 
 impl BlkDisk {
@@ -20,6 +29,7 @@ impl BlkDisk {
         Ok(Self {
             blk: BlkDevice::new(Arc::new(image), config)?,
             lock,
+            write_back: AtomicBool::new(true),
         })
     }
 
@@ -35,10 +45,52 @@ impl Device for BlkDisk {
     }
 
     fn config_space(&self) -> Vec<u8> {
-        self.blk.config_space()
+        let mut space = self.blk.config_space();
+        if !self.blk.is_read_only() && !self.write_back.load(Ordering::Acquire) {
+            if let Some(writeback) = space.get_mut(WRITEBACK_OFFSET) {
+                *writeback = 0;
+            }
+        }
+        space
+    }
+
+    fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
+        if self.blk.is_read_only() {
+            return Err("the device is read-only (no writable configuration field)".into());
+        }
+        let Some(write_back) = check_config_write(&self.config_space(), offset, data)? else {
+            return Ok(());
+        };
+        if self.write_back.swap(write_back, Ordering::AcqRel) != write_back {
+            if write_back {
+                tracing::info!("the driver set the disk's cache to write-back");
+            } else {
+                tracing::info!(
+                    "the driver set the disk's cache to write-through: every write is made \
+                     durable before it completes"
+                );
+                // Writes completed before the switch become durable at once, as the driver
+                // now assumes of every completed write.
+                // (Quiesced: everything completed is committed already.)
+                match self.blk.image().flush() {
+                    Ok(()) | Err(ImageError::Quiesced) => {}
+                    Err(e) => {
+                        return Err(format!("cannot switch to write-through: flush failed: {e}"))
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32 {
+        // Write-through: served as for a driver without VIRTIO_BLK_F_FLUSH, each change is
+        // flushed before it completes (FLUSH requests themselves are still served).
+        let acked_features = if self.write_back.load(Ordering::Acquire) {
+            acked_features
+        } else {
+            acked_features & !(1 << VIRTIO_BLK_F_FLUSH)
+        };
         self.blk.process_ring_chain(chain, ring, acked_features)
     }
 

@@ -3,9 +3,10 @@
 //!
 //! SET_VRING_NUM with a size that is not a power of two passes vhost-user-backend 0.24's range
 //! check, and virtio-queue's `set_size` then only logs and keeps the previous size: frontend and
-//! backend would disagree on the ring layout. The crate answers SET_VRING_NUM itself (with
-//! success; no backend hook can refuse it), so this wrapper remembers the refused size, refuses
-//! the ring's SET_VRING_ADDR, and keeps the ring from being served until a valid size is set.
+//! backend would disagree on the ring layout. The daemon's control filter (`filter.rs`) makes the
+//! crate refuse such a message; should one still reach a ring (a backend served without the
+//! filter), this wrapper remembers the refused size, refuses the ring's SET_VRING_ADDR, and keeps
+//! the ring from being served until a valid size is set.
 
 use std::fs::File;
 use std::io;

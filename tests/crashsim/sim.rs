@@ -563,7 +563,8 @@ impl SimStorage {
     }
 
     /// Makes the `n`-th mutating operation from now (write, punch, flush, set_len; 1 = the next)
-    /// fail with EIO without any effect, once.
+    /// fail with EIO, once. A failed write, punch or set_len has no effect; a failed flush loses
+    /// the writes it covered from the durable view for good (Linux's writeback-error semantics).
     pub fn fail_after(&self, n: u64) {
         self.lock().fail_countdown = Some(n.max(1));
     }
@@ -775,10 +776,23 @@ impl Storage for SimStorage {
             gate.enter_and_wait();
         }
         let mut state = self.lock();
-        Self::inject(&mut state, "flush")?;
-        if !state.lying_flush {
-            state.durable = state.current.clone();
+        if let Err(e) = Self::inject(&mut state, "flush") {
+            // Linux after a failed fdatasync: the pages it was writing are marked clean and
+            // stay cached (reads still see the new data), but the disk may not have them and
+            // no later flush writes them again. Model the worst case: none of them is durable,
+            // ever, unless written again.
             state.pending.clear();
+            return Err(e);
+        }
+        if !state.lying_flush {
+            // Only what is pending reaches the disk (not `current` wholesale): writes lost by
+            // an earlier failed flush stay lost.
+            let SimState {
+                durable, pending, ..
+            } = &mut *state;
+            for op in pending.drain(..) {
+                apply(durable, &op);
+            }
         }
         state.flushes += 1;
         Self::after_op(&mut state, None, || "flush".into());

@@ -84,6 +84,7 @@ pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
+pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
 pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
@@ -105,6 +106,7 @@ pub const DRIVER_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_BLK_F_BLK_SIZE
     | VIRTIO_BLK_F_FLUSH
     | VIRTIO_BLK_F_TOPOLOGY
+    | VIRTIO_BLK_F_CONFIG_WCE
     | VIRTIO_BLK_F_MQ
     | VIRTIO_BLK_F_DISCARD
     | VIRTIO_BLK_F_WRITE_ZEROES;
@@ -172,7 +174,8 @@ impl Desc {
         }
     }
 
-    fn bytes(&self) -> [u8; 16] {
+    /// The descriptor as the device reads it from a table.
+    pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
         b[8..12].copy_from_slice(&self.len.to_le_bytes());
@@ -438,6 +441,9 @@ pub struct ConnectOptions {
     pub queue_size: u16,
     /// Features the driver accepts (ANDed with the offered ones).
     pub driver_features: u64,
+    /// The rings' indexes at the start (SET_VRING_BASE, and the avail and used indexes in guest
+    /// memory): non-zero for a guest that ran before, e.g. on a migration destination.
+    pub ring_base: u16,
 }
 
 impl Default for ConnectOptions {
@@ -446,6 +452,7 @@ impl Default for ConnectOptions {
             queues: 2,
             queue_size: 128,
             driver_features: DRIVER_FEATURES,
+            ring_base: 0,
         }
     }
 }
@@ -669,7 +676,7 @@ impl Device {
             backend_queues,
         };
         for i in 0..opts.queues {
-            dev.start_queue(i, opts.queue_size)?;
+            dev.start_queue(i, opts.queue_size, opts.ring_base)?;
         }
         Ok(dev)
     }
@@ -678,7 +685,7 @@ impl Device {
         self.gm.host_addr(gpa)
     }
 
-    fn start_queue(&mut self, index: u16, size: u16) -> Result<(), String> {
+    fn start_queue(&mut self, index: u16, size: u16, ring_base: u16) -> Result<(), String> {
         let base = REGION_A_GPA + RING_AREA_SIZE * u64::from(index);
         let vq = Vq {
             index,
@@ -686,8 +693,8 @@ impl Device {
             desc_gpa: base,
             avail_gpa: base + 0x4000,
             used_gpa: base + 0x8000,
-            avail_idx: 0,
-            last_used: 0,
+            avail_idx: ring_base,
+            last_used: ring_base,
             next_desc: 0,
             kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
             call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
@@ -698,6 +705,9 @@ impl Device {
             .write(vq.avail_gpa, &vec![0u8; 6 + 2 * size as usize]);
         self.gm
             .write(vq.used_gpa, &vec![0u8; 6 + 8 * size as usize]);
+        // A guest that ran before: every request it made was completed.
+        self.gm.write(vq.avail_gpa + 2, &ring_base.to_le_bytes());
+        self.gm.write(vq.used_gpa + 2, &ring_base.to_le_bytes());
         self.gm
             .always_allowed
             .push((vq.used_gpa, vq.used_gpa + 6 + 8 * size as u64));
@@ -706,7 +716,7 @@ impl Device {
             .set_vring_num(i, size)
             .map_err(err("SET_VRING_NUM"))?;
         self.fe
-            .set_vring_base(i, 0)
+            .set_vring_base(i, ring_base)
             .map_err(err("SET_VRING_BASE"))?;
         let cfg = VringConfigData {
             queue_max_size: size,
@@ -749,6 +759,52 @@ impl Device {
             bases.push(self.get_vring_base(q as u16)?);
         }
         Ok(bases)
+    }
+
+    /// Starts every queue again after [`Device::stop_queues`], as QEMU does on `cont`: the same
+    /// rings and eventfds, the ring base at the driver's available index (every request was
+    /// completed before the stop).
+    pub fn restart_queues(&mut self) -> Result<(), String> {
+        let stream = self.stream.try_clone().map_err(err("dup socket"))?;
+        let cfgs: Vec<(usize, u16, u16, VringConfigData)> = self
+            .vqs
+            .iter()
+            .map(|vq| {
+                (
+                    usize::from(vq.index),
+                    vq.size,
+                    vq.avail_idx,
+                    VringConfigData {
+                        queue_max_size: vq.size,
+                        queue_size: vq.size,
+                        flags: 0,
+                        desc_table_addr: self.host_addr(vq.desc_gpa),
+                        used_ring_addr: self.host_addr(vq.used_gpa),
+                        avail_ring_addr: self.host_addr(vq.avail_gpa),
+                        log_addr: None,
+                    },
+                )
+            })
+            .collect();
+        let enable = self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+        let (fe, vqs) = (&mut self.fe, &self.vqs);
+        guarded(&stream, "restarting the queues", || {
+            for ((i, size, base, cfg), vq) in cfgs.iter().zip(vqs) {
+                fe.set_vring_num(*i, *size).map_err(err("SET_VRING_NUM"))?;
+                fe.set_vring_base(*i, *base)
+                    .map_err(err("SET_VRING_BASE"))?;
+                fe.set_vring_addr(*i, cfg).map_err(err("SET_VRING_ADDR"))?;
+                fe.set_vring_call(*i, &vq.call)
+                    .map_err(err("SET_VRING_CALL"))?;
+                fe.set_vring_kick(*i, &vq.kick)
+                    .map_err(err("SET_VRING_KICK"))?;
+                if enable {
+                    fe.set_vring_enable(*i, true)
+                        .map_err(err("SET_VRING_ENABLE"))?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// GET_VRING_BASE on one queue, failing if the backend does not answer in time.

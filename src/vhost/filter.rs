@@ -1,0 +1,350 @@
+//! A filter on the frontend's vhost-user control connection, for the one message
+//! vhost-user-backend 0.24 answers without asking the backend: SET_VRING_NUM.
+//!
+//! The crate range-checks the size (1..=max) but acks a size that is not a power of two (its
+//! request handler is private and offers no hook that can refuse the message), so a frontend
+//! would believe a ring layout the backend never uses (virtio 1.2 2.7: a split queue's size is a
+//! power of two). The filter sits between the frontend and the crate's handler: it forwards every
+//! message unchanged, with its file descriptors, except a SET_VRING_NUM with an invalid size,
+//! whose size it replaces by 0. The crate then refuses it the way it refuses any out-of-range
+//! size: an error ack (when REPLY_ACK is negotiated and asked for) in the message's own place in
+//! the reply stream, and the end of the connection. Replies go back unchanged.
+//!
+//! It also lets the backend act on SET_VRING_ENABLE before the crate answers it (the crate has no
+//! hook for it): a ring being disabled takes no new request and its request in progress completes
+//! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
+//!
+//! Only the control connection passes through the filter (a few messages per ring start or
+//! stop); the data path (kick/call eventfds, shared guest memory) never does.
+//!
+//! The crate accepts its connection from a listener only, so each connection gets a private
+//! listener in the abstract socket namespace with a random name; the filter connects to it and
+//! the crate accepts. A connection that is not the filter's (another local process racing for
+//! the random name) is detected (the filter's own connection was never accepted) and refused.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::thread::JoinHandle;
+
+use libc::{c_void, iovec};
+use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vhost::vhost_user::Listener;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Size of a vhost-user message header (request, flags, size; little-endian u32 each).
+const HEADER_SIZE: usize = 12;
+
+/// The rules the filter applies to the frontend's messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rules {
+    /// Largest ring size offered (the crate refuses larger ones itself).
+    pub max_queue_size: usize,
+}
+
+impl Rules {
+    /// Rewrites `payload` of a request with code `code` if it must be refused; returns a
+    /// description of what was refused.
+    fn apply(&self, code: u32, payload: &mut [u8]) -> Option<String> {
+        if code != FrontendReq::SET_VRING_NUM as u32 || payload.len() != 8 {
+            return None;
+        }
+        let index = u32::from_le_bytes(payload[0..4].try_into().ok()?);
+        let num = u32::from_le_bytes(payload[4..8].try_into().ok()?);
+        if num.is_power_of_two() && num as usize <= self.max_queue_size {
+            return None;
+        }
+        // 0 is the size the crate itself refuses (error ack, end of the connection).
+        payload[4..8].copy_from_slice(&0u32.to_le_bytes());
+        Some(format!(
+            "SET_VRING_NUM {num} on ring {index}: not a power of two in 1..={}",
+            self.max_queue_size
+        ))
+    }
+}
+
+/// What the filter tells the backend before the crate handles a message.
+pub(crate) trait ControlHooks: Send + Sync + 'static {
+    /// SET_VRING_ENABLE of ring `index` to `enable`. Runs before the message reaches the crate,
+    /// so the crate's reply (the frontend's signal that the ring is disabled) can wait for what
+    /// this does (draining the ring's request in progress).
+    fn vring_enable(&self, index: u32, enable: bool);
+}
+
+/// The ring index and value of a SET_VRING_ENABLE payload (`struct vhost_vring_state`); None
+/// for another message or a malformed one (which the crate refuses).
+fn vring_enable(code: u32, payload: &[u8]) -> Option<(u32, bool)> {
+    if code != FrontendReq::SET_VRING_ENABLE as u32 || payload.len() != 8 {
+        return None;
+    }
+    let index = u32::from_le_bytes(payload[0..4].try_into().ok()?);
+    match u32::from_le_bytes(payload[4..8].try_into().ok()?) {
+        0 => Some((index, false)),
+        1 => Some((index, true)),
+        _ => None,
+    }
+}
+
+/// The two ends the filter joins, and its threads.
+pub(crate) struct FilteredConnection {
+    frontend: UnixStream,
+    backend: UnixStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl FilteredConnection {
+    /// Puts the filter between `frontend` (an accepted connection) and a vhost-user daemon:
+    /// `start` receives the private listener to accept the filter's connection from (the crate's
+    /// `VhostUserDaemon::start`).
+    pub(crate) fn establish<E: std::fmt::Display>(
+        frontend: UnixStream,
+        rules: Rules,
+        hooks: std::sync::Arc<dyn ControlHooks>,
+        start: impl FnOnce(&mut Listener) -> Result<(), E>,
+    ) -> io::Result<Self> {
+        let name = format!("insitu-blk/{}/{}", std::process::id(), uuid::Uuid::new_v4());
+        let address = SocketAddr::from_abstract_name(name.as_bytes())?;
+        let private = UnixListener::bind_addr(&address)?;
+        let backend = UnixStream::connect_addr(&address)?;
+        let mut listener = Listener::from(private);
+        start(&mut listener).map_err(|e| io::Error::other(e.to_string()))?;
+        // Closing the listener resets every connection it did not accept: if ours is one of
+        // them, the crate accepted someone else's.
+        drop(listener);
+        if !accepted(&backend)? {
+            return Err(io::Error::other(
+                "another process connected to the private control socket first",
+            ));
+        }
+        let mut connection = Self {
+            frontend,
+            backend,
+            threads: Vec::new(),
+        };
+        let to_backend = (
+            connection.frontend.try_clone()?,
+            connection.backend.try_clone()?,
+        );
+        let to_frontend = (
+            connection.backend.try_clone()?,
+            connection.frontend.try_clone()?,
+        );
+        connection.threads.push(spawn("vhost-filter-in", move || {
+            forward(&to_backend.0, &to_backend.1, |code, payload| {
+                if let Some(refused) = rules.apply(code, payload) {
+                    tracing::warn!("frontend sent {refused}: refused");
+                }
+                if let Some((index, enable)) = vring_enable(code, payload) {
+                    hooks.vring_enable(index, enable);
+                }
+            })
+        })?);
+        connection.threads.push(spawn("vhost-filter-out", move || {
+            forward(&to_frontend.0, &to_frontend.1, |_, _| {})
+        })?);
+        Ok(connection)
+    }
+
+    /// Ends both directions and waits for the filter's threads.
+    pub(crate) fn close(self) {
+        let _ = self.frontend.shutdown(std::net::Shutdown::Both);
+        let _ = self.backend.shutdown(std::net::Shutdown::Both);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// True if the private listener accepted `stream` (it is connected, no reset or end pending).
+fn accepted(stream: &UnixStream) -> io::Result<bool> {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is valid for a write of 1 byte; MSG_PEEK leaves the data in the socket and
+    // MSG_DONTWAIT makes the call return at once.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n >= 1 {
+        // The crate never writes before it got a request.
+        return Ok(false);
+    }
+    if n == 0 {
+        return Ok(false);
+    }
+    let error = io::Error::last_os_error();
+    match error.kind() {
+        io::ErrorKind::WouldBlock => Ok(true),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => Ok(false),
+        _ => Err(error),
+    }
+}
+
+fn spawn(
+    name: &str,
+    body: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let name_owned = name.to_owned();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            if let Err(e) = body() {
+                tracing::debug!("{name_owned}: {e}");
+            }
+        })
+}
+
+/// Forwards whole messages from `from` to `to`, each with the file descriptors that came with
+/// it, letting `inspect` rewrite a message's payload first. Ends (shutting both sockets down, so
+/// the peer threads and the crate see the end) at the end of `from`'s stream, on an error, or on
+/// a header whose size no vhost-user message may have (forwarded so the receiver refuses it).
+fn forward(
+    from: &UnixStream,
+    to: &UnixStream,
+    mut inspect: impl FnMut(u32, &mut [u8]),
+) -> io::Result<()> {
+    let result = (|| -> io::Result<()> {
+        let mut payload = vec![0u8; MAX_MSG_SIZE];
+        loop {
+            let mut header = [0u8; HEADER_SIZE];
+            let Some(files) = receive_header(from, &mut header)? else {
+                return Ok(());
+            };
+            let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+            if size > MAX_MSG_SIZE {
+                send_all(to, &[&header], &files)?;
+                return Ok(());
+            }
+            let body = &mut payload[..size];
+            (&*from).read_exact(body)?;
+            inspect(code, body);
+            send_all(to, &[&header, body], &files)?;
+        }
+    })();
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+/// Reads a message header and the file descriptors sent with it. `None` at the end of the
+/// stream before a new message.
+fn receive_header(
+    from: &UnixStream,
+    header: &mut [u8; HEADER_SIZE],
+) -> io::Result<Option<Vec<File>>> {
+    let mut fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+    let mut iov = [iovec {
+        iov_base: header.as_mut_ptr().cast::<c_void>(),
+        iov_len: HEADER_SIZE,
+    }];
+    let (read, count) = loop {
+        // SAFETY: the iovec points at `header`, valid for writes of HEADER_SIZE bytes for the
+        // duration of the call.
+        let received = unsafe { from.recv_with_fds(&mut iov, &mut fds) };
+        match received {
+            Ok(result) => break result,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    };
+    let files = fds[..count]
+        .iter()
+        // SAFETY: recvmsg installed these descriptors in this process for us; nothing else owns
+        // them, and each is wrapped exactly once (closed when the message was forwarded).
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if read == 0 {
+        return Ok(None);
+    }
+    (&*from).read_exact(&mut header[read..])?;
+    Ok(Some(files))
+}
+
+/// Sends `parts` as one message with `files` attached to its first byte.
+fn send_all(to: &UnixStream, parts: &[&[u8]], files: &[File]) -> io::Result<()> {
+    let message: Vec<u8> = parts.concat();
+    let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut sent = loop {
+        match to.send_with_fds(&[&message[..]], &fds) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    };
+    while sent < message.len() {
+        match to.send_with_fds(&[&message[sent..]], &[]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vring_num(index: u32, num: u32) -> Vec<u8> {
+        [index.to_le_bytes(), num.to_le_bytes()].concat()
+    }
+
+    /// The check that detects another process winning the race for the private listener: a
+    /// connection the listener accepted is told apart from one still queued when it closed.
+    #[test]
+    fn accepted_tells_an_accepted_connection_from_a_reset_one() {
+        let name = format!("insitu-blk-test/{}", uuid::Uuid::new_v4());
+        let address = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let listener = UnixListener::bind_addr(&address).unwrap();
+        let first = UnixStream::connect_addr(&address).unwrap();
+        let second = UnixStream::connect_addr(&address).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        drop(listener);
+        assert!(accepted(&first).unwrap(), "the accepted connection");
+        assert!(!accepted(&second).unwrap(), "the one never accepted");
+        drop(server_side);
+        assert!(!accepted(&first).unwrap(), "after the peer closed");
+    }
+
+    #[test]
+    fn set_vring_enable_payloads_are_recognised() {
+        let code = FrontendReq::SET_VRING_ENABLE as u32;
+        assert_eq!(vring_enable(code, &vring_num(2, 0)), Some((2, false)));
+        assert_eq!(vring_enable(code, &vring_num(2, 1)), Some((2, true)));
+        assert_eq!(vring_enable(code, &vring_num(2, 2)), None);
+        assert_eq!(vring_enable(code, &[0; 4]), None);
+        let other = FrontendReq::SET_VRING_NUM as u32;
+        assert_eq!(vring_enable(other, &vring_num(2, 0)), None);
+    }
+
+    #[test]
+    fn set_vring_num_sizes_that_are_not_powers_of_two_become_zero() {
+        let rules = Rules {
+            max_queue_size: 1024,
+        };
+        let code = FrontendReq::SET_VRING_NUM as u32;
+        for num in [1u32, 2, 64, 1024] {
+            let mut payload = vring_num(3, num);
+            assert!(rules.apply(code, &mut payload).is_none(), "{num}");
+            assert_eq!(payload, vring_num(3, num), "{num} forwarded unchanged");
+        }
+        for num in [0u32, 3, 100, 1023, 2048, u32::MAX] {
+            let mut payload = vring_num(3, num);
+            assert!(rules.apply(code, &mut payload).is_some(), "{num}");
+            assert_eq!(payload, vring_num(3, 0), "{num} rewritten");
+        }
+        // Other messages with the same payload shape are untouched.
+        let mut payload = vring_num(0, 3);
+        assert!(rules
+            .apply(FrontendReq::SET_VRING_BASE as u32, &mut payload)
+            .is_none());
+        assert_eq!(payload, vring_num(0, 3));
+    }
+}
