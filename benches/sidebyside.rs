@@ -72,6 +72,9 @@ struct Args {
     /// Skip the codec-limit measurement.
     #[arg(long)]
     no_codec: bool,
+    /// Extra argument for `insitu-blk serve` (repeatable), e.g. `--serve-arg=--poll-max-us=0`.
+    #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -315,13 +318,20 @@ fn run(args: &Args) -> Result<()> {
                 };
                 copy_sparse(pristine, &work)?;
                 let socket = workdir.join(format!("{}.sock", server.label()));
-                let mut child = start_server(server, &server_binary, &work, &socket, &workdir)?;
+                let extra: &[String] = match server {
+                    Server::Qsd => &[],
+                    Server::Ours => &args.serve_args,
+                };
+                let mut child =
+                    start_server(server, &server_binary, extra, &work, &socket, &workdir)?;
                 let session =
                     run_session(args, &workloads, &socket, &work, child.id(), &pools, rep);
                 stop_server(&mut child, server)?;
+                let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+                let load1 = load.split_whitespace().next().unwrap_or("?");
                 for (name, sample) in session? {
                     eprintln!(
-                        "  [{} rep {} {:>6}] {:<24} {}  server_cpu_s={:.2} client_cpu_s={:.2} host={}",
+                        "  [{} rep {} {:>6}] {:<24} {}  server_cpu_s={:.2} client_cpu_s={:.2} host={} load1={load1}",
                         mode,
                         rep,
                         server.label(),
@@ -345,6 +355,13 @@ fn run(args: &Args) -> Result<()> {
     );
 
     let mut out = String::new();
+    if !args.serve_args.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ninsitu-blk served with `{}`",
+            args.serve_args.join(" ")
+        );
+    }
     if let Some(codec) = &codec {
         out.push_str(&codec.table());
     }
@@ -522,6 +539,7 @@ fn host_bytes(path: &Path) -> Result<u64> {
 fn start_server(
     server: Server,
     binary: &Path,
+    extra_args: &[String],
     image: &Path,
     socket: &Path,
     workdir: &Path,
@@ -554,7 +572,8 @@ fn start_server(
                 .arg("--blk-file")
                 .arg(image)
                 .arg("--num-queues")
-                .arg("2");
+                .arg("2")
+                .args(extra_args);
             c
         }
     };

@@ -569,7 +569,8 @@ impl Core {
 
     // ----- reads ------------------------------------------------------------------------
 
-    /// Reads and verifies a stored payload into `sc.stored`, then decodes it into `out`.
+    /// Reads and verifies a stored payload into `stored`, then decodes it into `out` (a raw
+    /// payload is read and verified in `out` directly).
     fn load_payload(
         &self,
         c: u32,
@@ -579,9 +580,17 @@ impl Core {
         out: &mut [u8],
     ) -> Result<()> {
         let len = e.units() as usize * BLOCK_USIZE;
+        let off = self.layout.region_offset(e.slot, e.unit());
+        if e.alg() == alg::RAW && len == out.len() {
+            // A raw payload is the cluster itself: read it where it goes and verify it there
+            // (no copy through `stored`).
+            self.storage
+                .read_at(off, out)
+                .map_err(Self::io("read data", off))?;
+            return self.verify(c, e, out);
+        }
         stored.resize(len.max(stored.len()), 0);
         let buf = &mut stored[..len];
-        let off = self.layout.region_offset(e.slot, e.unit());
         self.storage
             .read_at(off, buf)
             .map_err(Self::io("read data", off))?;
@@ -638,13 +647,6 @@ impl Core {
         with_scratch(|sc| {
             let Scratch { codecs, stored, .. } = sc;
             if at == 0 && out.len() == cs {
-                if e.alg() == alg::RAW {
-                    let off = self.layout.region_offset(e.slot, 0);
-                    self.storage
-                        .read_at(off, out)
-                        .map_err(Self::io("read data", off))?;
-                    return self.verify(c, &e, out);
-                }
                 return self.load_payload(c, &e, codecs, stored, out);
             }
             let key = (generation, c, e, changes);

@@ -11,6 +11,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -77,6 +78,15 @@ pub struct DaemonConfig {
     pub num_queues: usize,
     /// Largest queue size accepted from the frontend (a power of two, at most 32768).
     pub queue_size: usize,
+    /// How long a queue's worker polls its ring at most after a batch before it sleeps until
+    /// the driver's next notification (adaptive, see `ConnectionBackend::with_polling`); zero
+    /// turns polling off.
+    pub poll_max: Duration,
+}
+
+impl DaemonConfig {
+    /// The default polling window: like QEMU's iothread `poll-max-ns`.
+    pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
 }
 
 /// Binds the socket, refusing to steal it from a live listener.
@@ -298,11 +308,10 @@ impl<D: Device> Daemon<D> {
 
     fn serve_connection(&mut self, number: u64) -> Result<(), DaemonError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(ConnectionBackend::new(
-            Arc::clone(&self.disk),
-            mem.clone(),
-            self.config.queue_size,
-        ));
+        let backend = Arc::new(
+            ConnectionBackend::new(Arc::clone(&self.disk), mem.clone(), self.config.queue_size)
+                .with_polling(self.config.poll_max),
+        );
         let mut daemon = VhostUserDaemon::new("insitu-blk".to_string(), Arc::clone(&backend), mem)
             .map_err(|e| DaemonError::Connection(e.to_string()))?;
         // A connection is pending (epoll said so; the listener does not block). A connection
@@ -349,6 +358,7 @@ impl<D: Device> Daemon<D> {
         tracing::info!("frontend connected (connection {number})");
         let (pause_detector_stop, pause_detector) = spawn_pause_detector(Arc::clone(&backend));
         let result = daemon.wait();
+        backend.end_polling();
         *lock(&self.control.current) = None;
         drop(pause_detector_stop);
         if let Some(handle) = pause_detector {

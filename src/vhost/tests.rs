@@ -132,6 +132,15 @@ impl Device for FakeDevice {
     }
 }
 
+/// When [`TestFrontend::submit_with`] kicks.
+#[derive(Clone, Copy)]
+enum Kick {
+    Always,
+    Never,
+    /// Only when the device's avail_event asks for it, as a driver with EVENT_IDX does.
+    EventIdx,
+}
+
 /// A running daemon on a temporary socket.
 struct Served {
     _dir: tempfile::TempDir,
@@ -143,6 +152,10 @@ struct Served {
 
 impl Served {
     fn start(num_queues: usize) -> Self {
+        Self::start_polling(num_queues, DaemonConfig::DEFAULT_POLL_MAX)
+    }
+
+    fn start_polling(num_queues: usize, poll_max: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vhost.sock");
         let listener = bind_listener(&SocketSource::Path(socket.clone())).unwrap();
@@ -152,6 +165,7 @@ impl Served {
             DaemonConfig {
                 num_queues,
                 queue_size: 256,
+                poll_max,
             },
         )
         .unwrap();
@@ -312,6 +326,11 @@ impl TestFrontend {
 
     /// Adds one request (a readable tag naming the queue, a writable status byte) and kicks.
     fn submit(&mut self, q: usize) -> GuestAddress {
+        self.submit_with(q, Kick::Always)
+    }
+
+    /// Adds one request and kicks as `kick` says.
+    fn submit_with(&mut self, q: usize, kick_mode: Kick) -> GuestAddress {
         let n = self.submitted[q];
         let (rings, kick, _) = self.queues[q].as_ref().unwrap();
         let slot = n % (QUEUE_LEN / 2);
@@ -343,7 +362,22 @@ impl TestFrontend {
             )
             .unwrap();
         self.submitted[q] = n + 1;
-        kick.write(1).unwrap();
+        let new_idx = avail_idx.wrapping_add(1);
+        let wanted = match kick_mode {
+            Kick::Always => true,
+            Kick::Never => false,
+            Kick::EventIdx => {
+                // virtio 1.2, 2.7.10: kick when the new index passes the device's avail_event
+                // (vring_need_event), read after the index was published.
+                std::sync::atomic::fence(Ordering::SeqCst);
+                let at = GuestAddress(rings.used.0 + 4 + 8 * u64::from(QUEUE_LEN));
+                let avail_event = u16::from_le(self.mem.read_obj(at).unwrap());
+                new_idx.wrapping_sub(avail_event).wrapping_sub(1) < new_idx.wrapping_sub(avail_idx)
+            }
+        };
+        if wanted {
+            kick.write(1).unwrap();
+        }
         status
     }
 
@@ -1077,5 +1111,192 @@ fn a_ring_size_that_is_not_a_power_of_two_is_never_served() {
         2 => assert_eq!(fe.status(status), 0, "served with the accepted layout"),
         other => panic!("used index {other} after one more request"),
     }
+    served.stop();
+}
+
+#[test]
+fn a_request_added_without_a_kick_while_the_worker_polls_is_served() {
+    // A window far longer than the test: the worker is still polling when the request comes.
+    let served = Served::start_polling(1, Duration::from_secs(30));
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let first = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(first), 0);
+    let quiet = fe.submit_with(0, Kick::Never);
+    fe.wait_used(0, 2);
+    assert_eq!(fe.status(quiet), 0);
+    // Stopping the ring ends the poll at once (a quiesce never waits for a polling worker).
+    let fe = within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE while polling",
+        move || {
+            assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 2);
+            fe
+        },
+    );
+    assert_eq!(served.device().events(), ["resume", "quiesce"]);
+    drop(fe);
+    served.stop();
+}
+
+#[test]
+fn a_stopped_ring_is_not_served_by_a_worker_that_was_polling_it() {
+    let served = Served::start_polling(2, Duration::from_secs(30));
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    fe.start_queue(0);
+    fe.start_queue(1);
+    fe.submit(0);
+    fe.submit(1);
+    fe.wait_used(0, 1);
+    fe.wait_used(1, 1);
+    // Both workers poll now. Stopping one ring must neither wait for the other's poll nor
+    // let its own worker take a request made available after the stop.
+    let mut fe = within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE of ring 0",
+        move || {
+            assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 1);
+            fe
+        },
+    );
+    let late = fe.submit_with(0, Kick::Never);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(fe.used_idx(0), 1, "a stopped ring was served");
+    assert_eq!(fe.status(late), 0xff);
+    assert_eq!(served.device().processed.load(Ordering::SeqCst), 2);
+    // Ring 1 still polls and serves unkicked requests.
+    let status = fe.submit_with(1, Kick::Never);
+    fe.wait_used(1, 2);
+    assert_eq!(fe.status(status), 0);
+    let fe = within(
+        Duration::from_secs(5),
+        "GET_VRING_BASE of ring 1",
+        move || {
+            assert_eq!(fe.frontend.get_vring_base(1).unwrap(), 2);
+            fe
+        },
+    );
+    assert_eq!(served.device().events(), ["resume", "quiesce"]);
+    drop(fe);
+    served.stop();
+}
+
+/// Submits requests, each as soon as the previous one completed or after a short pause, with
+/// a driver that kicks only when the device's avail_event asks for it. A request added between
+/// the worker's last look at the ring and its re-enabling of notifications must still be seen
+/// (the re-check after re-enabling) or kicked for; otherwise it is stranded.
+fn serve_without_strandings(poll_max: Duration) {
+    let served = Served::start_polling(1, poll_max);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    let pauses_us = [0u64, 0, 0, 10, 30, 45, 50, 55, 70, 100, 200, 1000];
+    let mut done = 0u16;
+    for round in 0..400usize {
+        let pause = pauses_us[(round * 7) % pauses_us.len()];
+        if pause > 0 {
+            thread::sleep(Duration::from_micros(pause));
+        }
+        let status = fe.submit_with(0, Kick::EventIdx);
+        if round % 5 == 0 {
+            // Sometimes a second one right behind the first.
+            fe.submit_with(0, Kick::EventIdx);
+            done = done.wrapping_add(1);
+        }
+        done = done.wrapping_add(1);
+        // Spin (no 2 ms sleeps): the next request comes while the worker is still finishing
+        // this one (notifying, polling, going to sleep).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fe.used_idx(0) != done {
+            assert!(Instant::now() < deadline, "round {round}: request stranded");
+            std::hint::spin_loop();
+        }
+        assert_eq!(fe.status(status), 0, "round {round}");
+    }
+    served.stop();
+}
+
+#[test]
+fn no_request_is_stranded_when_polling_ends_and_the_worker_sleeps() {
+    serve_without_strandings(Duration::from_micros(50));
+}
+
+#[test]
+fn no_request_is_stranded_without_polling() {
+    serve_without_strandings(Duration::ZERO);
+}
+
+#[test]
+fn polling_off_still_serves_with_event_idx_kicks() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    for n in 1..=50u16 {
+        fe.submit_with(0, Kick::EventIdx);
+        fe.wait_used(0, n);
+    }
+    served.stop();
+}
+
+#[test]
+fn a_disconnect_ends_a_long_poll_and_the_next_connection_is_served() {
+    let served = Served::start_polling(1, Duration::from_secs(30));
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    // The worker polls (30 s window) when the frontend goes away without stopping the ring.
+    drop(fe);
+    let socket = served.socket.clone();
+    let fe = within(
+        Duration::from_secs(5),
+        "serving the next connection",
+        move || {
+            let mut fe = TestFrontend::connect(&socket, 1);
+            fe.start_queue(0);
+            let status = fe.submit(0);
+            fe.wait_used(0, 1);
+            assert_eq!(fe.status(status), 0);
+            fe
+        },
+    );
+    drop(fe);
+    served.stop();
+}
+
+#[test]
+fn a_completion_is_not_held_back_by_a_batch_of_slow_requests() {
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    // Eight requests of 20 ms each: notifying once per 8 completions (or when the ring drains)
+    // would tell the driver about the first one only 140 ms after it completed. The driver's
+    // used_event is 0, so the first notification is the one it asked for.
+    *served.device().delay.lock().unwrap() = Duration::from_millis(20);
+    fe.submit_burst(0, 8);
+    let (_, _, call) = fe.queues[0].as_ref().unwrap();
+    let mut pollfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
+    assert_eq!(ready, 1, "no notification within 10 s");
+    let used = fe.used_idx(0);
+    assert!(
+        (1..8).contains(&used),
+        "first notification only after {used} completions"
+    );
+    fe.wait_used(0, 8);
     served.stop();
 }
