@@ -751,16 +751,21 @@ impl Core {
     fn write_cluster(&self, c: u32, change: Change<'_>) -> Result<()> {
         let (_guard, cur, changes) = self.lock_cluster(c, true);
         if self.wb_limit > 0 {
-            match change {
-                Change::Partial(at, d) => {
-                    if self.buffer_write(c, cur, changes, at, d)? {
-                        return Ok(());
-                    }
+            if let Change::Partial(at, d) = change {
+                if self.buffer_write(c, cur, changes, at, d)? {
+                    return Ok(());
                 }
-                Change::Full(_) | Change::Zero => self.buffer_discard(c),
             }
         }
-        self.write_locked(c, cur, changes, change)
+        self.write_locked(c, cur, changes, change)?;
+        // A whole-cluster write or zeroing supersedes the buffered writes, but only once its own
+        // version is published: until then the buffer entry is what a FLUSH running meanwhile
+        // must store (it waits for this cluster while the entry exists), or it would commit
+        // neither the buffered completed writes nor this unfinished one.
+        if self.wb_limit > 0 {
+            self.buffer_discard(c);
+        }
+        Ok(())
     }
 
     /// Stores a new version of cluster `c` (whose writer exclusion the caller holds; `cur` and
