@@ -755,7 +755,15 @@ impl Core {
                         return Ok(());
                     }
                 }
-                Change::Full(_) | Change::Zero => self.buffer_discard(c),
+                Change::Full(_) | Change::Zero => {
+                    // The whole cluster is replaced: what is buffered for it is dropped, but
+                    // only once the new version is published. A FLUSH that arrives meanwhile
+                    // must still see the entry (and wait for this cluster): the buffered writes
+                    // completed before it, and until the publish no commit covers them (I2).
+                    self.write_locked(c, cur, changes, change)?;
+                    self.buffer_discard(c);
+                    return Ok(());
+                }
             }
         }
         self.write_locked(c, cur, changes, change)
