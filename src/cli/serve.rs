@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use insitu_blk::blk::BlkConfig;
 use insitu_blk::image::{
     CreateOptions, Image, ImageError, LockPolicy, OpenOptions, DEFAULT_COMMIT_INTERVAL,
+    DEFAULT_WRITE_BUFFER_BYTES,
 };
 use insitu_blk::vhost::{
     bind_listener, BlkDisk, Daemon, DaemonConfig, Device, SharedDisk, SocketSource, StatsReporter,
@@ -111,7 +112,16 @@ pub struct ServeArgs {
     /// 0 turns polling off.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_MAX_US)]
     pub poll_max_us: u64,
+
+    /// RAM for small writes held back and merged per cluster until the cluster is complete, the
+    /// next FLUSH or the timer commit (default 32M per image; 0 stores each write at once).
+    /// Like a disk's write cache: a FLUSH makes them durable.
+    #[arg(long, value_name = "SIZE")]
+    pub write_buffer: Option<ByteSize>,
 }
+
+/// Largest `--write-buffer`: beyond this it only delays the timer commit's work.
+const MAX_WRITE_BUFFER: u64 = 4 << 30;
 
 /// Default `--poll-max-us`.
 pub const DEFAULT_POLL_MAX_US: u64 = DaemonConfig::DEFAULT_POLL_MAX.as_micros() as u64;
@@ -143,6 +153,8 @@ pub struct ServeConfig {
     pub stats_interval: Option<Duration>,
     /// Longest polling window of a queue's worker after a batch (zero: no polling).
     pub poll_max: Duration,
+    /// Bytes of the image's write-back buffer of partial-cluster writes.
+    pub write_buffer: u64,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -193,6 +205,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 args.poll_max_us
             );
         }
+        let write_buffer = args
+            .write_buffer
+            .map_or(DEFAULT_WRITE_BUFFER_BYTES, |size| size.0);
+        if write_buffer > MAX_WRITE_BUFFER {
+            bail!("--write-buffer {write_buffer} is larger than {MAX_WRITE_BUFFER} bytes");
+        }
         let create_size = args
             .create_size
             .map(|size| validate_disk_size("--create-size", size))
@@ -209,6 +227,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             lock: args.wait_lock.map_or(LockPolicy::Fail, LockPolicy::Wait),
             stats_interval: args.stats_interval,
             poll_max: Duration::from_micros(args.poll_max_us),
+            write_buffer,
         })
     }
 }
@@ -430,6 +449,7 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
         shared_lock: config.read_only,
         commit_interval: config.commit_interval,
         lock: config.lock,
+        write_buffer_bytes: config.write_buffer,
         start_quiesced: true,
         ..OpenOptions::default()
     };
@@ -502,6 +522,8 @@ mod tests {
             &["--socket-path=s", "--blk-file=i", "--stats-interval=0"],
             &["--socket-path=s", "--blk-file=i", "--poll-max-us=10001"],
             &["--socket-path=s", "--blk-file=i", "--poll-max-us=-1"],
+            &["--socket-path=s", "--blk-file=i", "--write-buffer=5G"],
+            &["--socket-path=s", "--blk-file=i", "--write-buffer=lots"],
         ] {
             assert!(config(bad).is_err(), "{bad:?} accepted");
         }
@@ -515,6 +537,16 @@ mod tests {
         assert!(c.poll_max.is_zero());
         let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us", "10000"]).unwrap();
         assert_eq!(c.poll_max, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn write_buffer_defaults_to_32_mib_and_0_turns_it_off() {
+        let c = config(&["--socket-path=s", "--blk-file=i"]).unwrap();
+        assert_eq!(c.write_buffer, 32 << 20);
+        let c = config(&["--socket-path=s", "--blk-file=i", "--write-buffer=0"]).unwrap();
+        assert_eq!(c.write_buffer, 0);
+        let c = config(&["--socket-path=s", "--blk-file=i", "--write-buffer=256M"]).unwrap();
+        assert_eq!(c.write_buffer, 256 << 20);
     }
 
     #[test]
