@@ -193,6 +193,18 @@ impl Allocator {
         if mask == 0 {
             return self.release(slot);
         }
+        self.put_back(
+            slot,
+            Some(Stale {
+                mask,
+                since: now_ms,
+            }),
+        );
+    }
+
+    /// Returns `slot` to the pool: clean (`None`), or holding old bytes to punch later. A slot
+    /// already in the pool is a bug elsewhere: logged and ignored.
+    fn put_back(&self, slot: u32, stale: Option<Stale>) {
         if u64::from(slot) >= self.slot_count {
             return;
         }
@@ -202,16 +214,18 @@ impl Allocator {
             log::warn!("slot {slot} released twice");
             return;
         }
-        shard.stale.insert(
-            slot,
-            Stale {
-                mask,
-                since: now_ms,
-            },
-        );
-        shard.stale_order.push_back(slot);
+        match stale {
+            None => {
+                shard.free[w] |= m;
+                shard.free_count += 1;
+            }
+            Some(stale) => {
+                shard.stale.insert(slot, stale);
+                shard.stale_order.push_back(slot);
+                self.stale_total.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.free_total.fetch_add(1, Ordering::Relaxed);
-        self.stale_total.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes up to `max` stale slots freed at or before `before_ms` (oldest first) out of the
@@ -299,18 +313,7 @@ impl Allocator {
 
     /// Returns a slot to the free pool.
     pub fn release(&self, slot: u32) {
-        if u64::from(slot) >= self.slot_count {
-            return;
-        }
-        let (k, w, m) = self.split(slot);
-        let mut shard = lock(&self.shards[k].0);
-        if shard.free[w] & m != 0 || shard.stale.contains_key(&slot) {
-            log::warn!("slot {slot} released twice");
-            return;
-        }
-        shard.free[w] |= m;
-        shard.free_count += 1;
-        self.free_total.fetch_add(1, Ordering::Relaxed);
+        self.put_back(slot, None);
     }
 
     /// True when the slot is free.
