@@ -448,6 +448,13 @@ mkfs_disk() {
     mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 -b 4096 /dev/vda
 }
 mount_disk() { mount -t ext4 -o noinit_itable${1:+,$1} /dev/vda /mnt; }
+fresh_fs_measured() {
+    # A new ext4 mounted on /mnt; the host measures the image's allocation at "formatted".
+    mkfs_disk
+    mount_disk
+    sync
+    host_wait formatted
+}
 checksums() { (cd "$1" && find . -type f ! -name SUMS | sort | xargs md5sum); }
 blk_pattern() {
     # 64 KiB block whose every line names block $1; the host rebuilds it to check.
@@ -942,15 +949,23 @@ def measure_point(t, g, tag, image, settle=0.0):
     return a
 
 
+def wait_allocation_at_most(image, limit, seconds):
+    """The image's allocated bytes once they are <= limit, or after `seconds` (freed space is
+    released at the backend's next commits: timer 1 s, stale space after a grace period)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        allocated = allocated_bytes(image)
+        if allocated <= limit or time.monotonic() > deadline:
+            return allocated
+        time.sleep(0.5)
+
+
 def test_discard(t):
     """f. deleting files and fstrim in the guest shrink the image's allocated bytes on the host."""
     t.backend_cls.create_image(t.image, DISK_SIZE)
     b = t.backend("b1").start()
     g = t.guest("boot1", r"""
-mkfs_disk
-mount_disk
-sync
-host_wait formatted
+fresh_fs_measured
 step "copy the real files twice"
 cp -a /files/. /mnt/a
 cp -a /files/. /mnt/b
@@ -968,13 +983,7 @@ e2fsck -fn /dev/vda
     a0 = measure_point(t, g, "formatted", t.image)
     a1 = measure_point(t, g, "copied", t.image)
     g.wait_host_point("trimmed", scaled(300))
-    # Freed space is released at the backend's next commit: give it a few seconds.
-    deadline = time.monotonic() + scaled(10)
-    while True:
-        a2 = allocated_bytes(t.image)
-        if a2 - a0 <= 0.2 * (a1 - a0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    a2 = wait_allocation_at_most(t.image, a0 + 0.2 * (a1 - a0), scaled(10))
     g.answer("trimmed")
     g.wait_result(scaled(300))
     t.note(f"allocated on host: formatted {a0 >> 20} MiB, copied {a1 >> 20} MiB, trimmed {a2 >> 20} MiB")
@@ -993,10 +1002,7 @@ def test_space(t):
     b = t.backend("b1").start()
     g = t.guest("boot1", r"""
 echo "INSITU-FILES-BYTES $(find /files -type f -exec stat -c %s {} + | awk '{s+=$1} END {print s}')"
-mkfs_disk
-mount_disk
-sync
-host_wait formatted
+fresh_fs_measured
 step "copy the real files"
 cp -a /files/. /mnt/
 sync
@@ -1023,10 +1029,7 @@ def test_rewrite(t):
     t.backend_cls.create_image(t.image, DISK_SIZE)
     b = t.backend("b1").start()
     g = t.guest("boot1", r"""
-mkfs_disk
-mount_disk
-sync
-host_wait formatted
+fresh_fs_measured
 step "copy the real files"
 cp -a /files/. /mnt/
 sync
@@ -1053,14 +1056,8 @@ e2fsck -fn /dev/vda
     a0 = measure_point(t, g, "formatted", t.image)
     a1 = measure_point(t, g, "copied", t.image)
     g.wait_host_point("rewritten", scaled(600))
-    # Replaced versions are released at the backend's next commits (timer: 1 s): allow a few.
     limit = a0 + 1.10 * (a1 - a0) + (4 << 20)
-    deadline = time.monotonic() + scaled(15)
-    while True:
-        a2 = allocated_bytes(t.image)
-        if a2 <= limit or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    a2 = wait_allocation_at_most(t.image, limit, scaled(15))
     g.answer("rewritten")
     g.wait_result(scaled(300))
     t.note(f"allocated on host: formatted {a0 >> 20} MiB, copied {a1 >> 20} MiB, "
