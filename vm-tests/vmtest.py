@@ -310,7 +310,8 @@ class Qmp:
 
 
 class Guest:
-    def __init__(self, test, label, script, sock, smp=2, num_queues=2, incoming=None, reconnect=False):
+    def __init__(self, test, label, script, sock, smp=2, num_queues=2, incoming=None, reconnect=False,
+                 queue_size=None):
         self.test = test
         self.label = label
         self.console = os.path.join(test.dir, f"console-{label}.log")
@@ -342,7 +343,8 @@ class Guest:
             "-fw_cfg", f"name=opt/insitu/test,file={self.script_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-chardev", chardev,
-            "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={num_queues},id=disk0",
+            "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={num_queues},id=disk0"
+            + (f",queue-size={queue_size}" if queue_size else ""),
         ]
         if incoming:
             self.cmd += ["-incoming", incoming]
@@ -673,12 +675,13 @@ umount /mnt
 
 
 def test_fio(t):
-    """b. fio verify=crc32c, random writes, 2 jobs, -smp 2, num-queues=2."""
+    """b. fio verify=crc32c, random writes, 2 jobs, -smp 2, num-queues=2, queue-size=1024."""
     t.backend_cls.create_image(t.image, DISK_SIZE)
     b = t.backend("b1").start(num_queues=2)
     g = t.guest("boot1", "step fio\n" + FIO_VERIFY.format(size="96M") + " > /tmp/fio.out 2>&1 || "
                 "{ cat /tmp/fio.out; exit 1; }\ncat /tmp/fio.out\ngrep -q 'err= 0' /tmp/fio.out\n",
-                b.sock, smp=2, num_queues=2).start()
+                # The largest ring QEMU allows (libvirt users tune it up); QEMU's default is 128.
+                b.sock, smp=2, num_queues=2, queue_size=1024).start()
     text = g.wait_result(scaled(400))
     m = re.search(r"WRITE: bw=.*", text)
     t.note(f"fio: {m.group(0) if m else '?'}")

@@ -76,8 +76,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub num_queues: u16,
 
-    /// Largest virtqueue size accepted (a power of two, at most 1024).
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    /// Largest virtqueue size accepted (a power of two, at most 1024). The frontend picks each
+    /// ring's size (QEMU's `queue-size`, default 128; libvirt's `queue_size`); a larger one fails
+    /// the device's start.
+    #[arg(long, value_name = "N", default_value_t = MAX_QUEUE_SIZE)]
     pub queue_size: u16,
 
     /// Disk serial reported to the guest (GET_ID, at most 20 printable ASCII characters).
@@ -481,7 +483,7 @@ mod tests {
             matches!(c.socket, SocketSource::Path(ref p) if p == std::path::Path::new("/tmp/s"))
         );
         assert_eq!(c.num_queues, 16);
-        assert_eq!(c.queue_size, 256);
+        assert_eq!(c.queue_size, 1024);
         assert_eq!(c.commit_interval, DEFAULT_COMMIT_INTERVAL);
         assert_eq!(c.lock, LockPolicy::Fail);
         assert!(!c.read_only);
