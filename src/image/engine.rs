@@ -843,7 +843,9 @@ impl Core {
             let off = self.layout.region_offset(slot, unit);
             if let Err(source) = self.storage.write_at(off, payload) {
                 self.abandon_region(c, &new);
-                log::error!("write of cluster {c} at byte {off} failed: {source}");
+                // The caller reports the returned error (rate-limited: a full host disk fails
+                // every write).
+                log::debug!("write of cluster {c} at byte {off} failed: {source}");
                 return Err(ImageError::Io {
                     op: "write data",
                     offset: off,

@@ -311,6 +311,15 @@ pub enum ImageError {
     WriterFailed(String),
 }
 
+impl ImageError {
+    /// The host filesystem or device is out of space (ENOSPC, EDQUOT): retrying other writes
+    /// now fails the same way.
+    pub fn is_host_out_of_space(&self) -> bool {
+        matches!(self, ImageError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
 /// Result alias of the engine.
 pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 

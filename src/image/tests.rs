@@ -1214,3 +1214,91 @@ fn a_full_write_back_buffer_stores_further_partial_writes_at_once() {
     assert_eq!(read_all(&img), expect);
     img.close().expect("close");
 }
+
+/// A host filesystem that fills up: data writes fail with ENOSPC while `full` is set (metadata
+/// writes go through: the journal's space is reserved at open).
+#[derive(Debug)]
+struct FillingDisk {
+    inner: Arc<MemStorage>,
+    data_offset: u64,
+    full: std::sync::atomic::AtomicBool,
+    refused_writes: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for FillingDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if offset >= self.data_offset && self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refused_writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.inner.try_lock_exclusive()
+    }
+    fn unlock(&self) -> std::io::Result<()> {
+        self.inner.unlock()
+    }
+}
+
+/// A FLUSH on a full host disk fails with the host's ENOSPC after one attempt (not one merge,
+/// compression and write per buffered cluster), loses nothing, and once space is back the same
+/// process stores every buffered write and the next FLUSH succeeds.
+#[test]
+fn a_flush_on_a_full_host_disk_fails_once_and_keeps_the_buffered_writes() {
+    use std::sync::atomic::Ordering;
+    let size = 4u64 << 20;
+    let mem = mem_image(size, 65536, Compression::Lz4);
+    let layout = format::Layout::new(size, 65536).expect("layout");
+    let disk = Arc::new(FillingDisk {
+        inner: mem,
+        data_offset: layout.data_offset,
+        full: false.into(),
+        refused_writes: 0.into(),
+    });
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(disk.clone(), &opts).expect("open");
+    let mut expect = vec![0u8; size as usize];
+    for c in 0..12u64 {
+        let at = c * 65536 + 8192;
+        let d = random(4096, 100 + c);
+        img.write(at, &d).expect("buffered write");
+        expect[at as usize..at as usize + 4096].copy_from_slice(&d);
+    }
+    disk.full.store(true, Ordering::SeqCst);
+    let err = img
+        .flush()
+        .expect_err("a FLUSH with no space for the data must fail");
+    assert!(err.is_host_out_of_space(), "{err}");
+    assert_eq!(
+        disk.refused_writes.load(Ordering::SeqCst),
+        1,
+        "the FLUSH went on storing clusters after the host said it is full"
+    );
+    assert_eq!(read_all(&img), expect, "buffered writes lost or changed");
+    disk.full.store(false, Ordering::SeqCst);
+    img.flush().expect("FLUSH once the host has space again");
+    img.close().expect("close");
+    let img = Image::open_on(disk.clone(), &opts).expect("reopen");
+    assert_eq!(read_all(&img), expect);
+    img.close().expect("close");
+}
