@@ -1142,13 +1142,11 @@ impl Core {
         let checkpoint = force_checkpoint || meta.journal_head + bytes > self.layout.journal_size;
         let mut buf = std::mem::take(&mut meta.buf);
         if checkpoint {
-            // A requested checkpoint is the one `close` asks for: its marker says "clean".
-            let flags = if force_checkpoint {
-                format::RECORD_CLEAN_CLOSE
-            } else {
-                0
-            };
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)?;
+            // Never "clean" here, not even for the checkpoint `close` asks for: only `mark_clean`
+            // says so, once everything is stored and committed, in one record that also carries
+            // a pending lost-write notice. A close whose buffered writes could not be stored, or
+            // a kill between this checkpoint and that marker, must look like a crash.
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, 0)?;
         } else {
             format::encode_record(&mut buf, seq, &self.sb.uuid, &records);
             let off = self.layout.journal_offset + meta.journal_head;

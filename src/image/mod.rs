@@ -571,9 +571,11 @@ impl Image {
             self.core.drain();
         }
         if let Some(writer) = life.writer.take() {
-            // Buffered writes first: they were accepted, so the quiesce commits them (I7).
+            // Buffered writes first: they were accepted, so the quiesce commits them (I7). When
+            // some could not be stored, the rest is still committed, but no checkpoint and no
+            // clean-close marker follow: the next opener must see a loss, as after a crash.
             let buffered = self.core.write_back_all();
-            result = self.core.sync(checkpoint);
+            result = self.core.sync(checkpoint && buffered.is_ok());
             if let Err(e) = buffered {
                 log::error!("storing buffered writes at quiesce failed: {e}");
                 result = Err(e);
@@ -756,13 +758,25 @@ impl Image {
     pub fn close(self) -> Result<()> {
         use std::sync::atomic::Ordering;
         let parked = self.core.state.load(Ordering::SeqCst) != engine::RUNNING;
-        if parked && !self.core.read_only && table::lock(&self.life).writer.is_none() {
+        let (no_writer, lock_held) = {
+            let life = table::lock(&self.life);
+            (life.writer.is_none(), life.lock_held)
+        };
+        if parked && !self.core.read_only && no_writer {
             // Quiesced before close (the daemon quiesces at shutdown): write the checkpoint and
             // the clean-close marker all the same, so the next open need not treat the image as
-            // crashed. Only if the lock is free: when another process took the image over
-            // (migration), it is theirs, and everything of ours was committed by the quiesce.
-            if self.core.storage.try_lock_exclusive().unwrap_or(false) {
-                let _ = self.core.storage.unlock();
+            // crashed. Only if the lock is ours or free: when another process took the image
+            // over (migration), it is theirs, and everything of ours was committed by the
+            // quiesce. A failed quiesce kept the lock: never probe it then (flock on our own
+            // descriptor "succeeds", and the probe's unlock would drop the lock we hold).
+            let ours_or_free = lock_held || {
+                let free = self.core.storage.try_lock_exclusive().unwrap_or(false);
+                if free {
+                    let _ = self.core.storage.unlock();
+                }
+                free
+            };
+            if ours_or_free {
                 if let Err(e) = self.resume() {
                     log::warn!("closing a quiesced image: cannot resume it to checkpoint: {e}");
                 }
