@@ -169,6 +169,7 @@ fn check_loaded(
             loaded.last_seq + 1,
         )?;
         report.repairs.extend(salvage.notes);
+        report.unrecovered.extend(salvage.lost);
     }
     let table = &loaded.table;
     let alloc = Allocator::new(layout.slot_count());
@@ -316,6 +317,16 @@ fn check_loaded(
         }
     }
     st.flush().map_err(io("flush", 0))?;
+    if !report.unrecovered.is_empty() {
+        let bytes: u64 = leaks.iter().map(|(_, l)| l).sum();
+        if bytes > 0 {
+            report.repairs.push(format!(
+                "left {bytes} bytes of unreferenced space in place: they may hold the only copy \
+                 of the lost commits' data (a later `check --repair` releases them)"
+            ));
+        }
+        return Ok(());
+    }
     let mut punched = 0u64;
     for (o, l) in &leaks {
         st.punch_hole(*o, *l)

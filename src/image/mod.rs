@@ -252,6 +252,11 @@ pub struct CheckReport {
     pub uncommitted_bytes: u64,
     /// What `--repair` changed, if it ran.
     pub repairs: Vec<String>,
+    /// What `--repair` could not recover although the repaired image is consistent: commits
+    /// whose records are gone (damaged, or overwritten by the journal's next cycle), so the
+    /// clusters they changed read an older version or zeros. Unreferenced space is then left
+    /// in place: it may hold the only copy of their data.
+    pub unrecovered: Vec<String>,
     /// Harmless findings (a torn inactive checkpoint left by a crash, an unused superblock copy
     /// that is invalid but recoverable, ...).
     pub warnings: Vec<String>,

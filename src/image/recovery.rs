@@ -369,6 +369,21 @@ pub fn max_journal_seq(st: &dyn Storage, sb: &Superblock) -> Result<u64, ImageEr
 pub struct Salvage {
     /// Sentences for the report.
     pub notes: Vec<String>,
+    /// Commits no record is left of (inclusive ranges of sequence numbers), as a sentence each.
+    pub lost: Vec<String>,
+}
+
+/// The sequence numbers in `expected..=last` that `found` (sorted) lacks, as inclusive ranges.
+fn missing_seqs(expected: u64, found: &[u64]) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut next = expected;
+    for &seq in found {
+        if seq > next {
+            gaps.push((next, seq - 1));
+        }
+        next = next.max(seq + 1);
+    }
+    gaps
 }
 
 /// `check --repair` of a journal with a damaged record in the middle (replay stopped at byte
@@ -387,8 +402,26 @@ pub fn salvage_after_damage(
     let records = valid_records_from(st, sb, damaged_at, expected)?;
     let mut notes = Vec::new();
     if records.is_empty() {
-        return Ok(Salvage { notes });
+        return Ok(Salvage {
+            notes,
+            lost: Vec::new(),
+        });
     }
+    let seqs: Vec<u64> = records.iter().map(|(seq, _)| *seq).collect();
+    let lost = missing_seqs(expected, &seqs)
+        .into_iter()
+        .map(|(a, b)| {
+            let which = if a == b {
+                format!("commit {a} is")
+            } else {
+                format!("commits {a} to {b} are")
+            };
+            format!(
+                "{which} lost (no valid journal record or checkpoint is left of them): the \
+                 clusters they changed read an older version or zeros"
+            )
+        })
+        .collect();
     // Newest writer of each cluster: the record's seq (older state: 0).
     let mut newest: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
     for (seq, entries) in &records {
@@ -440,7 +473,7 @@ pub fn salvage_after_damage(
             if zeroed.len() > 16 { ", ..." } else { "" }
         ));
     }
-    Ok(Salvage { notes })
+    Ok(Salvage { notes, lost })
 }
 
 /// Marks every stored cluster's slot used. Fails naming a slot two clusters claim.
@@ -684,4 +717,20 @@ pub fn unit_used(layout: &Layout, used: &[u32], off: u64) -> bool {
     let slot = (rel / u64::from(layout.cluster_size)) as usize;
     let u = ((rel % u64::from(layout.cluster_size)) / BLOCK) as u32;
     used.get(slot).is_some_and(|m| m & (1 << u) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_seqs;
+
+    #[test]
+    fn missing_seqs_names_every_gap() {
+        assert_eq!(missing_seqs(5, &[6, 7, 8]), vec![(5, 5)]);
+        assert_eq!(
+            missing_seqs(1, &[88, 89, 258, 259]),
+            vec![(1, 87), (90, 257)]
+        );
+        assert_eq!(missing_seqs(3, &[3, 4]), Vec::<(u64, u64)>::new());
+        assert_eq!(missing_seqs(3, &[]), Vec::<(u64, u64)>::new());
+    }
 }
