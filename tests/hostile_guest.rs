@@ -2651,6 +2651,51 @@ fn a_kill_after_pause_and_resume_is_still_reported_as_a_crash() {
     assert_eq!(fx.dev.flush(0).unwrap(), VIRTIO_BLK_S_OK, "second FLUSH");
 }
 
+/// Reviewer R24: a guest that switched its disk to write-through (it then sends no FLUSH: every
+/// completed write is durable to it) keeps that guarantee across a backend restart, although
+/// QEMU does not send the mode to the new process: the restarted backend, seeing rings restored
+/// mid-session and no FLUSH yet, makes each write durable before completing it, so a second kill
+/// loses nothing. Once the guest flushes, it is a write-back guest and the lost-write notice
+/// machinery covers it.
+#[test]
+fn a_write_through_guest_loses_nothing_when_the_restarted_backend_is_killed_again() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+    let mut fx = Fx::new();
+    if fx.backend.kind != BackendKind::Ours {
+        return;
+    }
+    fx.dev
+        .fe
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .expect("the driver sets write-through");
+    fx.good_write(0, 0, &pattern(9500, 65536));
+    let copts = |ring_base| ConnectOptions {
+        queues: 1,
+        ring_base,
+        ..ConnectOptions::default()
+    };
+    for round in 0..2u64 {
+        fx.backend.kill9();
+        fx.backend.restart();
+        // QEMU reconnects at the guest's ring indexes and sends no SET_CONFIG.
+        let ring_base = fx.dev.vqs[0].avail_idx;
+        fx.reconnect(copts(ring_base), "reconnect after SIGKILL");
+        // Written after the restart, never flushed: durable all the same.
+        fx.good_write(0, (1 + round) * 65536, &pattern(9501 + round, 65536));
+        fx.good_write(0, (4 + round) * 65536 + 4096, &pattern(9510 + round, 4096));
+    }
+    fx.backend.kill9();
+    fx.backend.restart();
+    let ring_base = fx.dev.vqs[0].avail_idx;
+    fx.reconnect(copts(ring_base), "reconnect after the last SIGKILL");
+    // Everything the write-through guest saw complete is there (the model holds every write).
+    // (A FLUSH would fail once here: the new process cannot tell that its killed predecessor
+    // committed every write before completing it, so it gives the lost-write notice anyway.)
+    fx.after(0, "write-through writes across two backend kills");
+    fx.finish();
+}
+
 /// hostile-guest.md #20 literally: SET_VRING_NUM with a size that is not a power of two is refused
 /// by that message itself (an error ack), not only at the ring set-up after it (case20).
 /// vhost-user-backend 0.24 acks such a size itself; the daemon's control-message filter

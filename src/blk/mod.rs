@@ -198,6 +198,8 @@ pub struct BlkDevice {
     /// a few times, then at debug with a periodic summary, so a guest re-reading a bad cluster
     /// or a full disk cannot flood the log.
     host_failures: AtomicU64,
+    /// FLUSH requests the driver sent (served or failed).
+    flush_requests: AtomicU64,
 }
 
 /// Host failures logged at error level before the log is rate-limited.
@@ -240,6 +242,7 @@ impl BlkDevice {
             id,
             lost_writes: AtomicBool::new(false),
             host_failures: AtomicU64::new(0),
+            flush_requests: AtomicU64::new(0),
         })
     }
 
@@ -249,6 +252,12 @@ impl BlkDevice {
     /// to its fsync callers like any failed cache flush.
     pub fn report_lost_writes(&self) {
         self.lost_writes.store(true, Ordering::SeqCst);
+    }
+
+    /// FLUSH requests the driver has sent so far (a driver that sends them uses the disk's
+    /// write cache).
+    pub fn flush_requests(&self) -> u64 {
+        self.flush_requests.load(Ordering::Acquire)
     }
 
     /// virtio device features offered (VERSION_1, EVENT_IDX and INDIRECT_DESC included).
