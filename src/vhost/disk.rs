@@ -68,12 +68,25 @@ impl Device for BlkDisk {
         space
     }
 
+    /// Never refuses: the crate would end the whole connection over a refused message, and the
+    /// guest would lose its disk over a bad configuration write (virtio lets a device ignore a
+    /// write to a field it does not let the driver change). A write it cannot apply is logged
+    /// and ignored; the configuration space keeps its values.
     fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
         if self.blk.is_read_only() {
-            return Err("the device is read-only (no writable configuration field)".into());
-        }
-        let Some(write_back) = check_config_write(&self.config_space(), offset, data)? else {
+            tracing::warn!(
+                "configuration write of {} bytes at {offset} ignored: the device is read-only",
+                data.len()
+            );
             return Ok(());
+        }
+        let write_back = match check_config_write(&self.config_space(), offset, data) {
+            Ok(Some(write_back)) => write_back,
+            Ok(None) => return Ok(()),
+            Err(why) => {
+                tracing::warn!("configuration write ignored: {why}");
+                return Ok(());
+            }
         };
         self.mode_set_by_driver.store(true, Ordering::Release);
         self.write_through_until_flush
@@ -87,13 +100,14 @@ impl Device for BlkDisk {
                      durable before it completes"
                 );
                 // Writes completed before the switch become durable at once, as the driver
-                // now assumes of every completed write.
-                // (Quiesced: everything completed is committed already.)
+                // now assumes of every completed write. (Quiesced: everything completed is
+                // committed already.) A failed flush is final for the image (every later
+                // write fails), so the driver learns of it from its next write.
                 match self.blk.image().flush() {
                     Ok(()) | Err(ImageError::Quiesced) => {}
-                    Err(e) => {
-                        return Err(format!("cannot switch to write-through: flush failed: {e}"))
-                    }
+                    Err(e) => tracing::error!(
+                        "switching to write-through: the flush of earlier writes failed: {e}"
+                    ),
                 }
             }
         }
