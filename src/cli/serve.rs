@@ -444,6 +444,24 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
             return Err(e).with_context(|| format!("cannot access image {}", path.display()))
         }
     }
+    // The device loads the metadata when the frontend starts it (a migration destination must
+    // not load it before the source hands the image over). Validate it now, read-only and
+    // without the lock (what `info` does), so that a corrupt image refuses to serve with a clear
+    // error instead of listening and failing every guest request.
+    Image::open(
+        path,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .and_then(Image::close)
+    .with_context(|| {
+        format!(
+            "cannot serve image {} (`insitu-blk check` explains what is wrong)",
+            path.display()
+        )
+    })?;
     let options = OpenOptions {
         read_only: config.read_only,
         // A read-only server keeps writers out while it serves (they could change data under
