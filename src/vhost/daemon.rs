@@ -378,6 +378,7 @@ impl<D: Device> Daemon<D> {
         // Dropping the daemon stops and joins the worker threads (requests in progress finish).
         drop(daemon);
         backend.close_exit_fds();
+        backend.log_poll_stats();
         Ok(())
     }
 }

@@ -47,7 +47,7 @@ mod filter;
 mod stats;
 mod vring;
 
-pub use backend::{ConnectionBackend, MAX_QUEUES};
+pub use backend::{ConnectionBackend, PollStats, MAX_QUEUES};
 pub use daemon::{bind_listener, Daemon, DaemonConfig, DaemonError, SocketSource, StopHandle};
 pub use device::{Chain, Device, GuestMemory, GuestMemoryHandle, SharedDisk};
 pub use disk::BlkDisk;
