@@ -280,7 +280,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
     if spec.queues == 0 || spec.iodepth == 0 {
         return err("spec", "queues and iodepth must be at least 1");
     }
-    if spec.block_size == 0 || spec.block_size % 512 != 0 {
+    if spec.block_size == 0 || !spec.block_size.is_multiple_of(512) {
         return err("spec", "block size must be a non-zero multiple of 512");
     }
     let payload = prepare_payload(spec)?;

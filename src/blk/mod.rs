@@ -216,7 +216,7 @@ impl BlkDevice {
     pub fn new(image: Arc<Image>, mut cfg: BlkConfig) -> Result<Self, BlkError> {
         cfg.validate()?;
         let size = image.size();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlkError::UnalignedImage(size));
         }
         let read_only = cfg.read_only || image.is_read_only();
@@ -379,7 +379,7 @@ impl BlkDevice {
                     let n = self.host_failures.fetch_add(1, Ordering::Relaxed) + 1;
                     if n <= HOST_FAILURES_LOGGED {
                         tracing::error!(head, error = %err, source = ?std::error::Error::source(&err), "virtio-blk request failed");
-                    } else if n % HOST_FAILURE_SUMMARY_EVERY == 0 {
+                    } else if n.is_multiple_of(HOST_FAILURE_SUMMARY_EVERY) {
                         tracing::error!(
                             failures = n,
                             error = %err,
