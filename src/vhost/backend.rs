@@ -608,7 +608,9 @@ impl Budget {
 /// maximum window would have covered grows the window (doubling, so a steady driver is caught
 /// by the next poll or the one after); a longer gap (an idle or slow guest) shrinks it (halving,
 /// nothing below `max / POLL_MIN_FRACTION`), so a guest that does not keep the queue busy costs
-/// little CPU. Shrinking only on a long gap, not after every poll that found nothing, matters at
+/// little CPU. As in QEMU's `poll-grow`/`poll-shrink` the gap is compared with the maximum; ours
+/// allows up to twice the maximum while the window is small, because the measured gap includes
+/// the worker's own wake-up. Shrinking only on a long gap, not after every poll that found nothing, matters at
 /// QD1: there the gap is the client's whole round trip (completion notification → wake-up of the
 /// client's thread → next submit), which an eagerly shrinking window never covers.
 ///
@@ -718,11 +720,13 @@ impl PollWindow {
             return;
         };
         // The gap measured here includes the worker's own wake-up (tens of µs for a halted vCPU
-        // in a VM), hence the slack of twice the maximum window.
+        // in a VM): after a short poll, a gap of up to twice the maximum may still be one the
+        // maximum window covers; after a long poll that found nothing, it is not.
         let gap = at.elapsed() + polled_before;
         self.stats.wakes += 1;
         self.stats.gaps += gap;
-        if gap < self.max * 2 {
+        let coverable = gap <= self.max || (gap < self.max * 2 && self.window < self.max / 2);
+        if coverable {
             self.stats.short_gaps += 1;
             self.window = if self.window.is_zero() {
                 self.max / POLL_START_FRACTION
@@ -972,13 +976,16 @@ mod poll_window_tests {
         poll.woken();
         assert_eq!(poll.window(), max / 2);
         gap(&mut poll, Duration::from_micros(5));
-        gap(&mut poll, Duration::from_micros(5));
         assert_eq!(poll.window(), max, "never above the maximum");
+        // A poll of the whole maximum found nothing and the request came later: no window
+        // covers that gap, shrink.
+        gap(&mut poll, Duration::from_micros(5));
+        assert_eq!(poll.window(), max / 2);
         let stats = poll.stats;
         assert_eq!(stats.polls, 10);
         assert_eq!(stats.found, 1);
         assert_eq!(stats.wakes, 9);
-        assert_eq!(stats.short_gaps, 4);
+        assert_eq!(stats.short_gaps, 3);
         assert_eq!(stats.backoffs, 0);
     }
 
@@ -1002,6 +1009,25 @@ mod poll_window_tests {
         // Once it covers the round trip, every poll finds the request and the window stays.
         poll.polled(Polled::Work, round_trip, Some(Duration::from_micros(5)));
         assert!(poll.window() >= round_trip);
+    }
+
+    #[test]
+    fn a_driver_slower_than_the_maximum_does_not_keep_the_window_at_the_maximum() {
+        // Every gap is 1.6 × the maximum: no window catches it, so the worker must not keep
+        // spinning the full maximum after every request.
+        let max = Duration::from_micros(100);
+        let gap_length = Duration::from_micros(160);
+        let mut poll = PollWindow::new(max);
+        let mut windows = Vec::new();
+        for _ in 0..8 {
+            let window = poll.window();
+            gap(&mut poll, gap_length.saturating_sub(window));
+            windows.push(poll.window().as_micros());
+        }
+        assert!(
+            windows[2..].iter().all(|&w| w <= 50),
+            "window stays high: {windows:?}"
+        );
     }
 
     #[test]
