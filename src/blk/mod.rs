@@ -40,6 +40,33 @@ pub use request::{RequestBuffers, SplitRing};
 
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 
+/// True when the chain's request completes without waiting for anything but reads of the image
+/// (a read, or GET_ID), judged from the request header's type alone. A worker that batches the
+/// guest's completion notifications may hold earlier completions back across such a request;
+/// any other request (a write may wait for free space or a commit, a FLUSH is a commit, a
+/// DISCARD punches) must not keep them from the guest. A chain whose header cannot be read
+/// counts as not quick (it fails fast anyway, but the caller only loses a batched notification).
+pub fn is_quick_request<M>(chain: &virtio_queue::DescriptorChain<M>) -> bool
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let Some(header) = chain.clone().next() else {
+        return false;
+    };
+    if header.is_write_only() || header.len() < 4 {
+        return false;
+    }
+    match chain.memory().read_obj::<u32>(header.addr()) {
+        Ok(request_type) => matches!(
+            u32::from_le(request_type),
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
+                | virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID
+        ),
+        Err(_) => false,
+    }
+}
+
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {

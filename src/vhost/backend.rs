@@ -49,14 +49,16 @@ use crate::blk::SplitRing;
 const MAX_REQUESTS_PER_EVENT: usize = 128;
 
 /// Completions added to the used ring before the guest is notified while more requests are
-/// being executed (it is always notified when the ring runs empty): one wake-up of the driver per
-/// few completions instead of one each under load.
+/// being executed (it is always notified when the ring runs empty, and before a request that
+/// may take long, see [`Device::completes_quickly`]): one wake-up of the driver per few
+/// completions instead of one each under load.
 const NOTIFY_BATCH: usize = 8;
-/// Longest a completion waits for its notification while the batch goes on (a small request
-/// completed before big ones must not wait for all of them). Shorter bounds cost throughput on
-/// this 2-core machine: a worker preempted in the middle of a batch then notifies more often,
-/// and each wake-up of the driver preempts it again (measured: 100 µs halved the IOPS at 4K
-/// QD32×2 under load; 1-2 ms were within noise of no bound).
+/// Longest a completion waits for its notification while a run of quick requests (reads) goes
+/// on, checked at each completion: with the notification before every request that is not
+/// quick, a completion waits at most this long or one read's execution. Shorter bounds cost
+/// throughput on this 2-core machine: a worker preempted in the middle of a batch then notifies
+/// more often, and each wake-up of the driver preempts it again (measured: 100 µs halved the
+/// IOPS at 4K QD32×2 under load; 1-2 ms were within noise of no bound).
 const NOTIFY_DELAY_MAX: Duration = Duration::from_millis(1);
 
 /// Looks at the available index between two reads of the clock while polling.
@@ -456,6 +458,12 @@ impl<D: Device> ConnectionBackend<D> {
                 };
                 popped_any = true;
                 budget.executed += 1;
+                if unsignalled > 0 && !self.disk.device().completes_quickly(&chain) {
+                    // This request may take long (a write waiting for space, a FLUSH's commit):
+                    // the completions held back for batching must not wait for it.
+                    self.notify_guest(queue, vring);
+                    unsignalled = 0;
+                }
                 let head = chain.head_index();
                 let used_len = self.disk.device().process_chain(chain, ring, acked);
                 if let Err(e) = vring.add_used(head, used_len) {

@@ -94,6 +94,10 @@ impl Device for BlkDisk {
         self.blk.process_ring_chain(chain, ring, acked_features)
     }
 
+    fn completes_quickly(&self, chain: &Chain) -> bool {
+        crate::blk::is_quick_request(chain)
+    }
+
     fn is_read_only(&self) -> bool {
         self.blk.is_read_only()
     }
