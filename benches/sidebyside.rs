@@ -688,6 +688,7 @@ fn run_session(
             range_len: 0,
             final_flush: w.read_pct < 100,
             seed: 0x5eed + rep as u64,
+            think: Duration::ZERO,
         };
         let server_before = process_cpu_seconds(&pid.to_string())?;
         let client_before = process_cpu_seconds("self")?;
