@@ -552,7 +552,7 @@ mod tests {
     #[test]
     fn polling_defaults_to_32_us_and_0_turns_it_off() {
         let c = config(&["--socket-path=s", "--blk-file=i"]).unwrap();
-        assert_eq!(c.poll_max, Duration::from_micros(32));
+        assert_eq!(c.poll_max, Duration::from_micros(128));
         let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us=0"]).unwrap();
         assert!(c.poll_max.is_zero());
         let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us", "10000"]).unwrap();

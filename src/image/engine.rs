@@ -116,6 +116,16 @@ impl Scratch {
     }
 }
 
+/// The checksum of a stored payload kept in its table entry: crc32c (CRC-32/ISCSI), the same
+/// function as `crc32c::crc32c`, computed with `crc-fast`, whose AVX-512/VPCLMULQDQ folding
+/// (with runtime detection and fallbacks) checks a 64 KiB payload in ~0.6 µs on this machine's
+/// CPU against ~3.5 µs for the crc32c crate's SSE4.2 loop. Every read of a 64 KiB raw cluster
+/// verifies the whole payload (I4), even for a 4 KiB request, so this is on the hot read path.
+pub(crate) fn payload_checksum(bytes: &[u8]) -> u32 {
+    // CRC-32 results occupy the low 32 bits of the u64 crc-fast returns for every width.
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
+}
+
 fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut s) => f(&mut s),
@@ -507,7 +517,7 @@ impl Core {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let end = offset.checked_add(len);
-        if offset % super::SECTOR_SIZE != 0 || len % super::SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(super::SECTOR_SIZE) || !len.is_multiple_of(super::SECTOR_SIZE) {
             return Err(ImageError::InvalidRequest(format!(
                 "offset {offset} or length {len} is not a multiple of 512"
             )));
@@ -616,7 +626,7 @@ impl Core {
     }
 
     fn verify(&self, c: u32, e: &Entry, buf: &[u8]) -> Result<()> {
-        let got = crc32c::crc32c(buf);
+        let got = payload_checksum(buf);
         if got != e.crc {
             self.shard().checksum_errors.fetch_add(1, Ordering::Relaxed);
             let reason = format!(
@@ -1477,6 +1487,30 @@ mod tests {
         runs.clear();
         for_each_run(0, |u, n| runs.push((u, n)));
         assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn payload_checksum_is_crc32c_for_every_length_and_alignment() {
+        // Stored entries hold crc32c values (written by earlier versions and by `check`): the
+        // fast implementation must agree byte for byte, including the SIMD paths' tails.
+        let data: Vec<u8> = (0..70_100u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..300).chain([4095, 4096, 4097, 32768, 65535, 65536, 65537, 69_999]) {
+            for start in [0, 1, 3, 8, 63] {
+                let bytes = &data[start..start + len];
+                assert_eq!(
+                    payload_checksum(bytes),
+                    crc32c::crc32c(bytes),
+                    "length {len} at offset {start}"
+                );
+            }
+        }
+        assert_eq!(
+            payload_checksum(b"123456789"),
+            0xe306_9283,
+            "CRC-32C check value"
+        );
     }
 
     #[test]

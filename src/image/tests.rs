@@ -912,7 +912,7 @@ impl CrashStorage {
                 1 => {
                     // torn: only some 512-byte sectors land
                     for (k, sector) in data.chunks(512).enumerate() {
-                        if r() % 2 == 0 {
+                        if r().is_multiple_of(2) {
                             let at = *off as usize + k * 512;
                             img[at..at + sector.len()].copy_from_slice(sector);
                         }
@@ -1022,7 +1022,7 @@ fn crash_points_with_stats(break_order: bool, seed: u64, steps: u64) -> (u64, St
                 acceptable[c].push(current[c].clone());
             }
             4..=6 => {
-                let data = if r() % 3 == 0 {
+                let data = if r().is_multiple_of(3) {
                     random(CS, step + seed)
                 } else {
                     compressible(CS, step + seed * 7)

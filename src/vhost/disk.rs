@@ -136,6 +136,10 @@ impl Device for BlkDisk {
         used
     }
 
+    fn completes_quickly(&self, chain: &Chain) -> bool {
+        crate::blk::is_quick_request(chain)
+    }
+
     fn is_read_only(&self) -> bool {
         self.blk.is_read_only()
     }
