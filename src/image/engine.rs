@@ -15,7 +15,7 @@ mod writeback;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -285,6 +285,8 @@ pub struct Core {
     /// Clusters' stale units to punch once their grace period is over: (cluster, slot, date),
     /// oldest first. An item whose date no longer matches the cluster's entry is outdated.
     stale_queue: Mutex<VecDeque<(u32, u32, u64)>>,
+    /// Clusters' stale-unit entries (one per cluster and slot) right now.
+    stale_entries: AtomicUsize,
     /// Most clusters the write-back buffer holds (0: no buffering).
     wb_limit: usize,
     /// Clusters in the write-back buffer.
@@ -405,6 +407,7 @@ impl Core {
             started: Instant::now(),
             stale_grace: stale_grace.unwrap_or_else(|| (commit_interval * 2).max(STALE_GRACE)),
             stale_queue: Mutex::new(VecDeque::new()),
+            stale_entries: AtomicUsize::new(0),
             wb_limit,
             wb_entries: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -420,6 +423,7 @@ impl Core {
         self.buffer_drop_all();
         // The writer released every stale unit before it parked; items left refer to nothing.
         lock(&self.stale_queue).clear();
+        self.stale_entries.store(0, Ordering::Relaxed);
         self.table.replace_with(loaded.table);
         recovery::rebuild_allocator(&self.table, &self.alloc)
             .map_err(ImageError::CorruptMetadata)?;
@@ -934,15 +938,18 @@ impl Core {
                 }
                 if let Some((slot, unit, claimed_stale)) = chosen {
                     let new = Entry::stored(slot, unit, units, code, crc);
-                    st.cover_stale(c, slot, new.mask());
+                    if st.cover_stale(c, slot, new.mask()) {
+                        self.stale_entry_gone();
+                    }
                     let leftover = claimed_stale & !new.mask();
                     let now = self.now_ms();
-                    if leftover != 0 {
-                        st.add_stale(c, i, slot, leftover, now);
+                    let queue = leftover != 0 && st.add_stale(c, i, slot, leftover, now);
+                    if queue {
+                        self.stale_entries.fetch_add(1, Ordering::Relaxed);
                     }
                     st.pins_mut(c, i).writing = Some(new);
                     drop(st);
-                    if leftover != 0 {
+                    if queue {
                         self.queue_stale(c, slot, now);
                     }
                     return Ok(new);
@@ -1006,24 +1013,43 @@ impl Core {
             None => return Disposed::Nothing,
         }
         if st.live_mask(c, i, old.slot) == 0 {
-            let mask = old.mask() | st.take_stale(c, old.slot, None);
+            let stale = st.take_stale(c, old.slot);
+            if stale != 0 {
+                self.stale_entry_gone();
+            }
+            let mask = old.mask() | stale;
             self.alloc.release_stale(old.slot, mask, now);
             st.tidy(c, i);
             return Disposed::SlotFreed;
         }
-        st.add_stale(c, i, old.slot, old.mask(), now);
-        Disposed::Stale(old.slot)
+        if st.add_stale(c, i, old.slot, old.mask(), now) {
+            self.stale_entries.fetch_add(1, Ordering::Relaxed);
+            Disposed::Stale(old.slot)
+        } else {
+            // Added to stale units already queued (re-dated).
+            Disposed::Nothing
+        }
     }
 
-    /// Queues the stale units of `c` in `slot` dated `since` for the writer's grace-period punch.
+    /// Queues the (new) stale units of `c` in `slot` dated `since` for the writer's grace-period
+    /// punch. One item per (cluster, slot) entry: an entry re-dated since is re-queued by the
+    /// writer when it reaches the item.
     fn queue_stale(&self, c: u32, slot: u32, since: u64) {
         lock(&self.stale_queue).push_back((c, slot, since));
     }
 
-    /// Freed regions waiting for reuse: queued stale units (some items may be outdated) and
-    /// stale free slots.
-    fn stale_backlog(&self) -> usize {
-        lock(&self.stale_queue).len() + self.alloc.stale_slots() as usize
+    /// Freed regions waiting for reuse: clusters' stale-unit entries and stale free slots.
+    pub(super) fn stale_backlog(&self) -> usize {
+        self.stale_entries.load(Ordering::Relaxed) + self.alloc.stale_slots() as usize
+    }
+
+    /// A cluster's stale-unit entry was overwritten, taken or went with its slot.
+    fn stale_entry_gone(&self) {
+        let _ = self
+            .stale_entries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 
     /// True when a cluster's stale units have waited `grace` or longer.
@@ -1042,24 +1068,34 @@ impl Core {
         let before = self.now_ms().saturating_sub(grace.as_millis() as u64);
         let mut moved = 0;
         let mut batch: Vec<(u32, Entry)> = Vec::new();
+        let mut requeue: Vec<(u32, u32, u64)> = Vec::new();
         while moved < max {
             let item = {
                 let mut q = lock(&self.stale_queue);
                 match q.front() {
                     Some(&(c, slot, since)) if since <= before => {
                         q.pop_front();
-                        (c, slot, since)
+                        (c, slot)
                     }
                     _ => break,
                 }
             };
-            let (c, slot, since) = item;
+            let (c, slot) = item;
             let (s, i) = locate(c);
             let mut st = lock(&self.table.cells[s].stripe);
-            let mask = st.take_stale(c, slot, Some(since));
-            if mask == 0 {
-                // Re-dated (a later item covers it), overwritten, or gone with its slot.
-                continue;
+            match st.stale_since(c, slot) {
+                // Overwritten, or gone with its slot.
+                None => continue,
+                // Re-dated since it was queued: back in the queue with its new date.
+                Some(since) if since > before => {
+                    requeue.push((c, slot, since));
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let mask = st.take_stale(c, slot);
+            if mask != 0 {
+                self.stale_entry_gone();
             }
             let p = st.pins_mut(c, i);
             for_each_run(mask, |u, n| {
@@ -1068,6 +1104,9 @@ impl Core {
                 batch.push((c, e));
             });
             moved += 1;
+        }
+        if !requeue.is_empty() {
+            lock(&self.stale_queue).extend(requeue);
         }
         if !batch.is_empty() {
             let mut pending = lock(&self.pending_frees);
@@ -1363,6 +1402,9 @@ impl Core {
             for (c, e) in &batch[k..j] {
                 let (s, i) = locate(*c);
                 if let Some(stale) = lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
+                    if stale != 0 {
+                        self.stale_entry_gone();
+                    }
                     // Stale units the cluster had left in the slot go with it.
                     self.alloc.release_stale(e.slot, stale, self.now_ms());
                     released = true;

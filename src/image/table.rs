@@ -344,47 +344,59 @@ impl Stripe {
     }
 
     /// Adds `mask` to the stale units of `c` in `slot`, dated `now` (an existing entry is
-    /// re-dated: the writer's older queue item for it then no longer matches).
-    pub fn add_stale(&mut self, c: u32, i: usize, slot: u32, mask: u32, now: u64) {
+    /// re-dated). Returns true when the entry is new (the caller queues it for the writer; a
+    /// re-dated one is queued already, and the writer re-queues it when it finds it younger).
+    pub fn add_stale(&mut self, c: u32, i: usize, slot: u32, mask: u32, now: u64) -> bool {
         let p = self.pins_mut(c, i);
         match p.stale.iter_mut().find(|s| s.slot == slot) {
             Some(s) => {
                 s.mask |= mask;
                 s.since = now;
+                false
             }
-            None => p.stale.push(StaleUnits {
-                slot,
-                mask,
-                since: now,
-            }),
+            None => {
+                p.stale.push(StaleUnits {
+                    slot,
+                    mask,
+                    since: now,
+                });
+                true
+            }
         }
     }
 
+    /// Date of the stale units of `c` in `slot`, if it has any there.
+    pub fn stale_since(&self, c: u32, slot: u32) -> Option<u64> {
+        self.pins
+            .get(&c)
+            .and_then(|p| p.stale.iter().find(|s| s.slot == slot))
+            .map(|s| s.since)
+    }
+
     /// Removes `mask` from the stale units of `c` in `slot` (a new version is placed over them).
-    pub fn cover_stale(&mut self, c: u32, slot: u32, mask: u32) {
+    /// Returns true when that removed the cluster's whole stale entry for the slot.
+    pub fn cover_stale(&mut self, c: u32, slot: u32, mask: u32) -> bool {
         if let Some(p) = self.pins.get_mut(&c) {
             if let Some(k) = p.stale.iter().position(|s| s.slot == slot) {
                 p.stale[k].mask &= !mask;
                 if p.stale[k].mask == 0 {
                     p.stale.swap_remove(k);
+                    return true;
                 }
             }
         }
+        false
     }
 
     /// Takes all stale units of `c` in `slot` (its last live region there is gone, or the
-    /// writer punches them). With `since`, only if they are dated exactly so (a queue item of
-    /// the writer that was not superseded by a later addition).
-    pub fn take_stale(&mut self, c: u32, slot: u32, since: Option<u64>) -> u32 {
+    /// writer punches them).
+    pub fn take_stale(&mut self, c: u32, slot: u32) -> u32 {
         let Some(p) = self.pins.get_mut(&c) else {
             return 0;
         };
         let Some(k) = p.stale.iter().position(|s| s.slot == slot) else {
             return 0;
         };
-        if since.is_some_and(|t| t != p.stale[k].since) {
-            return 0;
-        }
         p.stale.swap_remove(k).mask
     }
 
@@ -460,7 +472,7 @@ impl Stripe {
         }
         let free = self.live_mask(c, i, e.slot) == 0;
         let stale = if free {
-            Some(self.take_stale(c, e.slot, None))
+            Some(self.take_stale(c, e.slot))
         } else {
             None
         };

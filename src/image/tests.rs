@@ -1343,6 +1343,12 @@ fn freed_halves_of_ping_pong_slots_are_overwritten_without_a_punch() {
         0,
         "freed halves were punched instead of reused"
     );
+    // What waits for reuse: at most one freed half per cluster (in its home slot).
+    let waiting = img.core.stale_backlog();
+    assert!(
+        waiting > 0 && waiting <= clusters as usize,
+        "{waiting} regions wait"
+    );
     let mut got = vec![0u8; expect.len()];
     img.read(0, &mut got).expect("read");
     assert!(got == expect, "data differs after ping-pong rounds");
@@ -1383,6 +1389,7 @@ fn freed_units_no_version_covers_are_punched_after_the_grace_period() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(st.punches() > 0);
+    assert_eq!(img.core.stale_backlog(), 0);
     let mut got = vec![0u8; 65536];
     img.read(0, &mut got).expect("read");
     assert!(got == sized_cluster(1, 2));
