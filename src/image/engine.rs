@@ -1065,6 +1065,16 @@ impl Core {
     /// uses them meanwhile), punched, and released like any freed region. Returns how many
     /// pairs were punched.
     pub fn punch_stale_units(&self, grace: Duration, max: usize) -> usize {
+        let moved = self.stale_units_to_pending(grace, max);
+        if moved > 0 {
+            self.reclaim_some(usize::MAX);
+        }
+        moved
+    }
+
+    /// The first half of [`Core::punch_stale_units`]: pins the aged stale units as
+    /// `releasing` and queues them in `pending_frees`, without punching.
+    fn stale_units_to_pending(&self, grace: Duration, max: usize) -> usize {
         let before = self.now_ms().saturating_sub(grace.as_millis() as u64);
         let mut moved = 0;
         let mut batch: Vec<(u32, Entry)> = Vec::new();
@@ -1112,10 +1122,63 @@ impl Core {
             let mut pending = lock(&self.pending_frees);
             pending.extend(batch);
             self.pending_count.store(pending.len(), Ordering::Release);
-            drop(pending);
-            self.reclaim_some(usize::MAX);
         }
         moved
+    }
+
+    /// Before the writer parks (no request running): punches every freed region, stale unit
+    /// and stale slot now, with adjacent ranges merged into one punch (after a burst of
+    /// rewrites they are thousands, and each punch can be a synchronous device discard), and
+    /// returns their slots to the allocator clean. A parked or closed image then stores only
+    /// what its table refers to.
+    fn release_all_freed(&self) {
+        self.stale_units_to_pending(Duration::ZERO, usize::MAX);
+        let batch: Vec<(u32, Entry)> = {
+            let mut pending = lock(&self.pending_frees);
+            self.pending_count.store(0, Ordering::Release);
+            std::mem::take(&mut *pending)
+        };
+        let mut slots = Vec::new();
+        self.alloc
+            .take_stale_older(u64::MAX, usize::MAX, &mut slots);
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(batch.len() + slots.len());
+        for (_, e) in &batch {
+            let off = self.layout.region_offset(e.slot, e.unit());
+            ranges.push((off, u64::from(e.units()) * BLOCK));
+        }
+        for &(slot, mask) in &slots {
+            for_each_run(mask, |u, n| {
+                ranges.push((self.layout.region_offset(slot, u), u64::from(n) * BLOCK));
+            });
+        }
+        ranges.sort_unstable();
+        let mut k = 0;
+        while k < ranges.len() {
+            let (start, mut end) = (ranges[k].0, ranges[k].0 + ranges[k].1);
+            k += 1;
+            while k < ranges.len() && ranges[k].0 <= end {
+                end = end.max(ranges[k].0 + ranges[k].1);
+                k += 1;
+            }
+            if let Err(err) = self.storage.punch_hole(start, end - start) {
+                log::warn!("punching freed space at {start} failed (stays allocated): {err}");
+            }
+        }
+        let now = self.now_ms();
+        for (c, e) in &batch {
+            let (s, i) = locate(*c);
+            if let Some(stale) = lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
+                if stale != 0 {
+                    self.stale_entry_gone();
+                }
+                // Nothing is stale any more (moved above): returns the slot clean.
+                self.alloc.release_stale(e.slot, stale, now);
+            }
+        }
+        for (slot, _) in slots {
+            self.alloc.release(slot);
+        }
+        self.notify_space();
     }
 
     fn now_ms(&self) -> u64 {
@@ -1536,9 +1599,7 @@ impl Core {
                         // Everything freed by durable commits is released before parking, so
                         // a reload after resume finds no region half-way through its release, and
                         // a parked or closed image stores nothing its table does not refer to.
-                        core.punch_stale_units(Duration::ZERO, usize::MAX);
-                        core.reclaim_some(usize::MAX);
-                        core.punch_stale(Duration::ZERO, usize::MAX);
+                        core.release_all_freed();
                         return;
                     }
                     let healthy = ctl.failed.is_none();
