@@ -525,6 +525,34 @@ fn crash_small_sequential_writes_through_the_write_back_buffer() {
     expect_coverage(name, &total, seeds.len(), 80);
 }
 
+/// lz4 ping-pong with deferred punching: the half of a home slot that a commit frees stays
+/// allocated (stale) for the cluster's next version to overwrite, and the engine punches what no
+/// version covered after a grace period, here 0-3 ms so that punches happen during the workload.
+/// Crash points fall between the commit that frees a half, the next version's write over it
+/// (often torn), and the deferred punch of the rest.
+#[test]
+fn crash_while_freed_halves_of_ping_pong_slots_wait_for_reuse() {
+    let name = "crash_while_freed_halves_of_ping_pong_slots_wait_for_reuse";
+    let seeds = seeds(12, 8);
+    let total = run_seeds(name, &seeds, |seed| {
+        let threads = if seed % 3 == 2 { 2 } else { 1 };
+        let mut spec = Spec::random(seed, Profile::PingPong, threads);
+        spec.compression = if seed % 4 == 3 {
+            Compression::Zstd { level: 1 }
+        } else {
+            Compression::Lz4
+        };
+        spec.clusters = 4 * threads as u64;
+        spec.ops_per_thread = 120;
+        spec.stale_grace = Some(std::time::Duration::from_millis(seed % 4));
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 80);
+    if env_u64("INSITU_CRASH_SEED").is_none() {
+        assert!(total.punches > 0, "{name}: no deferred punch ran: {total}");
+    }
+}
+
 #[test]
 fn crash_concurrent_writers_on_the_same_clusters() {
     let name = "crash_concurrent_writers_on_the_same_clusters";

@@ -14,7 +14,8 @@
 mod writeback;
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,8 +24,8 @@ use super::codec::Codecs;
 use super::format::{self, alg, DiskEntry, Layout, Superblock, BLOCK, BLOCK_USIZE};
 use super::recovery::{self, Loaded, RecoveryMode};
 use super::storage::Storage;
-use super::table::{locate, lock, unit_mask, Entry, Table};
-use super::{Geometry, ImageError, LockPolicy, Result, Stats, MAX_CLUSTER_SIZE};
+use super::table::{locate, lock, unit_mask, Entry, Stripe, Table};
+use super::{Geometry, ImageError, LockPolicy, OpenOptions, Result, Stats, MAX_CLUSTER_SIZE};
 
 /// Lifecycle states.
 pub const RUNNING: u8 = 0;
@@ -34,6 +35,18 @@ pub const QUIESCED: u8 = 1;
 const OP_SHARDS: usize = 16;
 /// Freed regions punched between two looks at the commit triggers.
 const RECLAIM_BATCH: usize = 32;
+/// How long freed space (stale slots, clusters' stale units) waits for reuse before the writer
+/// punches it, at least (two commit intervals when that is longer). Long enough that a cluster
+/// rewritten every few seconds (a guest rewriting a file, sequential passes over a small disk)
+/// finds its freed units unpunched: each punch costs a synchronous discard under the file's
+/// inode lock on a `discard` mount (~90 µs here, blocking every data write meanwhile), and the
+/// next version then writes into a hole.
+const STALE_GRACE: Duration = Duration::from_secs(10);
+/// Most freed, unpunched regions (queued stale units plus stale free slots) kept waiting for
+/// reuse; beyond it the oldest are punched at once, whatever their age. Bounds the host space
+/// they hold (at most this many slots' worth) and the punching a quiesce or close must do
+/// before it parks the writer (~1.5 s at ~90 µs per punch on a `discard` mount).
+const STALE_BACKLOG_MAX: usize = 16384;
 
 /// Per-thread request counters, each on its own cache lines.
 #[repr(align(128))]
@@ -159,8 +172,39 @@ fn for_each_run(mask: u32, mut f: impl FnMut(u32, u32)) {
     }
 }
 
-fn find_gap(mask: u32, units: u32, per_slot: u32) -> Option<u32> {
-    (0..=per_slot.checked_sub(units)?).find(|&u| mask & unit_mask(u, units) == 0)
+/// Where in a slot of `per_slot` units a new version of `units` units goes, given the units
+/// its cluster holds there (`live`) and its stale units (`stale`); `None` when it does not fit.
+/// Against an edge of the slot when possible: the next version must fit beside this one, and an
+/// edge leaves it the largest run (`per_slot - units`), so a cluster ping-pongs between the two
+/// ends of its home slot instead of drifting into the middle and out. Among the fitting
+/// positions (edges, else any), the one that overwrites the most stale units (the lowest on a
+/// tie): every stale unit overwritten is one the writer need not punch and one block the host
+/// need not allocate again.
+fn best_gap(live: u32, stale: u32, units: u32, per_slot: u32) -> Option<u32> {
+    let last = per_slot.checked_sub(units)?;
+    let fits = |u: u32| live & unit_mask(u, units) == 0;
+    let covered = |u: u32| (stale & unit_mask(u, units)).count_ones();
+    let pick = |cands: &mut dyn Iterator<Item = u32>| {
+        let mut best: Option<(u32, u32)> = None;
+        for u in cands.filter(|&u| fits(u)) {
+            let c = covered(u);
+            if best.is_none_or(|(_, b)| c > b) {
+                best = Some((u, c));
+            }
+        }
+        best.map(|(u, _)| u)
+    };
+    pick(&mut [0, last].into_iter()).or_else(|| pick(&mut (0..=last)))
+}
+
+/// What releasing a region did (see `Core::dispose`).
+enum Disposed {
+    /// The cluster's last region in its slot: the slot went back to the allocator.
+    SlotFreed,
+    /// The region became the cluster's stale units in this slot (to queue for the writer).
+    Stale(u32),
+    /// The region was not (or no longer) pinned as releasing.
+    Nothing,
 }
 
 /// Writer-thread control block (taken by flushes and by the writer, never per read/write).
@@ -246,8 +290,13 @@ pub struct Core {
     pending_count: std::sync::atomic::AtomicUsize,
     /// Origin of the millisecond clock that dates stale slots.
     started: Instant,
-    /// Stale slots not reused for this long are punched by the writer.
+    /// Stale slots and stale units not reused for this long are punched by the writer.
     stale_grace: Duration,
+    /// Clusters' stale units to punch once their grace period is over: (cluster, slot, date),
+    /// oldest first. An item whose date no longer matches the cluster's entry is outdated.
+    stale_queue: Mutex<VecDeque<(u32, u32, u64)>>,
+    /// Clusters' stale-unit entries (one per cluster and slot) right now.
+    stale_entries: AtomicUsize,
     /// Most clusters the write-back buffer holds (0: no buffering).
     wb_limit: usize,
     /// Clusters in the write-back buffer.
@@ -312,16 +361,12 @@ fn shard_index() -> usize {
 }
 
 impl Core {
-    /// A core for `sb` with nothing loaded yet.
-    pub fn new(
-        storage: Arc<dyn Storage>,
-        sb: Superblock,
-        read_only: bool,
-        break_order: bool,
-        commit_interval: Duration,
-        lock_policy: LockPolicy,
-        write_buffer_bytes: u64,
-    ) -> Core {
+    /// A core for `sb` with nothing loaded yet, run as `opts` say.
+    pub fn new(storage: Arc<dyn Storage>, sb: Superblock, opts: &OpenOptions) -> Core {
+        let read_only = opts.read_only;
+        let write_buffer_bytes = opts.write_buffer_bytes;
+        let commit_interval = opts.commit_interval.max(Duration::from_millis(1));
+        let stale_grace = opts.test_stale_grace;
         let layout = sb.layout.clone();
         let wb_limit = if read_only {
             0
@@ -347,9 +392,9 @@ impl Core {
             layout,
             geometry,
             read_only,
-            break_order,
+            break_order: opts.test_break_commit_order,
             commit_interval,
-            lock_policy,
+            lock_policy: opts.lock,
             state: AtomicU8::new(QUIESCED),
             shards: (0..OP_SHARDS).map(|_| OpShard::default()).collect(),
             ctl: Mutex::new(Ctl::default()),
@@ -370,7 +415,9 @@ impl Core {
             pending_frees: Mutex::new(Vec::new()),
             pending_count: std::sync::atomic::AtomicUsize::new(0),
             started: Instant::now(),
-            stale_grace: (commit_interval * 2).max(Duration::from_millis(200)),
+            stale_grace: stale_grace.unwrap_or_else(|| (commit_interval * 2).max(STALE_GRACE)),
+            stale_queue: Mutex::new(VecDeque::new()),
+            stale_entries: AtomicUsize::new(0),
             wb_limit,
             wb_entries: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -384,6 +431,9 @@ impl Core {
     pub fn install(&self, loaded: Loaded) -> Result<bool> {
         let clean = loaded.clean;
         self.buffer_drop_all();
+        // The writer released every stale unit before it parked; items left refer to nothing.
+        lock(&self.stale_queue).clear();
+        self.stale_entries.store(0, Ordering::Relaxed);
         self.table.replace_with(loaded.table);
         recovery::rebuild_allocator(&self.table, &self.alloc)
             .map_err(ImageError::CorruptMetadata)?;
@@ -828,29 +878,10 @@ impl Core {
                     None => (alg::RAW, self.layout.units_per_slot(), content),
                 };
             let crc = crc32c::crc32c(payload);
-            // 3. Place it where nothing committed or current lives, and write it.
-            let (slot, unit, stale) = self.place(c, units, &mut sc.owned)?;
-            let new = Entry::stored(slot, unit, units, code, crc);
-            // Old bytes of a reused stale slot that the payload does not overwrite: pinned to
-            // this cluster until the writer punches them.
-            let leftover = stale & !new.mask();
-            {
-                let (s, i) = locate(c);
-                let mut st = lock(&self.table.cells[s].stripe);
-                let p = st.pins_mut(c, i);
-                p.writing = Some(new);
-                for_each_run(leftover, |u, n| {
-                    p.releasing.push(Entry::stored(slot, u, n, alg::RAW, 0));
-                });
-            }
-            if leftover != 0 {
-                let mut pending = lock(&self.pending_frees);
-                for_each_run(leftover, |u, n| {
-                    pending.push((c, Entry::stored(slot, u, n, alg::RAW, 0)));
-                });
-                self.pending_count.store(pending.len(), Ordering::Release);
-            }
-            let off = self.layout.region_offset(slot, unit);
+            // 3. Place it where nothing committed or current lives (reserved as `writing`),
+            // and write it.
+            let new = self.place(c, units, code, crc, &mut sc.owned)?;
+            let off = self.layout.region_offset(new.slot, new.unit());
             if let Err(source) = self.storage.write_at(off, payload) {
                 self.abandon_region(c, &new);
                 // The caller reports the returned error (rate-limited: a full host disk fails
@@ -873,40 +904,67 @@ impl Core {
         })
     }
 
-    /// Chooses a free region of `units` units for cluster `c`: beside its committed version in
-    /// its home slot (ping-pong in place), else in another slot it owns, else in a free slot.
-    /// Returns (slot, first unit, mask of the slot's units holding unreferenced old bytes when a
-    /// stale slot was claimed). Waits for a commit when no slot is free.
-    fn place(&self, c: u32, units: u32, owned: &mut Vec<u32>) -> Result<(u32, u32, u32)> {
+    /// Chooses a free region of `units` units for cluster `c`'s new version (`code`, `crc`):
+    /// beside its committed version in its home slot (ping-pong in place), else in another slot
+    /// it holds, else in a free slot; inside a slot, where it overwrites the most stale units.
+    /// Reserves it as the cluster's `writing` region in the same critical section, so that no
+    /// release running meanwhile (a commit freeing the cluster's last other region in that slot)
+    /// can hand the slot to another cluster. Old bytes of a claimed stale slot that the new
+    /// version leaves become the cluster's stale units. Waits for a commit when no slot is free.
+    fn place(&self, c: u32, units: u32, code: u8, crc: u32, owned: &mut Vec<u32>) -> Result<Entry> {
         let (s, i) = locate(c);
         let per_slot = self.layout.units_per_slot();
         let home = c;
         loop {
             {
-                let st = lock(&self.table.cells[s].stripe);
+                let mut st = lock(&self.table.cells[s].stripe);
                 st.owned_slots(c, i, owned);
+                // (slot, first unit, old bytes of a slot claimed from the allocator)
+                let mut chosen: Option<(u32, u32, u32)> = None;
                 if owned.contains(&home) {
-                    if let Some(u) = find_gap(st.live_mask(c, i, home), units, per_slot) {
-                        return Ok((home, u, 0));
-                    }
+                    let (live, stale) = (st.live_mask(c, i, home), st.stale_mask(c, home));
+                    chosen = best_gap(live, stale, units, per_slot).map(|u| (home, u, 0));
                 } else if let Some(stale) = self.alloc.claim_slot(home) {
-                    return Ok((home, 0, stale));
+                    let u = best_gap(0, stale, units, per_slot).unwrap_or(0);
+                    chosen = Some((home, u, stale));
                 }
-                for &slot in owned.iter().filter(|&&x| x != home) {
-                    if let Some(u) = find_gap(st.live_mask(c, i, slot), units, per_slot) {
-                        return Ok((slot, u, 0));
+                if chosen.is_none() {
+                    chosen = owned.iter().filter(|&&x| x != home).find_map(|&slot| {
+                        let (live, stale) = (st.live_mask(c, i, slot), st.stale_mask(c, slot));
+                        best_gap(live, stale, units, per_slot).map(|u| (slot, u, 0))
+                    });
+                }
+                if chosen.is_none() {
+                    if let Some((slot, stale)) = self.alloc.claim_any(u64::from(c), units) {
+                        // Ask for a commit early enough that it completes before the free
+                        // slots run out, but not again while the last one's snapshot still
+                        // holds them (a storm of tiny commits).
+                        if self.alloc.free_slots() < self.low_water
+                            && self.dirty_count.load(Ordering::Relaxed) >= self.low_water / 2
+                        {
+                            self.signal_pressure(false);
+                        }
+                        let u = best_gap(0, stale, units, per_slot).unwrap_or(0);
+                        chosen = Some((slot, u, stale));
                     }
                 }
-                if let Some((slot, stale)) = self.alloc.claim_any(u64::from(c), units) {
-                    // Ask for a commit early enough that it completes before the free slots
-                    // run out, but not again while the last one's snapshot still holds them
-                    // (a storm of tiny commits).
-                    if self.alloc.free_slots() < self.low_water
-                        && self.dirty_count.load(Ordering::Relaxed) >= self.low_water / 2
-                    {
-                        self.signal_pressure(false);
+                if let Some((slot, unit, claimed_stale)) = chosen {
+                    let new = Entry::stored(slot, unit, units, code, crc);
+                    if st.cover_stale(c, slot, new.mask()) {
+                        self.stale_entry_gone();
                     }
-                    return Ok((slot, 0, stale));
+                    let leftover = claimed_stale & !new.mask();
+                    let now = self.now_ms();
+                    let queue = leftover != 0 && st.add_stale(c, i, slot, leftover, now);
+                    if queue {
+                        self.stale_entries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    st.pins_mut(c, i).writing = Some(new);
+                    drop(st);
+                    if queue {
+                        self.queue_stale(c, slot, now);
+                    }
+                    return Ok(new);
                 }
             }
             if NO_SPACE_WAIT.with(Cell::get) {
@@ -933,37 +991,206 @@ impl Core {
     }
 
     /// `old`, a region of cluster `c` listed in its `releasing` pins, is referenced by nothing
-    /// any more (the commit that replaced it is durable, or it was never committed). When it was
-    /// the cluster's last region in its slot, the slot returns to the allocator as *stale* at
-    /// once: no punch, and the next version written there overwrites allocated blocks. Else the
-    /// region stays pinned and is queued for the writer to punch.
+    /// any more (the commit that replaced it is durable, or it was never committed). Nothing is
+    /// punched here: when it was the cluster's last live region in its slot, the slot returns
+    /// to the allocator as *stale* (with the cluster's stale units there), and the next version
+    /// written there overwrites allocated blocks; else its units become the cluster's stale
+    /// units, which its next version may overwrite, and the writer punches what is left of
+    /// them after the grace period.
     fn dispose(&self, c: u32, old: Entry) {
         let (s, i) = locate(c);
-        {
+        let now = self.now_ms();
+        let outcome = {
             let mut st = lock(&self.table.cells[s].stripe);
-            let Some(p) = st.pins.get_mut(&c) else {
-                return;
-            };
-            match p.releasing.iter().position(|r| *r == old) {
-                Some(k) => {
-                    p.releasing.swap_remove(k);
-                }
-                // Not listed: already handled.
-                None => return,
-            }
-            if st.live_mask(c, i, old.slot) == 0 {
-                self.alloc
-                    .release_stale(old.slot, old.mask(), self.now_ms());
-                st.tidy(c, i);
-                drop(st);
-                self.notify_space();
-                return;
-            }
-            st.pins_mut(c, i).releasing.push(old);
+            self.dispose_locked(&mut st, c, i, old, now)
+        };
+        match outcome {
+            Disposed::SlotFreed => self.notify_space(),
+            Disposed::Stale(slot) => self.queue_stale(c, slot, now),
+            Disposed::Nothing => {}
         }
-        let mut pending = lock(&self.pending_frees);
-        pending.push((c, old));
-        self.pending_count.store(pending.len(), Ordering::Release);
+    }
+
+    /// [`Core::dispose`] under the stripe lock of `c` (local index `i`). The caller notifies
+    /// space waiters or queues the stale units as the result says.
+    fn dispose_locked(&self, st: &mut Stripe, c: u32, i: usize, old: Entry, now: u64) -> Disposed {
+        let Some(p) = st.pins.get_mut(&c) else {
+            return Disposed::Nothing;
+        };
+        match p.releasing.iter().position(|r| *r == old) {
+            Some(k) => {
+                p.releasing.swap_remove(k);
+            }
+            // Not listed: already handled.
+            None => return Disposed::Nothing,
+        }
+        if st.live_mask(c, i, old.slot) == 0 {
+            let stale = st.take_stale(c, old.slot);
+            if stale != 0 {
+                self.stale_entry_gone();
+            }
+            let mask = old.mask() | stale;
+            self.alloc.release_stale(old.slot, mask, now);
+            st.tidy(c, i);
+            return Disposed::SlotFreed;
+        }
+        if st.add_stale(c, i, old.slot, old.mask(), now) {
+            self.stale_entries.fetch_add(1, Ordering::Relaxed);
+            Disposed::Stale(old.slot)
+        } else {
+            // Added to stale units already queued (re-dated).
+            Disposed::Nothing
+        }
+    }
+
+    /// Queues the (new) stale units of `c` in `slot` dated `since` for the writer's grace-period
+    /// punch. One item per (cluster, slot) entry: an entry re-dated since is re-queued by the
+    /// writer when it reaches the item.
+    fn queue_stale(&self, c: u32, slot: u32, since: u64) {
+        lock(&self.stale_queue).push_back((c, slot, since));
+    }
+
+    /// Freed regions waiting for reuse: clusters' stale-unit entries and stale free slots.
+    pub(super) fn stale_backlog(&self) -> usize {
+        self.stale_entries.load(Ordering::Relaxed) + self.alloc.stale_slots() as usize
+    }
+
+    /// A cluster's stale-unit entry was overwritten, taken or went with its slot.
+    fn stale_entry_gone(&self) {
+        let _ = self
+            .stale_entries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    /// True when a cluster's stale units have waited `grace` or longer.
+    fn has_aged_stale_units(&self, grace: Duration) -> bool {
+        let before = self.now_ms().saturating_sub(grace.as_millis() as u64);
+        lock(&self.stale_queue)
+            .front()
+            .is_some_and(|&(_, _, since)| since <= before)
+    }
+
+    /// Punches the stale units of up to `max` (cluster, slot) pairs dated at least `grace` ago
+    /// (all of them with `Duration::ZERO`): they are pinned as `releasing` (so no placement
+    /// uses them meanwhile), punched, and released like any freed region. Returns how many
+    /// pairs were punched.
+    pub fn punch_stale_units(&self, grace: Duration, max: usize) -> usize {
+        let moved = self.stale_units_to_pending(grace, max);
+        if moved > 0 {
+            self.reclaim_some(usize::MAX);
+        }
+        moved
+    }
+
+    /// The first half of [`Core::punch_stale_units`]: pins the aged stale units as
+    /// `releasing` and queues them in `pending_frees`, without punching.
+    fn stale_units_to_pending(&self, grace: Duration, max: usize) -> usize {
+        let before = self.now_ms().saturating_sub(grace.as_millis() as u64);
+        let mut moved = 0;
+        let mut batch: Vec<(u32, Entry)> = Vec::new();
+        let mut requeue: Vec<(u32, u32, u64)> = Vec::new();
+        while moved < max {
+            let item = {
+                let mut q = lock(&self.stale_queue);
+                match q.front() {
+                    Some(&(c, slot, since)) if since <= before => {
+                        q.pop_front();
+                        (c, slot)
+                    }
+                    _ => break,
+                }
+            };
+            let (c, slot) = item;
+            let (s, i) = locate(c);
+            let mut st = lock(&self.table.cells[s].stripe);
+            match st.stale_since(c, slot) {
+                // Overwritten, or gone with its slot.
+                None => continue,
+                // Re-dated since it was queued: back in the queue with its new date.
+                Some(since) if since > before => {
+                    requeue.push((c, slot, since));
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let mask = st.take_stale(c, slot);
+            if mask != 0 {
+                self.stale_entry_gone();
+            }
+            let p = st.pins_mut(c, i);
+            for_each_run(mask, |u, n| {
+                let e = Entry::stored(slot, u, n, alg::RAW, 0);
+                p.releasing.push(e);
+                batch.push((c, e));
+            });
+            moved += 1;
+        }
+        if !requeue.is_empty() {
+            lock(&self.stale_queue).extend(requeue);
+        }
+        if !batch.is_empty() {
+            let mut pending = lock(&self.pending_frees);
+            pending.extend(batch);
+            self.pending_count.store(pending.len(), Ordering::Release);
+        }
+        moved
+    }
+
+    /// Before the writer parks (no request running): punches every freed region, stale unit
+    /// and stale slot now, with adjacent ranges merged into one punch (after a burst of
+    /// rewrites they are thousands, and each punch can be a synchronous device discard), and
+    /// returns their slots to the allocator clean. A parked or closed image then stores only
+    /// what its table refers to.
+    fn release_all_freed(&self) {
+        self.stale_units_to_pending(Duration::ZERO, usize::MAX);
+        let batch: Vec<(u32, Entry)> = {
+            let mut pending = lock(&self.pending_frees);
+            self.pending_count.store(0, Ordering::Release);
+            std::mem::take(&mut *pending)
+        };
+        let mut slots = Vec::new();
+        self.alloc
+            .take_stale_older(u64::MAX, usize::MAX, &mut slots);
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(batch.len() + slots.len());
+        for (_, e) in &batch {
+            let off = self.layout.region_offset(e.slot, e.unit());
+            ranges.push((off, u64::from(e.units()) * BLOCK));
+        }
+        for &(slot, mask) in &slots {
+            for_each_run(mask, |u, n| {
+                ranges.push((self.layout.region_offset(slot, u), u64::from(n) * BLOCK));
+            });
+        }
+        ranges.sort_unstable();
+        let mut k = 0;
+        while k < ranges.len() {
+            let (start, mut end) = (ranges[k].0, ranges[k].0 + ranges[k].1);
+            k += 1;
+            while k < ranges.len() && ranges[k].0 <= end {
+                end = end.max(ranges[k].0 + ranges[k].1);
+                k += 1;
+            }
+            if let Err(err) = self.storage.punch_hole(start, end - start) {
+                log::warn!("punching freed space at {start} failed (stays allocated): {err}");
+            }
+        }
+        let now = self.now_ms();
+        for (c, e) in &batch {
+            let (s, i) = locate(*c);
+            if let Some(stale) = lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
+                if stale != 0 {
+                    self.stale_entry_gone();
+                }
+                // Nothing is stale any more (moved above): returns the slot clean.
+                self.alloc.release_stale(e.slot, stale, now);
+            }
+        }
+        for (slot, _) in slots {
+            self.alloc.release(slot);
+        }
+        self.notify_space();
     }
 
     fn now_ms(&self) -> u64 {
@@ -1172,24 +1399,39 @@ impl Core {
             st.flush().map_err(Self::io("flush data", 0))?;
         }
         self.commits.fetch_add(1, Ordering::Relaxed);
-        // Durable: the snapshotted entries are now the committed ones.
+        // Durable: the snapshotted entries are now the committed ones, and what they replaced
+        // is released (I1: only now) in the same critical section, so that the cluster's next
+        // version, which may be placed the moment the stripe lock is dropped, can overwrite it:
+        // a whole slot returns to the allocator stale, part of a slot becomes the cluster's
+        // stale units. Nothing is punched here (a punch can cost a synchronous device discard):
+        // the writer punches what nobody reused after the grace period, between commits.
+        let now = self.now_ms();
         let mut frees: Vec<(u32, Entry)> = Vec::new();
+        let mut stale: Vec<(u32, u32)> = Vec::new();
+        let mut slot_freed = false;
         for (c, _) in &records {
             let (s, i) = locate(*c);
-            lock(&self.table.cells[s].stripe).commit_done(*c, i, &mut frees);
+            let mut st = lock(&self.table.cells[s].stripe);
+            frees.clear();
+            st.commit_done(*c, i, &mut frees);
+            for &(fc, old) in &frees {
+                match self.dispose_locked(&mut st, fc, i, old, now) {
+                    Disposed::SlotFreed => slot_freed = true,
+                    Disposed::Stale(slot) => stale.push((fc, slot)),
+                    Disposed::Nothing => {}
+                }
+            }
         }
         meta.records = records;
         drop(meta);
-        // The waiting flushes are covered now. Releasing space is not part of durability, and a
-        // punch can cost a synchronous device discard: do it after completing them.
-        self.mark_durable(ticket);
-        // Release what the commit stopped referring to (I1: only now): whole slots return to the
-        // allocator stale (reusable without a punch); parts of slots stay pinned ("releasing")
-        // until the writer punches them between commits, a batch at a time, so slow punches
-        // (synchronous discards) never delay a flush.
-        for (c, old) in frees {
-            self.dispose(c, old);
+        if !stale.is_empty() {
+            let mut q = lock(&self.stale_queue);
+            q.extend(stale.into_iter().map(|(c, slot)| (c, slot, now)));
         }
+        if slot_freed {
+            self.notify_space();
+        }
+        self.mark_durable(ticket);
         Ok(())
     }
 
@@ -1232,8 +1474,12 @@ impl Core {
             let mut released = false;
             for (c, e) in &batch[k..j] {
                 let (s, i) = locate(*c);
-                if lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
-                    self.alloc.release(e.slot);
+                if let Some(stale) = lock(&self.table.cells[s].stripe).release_done(*c, i, e) {
+                    if stale != 0 {
+                        self.stale_entry_gone();
+                    }
+                    // Stale units the cluster had left in the slot go with it.
+                    self.alloc.release_stale(e.slot, stale, self.now_ms());
                     released = true;
                 }
             }
@@ -1363,8 +1609,7 @@ impl Core {
                         // Everything freed by durable commits is released before parking, so
                         // a reload after resume finds no region half-way through its release, and
                         // a parked or closed image stores nothing its table does not refer to.
-                        core.reclaim_some(usize::MAX);
-                        core.punch_stale(Duration::ZERO, usize::MAX);
+                        core.release_all_freed();
                         return;
                     }
                     let healthy = ctl.failed.is_none();
@@ -1393,9 +1638,23 @@ impl Core {
                         ctl = lock(&core.ctl);
                         continue;
                     }
+                    // Over the backlog bound, the oldest go whatever their age.
+                    let grace = if core.stale_backlog() > STALE_BACKLOG_MAX {
+                        Duration::ZERO
+                    } else {
+                        core.stale_grace
+                    };
+                    if core.has_aged_stale_units(grace) {
+                        drop(ctl);
+                        let n = core.punch_stale_units(grace, RECLAIM_BATCH);
+                        ctl = lock(&core.ctl);
+                        if n > 0 {
+                            continue;
+                        }
+                    }
                     if core.alloc.stale_slots() > 0 {
                         drop(ctl);
-                        let n = core.punch_stale(core.stale_grace, RECLAIM_BATCH);
+                        let n = core.punch_stale(grace, RECLAIM_BATCH);
                         ctl = lock(&core.ctl);
                         if n > 0 {
                             continue;
@@ -1469,11 +1728,23 @@ mod tests {
 
     #[test]
     fn gaps_are_found_first_fit_and_never_overlap() {
-        assert_eq!(find_gap(0, 16, 16), Some(0));
-        assert_eq!(find_gap(0x00ff, 8, 16), Some(8));
-        assert_eq!(find_gap(0xff00, 8, 16), Some(0));
-        assert_eq!(find_gap(0x0ff0, 8, 16), None);
-        assert_eq!(find_gap(0, 17, 16), None);
+        assert_eq!(best_gap(0, 0, 16, 16), Some(0));
+        assert_eq!(best_gap(0x00ff, 0, 8, 16), Some(8));
+        assert_eq!(best_gap(0xff00, 0, 8, 16), Some(0));
+        assert_eq!(best_gap(0x0ff0, 0, 8, 16), None);
+        assert_eq!(best_gap(0, 0, 17, 16), None);
+        // An edge of the slot first (the next version then has the most room beside this one),
+        // the one overwriting more stale units when both fit.
+        assert_eq!(best_gap(0x000f, 0x0ff0, 4, 16), Some(12));
+        assert_eq!(best_gap(0x0003, 0xf000, 4, 16), Some(12));
+        assert_eq!(best_gap(0, 0xff00, 8, 16), Some(8));
+        assert_eq!(best_gap(0, 0x00ff, 8, 16), Some(0));
+        assert_eq!(best_gap(0x00f0, 0x0f0c, 6, 16), Some(10));
+        // No edge free: the position overwriting the most stale units, never a live one.
+        assert_eq!(best_gap(0x8001, 0x0ff0, 4, 16), Some(4));
+        assert_eq!(best_gap(0x8001, 0x0060, 4, 16), Some(3));
+        assert_eq!(best_gap(0x8001, 0, 4, 16), Some(1));
+        assert_eq!(best_gap(0xfff0, 0xf000_0000, 4, 32), Some(28));
     }
 
     #[test]

@@ -163,6 +163,11 @@ pub struct OpenOptions {
     /// Exists so the crash simulator can show that its oracle catches a broken commit order.
     #[doc(hidden)]
     pub test_break_commit_order: bool,
+    /// TEST ONLY: how long freed, unreferenced space may wait for reuse before the metadata
+    /// writer punches it (default: two commit intervals, at least 200 ms). Lets the crash
+    /// simulator reach the deferred punches within a short workload.
+    #[doc(hidden)]
+    pub test_stale_grace: Option<Duration>,
 }
 
 impl Default for OpenOptions {
@@ -175,6 +180,7 @@ impl Default for OpenOptions {
             start_quiesced: false,
             write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
             test_break_commit_order: false,
+            test_stale_grace: None,
         }
     }
 }
@@ -489,15 +495,7 @@ impl Image {
     /// Opens an image on `storage`.
     pub fn open_on(storage: Arc<dyn Storage>, opts: &OpenOptions) -> Result<Image> {
         let sbr = recovery::read_superblock(storage.as_ref())?;
-        let core = engine::Core::new(
-            storage,
-            sbr.sb,
-            opts.read_only,
-            opts.test_break_commit_order,
-            opts.commit_interval.max(Duration::from_millis(1)),
-            opts.lock,
-            opts.write_buffer_bytes,
-        );
+        let core = engine::Core::new(storage, sbr.sb, opts);
         let image = Image {
             core: Arc::new(core),
             life: Mutex::new(Life::default()),

@@ -6,7 +6,8 @@
 //! - `pins`: for the few clusters whose current entry differs from the last durable commit, the
 //!   regions that must not be overwritten (I1 and group-commit trap 1): the durable version, the
 //!   version snapshotted by the commit in flight, regions being released (punched), and the
-//!   region a write is filling right now;
+//!   region a write is filling right now; plus its *stale* units (freed, unreferenced, not yet
+//!   punched: the cluster's next version may overwrite them, see [`StaleUnits`]);
 //! - `busy`: per-cluster reader/writer exclusion (a write of cluster `c` waits only for other
 //!   requests on `c`);
 //! - `dirty`: clusters changed since the last snapshot.
@@ -136,6 +137,26 @@ pub struct Pins {
     pub releasing: Vec<Entry>,
     /// Region a write is filling now (not yet published).
     pub writing: Option<Entry>,
+    /// Freed units not yet punched, in slots where the cluster still holds live regions.
+    pub stale: Vec<StaleUnits>,
+}
+
+/// Units of a slot that held an old version of a cluster which nothing refers to any more (the
+/// commit that replaced it is durable, or it was never committed), left unpunched on purpose:
+/// the cluster's next version may overwrite them at once (I1 protects referenced bytes only),
+/// which saves the punch (a synchronous discard under the inode lock on some hosts) and makes
+/// the write an overwrite of allocated blocks instead of a write into a hole. They exist only in
+/// slots where the cluster holds live regions; when its last live region there goes, they go
+/// with the slot to the allocator (as a stale slot). Units nobody overwrote within a grace
+/// period are punched by the metadata writer (and all of them before it parks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaleUnits {
+    /// The slot.
+    pub slot: u32,
+    /// Its stale units.
+    pub mask: u32,
+    /// When units were last added (ms on the engine's clock): the grace period runs from here.
+    pub since: u64,
 }
 
 /// Sectors (512 bytes) per cluster at most: bits of [`Buffered::written`].
@@ -314,6 +335,71 @@ impl Stripe {
         });
     }
 
+    /// Stale units of cluster `c` in `slot`.
+    pub fn stale_mask(&self, c: u32, slot: u32) -> u32 {
+        self.pins
+            .get(&c)
+            .and_then(|p| p.stale.iter().find(|s| s.slot == slot))
+            .map_or(0, |s| s.mask)
+    }
+
+    /// Adds `mask` to the stale units of `c` in `slot`, dated `now` (an existing entry is
+    /// re-dated). Returns true when the entry is new (the caller queues it for the writer; a
+    /// re-dated one is queued already, and the writer re-queues it when it finds it younger).
+    pub fn add_stale(&mut self, c: u32, i: usize, slot: u32, mask: u32, now: u64) -> bool {
+        let p = self.pins_mut(c, i);
+        match p.stale.iter_mut().find(|s| s.slot == slot) {
+            Some(s) => {
+                s.mask |= mask;
+                s.since = now;
+                false
+            }
+            None => {
+                p.stale.push(StaleUnits {
+                    slot,
+                    mask,
+                    since: now,
+                });
+                true
+            }
+        }
+    }
+
+    /// Date of the stale units of `c` in `slot`, if it has any there.
+    pub fn stale_since(&self, c: u32, slot: u32) -> Option<u64> {
+        self.pins
+            .get(&c)
+            .and_then(|p| p.stale.iter().find(|s| s.slot == slot))
+            .map(|s| s.since)
+    }
+
+    /// Removes `mask` from the stale units of `c` in `slot` (a new version is placed over them).
+    /// Returns true when that removed the cluster's whole stale entry for the slot.
+    pub fn cover_stale(&mut self, c: u32, slot: u32, mask: u32) -> bool {
+        if let Some(p) = self.pins.get_mut(&c) {
+            if let Some(k) = p.stale.iter().position(|s| s.slot == slot) {
+                p.stale[k].mask &= !mask;
+                if p.stale[k].mask == 0 {
+                    p.stale.swap_remove(k);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Takes all stale units of `c` in `slot` (its last live region there is gone, or the
+    /// writer punches them).
+    pub fn take_stale(&mut self, c: u32, slot: u32) -> u32 {
+        let Some(p) = self.pins.get_mut(&c) else {
+            return 0;
+        };
+        let Some(k) = p.stale.iter().position(|s| s.slot == slot) else {
+            return 0;
+        };
+        p.stale.swap_remove(k).mask
+    }
+
     /// Pins of `c`, created from the current entry (which then equals the durable one).
     pub fn pins_mut(&mut self, c: u32, i: usize) -> &mut Pins {
         let cur = self.get(i);
@@ -332,6 +418,7 @@ impl Stripe {
                 && !p.dirty
                 && p.releasing.is_empty()
                 && p.writing.is_none()
+                && p.stale.is_empty()
             {
                 self.pins.remove(&c);
             }
@@ -373,17 +460,24 @@ impl Stripe {
         self.tidy(c, i);
     }
 
-    /// A released region has been punched: forget it. Returns true when `c` holds nothing more in
-    /// that slot (the caller returns the slot to the allocator).
-    pub fn release_done(&mut self, c: u32, i: usize, e: &Entry) -> bool {
+    /// A released region has been punched: forget it. Returns, when `c` holds nothing live
+    /// in that slot any more, the mask of its stale units there (taken: the caller returns the
+    /// slot to the allocator, stale with that mask or clean when 0); `None` while it still holds
+    /// something there.
+    pub fn release_done(&mut self, c: u32, i: usize, e: &Entry) -> Option<u32> {
         if let Some(p) = self.pins.get_mut(&c) {
             if let Some(k) = p.releasing.iter().position(|r| r == e) {
                 p.releasing.swap_remove(k);
             }
         }
         let free = self.live_mask(c, i, e.slot) == 0;
+        let stale = if free {
+            Some(self.take_stale(c, e.slot))
+        } else {
+            None
+        };
         self.tidy(c, i);
-        free
+        stale
     }
 
     /// The entry as of the last commit (durable or in flight): what a checkpoint must contain.

@@ -1451,3 +1451,187 @@ fn a_close_after_a_failed_quiesce_never_lets_the_writer_lock_go_while_it_writes(
         "the close wrote to the image while another process could have taken its lock"
     );
 }
+
+/// A file storage that counts hole punches.
+#[derive(Debug)]
+struct CountingStorage {
+    inner: FileStorage,
+    punches: std::sync::atomic::AtomicU64,
+}
+
+impl CountingStorage {
+    fn punches(&self) -> u64 {
+        self.punches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Storage for CountingStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.punches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<Option<u64>> {
+        self.inner.allocated_bytes()
+    }
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.inner.try_lock_exclusive()
+    }
+    fn try_lock_shared(&self) -> std::io::Result<bool> {
+        self.inner.try_lock_shared()
+    }
+    fn unlock(&self) -> std::io::Result<()> {
+        self.inner.unlock()
+    }
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        self.inner.allocated_ranges(offset, len)
+    }
+    fn preallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.preallocate(offset, len)
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.drop_cached(offset, len)
+    }
+}
+
+/// A 64 KiB cluster that lz4 stores in about `random_blocks + 1` units: that many 4 KiB blocks
+/// of random bytes, then runs of one byte.
+fn sized_cluster(random_blocks: usize, seed: u64) -> Vec<u8> {
+    let mut v = random(random_blocks * 4096, seed);
+    v.resize(65536, (seed as u8) | 1);
+    v
+}
+
+fn counting_image(dir: &tempfile::TempDir, grace: Duration) -> (Image, Arc<CountingStorage>) {
+    let path = dir.path().join("img");
+    let mut opts = CreateOptions::new(4 << 20);
+    opts.compression = Compression::Lz4;
+    Image::create(&path, &opts).expect("create");
+    let st = Arc::new(CountingStorage {
+        inner: FileStorage::open(&path, false).expect("open file"),
+        punches: Default::default(),
+    });
+    let open = OpenOptions {
+        test_stale_grace: Some(grace),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &open).expect("open");
+    (img, st)
+}
+
+/// Bytes the host stores in cluster `c`'s home slot.
+fn home_slot_allocated(img: &Image, st: &CountingStorage, c: u32) -> u64 {
+    let l = &img.core.layout;
+    let start = l.region_offset(c, 0);
+    st.allocated_ranges(start, u64::from(l.cluster_size))
+        .expect("ranges")
+        .expect("file storage knows its ranges")
+        .iter()
+        .map(|&(_, len)| len)
+        .sum()
+}
+
+#[test]
+fn freed_halves_of_ping_pong_slots_are_overwritten_without_a_punch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A grace period longer than the test: only reuse can make the freed halves go away.
+    let (img, st) = counting_image(&dir, Duration::from_secs(3600));
+    let clusters = 8u32;
+    let mut expect = vec![0u8; 8 * 65536];
+    for round in 0..12u64 {
+        for c in 0..clusters {
+            // 3 to 6 random blocks: 4 to 7 units, always beside the committed version.
+            let data = sized_cluster(
+                3 + ((round + u64::from(c)) % 4) as usize,
+                round * 100 + u64::from(c),
+            );
+            img.write(u64::from(c) * 65536, &data).expect("write");
+            expect[c as usize * 65536..(c as usize + 1) * 65536].copy_from_slice(&data);
+        }
+        img.flush().expect("flush");
+        for c in 0..clusters {
+            let e = img.core.table.current(c);
+            assert_eq!(
+                e.slot, c,
+                "round {round}: cluster {c} left its home slot: {e:?}"
+            );
+            assert!(e.units() <= 8, "{e:?}");
+        }
+    }
+    // Every commit freed the previous half of each home slot; none of it was punched: the next
+    // versions overwrote it.
+    assert_eq!(
+        st.punches(),
+        0,
+        "freed halves were punched instead of reused"
+    );
+    // What waits for reuse: at most one freed half per cluster (in its home slot).
+    let waiting = img.core.stale_backlog();
+    assert!(
+        waiting > 0 && waiting <= clusters as usize,
+        "{waiting} regions wait"
+    );
+    let mut got = vec![0u8; expect.len()];
+    img.read(0, &mut got).expect("read");
+    assert!(got == expect, "data differs after ping-pong rounds");
+    img.close().expect("close");
+    // A clean close punches what no version covered: nothing is leaked.
+    let report = check(&dir.path().join("img"), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    let img = Image::open(&dir.path().join("img"), &OpenOptions::default()).expect("reopen");
+    let mut got = vec![0u8; expect.len()];
+    img.read(0, &mut got).expect("read");
+    assert!(got == expect, "data differs after reopen");
+    img.close().expect("close");
+}
+
+#[test]
+fn freed_units_no_version_covers_are_punched_after_the_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (img, st) = counting_image(&dir, Duration::from_millis(20));
+    // A large version, then a small one: after the second commit the large one's units are
+    // freed, and the small next version (none comes here) would not cover them all.
+    img.write(0, &sized_cluster(6, 1)).expect("write");
+    img.flush().expect("flush");
+    img.write(0, &sized_cluster(1, 2)).expect("write");
+    img.flush().expect("flush");
+    let small = img.core.table.current(0);
+    assert_eq!(small.slot, 0);
+    let wanted = u64::from(small.units()) * BLOCK;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while home_slot_allocated(&img, &st, 0) != wanted {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed units were not punched while running: {} bytes allocated in the home \
+             slot, {wanted} referenced, {} punches",
+            home_slot_allocated(&img, &st, 0),
+            st.punches()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(st.punches() > 0);
+    assert_eq!(img.core.stale_backlog(), 0);
+    let mut got = vec![0u8; 65536];
+    img.read(0, &mut got).expect("read");
+    assert!(got == sized_cluster(1, 2));
+    img.close().expect("close");
+    let report = check(&dir.path().join("img"), false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+}

@@ -414,6 +414,7 @@ struct SimState {
     pending: Vec<PendingOp>,
     storage_ops: u64,
     flushes: u64,
+    punches: u64,
     capture: Option<Capture>,
     /// Fault injection: the mutating operation this many operations from now fails with EIO
     /// (and is not applied).
@@ -512,6 +513,7 @@ impl SimStorage {
                 pending: Vec::new(),
                 storage_ops: 0,
                 flushes: 0,
+                punches: 0,
                 capture: None,
                 fail_countdown: None,
                 injected_faults: 0,
@@ -555,6 +557,11 @@ impl SimStorage {
     /// Number of `flush` calls served.
     pub fn flushes(&self) -> u64 {
         self.lock().flushes
+    }
+
+    /// Number of `punch_hole` calls served.
+    pub fn punches(&self) -> u64 {
+        self.lock().punches
     }
 
     /// Number of mutating storage operations (write, punch, set_len, flush) served.
@@ -802,6 +809,7 @@ impl Storage for SimStorage {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut state = self.lock();
         Self::inject(&mut state, "punch")?;
+        state.punches += 1;
         match state.block_device {
             None => {
                 state.current.punch(offset, len);

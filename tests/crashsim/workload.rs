@@ -25,6 +25,10 @@ pub enum Pattern {
     Incompressible,
     /// Zeros written through the normal write path.
     Zeros,
+    /// `n` sixteenths of every 4 KiB block random, the rest compressible (n in 1..=7): the
+    /// cluster compresses to about n/16 of its size, so consecutive versions of a different n
+    /// ping-pong in the home slot without covering each other's units exactly.
+    Part(u8),
 }
 
 /// A request of the workload.
@@ -69,6 +73,13 @@ pub enum Profile {
     /// the engine's write-back buffer holds partial clusters, completes some, and FLUSH/timer
     /// commits store the rest. Crashes fall before, during and after those stores.
     SmallSequential,
+    /// A few clusters rewritten whole over and over with data compressing to less than half a
+    /// cluster (varying sizes), frequent flushes, some incompressible versions, discards and
+    /// partial writes: each version lands in the half of its home slot that the previous
+    /// commit freed (unpunched, stale), leftovers are punched after the engine's grace period
+    /// (short in the tests using it). Crashes fall between a commit, the deferred punch and the
+    /// next version's write over the freed units.
+    PingPong,
 }
 
 /// Everything that defines one run.
@@ -110,6 +121,9 @@ pub struct Spec {
     /// RAM of the engine's write-back buffer: the default, none (every write stored at once),
     /// or two clusters (mostly full: partial writes fall back to storing at once).
     pub write_buffer_bytes: u64,
+    /// `OpenOptions::test_stale_grace`: how long freed space waits for reuse before the engine
+    /// punches it (`None`: the engine's default).
+    pub stale_grace: Option<Duration>,
 }
 
 impl Spec {
@@ -151,6 +165,7 @@ impl Spec {
                 1 => 0,
                 _ => 2 * u64::from(cluster_size),
             },
+            stale_grace: None,
         }
     }
 }
@@ -189,6 +204,8 @@ pub struct Outcome {
     /// Requests that failed because of an injected fault (allowed; their effect may or may not
     /// survive).
     pub requests_failed_by_fault: u64,
+    /// Hole punches the engine issued during the workloads (not during recovery or checks).
+    pub punches: u64,
 }
 
 impl Outcome {
@@ -205,6 +222,7 @@ impl Outcome {
         self.repaired += other.repaired;
         self.leaked_bytes += other.leaked_bytes;
         self.commits += other.commits;
+        self.punches += other.punches;
         self.checkpoints += other.checkpoints;
         self.elapsed += other.elapsed;
         self.faults_injected += other.faults_injected;
@@ -218,8 +236,8 @@ impl fmt::Display for Outcome {
             f,
             "{} crash points ({} re-crashed after recovery, {} repaired first, {} with unflushed \
              operations, {} with torn ones, {} inside a checkpoint); clusters recovered with unflushed data {} / without \
-             {}; {} leaked bytes found; engine: {} commits, {} checkpoints; {} faults injected, {} \
-             requests failed by them; {} violations; {:.1?}",
+             {}; {} leaked bytes found; engine: {} commits, {} checkpoints, {} punches; {} faults \
+             injected, {} requests failed by them; {} violations; {:.1?}",
             self.crash_points,
             self.double_crashes,
             self.repaired,
@@ -231,6 +249,7 @@ impl fmt::Display for Outcome {
             self.leaked_bytes,
             self.commits,
             self.checkpoints,
+            self.punches,
             self.faults_injected,
             self.requests_failed_by_fault,
             self.violations.len(),
@@ -249,7 +268,7 @@ pub fn fill(pattern: Pattern, tag: u64, offset: u64, len: usize) -> Vec<u8> {
     let mut rng = SmallRng::seed_from_u64(tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ offset);
     match pattern {
         Pattern::Incompressible => rng.fill_bytes(&mut out),
-        Pattern::Compressible | Pattern::Mixed => {
+        Pattern::Compressible | Pattern::Mixed | Pattern::Part(_) => {
             for (i, sector) in out.chunks_mut(512).enumerate() {
                 let sector_no = offset / 512 + i as u64;
                 sector.fill((tag as u8) ^ 0x5A);
@@ -260,6 +279,12 @@ pub fn fill(pattern: Pattern, tag: u64, offset: u64, len: usize) -> Vec<u8> {
                 for block in out.chunks_mut(4096) {
                     let third = block.len() / 3;
                     rng.fill_bytes(&mut block[..third]);
+                }
+            }
+            if let Pattern::Part(n) = pattern {
+                for block in out.chunks_mut(4096) {
+                    let part = block.len() * usize::from(n) / 16;
+                    rng.fill_bytes(&mut block[..part]);
                 }
             }
         }
@@ -475,6 +500,37 @@ impl Generator {
                     }
                 }
             }
+            Profile::PingPong => {
+                let c = self.rng.gen_range(self.lo..self.hi);
+                let offset = c * cs;
+                match self.rng.gen_range(0..100) {
+                    0..=1 if self.allow_quiesce => Op::QuiesceResume,
+                    0..=17 => Op::Flush,
+                    18..=23 => Op::Read { offset, len: cs },
+                    24..=26 => Op::Discard { offset, len: cs },
+                    27..=30 => Op::Write {
+                        offset,
+                        len: cs,
+                        pattern: Pattern::Incompressible,
+                    },
+                    31..=37 => {
+                        // A read-modify-write (or a buffered partial write) of the cluster.
+                        let blocks = cs / 4096;
+                        let first = self.rng.gen_range(0..blocks);
+                        let n = self.rng.gen_range(1..=blocks - first);
+                        Op::Write {
+                            offset: offset + first * 4096,
+                            len: n * 4096,
+                            pattern: Pattern::Part(self.rng.gen_range(1..=7)),
+                        }
+                    }
+                    _ => Op::Write {
+                        offset,
+                        len: cs,
+                        pattern: Pattern::Part(self.rng.gen_range(1..=7)),
+                    },
+                }
+            }
             Profile::SharedClusters => {
                 let offset = self.rng.gen_range(self.lo..self.hi) * cs;
                 match self.rng.gen_range(0..100) {
@@ -664,6 +720,7 @@ fn open_options(spec: &Spec) -> OpenOptions {
         commit_interval: spec.commit_interval,
         test_break_commit_order: spec.break_commit_order,
         write_buffer_bytes: spec.write_buffer_bytes,
+        test_stale_grace: spec.stale_grace,
         ..OpenOptions::default()
     }
 }
@@ -921,6 +978,7 @@ pub fn run(spec: &Spec) -> Outcome {
     };
     for round in 0..spec.rounds {
         let faults_before = current.storage.injected_faults();
+        let punches_before = current.storage.punches();
         let (model, snaps, errors, failed_by_fault) = run_round(
             spec,
             round,
@@ -929,6 +987,7 @@ pub fn run(spec: &Spec) -> Outcome {
             current.contents.clone(),
         );
         outcome.faults_injected += current.storage.injected_faults() - faults_before;
+        outcome.punches += current.storage.punches() - punches_before;
         outcome.requests_failed_by_fault += failed_by_fault;
         let stats = current.image.stats();
         outcome.commits += stats.commits;
