@@ -294,9 +294,17 @@ fn check_loaded(
     recovery::write_checkpoint(st, sb, table, seq, area, false)?;
     st.flush().map_err(io("flush checkpoint", 0))?;
     // The repaired image is consistent and its leaks are punched below: a clean marker, so the
-    // next open does not take it for a crashed one.
+    // next open does not take it for a crashed one. But writes may have been lost before the
+    // repair (a killed backend's completed, unflushed writes; commits the repair could not
+    // recover): the marker then keeps the lost-write notice for a guest still running on the
+    // image (its next FLUSH fails once), as a crash would have.
+    let loss = !loaded.clean || loaded.loss_unreported || !report.unrecovered.is_empty();
+    let mut flags = format::RECORD_CLEAN_CLOSE;
+    if loss {
+        flags |= format::RECORD_LOSS_UNREPORTED;
+    }
     let mut rec = Vec::new();
-    format::encode_record_flags(&mut rec, seq + 1, &sb.uuid, &[], format::RECORD_CLEAN_CLOSE);
+    format::encode_record_flags(&mut rec, seq + 1, &sb.uuid, &[], flags);
     st.write_at(layout.journal_offset, &rec)
         .map_err(io("write journal", layout.journal_offset))?;
     st.flush().map_err(io("flush journal", 0))?;
@@ -308,6 +316,13 @@ fn check_loaded(
             ""
         }
     ));
+    if loss {
+        report.repairs.push(
+            "kept the lost-write notice: a guest still running on this image is told once (its \
+             next FLUSH fails) that writes it saw complete may be gone"
+                .into(),
+        );
+    }
     let block = sb.encode();
     for (k, e) in copy_errors.iter().enumerate() {
         if e.is_some() {
