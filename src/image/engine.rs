@@ -593,10 +593,12 @@ impl Core {
         let mut st = lock(&cell.stripe);
         loop {
             let b = st.busy.entry(c).or_default();
+            // Writers first: a reader does not enter while a writer waits. (No thread holds a
+            // cluster while it waits for another one's read, so this cannot deadlock.)
             let free = if writer {
                 !b.writer && b.readers == 0
             } else {
-                !b.writer
+                !b.writer && b.writers_waiting == 0
             };
             if free {
                 if writer {
@@ -607,12 +609,18 @@ impl Core {
                 break;
             }
             b.waiters += 1;
+            if writer {
+                b.writers_waiting += 1;
+            }
             st = cell
                 .cv
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(b) = st.busy.get_mut(&c) {
                 b.waiters -= 1;
+                if writer {
+                    b.writers_waiting -= 1;
+                }
             }
         }
         let e = st.get(i);

@@ -229,6 +229,9 @@ pub struct Busy {
     pub readers: u32,
     /// Threads waiting for this cluster.
     pub waiters: u32,
+    /// Of those, the writers: while one waits, no new reader enters, so a stream of reads on
+    /// several queues cannot starve a write (nor the FLUSH that must store it).
+    pub writers_waiting: u32,
 }
 
 /// One stripe of the table.
