@@ -197,7 +197,7 @@ fn seq_write_buffered(c: &mut Criterion, clusters: &[Vec<u8>]) {
                 f.image
                     .write((block * 4096) as u64, &source[at..at + 4096])
                     .expect("sequential write");
-                if next % 32 == 0 {
+                if next.is_multiple_of(32) {
                     f.image.flush().expect("flush");
                 }
             })

@@ -75,6 +75,10 @@ struct Args {
     /// Extra argument for `insitu-blk serve` (repeatable), e.g. `--serve-arg=--poll-max-us=0`.
     #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// The `insitu-blk` binary to serve with (default: the one this bench was built with), e.g.
+    /// a saved copy of an earlier build for an A/B between builds.
+    #[arg(long, value_name = "PATH")]
+    server_binary: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -255,7 +259,10 @@ fn run(args: &Args) -> Result<()> {
             other => bail!("unknown server '{other}' (qsd or insitu)"),
         })
         .collect::<Result<_>>()?;
-    let server_binary = PathBuf::from(env!("CARGO_BIN_EXE_insitu-blk"));
+    let server_binary = args
+        .server_binary
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_insitu-blk")));
     if Command::new("qemu-storage-daemon")
         .arg("--version")
         .stdout(Stdio::null())
@@ -361,6 +368,9 @@ fn run(args: &Args) -> Result<()> {
             "\ninsitu-blk served with `{}`",
             args.serve_args.join(" ")
         );
+    }
+    if let Some(binary) = &args.server_binary {
+        let _ = writeln!(out, "\ninsitu-blk binary: `{}`", binary.display());
     }
     if let Some(codec) = &codec {
         out.push_str(&codec.table());
@@ -678,6 +688,7 @@ fn run_session(
             range_len: 0,
             final_flush: w.read_pct < 100,
             seed: 0x5eed + rep as u64,
+            think: Duration::ZERO,
         };
         let server_before = process_cpu_seconds(&pid.to_string())?;
         let client_before = process_cpu_seconds("self")?;

@@ -1591,3 +1591,64 @@ fn killed_runs_without_o_tmpfile_leave_only_a_stale_temporary_that_the_next_run_
     }
     eprintln!("named fallback: {stale_seen} stale temporaries seen, each removed by the next run");
 }
+
+/// Reviewer R22: `serve` of an image whose metadata is corrupt refuses to start, with one error
+/// line that names the problem and points at `check` (it used to listen, fail every guest request
+/// and exit 0). Here the newest checkpoint of a cleanly closed image is overwritten, so the
+/// journal that follows it no longer matches the older one.
+#[test]
+fn serve_refuses_an_image_whose_metadata_is_corrupt() {
+    use insitu_blk::image::format::{CheckpointHeader, Superblock};
+    let dir = tempdir();
+    let image = dir.path().join("corrupt.img");
+    create(&image, "8M", &[]);
+    let img = Image::open(&image, &OpenOptions::default()).expect("open");
+    img.write(0, &sample_disk(65536, 3)).expect("write");
+    img.flush().expect("flush");
+    img.close().expect("close");
+    let storage = FileStorage::open(&image, false).expect("open file");
+    let mut block = vec![0u8; 4096];
+    storage.read_at(0, &mut block).expect("read");
+    let sb = Superblock::decode(&block).expect("superblock");
+    let newest = (0..2)
+        .filter_map(|area| {
+            let at = sb.layout.checkpoint_offsets[area];
+            storage.read_at(at, &mut block).expect("read");
+            CheckpointHeader::decode(&block, &sb.layout, &sb.uuid)
+                .ok()
+                .map(|h| (h.seq, at))
+        })
+        .max()
+        .expect("a checkpoint");
+    storage.write_at(newest.1, &[0xff; 4096]).expect("damage");
+    drop(storage);
+    assert_eq!(insitu_blk(["check", path_str(&image)]).code, 2);
+    let socket = dir.path().join("s.sock");
+    // Bounded: a backend that starts serving would wait for a frontend forever.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_insitu-blk"))
+        .args(["serve", "--socket-path", path_str(&socket), "--blk-file"])
+        .arg(&image)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started on an image whose metadata is corrupt");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("output");
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    fails_with(&run, 1, "corrupt");
+    assert!(run.stderr.contains("insitu-blk check"), "{run:#?}");
+    assert!(!socket.exists(), "a socket was left listening: {run:#?}");
+}

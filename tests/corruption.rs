@@ -842,11 +842,26 @@ fn repair_of_a_damaged_journal_record_keeps_the_commits_after_it() {
         );
         let repaired = check_on(storage.clone(), true).expect("repair");
         eprintln!("{backend:?}: repairs: {:#?}", repaired.repairs);
+        // The damaged record's commit is named as lost, and the space no entry refers to any
+        // more (it may hold that commit's data) is left for a later repair.
+        assert!(
+            repaired.unrecovered.iter().any(|s| s.contains("commit ")),
+            "{backend:?}: the repair does not say which commit it lost: {repaired:#?}"
+        );
         let after = check_on(storage.clone(), false).expect("check after repair");
         assert!(
-            after.corruptions.is_empty() && after.leaked_bytes == 0,
-            "{backend:?}: not clean after repair: {after:#?}"
+            after.corruptions.is_empty(),
+            "{backend:?}: not consistent after repair: {after:#?}"
         );
+        if after.leaked_bytes > 0 {
+            let again = check_on(storage.clone(), true).expect("second repair");
+            assert!(again.unrecovered.is_empty(), "{again:#?}");
+            let after = check_on(storage.clone(), false).expect("check after the second repair");
+            assert!(
+                after.corruptions.is_empty() && after.leaked_bytes == 0,
+                "{backend:?}: not clean after the second repair: {after:#?}"
+            );
+        }
         let mut expected = expected_contents();
         // Cluster 5's commit is the damaged one: it reads as before that commit (zeros).
         expected.retain(|(c, _)| *c != 5);
@@ -854,15 +869,168 @@ fn repair_of_a_damaged_journal_record_keeps_the_commits_after_it() {
             .unwrap_or_else(|e| panic!("{backend:?}: refuses to open after repair: {e}"));
         let wrong = wrong_clusters(&image, &expected);
         assert!(wrong.is_empty(), "{backend:?}: after repair: {wrong:?}");
+        // The repair lost a commit: a guest still running on the image is told once.
         assert!(
-            !image.recovered_after_unclean_shutdown(),
-            "{backend:?}: a repaired image opens as if it had crashed"
+            image.recovered_after_unclean_shutdown(),
+            "{backend:?}: the repair dropped the lost-write notice"
         );
+        image.flush().expect("flush");
         image.close().expect("close");
         let image = Image::open_on(storage.clone(), &OpenOptions::default()).expect("reopen");
+        assert!(
+            !image.recovered_after_unclean_shutdown(),
+            "{backend:?}: a FLUSH and a clean close after the repair still report a loss"
+        );
         assert!(wrong_clusters(&image, &expected).is_empty());
         image.close().expect("close");
         let last = check_on(storage, false).expect("final check");
         assert!(last.corruptions.is_empty(), "{backend:?}: {last:#?}");
     }
+}
+
+/// R19: `check --repair` of an image whose newest checkpoint is damaged, after the journal's next
+/// cycle overwrote the oldest records of the cycle before it. Those commits are gone for good
+/// (neither checkpoint nor journal holds them): the repair must say so (the CLI exits 2), and must
+/// not punch the space their payloads still occupy (it used to report a clean image, and release
+/// the only copy of a flushed cluster as "unreferenced").
+#[test]
+fn repair_after_a_lost_checkpoint_names_the_commits_it_cannot_recover_and_keeps_their_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cp.img");
+    let size = 16u64 << 20;
+    let cs = 65536usize;
+    Image::create(
+        &path,
+        &CreateOptions {
+            size,
+            cluster_size: cs as u32,
+            compression: Compression::None,
+        },
+    )
+    .expect("create");
+    let img = Image::open(&path, &OpenOptions::default()).expect("open");
+    let early = fill(Pattern::Incompressible, 5, 0, cs);
+    img.write(5 * cs as u64, &early).expect("write");
+    img.flush().expect("flush");
+    // Flushed commits until the journal has been checkpointed, then some that reuse its start.
+    let mut k = 0u64;
+    let mut after_checkpoint = 0;
+    while after_checkpoint < 20 {
+        img.write(
+            7 * cs as u64,
+            &fill(Pattern::Incompressible, 1000 + k, 0, cs),
+        )
+        .expect("write");
+        img.flush().expect("flush");
+        k += 1;
+        if img.stats().checkpoints > 0 {
+            after_checkpoint += 1;
+        }
+        assert!(k < 100_000, "the journal never filled");
+    }
+    img.abandon();
+    let storage = insitu_blk::image::FileStorage::open(&path, false).expect("open file");
+    let sb = format::Superblock::decode(&read_block(&storage, 0)).expect("superblock");
+    let newest = (0..2)
+        .filter_map(|area| {
+            let at = sb.layout.checkpoint_offsets[area];
+            format::CheckpointHeader::decode(&read_block(&storage, at), &sb.layout, &sb.uuid)
+                .ok()
+                .map(|h| (h.seq, at))
+        })
+        .max()
+        .expect("a checkpoint");
+    assert!(newest.0 > 0, "no checkpoint was written by the workload");
+    let mut header = read_block(&storage, newest.1);
+    header[BLOCK - 1] ^= 0x5a; // its checksum
+    storage.write_at(newest.1, &header).expect("damage");
+    storage.flush().expect("flush");
+    drop(storage);
+    let allocated_before = allocated(&path);
+
+    let run = Command::new(env!("CARGO_BIN_EXE_insitu-blk"))
+        .args(["check", "--repair"])
+        .arg(&path)
+        .output()
+        .expect("run check --repair");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(
+        run.status.code(),
+        Some(2),
+        "a repair that lost commits must not report success: {stdout}"
+    );
+    assert!(stdout.contains("could NOT recover"), "{stdout}");
+    assert!(
+        stdout.contains("commits 1 to") || stdout.contains("commit 1 "),
+        "{stdout}"
+    );
+    assert!(
+        allocated(&path) >= allocated_before,
+        "the repair released space that may hold the lost commits' data"
+    );
+    // Consistent now: it opens, and the newest commits survived.
+    let img = Image::open(&path, &OpenOptions::default()).expect("opens after repair");
+    let mut got = vec![0u8; cs];
+    img.read(7 * cs as u64, &mut got).expect("read");
+    assert_eq!(got, fill(Pattern::Incompressible, 1000 + k - 1, 0, cs));
+    img.close().expect("close");
+    assert!(check(&path, false).expect("check").corruptions.is_empty());
+}
+
+fn read_block(storage: &dyn Storage, at: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    storage.read_at(at, &mut b).expect("read");
+    b
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Reviewer R27: `check --repair` of an image left by a killed backend (completed, unflushed writes
+/// lost) keeps the lost-write notice: the backend started after the repair tells a guest still
+/// running on the image (its next FLUSH fails once) instead of declaring the lost writes durable.
+/// Once told (a clean close after that open), the notice is gone.
+#[test]
+fn repair_of_a_crashed_image_keeps_the_lost_write_notice() {
+    let storage = Arc::new(MemStorage::new());
+    Image::create_on(
+        storage.clone(),
+        &CreateOptions {
+            size: CLUSTERS * u64::from(CLUSTER),
+            cluster_size: CLUSTER,
+            compression: Compression::Lz4,
+        },
+    )
+    .expect("create");
+    let img = Image::open_on(storage.clone(), &OpenOptions::default()).expect("open");
+    img.write(0, &fill(Pattern::Mixed, 1, 0, CLUSTER as usize))
+        .expect("write");
+    img.flush().expect("flush");
+    img.write(
+        u64::from(CLUSTER),
+        &fill(Pattern::Mixed, 2, 0, CLUSTER as usize),
+    )
+    .expect("completed, never flushed");
+    img.abandon(); // the backend is killed
+    let repaired = check_on(storage.clone(), true).expect("repair");
+    assert!(
+        repaired
+            .repairs
+            .iter()
+            .any(|r| r.contains("lost-write notice")),
+        "{repaired:#?}"
+    );
+    let img = Image::open_on(storage.clone(), &OpenOptions::default()).expect("open");
+    assert!(
+        img.recovered_after_unclean_shutdown(),
+        "the repair erased the lost-write notice of a crashed image"
+    );
+    // The notice is carried until a FLUSH succeeds (the guest was told, or is a new one).
+    img.flush().expect("flush");
+    img.close().expect("close");
+    let img = Image::open_on(storage.clone(), &OpenOptions::default()).expect("reopen");
+    assert!(!img.recovered_after_unclean_shutdown());
+    img.close().expect("close");
 }

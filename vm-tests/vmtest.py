@@ -310,7 +310,8 @@ class Qmp:
 
 
 class Guest:
-    def __init__(self, test, label, script, sock, smp=2, num_queues=2, incoming=None, reconnect=False):
+    def __init__(self, test, label, script, sock, smp=2, num_queues=2, incoming=None, reconnect=False,
+                 queue_size=None):
         self.test = test
         self.label = label
         self.console = os.path.join(test.dir, f"console-{label}.log")
@@ -342,7 +343,8 @@ class Guest:
             "-fw_cfg", f"name=opt/insitu/test,file={self.script_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-chardev", chardev,
-            "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={num_queues},id=disk0",
+            "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={num_queues},id=disk0"
+            + (f",queue-size={queue_size}" if queue_size else ""),
         ]
         if incoming:
             self.cmd += ["-incoming", incoming]
@@ -448,6 +450,13 @@ mkfs_disk() {
     mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 -b 4096 /dev/vda
 }
 mount_disk() { mount -t ext4 -o noinit_itable${1:+,$1} /dev/vda /mnt; }
+fresh_fs_measured() {
+    # A new ext4 mounted on /mnt; the host measures the image's allocation at "formatted".
+    mkfs_disk
+    mount_disk
+    sync
+    host_wait formatted
+}
 checksums() { (cd "$1" && find . -type f ! -name SUMS | sort | xargs md5sum); }
 blk_pattern() {
     # 64 KiB block whose every line names block $1; the host rebuilds it to check.
@@ -666,12 +675,13 @@ umount /mnt
 
 
 def test_fio(t):
-    """b. fio verify=crc32c, random writes, 2 jobs, -smp 2, num-queues=2."""
+    """b. fio verify=crc32c, random writes, 2 jobs, -smp 2, num-queues=2, queue-size=1024."""
     t.backend_cls.create_image(t.image, DISK_SIZE)
     b = t.backend("b1").start(num_queues=2)
     g = t.guest("boot1", "step fio\n" + FIO_VERIFY.format(size="96M") + " > /tmp/fio.out 2>&1 || "
                 "{ cat /tmp/fio.out; exit 1; }\ncat /tmp/fio.out\ngrep -q 'err= 0' /tmp/fio.out\n",
-                b.sock, smp=2, num_queues=2).start()
+                # The largest ring QEMU allows (libvirt users tune it up); QEMU's default is 128.
+                b.sock, smp=2, num_queues=2, queue_size=1024).start()
     text = g.wait_result(scaled(400))
     m = re.search(r"WRITE: bw=.*", text)
     t.note(f"fio: {m.group(0) if m else '?'}")
@@ -942,15 +952,23 @@ def measure_point(t, g, tag, image, settle=0.0):
     return a
 
 
+def wait_allocation_at_most(image, limit, seconds):
+    """The image's allocated bytes once they are <= limit, or after `seconds` (freed space is
+    released at the backend's next commits: timer 1 s, stale space after a grace period)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        allocated = allocated_bytes(image)
+        if allocated <= limit or time.monotonic() > deadline:
+            return allocated
+        time.sleep(0.5)
+
+
 def test_discard(t):
     """f. deleting files and fstrim in the guest shrink the image's allocated bytes on the host."""
     t.backend_cls.create_image(t.image, DISK_SIZE)
     b = t.backend("b1").start()
     g = t.guest("boot1", r"""
-mkfs_disk
-mount_disk
-sync
-host_wait formatted
+fresh_fs_measured
 step "copy the real files twice"
 cp -a /files/. /mnt/a
 cp -a /files/. /mnt/b
@@ -968,13 +986,7 @@ e2fsck -fn /dev/vda
     a0 = measure_point(t, g, "formatted", t.image)
     a1 = measure_point(t, g, "copied", t.image)
     g.wait_host_point("trimmed", scaled(300))
-    # Freed space is released at the backend's next commit: give it a few seconds.
-    deadline = time.monotonic() + scaled(10)
-    while True:
-        a2 = allocated_bytes(t.image)
-        if a2 - a0 <= 0.2 * (a1 - a0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    a2 = wait_allocation_at_most(t.image, a0 + 0.2 * (a1 - a0), scaled(10))
     g.answer("trimmed")
     g.wait_result(scaled(300))
     t.note(f"allocated on host: formatted {a0 >> 20} MiB, copied {a1 >> 20} MiB, trimmed {a2 >> 20} MiB")
@@ -993,10 +1005,7 @@ def test_space(t):
     b = t.backend("b1").start()
     g = t.guest("boot1", r"""
 echo "INSITU-FILES-BYTES $(find /files -type f -exec stat -c %s {} + | awk '{s+=$1} END {print s}')"
-mkfs_disk
-mount_disk
-sync
-host_wait formatted
+fresh_fs_measured
 step "copy the real files"
 cp -a /files/. /mnt/
 sync
@@ -1018,6 +1027,53 @@ e2fsck -fn /dev/vda
         raise TestFailure(f"real files take {ratio:.0%} of their logical size on the host (limit 60%)")
 
 
+def test_rewrite(t):
+    """h. rewriting the files in place keeps them compressed: host allocation does not grow."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b = t.backend("b1").start()
+    g = t.guest("boot1", r"""
+fresh_fs_measured
+step "copy the real files"
+cp -a /files/. /mnt/
+sync
+host_wait copied
+step "rewrite every file in place, twice (partial-cluster writes over compressed clusters)"
+for pass in 1 2; do
+    find /mnt -type f | while read -r f; do
+        dd if="$f" of="$f" bs=4k conv=notrunc 2>/dev/null
+    done
+    sync
+done
+step "copy the files over themselves (truncate + rewrite: new blocks), then fstrim"
+cp -a /files/. /mnt/
+sync
+fstrim -v /mnt
+sync
+checksums /mnt > /tmp/SUMS
+checksums /files > /tmp/SUMS.orig
+cmp /tmp/SUMS /tmp/SUMS.orig
+host_wait rewritten
+umount /mnt
+e2fsck -fn /dev/vda
+""", b.sock).start()
+    a0 = measure_point(t, g, "formatted", t.image)
+    a1 = measure_point(t, g, "copied", t.image)
+    g.wait_host_point("rewritten", scaled(600))
+    limit = a0 + 1.10 * (a1 - a0) + (4 << 20)
+    a2 = wait_allocation_at_most(t.image, limit, scaled(15))
+    g.answer("rewritten")
+    g.wait_result(scaled(300))
+    t.note(f"allocated on host: formatted {a0 >> 20} MiB, copied {a1 >> 20} MiB, "
+           f"after rewrites {a2 >> 20} MiB")
+    if a1 - a0 < (8 << 20):
+        raise TestFailure(f"copying ~40 MiB allocated only {(a1 - a0) >> 20} MiB on the host: nothing measured")
+    b.stop()
+    t.backend_cls.check_image(t.image)
+    if a2 > limit:
+        raise TestFailure(f"rewrites grew the image: {(a1 - a0) >> 20} MiB after the copy, "
+                          f"{(a2 - a0) >> 20} MiB after rewriting the same files (limit +10 % + 4 MiB)")
+
+
 TESTS = {
     "ext4": test_ext4,
     "fio": test_fio,
@@ -1026,6 +1082,7 @@ TESTS = {
     "restart": test_restart,
     "discard": test_discard,
     "space": test_space,
+    "rewrite": test_rewrite,
 }
 
 

@@ -91,6 +91,9 @@ pub struct LoadSpec {
     pub final_flush: bool,
     /// Seed of the offset generator (each queue adds its index).
     pub seed: u64,
+    /// Time the queue's thread sleeps after a completion before it submits the next request
+    /// (zero: at once), like an application that does something with each result.
+    pub think: Duration,
 }
 
 impl Default for LoadSpec {
@@ -111,6 +114,7 @@ impl Default for LoadSpec {
             range_len: 0,
             final_flush: false,
             seed: 0x5eed,
+            think: Duration::ZERO,
         }
     }
 }
@@ -280,7 +284,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, LoadError> {
     if spec.queues == 0 || spec.iodepth == 0 {
         return err("spec", "queues and iodepth must be at least 1");
     }
-    if spec.block_size == 0 || spec.block_size % 512 != 0 {
+    if spec.block_size == 0 || !spec.block_size.is_multiple_of(512) {
         return err("spec", "block size must be a non-zero multiple of 512");
     }
     let payload = prepare_payload(spec)?;
@@ -573,6 +577,9 @@ impl QueueWorker<'_> {
                     stopping = true;
                 }
                 if !stopping {
+                    if !spec.think.is_zero() {
+                        std::thread::sleep(spec.think);
+                    }
                     submit!(slot);
                 }
             }

@@ -66,6 +66,10 @@ struct Args {
     /// Seed of the offset generator.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
+    /// Microseconds each queue's thread sleeps after a completion before its next request
+    /// (an application's think time; latency is still measured from submit to completion).
+    #[arg(long, default_value_t = 0)]
+    think_us: u64,
     /// Print one JSON object instead of key=value text.
     #[arg(long)]
     json: bool,
@@ -121,6 +125,7 @@ fn spec_from(args: &Args) -> Result<LoadSpec, String> {
         range_len: parse_size(&args.size)?,
         final_flush: args.final_flush,
         seed: args.seed,
+        think: Duration::from_micros(args.think_us),
     })
 }
 

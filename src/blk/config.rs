@@ -40,6 +40,13 @@ pub const PHYSICAL_BLOCK_EXP: u8 = 3;
 /// Smallest I/O that avoids a read-modify-write on the host, in sectors (4 KiB).
 pub const MIN_IO_SECTORS: u16 = 8;
 
+/// The ring size `seg_max` is sized for by default. The frontend, not the backend, chooses each
+/// ring's size (SET_VRING_NUM, after the guest has read the configuration), and a driver must not
+/// build a chain longer than its ring (virtio 1.2, 2.7.5.3.1): a request of `seg_max` segments
+/// plus its header and status descriptors has to fit the smallest ring in common use, QEMU's
+/// default of 128 for vhost-user-blk (qemu-storage-daemon reports 126 for the same reason).
+pub const SEG_MAX_RING: u16 = 128;
+
 /// Settings of one virtio-blk device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlkConfig {
@@ -70,16 +77,15 @@ pub struct BlkConfig {
 }
 
 impl BlkConfig {
-    /// Defaults for `num_queues` queues of at most `queue_size` entries: `seg_max` fills the
-    /// queue (`queue_size - 2`, like QEMU), 1 MiB segments, 1 GiB and 16 discard/write-zeroes
-    /// segments.
+    /// Defaults for `num_queues` queues of at most `queue_size` entries: `seg_max` fits a ring of
+    /// [`SEG_MAX_RING`] entries, 1 MiB segments, 1 GiB and 16 discard/write-zeroes segments.
     pub fn new(num_queues: u16, queue_size: u16) -> Self {
         Self {
             num_queues,
             queue_size,
             read_only: false,
             serial: String::new(),
-            seg_max: u32::from(queue_size.saturating_sub(2)).max(1),
+            seg_max: u32::from(queue_size.min(SEG_MAX_RING).saturating_sub(2)).max(1),
             size_max: DEFAULT_SIZE_MAX,
             max_discard_sectors: DEFAULT_MAX_ZEROING_SECTORS,
             max_discard_segments: DEFAULT_MAX_ZEROING_SEGMENTS,
@@ -315,7 +321,10 @@ mod tests {
         assert_eq!(space.len(), 96);
         assert_eq!(&space[0..8], &(2u64 * 1024 * 1024).to_le_bytes());
         assert_eq!(le32(&space, 8), 1024 * 1024);
-        assert_eq!(le32(&space, 12), 254);
+        // seg_max fits QEMU's default ring of 128, whatever the largest ring accepted.
+        assert_eq!(le32(&space, 12), 126);
+        assert_eq!(BlkConfig::new(1, 1024).seg_max, 126);
+        assert_eq!(BlkConfig::new(1, 16).seg_max, 14);
         assert_eq!(le32(&space, 20), 512);
         assert_eq!(space[24], 3);
         assert_eq!(u16::from_le_bytes([space[26], space[27]]), 8);

@@ -61,6 +61,7 @@ impl BlkDevice {
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
+                self.flush_requests.fetch_add(1, Ordering::AcqRel);
                 if self.lost_writes.swap(false, Ordering::SeqCst) {
                     return Err(RequestError::LostWrites);
                 }

@@ -40,6 +40,33 @@ pub use request::{RequestBuffers, SplitRing};
 
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 
+/// True when the chain's request completes without waiting for anything but reads of the image
+/// (a read, or GET_ID), judged from the request header's type alone. A worker that batches the
+/// guest's completion notifications may hold earlier completions back across such a request;
+/// any other request (a write may wait for free space or a commit, a FLUSH is a commit, a
+/// DISCARD punches) must not keep them from the guest. A chain whose header cannot be read
+/// counts as not quick (it fails fast anyway, but the caller only loses a batched notification).
+pub fn is_quick_request<M>(chain: &virtio_queue::DescriptorChain<M>) -> bool
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let Some(header) = chain.clone().next() else {
+        return false;
+    };
+    if header.is_write_only() || header.len() < 4 {
+        return false;
+    }
+    match chain.memory().read_obj::<u32>(header.addr()) {
+        Ok(request_type) => matches!(
+            u32::from_le(request_type),
+            virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN
+                | virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID
+        ),
+        Err(_) => false,
+    }
+}
+
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
@@ -198,6 +225,8 @@ pub struct BlkDevice {
     /// a few times, then at debug with a periodic summary, so a guest re-reading a bad cluster
     /// or a full disk cannot flood the log.
     host_failures: AtomicU64,
+    /// FLUSH requests the driver sent (served or failed).
+    flush_requests: AtomicU64,
 }
 
 /// Host failures logged at error level before the log is rate-limited.
@@ -216,7 +245,7 @@ impl BlkDevice {
     pub fn new(image: Arc<Image>, mut cfg: BlkConfig) -> Result<Self, BlkError> {
         cfg.validate()?;
         let size = image.size();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlkError::UnalignedImage(size));
         }
         let read_only = cfg.read_only || image.is_read_only();
@@ -240,6 +269,7 @@ impl BlkDevice {
             id,
             lost_writes: AtomicBool::new(false),
             host_failures: AtomicU64::new(0),
+            flush_requests: AtomicU64::new(0),
         })
     }
 
@@ -249,6 +279,12 @@ impl BlkDevice {
     /// to its fsync callers like any failed cache flush.
     pub fn report_lost_writes(&self) {
         self.lost_writes.store(true, Ordering::SeqCst);
+    }
+
+    /// FLUSH requests the driver has sent so far (a driver that sends them uses the disk's
+    /// write cache).
+    pub fn flush_requests(&self) -> u64 {
+        self.flush_requests.load(Ordering::Acquire)
     }
 
     /// virtio device features offered (VERSION_1, EVENT_IDX and INDIRECT_DESC included).
@@ -379,7 +415,7 @@ impl BlkDevice {
                     let n = self.host_failures.fetch_add(1, Ordering::Relaxed) + 1;
                     if n <= HOST_FAILURES_LOGGED {
                         tracing::error!(head, error = %err, source = ?std::error::Error::source(&err), "virtio-blk request failed");
-                    } else if n % HOST_FAILURE_SUMMARY_EVERY == 0 {
+                    } else if n.is_multiple_of(HOST_FAILURE_SUMMARY_EVERY) {
                         tracing::error!(
                             failures = n,
                             error = %err,

@@ -416,7 +416,7 @@ pub fn checked_byte_range(
     len: u64,
     capacity_sectors: u64,
 ) -> Result<u64, RequestError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::UnalignedLength(len));
     }
     let out_of_range = || RequestError::OutOfRange {
@@ -444,7 +444,7 @@ pub fn read_zeroing_segments<G: GuestMemory + ?Sized>(
     let RequestBuffers { data, zeroing, .. } = bufs;
     zeroing.clear();
     let total = data_len(data);
-    if total == 0 || total % ZEROING_SEGMENT_SIZE as u64 != 0 {
+    if total == 0 || !total.is_multiple_of(ZEROING_SEGMENT_SIZE as u64) {
         return Err(RequestError::BadZeroingPayload(total));
     }
     let count = total / ZEROING_SEGMENT_SIZE as u64;

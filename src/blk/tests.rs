@@ -1482,3 +1482,40 @@ fn guest_rewriting_its_buffer_mid_write_cannot_corrupt_the_stored_cluster() {
     let _ = fx.read_disk(0, len);
     assert_eq!(fx.dev.image().stats().checksum_errors, 0);
 }
+
+#[test]
+fn only_reads_and_get_id_count_as_quick_requests() {
+    // The worker batches completion notifications only across quick requests: everything that
+    // may wait (writes, FLUSH, DISCARD, WRITE_ZEROES) or cannot be read must count as slow.
+    let mem = new_memory();
+    let quick = |request_type: u32, header: RawDescriptor| {
+        put_header(&mem, HDR, request_type, 0);
+        let table = linked(&[header, desc(DATA, 4096, W), desc(STATUS, 1, W)]);
+        super::is_quick_request(&pop_chain(&mem, &table, 0))
+    };
+    let header = desc(HDR, 16, R);
+    assert!(quick(VIRTIO_BLK_T_IN, header));
+    assert!(quick(VIRTIO_BLK_T_GET_ID, header));
+    for slow in [
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        0xdead,
+    ] {
+        assert!(!quick(slow, header), "request type {slow}");
+    }
+    // A header the device could not read as one: write-only, too short, outside guest memory.
+    assert!(!quick(VIRTIO_BLK_T_IN, desc(HDR, 16, W)));
+    assert!(!quick(VIRTIO_BLK_T_IN, desc(HDR, 2, R)));
+    assert!(!quick(VIRTIO_BLK_T_IN, desc(0x60_0000, 16, R)));
+    // Through an indirect table, as virtio-queue's iterator follows it.
+    put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    write_indirect(
+        &mem,
+        INDIRECT,
+        &linked(&[desc(HDR, 16, R), desc(DATA, 4096, W), desc(STATUS, 1, W)]),
+    );
+    let table = vec![desc(INDIRECT, 48, VRING_DESC_F_INDIRECT)];
+    assert!(super::is_quick_request(&pop_chain(&mem, &table, 0)));
+}

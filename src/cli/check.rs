@@ -29,7 +29,8 @@ Exit codes (as qemu-img check):
   1   check not completed: the image cannot be opened or read, bad command line, or --repair
       could not take the image's lock (it is in use)
   2   corruptions found (metadata failing validation, stored clusters failing their checksum
-      or not decompressing)
+      or not decompressing); with --repair also when the image is consistent again but committed
+      data could not be recovered (lost journal records)
   3   only leaked space found (allocated on the host but used by nothing; harmless, --repair
       reclaims it)
   63  not an insitu-blk image, or an unsupported format version
@@ -239,6 +240,14 @@ pub fn run(config: CheckConfig) -> u8 {
                     Outcome::Completed(after) => {
                         text.push_str(&describe_findings(&after));
                         output.result = Verdict::of(&after);
+                        if !found.unrecovered.is_empty() {
+                            // Consistent now, but committed data is gone: never report success.
+                            text.push_str(
+                                "The image is consistent again, but committed data was lost \
+                                 (see above): treat the disk's content as damaged.\n",
+                            );
+                            output.result = Verdict::Corrupt;
+                        }
                         output.after_repair = Some(after);
                     }
                     Outcome::Failed(verdict, message) => {
@@ -352,6 +361,12 @@ fn describe_repairs(report: &CheckReport) -> String {
     let mut out = String::from("\nThe following repairs were made:\n");
     for repair in &report.repairs {
         out.push_str(&format!("    {}\n", one_line(repair)));
+    }
+    if !report.unrecovered.is_empty() {
+        out.push_str("The repair could NOT recover:\n");
+        for lost in &report.unrecovered {
+            out.push_str(&format!("    {}\n", one_line(lost)));
+        }
     }
     out
 }

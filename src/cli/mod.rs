@@ -309,7 +309,7 @@ pub fn validate_disk_size(flag: &str, size: ByteSize) -> anyhow::Result<u64> {
     if bytes == 0 {
         bail!("{flag} must not be 0");
     }
-    if bytes % SECTOR_SIZE != 0 {
+    if !bytes.is_multiple_of(SECTOR_SIZE) {
         bail!("{flag} {bytes} is not a multiple of {SECTOR_SIZE} bytes (the sector size)");
     }
     Ok(bytes)

@@ -76,8 +76,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub num_queues: u16,
 
-    /// Largest virtqueue size accepted (a power of two, at most 1024).
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    /// Largest virtqueue size accepted (a power of two, at most 1024). The frontend picks each
+    /// ring's size (QEMU's `queue-size`, default 128; libvirt's `queue_size`); a larger one fails
+    /// the device's start.
+    #[arg(long, value_name = "N", default_value_t = MAX_QUEUE_SIZE)]
     pub queue_size: u16,
 
     /// Disk serial reported to the guest (GET_ID, at most 20 printable ASCII characters).
@@ -442,6 +444,24 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
             return Err(e).with_context(|| format!("cannot access image {}", path.display()))
         }
     }
+    // The device loads the metadata when the frontend starts it (a migration destination must
+    // not load it before the source hands the image over). Validate it now, read-only and
+    // without the lock (what `info` does), so that a corrupt image refuses to serve with a clear
+    // error instead of listening and failing every guest request.
+    Image::open(
+        path,
+        &OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .and_then(Image::close)
+    .with_context(|| {
+        format!(
+            "cannot serve image {} (`insitu-blk check` explains what is wrong)",
+            path.display()
+        )
+    })?;
     let options = OpenOptions {
         read_only: config.read_only,
         // A read-only server keeps writers out while it serves (they could change data under
@@ -481,7 +501,7 @@ mod tests {
             matches!(c.socket, SocketSource::Path(ref p) if p == std::path::Path::new("/tmp/s"))
         );
         assert_eq!(c.num_queues, 16);
-        assert_eq!(c.queue_size, 256);
+        assert_eq!(c.queue_size, 1024);
         assert_eq!(c.commit_interval, DEFAULT_COMMIT_INTERVAL);
         assert_eq!(c.lock, LockPolicy::Fail);
         assert!(!c.read_only);
@@ -532,7 +552,7 @@ mod tests {
     #[test]
     fn polling_defaults_to_32_us_and_0_turns_it_off() {
         let c = config(&["--socket-path=s", "--blk-file=i"]).unwrap();
-        assert_eq!(c.poll_max, Duration::from_micros(32));
+        assert_eq!(c.poll_max, Duration::from_micros(128));
         let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us=0"]).unwrap();
         assert!(c.poll_max.is_zero());
         let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us", "10000"]).unwrap();

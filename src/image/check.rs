@@ -169,6 +169,7 @@ fn check_loaded(
             loaded.last_seq + 1,
         )?;
         report.repairs.extend(salvage.notes);
+        report.unrecovered.extend(salvage.lost);
     }
     let table = &loaded.table;
     let alloc = Allocator::new(layout.slot_count());
@@ -293,9 +294,17 @@ fn check_loaded(
     recovery::write_checkpoint(st, sb, table, seq, area, false)?;
     st.flush().map_err(io("flush checkpoint", 0))?;
     // The repaired image is consistent and its leaks are punched below: a clean marker, so the
-    // next open does not take it for a crashed one.
+    // next open does not take it for a crashed one. But writes may have been lost before the
+    // repair (a killed backend's completed, unflushed writes; commits the repair could not
+    // recover): the marker then keeps the lost-write notice for a guest still running on the
+    // image (its next FLUSH fails once), as a crash would have.
+    let loss = !loaded.clean || loaded.loss_unreported || !report.unrecovered.is_empty();
+    let mut flags = format::RECORD_CLEAN_CLOSE;
+    if loss {
+        flags |= format::RECORD_LOSS_UNREPORTED;
+    }
     let mut rec = Vec::new();
-    format::encode_record_flags(&mut rec, seq + 1, &sb.uuid, &[], format::RECORD_CLEAN_CLOSE);
+    format::encode_record_flags(&mut rec, seq + 1, &sb.uuid, &[], flags);
     st.write_at(layout.journal_offset, &rec)
         .map_err(io("write journal", layout.journal_offset))?;
     st.flush().map_err(io("flush journal", 0))?;
@@ -307,6 +316,13 @@ fn check_loaded(
             ""
         }
     ));
+    if loss {
+        report.repairs.push(
+            "kept the lost-write notice: a guest still running on this image is told once (its \
+             next FLUSH fails) that writes it saw complete may be gone"
+                .into(),
+        );
+    }
     let block = sb.encode();
     for (k, e) in copy_errors.iter().enumerate() {
         if e.is_some() {
@@ -316,6 +332,16 @@ fn check_loaded(
         }
     }
     st.flush().map_err(io("flush", 0))?;
+    if !report.unrecovered.is_empty() {
+        let bytes: u64 = leaks.iter().map(|(_, l)| l).sum();
+        if bytes > 0 {
+            report.repairs.push(format!(
+                "left {bytes} bytes of unreferenced space in place: they may hold the only copy \
+                 of the lost commits' data (a later `check --repair` releases them)"
+            ));
+        }
+        return Ok(());
+    }
     let mut punched = 0u64;
     for (o, l) in &leaks {
         st.punch_hole(*o, *l)

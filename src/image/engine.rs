@@ -129,6 +129,16 @@ impl Scratch {
     }
 }
 
+/// The checksum of a stored payload kept in its table entry: crc32c (CRC-32/ISCSI), the same
+/// function as `crc32c::crc32c`, computed with `crc-fast`, whose AVX-512/VPCLMULQDQ folding
+/// (with runtime detection and fallbacks) checks a 64 KiB payload in ~0.6 µs on this machine's
+/// CPU against ~3.5 µs for the crc32c crate's SSE4.2 loop. Every read of a 64 KiB raw cluster
+/// verifies the whole payload (I4), even for a 4 KiB request, so this is on the hot read path.
+pub(crate) fn payload_checksum(bytes: &[u8]) -> u32 {
+    // CRC-32 results occupy the low 32 bits of the u64 crc-fast returns for every width.
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
+}
+
 fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut s) => f(&mut s),
@@ -557,7 +567,7 @@ impl Core {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let end = offset.checked_add(len);
-        if offset % super::SECTOR_SIZE != 0 || len % super::SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(super::SECTOR_SIZE) || !len.is_multiple_of(super::SECTOR_SIZE) {
             return Err(ImageError::InvalidRequest(format!(
                 "offset {offset} or length {len} is not a multiple of 512"
             )));
@@ -666,7 +676,7 @@ impl Core {
     }
 
     fn verify(&self, c: u32, e: &Entry, buf: &[u8]) -> Result<()> {
-        let got = crc32c::crc32c(buf);
+        let got = payload_checksum(buf);
         if got != e.crc {
             self.shard().checksum_errors.fetch_add(1, Ordering::Relaxed);
             let reason = format!(
@@ -874,7 +884,9 @@ impl Core {
             let off = self.layout.region_offset(new.slot, new.unit());
             if let Err(source) = self.storage.write_at(off, payload) {
                 self.abandon_region(c, &new);
-                log::error!("write of cluster {c} at byte {off} failed: {source}");
+                // The caller reports the returned error (rate-limited: a full host disk fails
+                // every write).
+                log::debug!("write of cluster {c} at byte {off} failed: {source}");
                 return Err(ImageError::Io {
                     op: "write data",
                     offset: off,
@@ -1367,13 +1379,11 @@ impl Core {
         let checkpoint = force_checkpoint || meta.journal_head + bytes > self.layout.journal_size;
         let mut buf = std::mem::take(&mut meta.buf);
         if checkpoint {
-            // A requested checkpoint is the one `close` asks for: its marker says "clean".
-            let flags = if force_checkpoint {
-                format::RECORD_CLEAN_CLOSE
-            } else {
-                0
-            };
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)?;
+            // Never "clean" here, not even for the checkpoint `close` asks for: only `mark_clean`
+            // says so, once everything is stored and committed, in one record that also carries
+            // a pending lost-write notice. A close whose buffered writes could not be stored, or
+            // a kill between this checkpoint and that marker, must look like a crash.
+            self.checkpoint_and_marker(&mut meta, &mut buf, seq, 0)?;
         } else {
             format::encode_record(&mut buf, seq, &self.sb.uuid, &records);
             let off = self.layout.journal_offset + meta.journal_head;
@@ -1748,6 +1758,30 @@ mod tests {
         runs.clear();
         for_each_run(0, |u, n| runs.push((u, n)));
         assert!(runs.is_empty());
+    }
+
+    #[test]
+    fn payload_checksum_is_crc32c_for_every_length_and_alignment() {
+        // Stored entries hold crc32c values (written by earlier versions and by `check`): the
+        // fast implementation must agree byte for byte, including the SIMD paths' tails.
+        let data: Vec<u8> = (0..70_100u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..300).chain([4095, 4096, 4097, 32768, 65535, 65536, 65537, 69_999]) {
+            for start in [0, 1, 3, 8, 63] {
+                let bytes = &data[start..start + len];
+                assert_eq!(
+                    payload_checksum(bytes),
+                    crc32c::crc32c(bytes),
+                    "length {len} at offset {start}"
+                );
+            }
+        }
+        assert_eq!(
+            payload_checksum(b"123456789"),
+            0xe306_9283,
+            "CRC-32C check value"
+        );
     }
 
     #[test]

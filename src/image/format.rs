@@ -107,7 +107,7 @@ impl Layout {
                 "cluster size {cluster_size} is not a power of two between 16 KiB and 128 KiB"
             ));
         }
-        if size == 0 || size % super::SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(super::SECTOR_SIZE) {
             return Err(format!(
                 "size {size} is not a positive multiple of 512 bytes"
             ));

@@ -258,6 +258,11 @@ pub struct CheckReport {
     pub uncommitted_bytes: u64,
     /// What `--repair` changed, if it ran.
     pub repairs: Vec<String>,
+    /// What `--repair` could not recover although the repaired image is consistent: commits
+    /// whose records are gone (damaged, or overwritten by the journal's next cycle), so the
+    /// clusters they changed read an older version or zeros. Unreferenced space is then left
+    /// in place: it may hold the only copy of their data.
+    pub unrecovered: Vec<String>,
     /// Harmless findings (a torn inactive checkpoint left by a crash, an unused superblock copy
     /// that is invalid but recoverable, ...).
     pub warnings: Vec<String>,
@@ -315,6 +320,15 @@ pub enum ImageError {
     /// The metadata writer failed earlier; the image no longer accepts writes.
     #[error("metadata writer failed: {0}")]
     WriterFailed(String),
+}
+
+impl ImageError {
+    /// The host filesystem or device is out of space (ENOSPC, EDQUOT): retrying other writes
+    /// now fails the same way.
+    pub fn is_host_out_of_space(&self) -> bool {
+        matches!(self, ImageError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
 }
 
 /// Result alias of the engine.
@@ -560,9 +574,11 @@ impl Image {
             self.core.drain();
         }
         if let Some(writer) = life.writer.take() {
-            // Buffered writes first: they were accepted, so the quiesce commits them (I7).
+            // Buffered writes first: they were accepted, so the quiesce commits them (I7). When
+            // some could not be stored, the rest is still committed, but no checkpoint and no
+            // clean-close marker follow: the next opener must see a loss, as after a crash.
             let buffered = self.core.write_back_all();
-            result = self.core.sync(checkpoint);
+            result = self.core.sync(checkpoint && buffered.is_ok());
             if let Err(e) = buffered {
                 log::error!("storing buffered writes at quiesce failed: {e}");
                 result = Err(e);
@@ -745,13 +761,25 @@ impl Image {
     pub fn close(self) -> Result<()> {
         use std::sync::atomic::Ordering;
         let parked = self.core.state.load(Ordering::SeqCst) != engine::RUNNING;
-        if parked && !self.core.read_only && table::lock(&self.life).writer.is_none() {
+        let (no_writer, lock_held) = {
+            let life = table::lock(&self.life);
+            (life.writer.is_none(), life.lock_held)
+        };
+        if parked && !self.core.read_only && no_writer {
             // Quiesced before close (the daemon quiesces at shutdown): write the checkpoint and
             // the clean-close marker all the same, so the next open need not treat the image as
-            // crashed. Only if the lock is free: when another process took the image over
-            // (migration), it is theirs, and everything of ours was committed by the quiesce.
-            if self.core.storage.try_lock_exclusive().unwrap_or(false) {
-                let _ = self.core.storage.unlock();
+            // crashed. Only if the lock is ours or free: when another process took the image
+            // over (migration), it is theirs, and everything of ours was committed by the
+            // quiesce. A failed quiesce kept the lock: never probe it then (flock on our own
+            // descriptor "succeeds", and the probe's unlock would drop the lock we hold).
+            let ours_or_free = lock_held || {
+                let free = self.core.storage.try_lock_exclusive().unwrap_or(false);
+                if free {
+                    let _ = self.core.storage.unlock();
+                }
+                free
+            };
+            if ours_or_free {
                 if let Err(e) = self.resume() {
                     log::warn!("closing a quiesced image: cannot resume it to checkpoint: {e}");
                 }

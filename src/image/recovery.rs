@@ -12,6 +12,7 @@ use super::format::{
 use super::storage::Storage;
 use super::table::{locate, lock, Entry, Table, STRIPES};
 use super::ImageError;
+use std::ops::ControlFlow;
 
 /// What strictness a load uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,6 +265,56 @@ fn replay(
     })
 }
 
+/// Visits, in journal order, every valid record that starts at or after journal byte `from`
+/// and whose sequence number is at least `min_seq`, with its byte position and its changes.
+/// Blocks that do not start a valid record are skipped one by one (a damaged record's remains,
+/// stale bytes of earlier cycles); a valid record is skipped as a whole. Reads in batches: the
+/// scan runs at every open after replay stops.
+fn scan_valid_records(
+    st: &dyn Storage,
+    sb: &Superblock,
+    from: u64,
+    min_seq: u64,
+    mut visit: impl FnMut(u64, u64, Vec<(u32, DiskEntry)>) -> ControlFlow<()>,
+) -> Result<(), ImageError> {
+    let layout = &sb.layout;
+    const BATCH: u64 = 256;
+    let mut batch = vec![0u8; (BATCH * BLOCK) as usize];
+    // Journal bytes [batch_start, batch_end) are in `batch`.
+    let (mut batch_start, mut batch_end) = (0u64, 0u64);
+    let mut rec = Vec::new();
+    let mut pos = from;
+    while pos + BLOCK <= layout.journal_size {
+        if pos < batch_start || pos + BLOCK > batch_end {
+            let n = ((layout.journal_size - pos) / BLOCK).min(BATCH);
+            let bytes = &mut batch[..(n * BLOCK) as usize];
+            st.read_at(layout.journal_offset + pos, bytes)
+                .map_err(io_err("read journal", layout.journal_offset + pos))?;
+            (batch_start, batch_end) = (pos, pos + n * BLOCK);
+        }
+        let in_batch = (pos - batch_start) as usize;
+        let first = &batch[in_batch..in_batch + BLOCK_USIZE];
+        let Ok(h) = format::decode_record_header(first, &sb.uuid, layout.journal_size - pos) else {
+            pos += BLOCK;
+            continue;
+        };
+        let len = u64::from(h.block_count) * BLOCK;
+        rec.clear();
+        rec.resize(len as usize, 0);
+        st.read_at(layout.journal_offset + pos, &mut rec)
+            .map_err(io_err("read journal", layout.journal_offset + pos))?;
+        let Ok(entries) = format::decode_record_entries(&rec, &h, layout) else {
+            pos += BLOCK;
+            continue;
+        };
+        if h.seq >= min_seq && visit(pos, h.seq, entries).is_break() {
+            break;
+        }
+        pos += len;
+    }
+    Ok(())
+}
+
 /// Looks past the point where replay stopped for a valid record of this journal cycle (seq >=
 /// `expected`). A crash cannot produce one: every record is durable before the next is written,
 /// and records of earlier cycles carry smaller sequence numbers. Finding one means a record in
@@ -275,83 +326,33 @@ fn later_valid_record(
     from: u64,
     expected: u64,
 ) -> Result<Option<String>, ImageError> {
-    let layout = &sb.layout;
-    const BATCH: u64 = 256;
-    let mut buf = vec![0u8; (BATCH * BLOCK) as usize];
-    let mut rec = Vec::new();
-    let mut pos = from;
-    while pos + BLOCK <= layout.journal_size {
-        let n = ((layout.journal_size - pos) / BLOCK).min(BATCH);
-        let bytes = &mut buf[..(n * BLOCK) as usize];
-        st.read_at(layout.journal_offset + pos, bytes)
-            .map_err(io_err("read journal", layout.journal_offset + pos))?;
-        for k in 0..n {
-            let at = pos + k * BLOCK;
-            let first = &bytes[(k * BLOCK) as usize..((k + 1) * BLOCK) as usize];
-            let Ok(h) = format::decode_record_header(first, &sb.uuid, layout.journal_size - at)
-            else {
-                continue;
-            };
-            if h.seq < expected {
-                continue;
-            }
-            let len = u64::from(h.block_count) * BLOCK;
-            rec.clear();
-            rec.resize(len as usize, 0);
-            st.read_at(layout.journal_offset + at, &mut rec)
-                .map_err(io_err("read journal", layout.journal_offset + at))?;
-            if format::decode_record_entries(&rec, &h, layout).is_ok() {
-                return Ok(Some(format!(
-                    "journal record for commit {} at journal offset {at} follows a damaged \
-                     record (replay stopped before commit {expected}): committed data would be lost",
-                    h.seq
-                )));
-            }
-        }
-        pos += n * BLOCK;
-    }
-    Ok(None)
+    let mut found = None;
+    scan_valid_records(st, sb, from, expected, |at, seq, _| {
+        found = Some(format!(
+            "journal record for commit {seq} at journal offset {at} follows a damaged record \
+             (replay stopped before commit {expected}): committed data would be lost"
+        ));
+        ControlFlow::Break(())
+    })?;
+    Ok(found)
 }
 
 /// A journal record's sequence number and its (cluster, entry) changes.
 type SeqRecord = (u64, Vec<(u32, DiskEntry)>);
 
 /// Every valid record of the journal at or after byte `from` with a sequence number of at least
-/// `expected`, in sequence order (blocks that are not the start of a valid record are skipped).
+/// `expected`, in sequence order.
 fn valid_records_from(
     st: &dyn Storage,
     sb: &Superblock,
     from: u64,
     expected: u64,
 ) -> Result<Vec<SeqRecord>, ImageError> {
-    let layout = &sb.layout;
     let mut found = Vec::new();
-    let mut first = vec![0u8; BLOCK_USIZE];
-    let mut rec = Vec::new();
-    let mut pos = from;
-    while pos + BLOCK <= layout.journal_size {
-        let at = layout.journal_offset + pos;
-        st.read_at(at, &mut first)
-            .map_err(io_err("read journal", at))?;
-        let Ok(h) = format::decode_record_header(&first, &sb.uuid, layout.journal_size - pos)
-        else {
-            pos += BLOCK;
-            continue;
-        };
-        let len = u64::from(h.block_count) * BLOCK;
-        rec.clear();
-        rec.resize(len as usize, 0);
-        st.read_at(at, &mut rec)
-            .map_err(io_err("read journal", at))?;
-        match format::decode_record_entries(&rec, &h, layout) {
-            Ok(entries) if h.seq >= expected => {
-                found.push((h.seq, entries));
-                pos += len;
-            }
-            Ok(_) => pos += len,
-            Err(_) => pos += BLOCK,
-        }
-    }
+    scan_valid_records(st, sb, from, expected, |_, seq, entries| {
+        found.push((seq, entries));
+        ControlFlow::Continue(())
+    })?;
     found.sort_by_key(|(seq, _)| *seq);
     Ok(found)
 }
@@ -368,6 +369,21 @@ pub fn max_journal_seq(st: &dyn Storage, sb: &Superblock) -> Result<u64, ImageEr
 pub struct Salvage {
     /// Sentences for the report.
     pub notes: Vec<String>,
+    /// Commits no record is left of (inclusive ranges of sequence numbers), as a sentence each.
+    pub lost: Vec<String>,
+}
+
+/// The sequence numbers in `expected..=last` that `found` (sorted) lacks, as inclusive ranges.
+fn missing_seqs(expected: u64, found: &[u64]) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut next = expected;
+    for &seq in found {
+        if seq > next {
+            gaps.push((next, seq - 1));
+        }
+        next = next.max(seq + 1);
+    }
+    gaps
 }
 
 /// `check --repair` of a journal with a damaged record in the middle (replay stopped at byte
@@ -386,8 +402,26 @@ pub fn salvage_after_damage(
     let records = valid_records_from(st, sb, damaged_at, expected)?;
     let mut notes = Vec::new();
     if records.is_empty() {
-        return Ok(Salvage { notes });
+        return Ok(Salvage {
+            notes,
+            lost: Vec::new(),
+        });
     }
+    let seqs: Vec<u64> = records.iter().map(|(seq, _)| *seq).collect();
+    let lost = missing_seqs(expected, &seqs)
+        .into_iter()
+        .map(|(a, b)| {
+            let which = if a == b {
+                format!("commit {a} is")
+            } else {
+                format!("commits {a} to {b} are")
+            };
+            format!(
+                "{which} lost (no valid journal record or checkpoint is left of them): the \
+                 clusters they changed read an older version or zeros"
+            )
+        })
+        .collect();
     // Newest writer of each cluster: the record's seq (older state: 0).
     let mut newest: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
     for (seq, entries) in &records {
@@ -439,7 +473,7 @@ pub fn salvage_after_damage(
             if zeroed.len() > 16 { ", ..." } else { "" }
         ));
     }
-    Ok(Salvage { notes })
+    Ok(Salvage { notes, lost })
 }
 
 /// Marks every stored cluster's slot used. Fails naming a slot two clusters claim.
@@ -683,4 +717,20 @@ pub fn unit_used(layout: &Layout, used: &[u32], off: u64) -> bool {
     let slot = (rel / u64::from(layout.cluster_size)) as usize;
     let u = ((rel % u64::from(layout.cluster_size)) / BLOCK) as u32;
     used.get(slot).is_some_and(|m| m & (1 << u) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_seqs;
+
+    #[test]
+    fn missing_seqs_names_every_gap() {
+        assert_eq!(missing_seqs(5, &[6, 7, 8]), vec![(5, 5)]);
+        assert_eq!(
+            missing_seqs(1, &[88, 89, 258, 259]),
+            vec![(1, 87), (90, 257)]
+        );
+        assert_eq!(missing_seqs(3, &[3, 4]), Vec::<(u64, u64)>::new());
+        assert_eq!(missing_seqs(3, &[]), Vec::<(u64, u64)>::new());
+    }
 }

@@ -912,7 +912,7 @@ impl CrashStorage {
                 1 => {
                     // torn: only some 512-byte sectors land
                     for (k, sector) in data.chunks(512).enumerate() {
-                        if r() % 2 == 0 {
+                        if r().is_multiple_of(2) {
                             let at = *off as usize + k * 512;
                             img[at..at + sector.len()].copy_from_slice(sector);
                         }
@@ -1022,7 +1022,7 @@ fn crash_points_with_stats(break_order: bool, seed: u64, steps: u64) -> (u64, St
                 acceptable[c].push(current[c].clone());
             }
             4..=6 => {
-                let data = if r() % 3 == 0 {
+                let data = if r().is_multiple_of(3) {
                     random(CS, step + seed)
                 } else {
                     compressible(CS, step + seed * 7)
@@ -1213,6 +1213,243 @@ fn a_full_write_back_buffer_stores_further_partial_writes_at_once() {
     let img = Image::open_on(st.clone(), &opts).expect("reopen");
     assert_eq!(read_all(&img), expect);
     img.close().expect("close");
+}
+
+/// A host disk that refuses writes: while `refused` holds a byte range and an errno, every write
+/// that starts in the range fails with that errno (ENOSPC: the host filesystem filled up; EIO: a
+/// failing device). Everything else passes through.
+#[derive(Debug)]
+struct FailingDisk {
+    inner: Arc<dyn Storage>,
+    refused: std::sync::Mutex<Option<(std::ops::Range<u64>, i32)>>,
+    refused_writes: std::sync::atomic::AtomicU64,
+    /// The image file, when `inner` is one: every refused write also checks whether another
+    /// process could take the writer lock at that moment (counted in `unlocked_writes`).
+    lock_probe: Option<std::path::PathBuf>,
+    unlocked_writes: std::sync::atomic::AtomicU64,
+}
+
+impl FailingDisk {
+    fn new(inner: Arc<MemStorage>) -> Arc<Self> {
+        Self::with(inner, None)
+    }
+
+    fn with(inner: Arc<dyn Storage>, lock_probe: Option<std::path::PathBuf>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            refused: std::sync::Mutex::new(None),
+            refused_writes: 0.into(),
+            lock_probe,
+            unlocked_writes: 0.into(),
+        })
+    }
+
+    fn refuse(&self, range: std::ops::Range<u64>, errno: i32) {
+        *self.refused.lock().expect("lock") = Some((range, errno));
+    }
+
+    fn heal(&self) {
+        *self.refused.lock().expect("lock") = None;
+    }
+}
+
+impl Storage for FailingDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if let Some((range, errno)) = self.refused.lock().expect("lock").as_ref() {
+            if range.contains(&offset) {
+                self.refused_writes
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Some(path) = &self.lock_probe {
+                    let other = FileStorage::open(path, false).expect("open the image again");
+                    if other.try_lock_exclusive().expect("flock") {
+                        self.unlocked_writes
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                return Err(std::io::Error::from_raw_os_error(*errno));
+            }
+        }
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.inner.try_lock_exclusive()
+    }
+    fn unlock(&self) -> std::io::Result<()> {
+        self.inner.unlock()
+    }
+}
+
+/// A FLUSH on a full host disk fails with the host's ENOSPC after one attempt (not one merge,
+/// compression and write per buffered cluster), loses nothing, and once space is back the same
+/// process stores every buffered write and the next FLUSH succeeds.
+#[test]
+fn a_flush_on_a_full_host_disk_fails_once_and_keeps_the_buffered_writes() {
+    use std::sync::atomic::Ordering;
+    let size = 4u64 << 20;
+    let layout = format::Layout::new(size, 65536).expect("layout");
+    let disk = FailingDisk::new(mem_image(size, 65536, Compression::Lz4));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(disk.clone(), &opts).expect("open");
+    let mut expect = vec![0u8; size as usize];
+    for c in 0..12u64 {
+        let at = c * 65536 + 8192;
+        let d = random(4096, 100 + c);
+        img.write(at, &d).expect("buffered write");
+        expect[at as usize..at as usize + 4096].copy_from_slice(&d);
+    }
+    disk.refuse(layout.data_offset..u64::MAX, libc::ENOSPC);
+    let err = img
+        .flush()
+        .expect_err("a FLUSH with no space for the data must fail");
+    assert!(err.is_host_out_of_space(), "{err}");
+    assert_eq!(
+        disk.refused_writes.load(Ordering::SeqCst),
+        1,
+        "the FLUSH went on storing clusters after the host said it is full"
+    );
+    assert_eq!(read_all(&img), expect, "buffered writes lost or changed");
+    disk.heal();
+    img.flush().expect("FLUSH once the host has space again");
+    img.close().expect("close");
+    let img = Image::open_on(disk.clone(), &opts).expect("reopen");
+    assert_eq!(read_all(&img), expect);
+    img.close().expect("close");
+}
+
+/// R21: a close whose buffered writes cannot be stored (full host disk) loses them, so it must
+/// not end the journal "closed cleanly": the next opener reports the loss (the guest's next FLUSH
+/// fails) instead of serving an image that silently misses completed writes.
+#[test]
+fn a_close_that_cannot_store_its_buffered_writes_leaves_the_image_unclean() {
+    let size = 4u64 << 20;
+    let layout = format::Layout::new(size, 65536).expect("layout");
+    let disk = FailingDisk::new(mem_image(size, 65536, Compression::Lz4));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(disk.clone(), &opts).expect("open");
+    img.write(0, &random(65536, 1))
+        .expect("whole-cluster write");
+    img.flush().expect("flush");
+    img.write(65536 + 4096, &random(8192, 2))
+        .expect("buffered partial write");
+    disk.refuse(layout.data_offset..u64::MAX, libc::ENOSPC);
+    img.close()
+        .expect_err("close cannot store the buffered write");
+    disk.heal();
+    // The process exits (a failed close keeps the writer lock until then).
+    disk.unlock().expect("unlock");
+    let img = Image::open_on(disk.clone(), &opts).expect("reopen");
+    assert!(
+        img.recovered_after_unclean_shutdown(),
+        "a close that lost completed writes left the image looking cleanly closed"
+    );
+    let mut first = vec![0u8; 65536];
+    img.read(0, &mut first).expect("read");
+    assert_eq!(first, random(65536, 1), "the flushed cluster must survive");
+    img.close().expect("close");
+}
+
+/// R21, second path: a loss found at open and not yet reported to a guest (no successful FLUSH
+/// since) must survive a close that fails after its checkpoint, before its clean-close marker
+/// (here an EIO on the journal block after the checkpoint's marker; a kill there is the same).
+#[test]
+fn a_pending_loss_notice_survives_a_close_interrupted_after_its_checkpoint() {
+    let size = 4u64 << 20;
+    let layout = format::Layout::new(size, 65536).expect("layout");
+    let disk = FailingDisk::new(mem_image(size, 65536, Compression::Lz4));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(disk.clone(), &opts).expect("open");
+    img.write(0, &random(65536, 3)).expect("write");
+    img.abandon(); // killed: the write was never committed
+    let img = Image::open_on(disk.clone(), &opts).expect("reopen after the kill");
+    assert!(img.recovered_after_unclean_shutdown());
+    // The close's checkpoint ends with its marker in the journal's first block; refuse the block
+    // after it, where the clean-close marker goes.
+    let journal = layout.journal_offset;
+    disk.refuse(journal + BLOCK..journal + layout.journal_size, libc::EIO);
+    img.close()
+        .expect_err("the clean-close marker cannot be written");
+    disk.heal();
+    disk.unlock().expect("unlock");
+    let img = Image::open_on(disk.clone(), &opts).expect("reopen");
+    assert!(
+        img.recovered_after_unclean_shutdown(),
+        "the unreported loss was forgotten by a close that never wrote its clean-close marker"
+    );
+    img.close().expect("close");
+}
+
+/// R20: a quiesce that fails (full host disk) keeps the writer lock, and the close after it must
+/// keep it too while it retries: no other process may take the image over while this one still
+/// writes to it (I8). The image is a real file, so the lock is a real flock.
+#[test]
+fn a_close_after_a_failed_quiesce_never_lets_the_writer_lock_go_while_it_writes() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("r20.img");
+    let size = 4u64 << 20;
+    Image::create(
+        &path,
+        &CreateOptions {
+            size,
+            cluster_size: 65536,
+            compression: Compression::Lz4,
+        },
+    )
+    .expect("create");
+    let layout = format::Layout::new(size, 65536).expect("layout");
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&path, false).expect("open file"));
+    let disk = FailingDisk::with(file, Some(path.clone()));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(disk.clone(), &opts).expect("open");
+    img.write(4096, &random(4096, 7)).expect("buffered write");
+    disk.refuse(layout.data_offset..u64::MAX, libc::ENOSPC);
+    img.quiesce()
+        .expect_err("the quiesce cannot store the buffered write");
+    assert!(
+        !FileStorage::open(&path, false)
+            .expect("open")
+            .try_lock_exclusive()
+            .expect("flock"),
+        "a failed quiesce must keep the writer lock"
+    );
+    let before = disk.refused_writes.load(Ordering::SeqCst);
+    img.close().expect_err("the close cannot store it either");
+    assert!(
+        disk.refused_writes.load(Ordering::SeqCst) > before,
+        "the close did not try to store the buffered write again"
+    );
+    assert_eq!(
+        disk.unlocked_writes.load(Ordering::SeqCst),
+        0,
+        "the close wrote to the image while another process could have taken its lock"
+    );
 }
 
 /// A file storage that counts hole punches.

@@ -49,14 +49,16 @@ use crate::blk::SplitRing;
 const MAX_REQUESTS_PER_EVENT: usize = 128;
 
 /// Completions added to the used ring before the guest is notified while more requests are
-/// being executed (it is always notified when the ring runs empty): one wake-up of the driver per
-/// few completions instead of one each under load.
+/// being executed (it is always notified when the ring runs empty, and before a request that
+/// may take long, see [`Device::completes_quickly`]): one wake-up of the driver per few
+/// completions instead of one each under load.
 const NOTIFY_BATCH: usize = 8;
-/// Longest a completion waits for its notification while the batch goes on (a small request
-/// completed before big ones must not wait for all of them). Shorter bounds cost throughput on
-/// this 2-core machine: a worker preempted in the middle of a batch then notifies more often,
-/// and each wake-up of the driver preempts it again (measured: 100 µs halved the IOPS at 4K
-/// QD32×2 under load; 1-2 ms were within noise of no bound).
+/// Longest a completion waits for its notification while a run of quick requests (reads) goes
+/// on, checked at each completion: with the notification before every request that is not
+/// quick, a completion waits at most this long or one read's execution. Shorter bounds cost
+/// throughput on this 2-core machine: a worker preempted in the middle of a batch then notifies
+/// more often, and each wake-up of the driver preempts it again (measured: 100 µs halved the
+/// IOPS at 4K QD32×2 under load; 1-2 ms were within noise of no bound).
 const NOTIFY_DELAY_MAX: Duration = Duration::from_millis(1);
 
 /// Looks at the available index between two reads of the clock while polling.
@@ -65,10 +67,16 @@ const POLL_LOOKS_PER_CLOCK_READ: u32 = 16;
 const POLL_MIN_FRACTION: u32 = 16;
 /// A window that grows from nothing starts at `max / POLL_START_FRACTION`.
 const POLL_START_FRACTION: u32 = 4;
-/// After the worker lost its core since its previous poll, it does not poll for this long (on an
-/// oversubscribed machine polling costs throughput: 64K sequential reads QD8×2 at load 7 ran at
-/// 53k IOPS polling with a 50 ms back-off, 68k with 1 s, 79k without polling).
+/// After a poll during which the worker was kept off its core for longer than
+/// [`POLL_OFF_CPU_MAX`], it does not poll for this long (on an oversubscribed machine polling
+/// costs throughput: 64K sequential reads QD8×2 at load 7 ran at 53k IOPS polling with a 50 ms
+/// back-off, 68k with 1 s, 79k without polling).
 const POLL_CONTENDED_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest time a poll may spend off its core (runnable while another thread runs) before the
+/// core counts as contended. A thread that takes the core when the worker yields to submit a
+/// request (the client at QD1) needs a few µs; a competing CPU-bound thread gets a scheduler
+/// slice of milliseconds.
+const POLL_OFF_CPU_MAX: Duration = Duration::from_micros(100);
 
 /// Most configuration space bytes a frontend may ask for (the vhost-user message limit).
 const MAX_CONFIG_SIZE: u32 = 256;
@@ -147,6 +155,42 @@ impl<D: Device> ConnectionBackend<D> {
     /// workers are stopped and joined.
     pub fn end_polling(&self) {
         self.polling_ended.store(true, Ordering::Release);
+    }
+
+    /// Each queue's polling counters (empty when polling is off).
+    pub fn poll_stats(&self) -> Vec<PollStats> {
+        self.poll.iter().map(|poll| lock(poll).stats).collect()
+    }
+
+    /// Logs each queue's polling counters at debug level (a queue that never polled is left out).
+    pub fn log_poll_stats(&self) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        for (queue, stats) in self.poll_stats().iter().enumerate() {
+            if stats.polls == 0 && stats.skipped_contended == 0 {
+                continue;
+            }
+            let mean_gap_us = if stats.wakes > 0 {
+                stats.gaps.as_secs_f64() * 1e6 / stats.wakes as f64
+            } else {
+                0.0
+            };
+            tracing::debug!(
+                "queue {queue} polling: {} polls, {} found a request, {:.1} ms polled ({:.1} ms \
+                 off the core), {} back-offs, {} batches not polled while backed off, {} sleeps, \
+                 {} wake-ups (mean gap {mean_gap_us:.1} µs, {} short)",
+                stats.polls,
+                stats.found,
+                stats.polled.as_secs_f64() * 1e3,
+                stats.off_cpu.as_secs_f64() * 1e3,
+                stats.backoffs,
+                stats.skipped_contended,
+                stats.sleeps,
+                stats.wakes,
+                stats.short_gaps,
+            );
+        }
     }
 
     /// Closes the exit eventfd consumers the crate leaked (see `exit_fds`).
@@ -279,8 +323,17 @@ impl<D: Device> ConnectionBackend<D> {
             if let Some(poll) = poll {
                 let window = lock(poll).window();
                 if !window.is_zero() && !budget.exhausted() {
+                    let cpu_before = thread_cpu_time();
+                    let started = Instant::now();
                     let found = self.poll_ring(queue, vring, window);
-                    lock(poll).polled(found, involuntary_switches());
+                    let polled = started.elapsed();
+                    let off_cpu = match (cpu_before, thread_cpu_time()) {
+                        (Some(before), Some(after)) => {
+                            Some(polled.saturating_sub(after.saturating_sub(before)))
+                        }
+                        _ => None,
+                    };
+                    lock(poll).polled(found, polled, off_cpu);
                     match found {
                         Polled::Work => {
                             budget.expect_more = true;
@@ -294,17 +347,20 @@ impl<D: Device> ConnectionBackend<D> {
             // Going to sleep: let the driver notify us again, then look once more, since it may
             // have added requests after our last look and before it could see notifications on
             // (virtio 1.2, 2.7.10).
+            if let Some(poll) = poll {
+                lock(poll).sleeping();
+            }
             match self.enable_notifications(queue, vring) {
                 Ok(true) => {
+                    // The driver's request came just after the poll ended: a gap as short as
+                    // that grows the window.
+                    if let Some(poll) = poll {
+                        lock(poll).woken();
+                    }
                     budget.expect_more = true;
                     continue;
                 }
-                Ok(false) => {
-                    if let Some(poll) = poll {
-                        lock(poll).sleeping();
-                    }
-                    return Ok(());
-                }
+                Ok(false) => return Ok(()),
                 Err(()) => return Ok(()),
             }
         }
@@ -402,6 +458,12 @@ impl<D: Device> ConnectionBackend<D> {
                 };
                 popped_any = true;
                 budget.executed += 1;
+                if unsignalled > 0 && !self.disk.device().completes_quickly(&chain) {
+                    // This request may take long (a write waiting for space, a FLUSH's commit):
+                    // the completions held back for batching must not wait for it.
+                    self.notify_guest(queue, vring);
+                    unsignalled = 0;
+                }
                 let head = chain.head_index();
                 let used_len = self.disk.device().process_chain(chain, ring, acked);
                 if let Err(e) = vring.add_used(head, used_len) {
@@ -544,27 +606,67 @@ impl Budget {
     }
 }
 
-/// The adaptive polling window of one queue, after the idea of QEMU's iothread `poll-max-ns`:
-/// after a batch the worker keeps looking at the available ring for up to `window` before it
-/// sleeps, which saves the wake-up (tens of µs for a halted vCPU in a VM) when the driver sends
-/// its next request soon. The window shrinks while polls find nothing (an idle or slow guest
-/// costs little CPU) and grows back when the driver's next request comes soon after the worker
-/// went to sleep. Polling pays only while the core is the worker's alone: when another thread
-/// took the core during a poll (the machine is oversubscribed), a spinning worker is the one the
-/// scheduler makes wait, while a sleeping one is woken promptly (measured on this 2-core machine
-/// at load 7: QD1 reads 47 µs sleeping vs 68 µs polling), so polling stops for a while.
+/// The adaptive polling window of one queue, after the idea of QEMU's `poll-max-ns`: after a
+/// batch the worker keeps looking at the available ring for up to `window` before it sleeps,
+/// which saves the wake-up of the worker (tens of µs for a halted vCPU in a VM) when the driver
+/// sends its next request soon.
+///
+/// The window follows the driver's *gap*: the time from the end of a batch to the driver's next
+/// request, known only once the worker was woken for it (polled time + slept time). A gap the
+/// maximum window would have covered grows the window (doubling, so a steady driver is caught
+/// by the next poll or the one after); a longer gap (an idle or slow guest) shrinks it (halving,
+/// nothing below `max / POLL_MIN_FRACTION`), so a guest that does not keep the queue busy costs
+/// little CPU. As in QEMU's `poll-grow`/`poll-shrink` the gap is compared with the maximum; ours
+/// allows up to twice the maximum while the window is small, because the measured gap includes
+/// the worker's own wake-up. Shrinking only on a long gap, not after every poll that found nothing, matters at
+/// QD1: there the gap is the client's whole round trip (completion notification → wake-up of the
+/// client's thread → next submit), which an eagerly shrinking window never covers.
+///
+/// Polling pays only while the core is the worker's alone: on an oversubscribed machine a
+/// spinning worker is the one the scheduler makes wait, while a sleeping one is woken promptly
+/// (measured on this 2-core machine at load 7: QD1 reads 47 µs sleeping vs 68 µs polling). So a
+/// poll during which the worker was kept off its core for longer than [`POLL_OFF_CPU_MAX`]
+/// (runnable, but another thread ran: wall time minus the thread's CPU time) stops polling for
+/// [`POLL_CONTENDED_BACKOFF`]. A short yield to a thread that had work (often the client itself,
+/// submitting its next request) does not count: counting every involuntary context switch made a
+/// quiet machine, where the client shares the worker's core, look contended.
 #[derive(Debug)]
 struct PollWindow {
     max: Duration,
     window: Duration,
-    /// The window of the last poll that found nothing.
+    /// How long the last poll that found nothing ran (taken when the worker goes to sleep).
     last_idle_poll: Duration,
     /// When the worker last went to sleep, and how long it had polled before.
     slept: Option<(Instant, Duration)>,
     /// No polling before this instant (the core was contended).
     contended_until: Option<Instant>,
-    /// The worker's involuntary context switches at the end of its last poll.
-    switches: Option<i64>,
+    stats: PollStats,
+}
+
+/// Counters of one queue's polling since the connection started (logged at debug level when
+/// it ends, see [`ConnectionBackend::log_poll_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PollStats {
+    /// Polls started.
+    pub polls: u64,
+    /// Polls that found a request.
+    pub found: u64,
+    /// Time spent polling (wall clock).
+    pub polled: Duration,
+    /// Time the worker was off its core during polls (wall clock minus its CPU time).
+    pub off_cpu: Duration,
+    /// Polls after which polling stopped for [`POLL_CONTENDED_BACKOFF`] (core contended).
+    pub backoffs: u64,
+    /// Batches after which the worker did not poll because of a back-off in force.
+    pub skipped_contended: u64,
+    /// Times the worker went to sleep (notifications on).
+    pub sleeps: u64,
+    /// Wake-ups after a sleep, and the driver's gaps they measured (polled + slept).
+    pub wakes: u64,
+    /// Sum of the gaps of `wakes`.
+    pub gaps: Duration,
+    /// Wake-ups whose gap the maximum window would have covered (the window grew).
+    pub short_gaps: u64,
 }
 
 impl PollWindow {
@@ -575,75 +677,94 @@ impl PollWindow {
             last_idle_poll: Duration::ZERO,
             slept: None,
             contended_until: None,
-            switches: None,
+            stats: PollStats::default(),
         }
     }
 
-    fn window(&self) -> Duration {
+    /// How long to poll after the batch that just ended (zero: do not poll).
+    fn window(&mut self) -> Duration {
+        if let Some(until) = self.contended_until {
+            if Instant::now() < until {
+                self.stats.skipped_contended += 1;
+                return Duration::ZERO;
+            }
+            self.contended_until = None;
+            if self.window.is_zero() {
+                self.window = self.max / POLL_START_FRACTION;
+            }
+        }
         self.window
     }
 
-    /// A poll of the current window ended; `switches` are the worker's involuntary context
-    /// switches so far: if another thread took its core since the previous poll ended (while it
-    /// executed requests or polled), the core is contended.
-    fn polled(&mut self, found: Polled, switches: Option<i64>) {
-        let previous = std::mem::replace(&mut self.switches, switches);
-        let preempted = matches!((previous, switches), (Some(before), Some(now)) if now > before);
-        if preempted {
-            self.window = Duration::ZERO;
-            self.contended_until = Some(Instant::now() + POLL_CONTENDED_BACKOFF);
-            return;
+    /// A poll ended after `polled` (wall clock), of which the worker spent `off_cpu` (if known)
+    /// runnable but off its core.
+    fn polled(&mut self, found: Polled, polled: Duration, off_cpu: Option<Duration>) {
+        self.stats.polls += 1;
+        self.stats.polled += polled;
+        if found == Polled::Work {
+            self.stats.found += 1;
+        } else {
+            self.last_idle_poll = polled;
         }
-        if found == Polled::Idle {
-            self.last_idle_poll = self.window;
-            self.window /= 2;
-            if self.window < self.max / POLL_MIN_FRACTION {
-                self.window = Duration::ZERO;
+        if let Some(off_cpu) = off_cpu {
+            self.stats.off_cpu += off_cpu;
+            if off_cpu > POLL_OFF_CPU_MAX {
+                self.stats.backoffs += 1;
+                self.contended_until = Some(Instant::now() + POLL_CONTENDED_BACKOFF);
             }
         }
     }
 
     /// The worker goes to sleep with notifications on.
     fn sleeping(&mut self) {
+        self.stats.sleeps += 1;
         self.slept = Some((Instant::now(), std::mem::take(&mut self.last_idle_poll)));
     }
 
-    /// The worker was woken for the queue.
+    /// The worker was woken for the queue (or found requests right after re-enabling
+    /// notifications): the driver's gap since the end of the last batch decides the window.
     fn woken(&mut self) {
         let Some((at, polled_before)) = self.slept.take() else {
             return;
         };
-        if let Some(until) = self.contended_until {
-            if Instant::now() < until {
-                return;
-            }
-            self.contended_until = None;
-        }
-        // The driver was idle for about `idle`; a wake-up in a VM can add tens of µs to it,
-        // hence the slack of twice the maximum window.
-        let idle = at.elapsed() + polled_before;
-        if idle < self.max * 2 {
+        // The gap measured here includes the worker's own wake-up (tens of µs for a halted vCPU
+        // in a VM): after a short poll, a gap of up to twice the maximum may still be one the
+        // maximum window covers; after a long poll that found nothing, it is not.
+        let gap = at.elapsed() + polled_before;
+        self.stats.wakes += 1;
+        self.stats.gaps += gap;
+        let coverable = gap <= self.max || (gap < self.max * 2 && self.window < self.max / 2);
+        if coverable {
+            self.stats.short_gaps += 1;
             self.window = if self.window.is_zero() {
                 self.max / POLL_START_FRACTION
             } else {
                 (self.window * 2).min(self.max)
             };
+        } else {
+            self.window /= 2;
+            if self.window < self.max / POLL_MIN_FRACTION {
+                self.window = Duration::ZERO;
+            }
         }
     }
 }
 
-/// Involuntary context switches of the calling thread so far (`None` if unknown). A yield that
-/// lets another thread run counts as one too.
-fn involuntary_switches() -> Option<i64> {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes one `rusage` through the pointer, which points at writable memory
-    // of that type owned by this frame.
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {
+/// CPU time of the calling thread so far (`None` if unknown).
+fn thread_cpu_time() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one `timespec` through the pointer, which points at a live,
+    // writable `timespec` owned by this frame.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
         return None;
     }
-    // SAFETY: the struct was zero-initialised (valid for this all-integer type) and then filled
-    // by the successful call.
-    Some(unsafe { usage.assume_init() }.ru_nivcsw)
+    Some(Duration::new(
+        u64::try_from(now.tv_sec).ok()?,
+        u32::try_from(now.tv_nsec).ok()?,
+    ))
 }
 
 /// What popping the available ring gave.
@@ -825,49 +946,122 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
 mod poll_window_tests {
     use super::*;
 
+    /// The worker polled its whole window without finding anything, slept, and was woken
+    /// `slept` later.
+    fn gap(poll: &mut PollWindow, slept: Duration) {
+        let polled = poll.window();
+        poll.polled(Polled::Idle, polled, Some(Duration::ZERO));
+        poll.sleeping();
+        poll.slept = poll.slept.map(|(at, before)| (at - slept, before));
+        poll.woken();
+    }
+
     #[test]
-    fn idle_polls_shrink_the_window_to_nothing_and_a_prompt_driver_grows_it_back() {
+    fn long_gaps_shrink_the_window_to_nothing_and_short_ones_grow_it_back() {
         let max = Duration::from_micros(64);
         let mut poll = PollWindow::new(max);
         assert_eq!(poll.window(), max);
-        poll.polled(Polled::Work, Some(0));
+        poll.polled(
+            Polled::Work,
+            Duration::from_micros(10),
+            Some(Duration::ZERO),
+        );
         assert_eq!(poll.window(), max, "a successful poll keeps the window");
+        // The guest goes quiet: each gap is far longer than any window.
         let mut windows = Vec::new();
         while !poll.window().is_zero() {
-            poll.polled(Polled::Idle, Some(0));
+            gap(&mut poll, Duration::from_millis(5));
             windows.push(poll.window().as_micros());
             assert!(windows.len() <= 8, "never stops polling: {windows:?}");
         }
         assert_eq!(windows, [32, 16, 8, 4, 0]);
         // The driver's next request came right after the worker went to sleep: poll again.
-        poll.sleeping();
-        poll.woken();
+        gap(&mut poll, Duration::from_micros(5));
         assert_eq!(poll.window(), max / POLL_START_FRACTION);
-        poll.sleeping();
-        poll.woken();
-        assert_eq!(poll.window(), max / 2);
-        // A long idle time (the guest went quiet) does not grow it.
-        poll.slept = Some((Instant::now() - Duration::from_millis(5), Duration::ZERO));
-        poll.woken();
+        gap(&mut poll, Duration::from_micros(5));
         assert_eq!(poll.window(), max / 2);
         // Woken without having slept (a re-armed kick after a bounded batch): no change.
         poll.woken();
         assert_eq!(poll.window(), max / 2);
-        poll.sleeping();
-        poll.woken();
-        poll.sleeping();
-        poll.woken();
+        gap(&mut poll, Duration::from_micros(5));
         assert_eq!(poll.window(), max, "never above the maximum");
-        // Another thread took the core while the worker polled: no polling for a while, even
+        // A poll of the whole maximum found nothing and the request came later: no window
+        // covers that gap, shrink.
+        gap(&mut poll, Duration::from_micros(5));
+        assert_eq!(poll.window(), max / 2);
+        let stats = poll.stats;
+        assert_eq!(stats.polls, 10);
+        assert_eq!(stats.found, 1);
+        assert_eq!(stats.wakes, 9);
+        assert_eq!(stats.short_gaps, 3);
+        assert_eq!(stats.backoffs, 0);
+    }
+
+    #[test]
+    fn a_steady_driver_slower_than_one_window_is_caught_by_the_grown_window() {
+        // QD1: the client's round trip (notify, wake, submit) is longer than the window polled:
+        // the poll finds nothing, the worker sleeps and is woken soon after. Polling must not
+        // give up but grow until the window covers the round trip.
+        let max = Duration::from_micros(200);
+        let round_trip = Duration::from_micros(70);
+        let mut poll = PollWindow::new(max);
+        poll.window = max / POLL_MIN_FRACTION;
+        for _ in 0..4 {
+            let window = poll.window();
+            if window >= round_trip {
+                break;
+            }
+            gap(&mut poll, round_trip - window);
+        }
+        assert!(poll.window() >= round_trip, "window {:?}", poll.window());
+        // Once it covers the round trip, every poll finds the request and the window stays.
+        poll.polled(Polled::Work, round_trip, Some(Duration::from_micros(5)));
+        assert!(poll.window() >= round_trip);
+    }
+
+    #[test]
+    fn a_driver_slower_than_the_maximum_does_not_keep_the_window_at_the_maximum() {
+        // Every gap is 1.6 × the maximum: no window catches it, so the worker must not keep
+        // spinning the full maximum after every request.
+        let max = Duration::from_micros(100);
+        let gap_length = Duration::from_micros(160);
+        let mut poll = PollWindow::new(max);
+        let mut windows = Vec::new();
+        for _ in 0..8 {
+            let window = poll.window();
+            gap(&mut poll, gap_length.saturating_sub(window));
+            windows.push(poll.window().as_micros());
+        }
+        assert!(
+            windows[2..].iter().all(|&w| w <= 50),
+            "window stays high: {windows:?}"
+        );
+    }
+
+    #[test]
+    fn only_a_long_time_off_the_core_backs_polling_off() {
+        let max = Duration::from_micros(64);
+        let mut poll = PollWindow::new(max);
+        // The client took the core for a few µs while the worker yielded: keep polling.
+        poll.polled(Polled::Work, max, Some(Duration::from_micros(8)));
+        assert_eq!(poll.window(), max);
+        // Unknown CPU time: keep polling.
+        poll.polled(Polled::Work, max, None);
+        assert_eq!(poll.window(), max);
+        // A CPU-bound thread held the core for a scheduler slice: no polling for a while, even
         // for a prompt driver.
-        poll.polled(Polled::Work, Some(1));
+        poll.polled(
+            Polled::Work,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
+        );
         assert!(poll.window().is_zero());
-        poll.sleeping();
-        poll.woken();
+        gap(&mut poll, Duration::from_micros(5));
         assert!(poll.window().is_zero(), "polls again while contended");
+        assert_eq!(poll.stats.backoffs, 1);
+        assert_eq!(poll.stats.skipped_contended, 3);
+        // The back-off is over: polling resumes.
         poll.contended_until = Some(Instant::now() - Duration::from_millis(1));
-        poll.sleeping();
-        poll.woken();
-        assert_eq!(poll.window(), max / POLL_START_FRACTION);
+        assert!(!poll.window().is_zero());
     }
 }

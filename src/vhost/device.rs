@@ -51,6 +51,15 @@ pub trait Device: Send + Sync + 'static {
     /// Never panics on guest input: a bad request fails alone.
     fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32;
 
+    /// True when executing `chain` cannot take long (it waits for no free space, commit or
+    /// other queue). The worker batches the guest's completion notifications only across such
+    /// requests: before any other one it notifies the guest of the completions it holds back,
+    /// so a completed read is not hidden behind a slow write or FLUSH. The default says no.
+    fn completes_quickly(&self, chain: &Chain) -> bool {
+        let _ = chain;
+        false
+    }
+
     /// True when the device refuses writes (then resuming takes no writer lock).
     fn is_read_only(&self) -> bool {
         false

@@ -1,6 +1,6 @@
 //! The production [`Device`]: the virtio-blk request layer on the image engine.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -21,6 +21,17 @@ pub struct BlkDisk {
     /// write, discard and write-zeroes is durable when it completes). Kept for the process's
     /// lifetime, so a frontend reconnecting finds the mode its guest set.
     write_back: AtomicBool,
+    /// The driver set the cache mode in this process (a configuration write of `writeback`).
+    mode_set_by_driver: AtomicBool,
+    /// A guest that ran before this process started (rings restored mid-session: QEMU
+    /// reconnecting to a restarted backend, or a migration destination) may have chosen
+    /// write-through, and QEMU does not send that choice again. Until the driver shows that it
+    /// uses the write cache (its first FLUSH) or sets the mode, every write is made durable
+    /// before it completes: a write-through guest never flushes, so nothing else would protect
+    /// its writes from the next kill.
+    write_through_until_flush: AtomicBool,
+    /// [`BlkDevice::flush_requests`] when `write_through_until_flush` was set.
+    flushes_at_restore: AtomicU64,
 }
 
 impl BlkDisk {
@@ -30,6 +41,9 @@ impl BlkDisk {
             blk: BlkDevice::new(Arc::new(image), config)?,
             lock,
             write_back: AtomicBool::new(true),
+            mode_set_by_driver: AtomicBool::new(false),
+            write_through_until_flush: AtomicBool::new(false),
+            flushes_at_restore: AtomicU64::new(0),
         })
     }
 
@@ -54,13 +68,29 @@ impl Device for BlkDisk {
         space
     }
 
+    /// Never refuses: the crate would end the whole connection over a refused message, and the
+    /// guest would lose its disk over a bad configuration write (virtio lets a device ignore a
+    /// write to a field it does not let the driver change). A write it cannot apply is logged
+    /// and ignored; the configuration space keeps its values.
     fn set_config(&self, offset: u32, data: &[u8]) -> Result<(), String> {
         if self.blk.is_read_only() {
-            return Err("the device is read-only (no writable configuration field)".into());
-        }
-        let Some(write_back) = check_config_write(&self.config_space(), offset, data)? else {
+            tracing::warn!(
+                "configuration write of {} bytes at {offset} ignored: the device is read-only",
+                data.len()
+            );
             return Ok(());
+        }
+        let write_back = match check_config_write(&self.config_space(), offset, data) {
+            Ok(Some(write_back)) => write_back,
+            Ok(None) => return Ok(()),
+            Err(why) => {
+                tracing::warn!("configuration write ignored: {why}");
+                return Ok(());
+            }
         };
+        self.mode_set_by_driver.store(true, Ordering::Release);
+        self.write_through_until_flush
+            .store(false, Ordering::Release);
         if self.write_back.swap(write_back, Ordering::AcqRel) != write_back {
             if write_back {
                 tracing::info!("the driver set the disk's cache to write-back");
@@ -70,13 +100,14 @@ impl Device for BlkDisk {
                      durable before it completes"
                 );
                 // Writes completed before the switch become durable at once, as the driver
-                // now assumes of every completed write.
-                // (Quiesced: everything completed is committed already.)
+                // now assumes of every completed write. (Quiesced: everything completed is
+                // committed already.) A failed flush is final for the image (every later
+                // write fails), so the driver learns of it from its next write.
                 match self.blk.image().flush() {
                     Ok(()) | Err(ImageError::Quiesced) => {}
-                    Err(e) => {
-                        return Err(format!("cannot switch to write-through: flush failed: {e}"))
-                    }
+                    Err(e) => tracing::error!(
+                        "switching to write-through: the flush of earlier writes failed: {e}"
+                    ),
                 }
             }
         }
@@ -86,12 +117,27 @@ impl Device for BlkDisk {
     fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32 {
         // Write-through: served as for a driver without VIRTIO_BLK_F_FLUSH, each change is
         // flushed before it completes (FLUSH requests themselves are still served).
-        let acked_features = if self.write_back.load(Ordering::Acquire) {
+        let provisional = self.write_through_until_flush.load(Ordering::Acquire);
+        let acked_features = if self.write_back.load(Ordering::Acquire) && !provisional {
             acked_features
         } else {
             acked_features & !(1 << VIRTIO_BLK_F_FLUSH)
         };
-        self.blk.process_ring_chain(chain, ring, acked_features)
+        let used = self.blk.process_ring_chain(chain, ring, acked_features);
+        if provisional
+            && self.blk.flush_requests() > self.flushes_at_restore.load(Ordering::Acquire)
+            && self.write_through_until_flush.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!(
+                "the guest flushes its disk: it uses the write cache; writes complete before \
+                 they are durable again (write-back)"
+            );
+        }
+        used
+    }
+
+    fn completes_quickly(&self, chain: &Chain) -> bool {
+        crate::blk::is_quick_request(chain)
     }
 
     fn is_read_only(&self) -> bool {
@@ -115,6 +161,21 @@ impl Device for BlkDisk {
     }
 
     fn ring_restored_mid_session(&self) {
+        // Known here: the driver set the mode, or flushed (then it uses the write cache; this
+        // process saw it, e.g. before a pause and resume).
+        let mode_known =
+            self.mode_set_by_driver.load(Ordering::Acquire) || self.blk.flush_requests() > 0;
+        if !self.blk.is_read_only() && !mode_known && self.write_back.load(Ordering::Acquire) {
+            self.flushes_at_restore
+                .store(self.blk.flush_requests(), Ordering::Release);
+            if !self.write_through_until_flush.swap(true, Ordering::AcqRel) {
+                tracing::info!(
+                    "the guest ran before this backend started and its cache mode is not known \
+                     here: every write is made durable before it completes until the guest's \
+                     first FLUSH shows it uses the write cache"
+                );
+            }
+        }
         if self.blk.image().take_unclean_shutdown_notice() {
             // The previous backend died with writes it had completed but not committed; the
             // guest still believes they are in the disk's cache. Its next FLUSH must fail

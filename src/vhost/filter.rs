@@ -58,8 +58,14 @@ impl Rules {
         }
         // 0 is the size the crate itself refuses (error ack, end of the connection).
         payload[4..8].copy_from_slice(&0u32.to_le_bytes());
+        let why = if num.is_power_of_two() {
+            "larger than the largest queue size served (serve --queue-size)"
+        } else {
+            "not a power of two"
+        };
         Some(format!(
-            "SET_VRING_NUM {num} on ring {index}: not a power of two in 1..={}",
+            "SET_VRING_NUM {num} on ring {index} refused: {why}; sizes accepted: powers of two \
+             up to {}",
             self.max_queue_size
         ))
     }

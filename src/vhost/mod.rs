@@ -11,7 +11,7 @@
 //! it; the guest is notified (EVENT_IDX aware) after every 8 completions, at the latest 1 ms after
 //! a completion, and whenever the ring runs empty, at most 128 requests per event before the
 //! worker yields to its event loop. When the ring is empty the worker polls it for an adaptive
-//! window (`serve --poll-max-us`, default 32 µs) with the driver's notifications off, then
+//! window (`serve --poll-max-us`, default 128 µs) with the driver's notifications off, then
 //! re-enables them and looks once more before it sleeps.
 //! No lock is shared by the queues on the data path: each worker holds only its own gate
 //! ([`SharedDisk`]).
@@ -47,7 +47,7 @@ mod filter;
 mod stats;
 mod vring;
 
-pub use backend::{ConnectionBackend, MAX_QUEUES};
+pub use backend::{ConnectionBackend, PollStats, MAX_QUEUES};
 pub use daemon::{bind_listener, Daemon, DaemonConfig, DaemonError, SocketSource, StopHandle};
 pub use device::{Chain, Device, GuestMemory, GuestMemoryHandle, SharedDisk};
 pub use disk::BlkDisk;

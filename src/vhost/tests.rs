@@ -45,6 +45,10 @@ struct FakeDevice {
     delay: Mutex<Duration>,
     resume_delay: Mutex<Duration>,
     fail_resume: AtomicBool,
+    /// Requests after this many processed ones say they may take long and, while `hold_slow`
+    /// is set, block until it is cleared (None: every request is quick).
+    slow_after: Mutex<Option<usize>>,
+    hold_slow: AtomicBool,
 }
 
 impl FakeDevice {
@@ -68,10 +72,23 @@ impl Device for FakeDevice {
         CONFIG.to_vec()
     }
 
+    fn completes_quickly(&self, _chain: &Chain) -> bool {
+        match *self.slow_after.lock().unwrap() {
+            Some(quick) => self.processed.load(Ordering::SeqCst) < quick,
+            None => true,
+        }
+    }
+
     fn process_chain(&self, chain: Chain, _ring: SplitRing, _acked_features: u64) -> u32 {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let delay = *self.delay.lock().unwrap();
         thread::sleep(delay);
+        if !self.completes_quickly(&chain) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while self.hold_slow.load(Ordering::SeqCst) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
         let mem = chain.memory().clone();
         let mut status_addr = None;
         let mut queue_tag = 0usize;
@@ -1298,5 +1315,45 @@ fn a_completion_is_not_held_back_by_a_batch_of_slow_requests() {
         "first notification only after {used} completions"
     );
     fe.wait_used(0, 8);
+    served.stop();
+}
+
+#[test]
+fn completions_held_for_batching_are_signalled_before_a_slow_request_runs() {
+    // A read completes, then a request that may take long (a FLUSH's commit, a write waiting
+    // for space) runs: the driver must hear of the read before that one ends, not after.
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    *served.device().slow_after.lock().unwrap() = Some(1);
+    served.device().hold_slow.store(true, Ordering::SeqCst);
+    // Both available at once, one kick: the first completes, the second blocks in the device.
+    fe.submit_burst(0, 2);
+    let (_, _, call) = fe.queues[0].as_ref().unwrap();
+    let mut pollfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
+    assert_eq!(
+        ready, 1,
+        "the first completion was not signalled while the slow request ran"
+    );
+    assert_eq!(
+        fe.used_idx(0),
+        1,
+        "signalled with the first completion only"
+    );
+    wait_for("the slow request to run", || {
+        served.device().in_flight.load(Ordering::SeqCst) == 1
+    });
+    assert_eq!(fe.used_idx(0), 1, "the slow request completed while held");
+    served.device().hold_slow.store(false, Ordering::SeqCst);
+    fe.wait_used(0, 2);
     served.stop();
 }

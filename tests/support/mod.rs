@@ -448,7 +448,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        if word % 4 == 0 {
+        if word.is_multiple_of(4) {
             out.extend_from_slice(&state.to_le_bytes());
         } else {
             out.extend_from_slice(&[seed as u8 ^ 0x5A; 8]);

@@ -215,14 +215,21 @@ impl Core {
     }
 
     /// Stores every buffered cluster (FLUSH, quiesce). Waits for clusters other requests hold.
-    /// Tries them all; returns the first error (those entries stay buffered).
+    /// Returns the first error (the entries not stored stay buffered); the caller reports it,
+    /// rate-limited. After a host ENOSPC the rest is not tried: each attempt would merge and
+    /// compress a cluster only to fail the same way (on a full host filesystem every FLUSH
+    /// would otherwise redo that for the whole buffer).
     pub fn write_back_all(&self) -> Result<()> {
         let mut first_err = None;
         for c in self.buffered_clusters() {
             let (_guard, cur, changes) = self.lock_cluster(c, true);
             if let Err(e) = self.buffer_store(c, cur, changes) {
-                log::error!("storing buffered writes of cluster {c} failed: {e}");
+                log::debug!("storing buffered writes of cluster {c} failed: {e}");
+                let out_of_space = e.is_host_out_of_space();
                 first_err.get_or_insert(e);
+                if out_of_space {
+                    break;
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
