@@ -248,8 +248,9 @@ fn check_loaded(
                 report.uncommitted_bytes = bytes;
                 if bytes > 0 {
                     report.warnings.push(format!(
-                        "the image was not closed cleanly: {bytes} bytes hold writes that never \
-                         committed; the next read-write open reclaims them"
+                        "the image was not closed cleanly: {bytes} bytes are referenced by \
+                         nothing (old versions that were waiting for release, and writes that \
+                         never committed); the next read-write open reclaims them"
                     ));
                 }
             }

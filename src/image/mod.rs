@@ -253,8 +253,10 @@ pub struct CheckReport {
     /// Space that is allocated on the host but referenced by nothing (harmless, reclaimable),
     /// on an image that was closed cleanly.
     pub leaked_bytes: u64,
-    /// Space held by payloads of writes that never committed, on an image that was not closed
-    /// cleanly (crash, kill): expected, and reclaimed by the next read-write open (or `--repair`).
+    /// Space referenced by nothing on an image that was not closed cleanly (crash, kill): old
+    /// versions freed by durable commits that were still waiting for release (reuse or punch),
+    /// and payloads of writes that never committed. Expected, and reclaimed by the next
+    /// read-write open (or `--repair`).
     pub uncommitted_bytes: u64,
     /// What `--repair` changed, if it ran.
     pub repairs: Vec<String>,
