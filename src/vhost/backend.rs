@@ -72,6 +72,15 @@ const POLL_START_FRACTION: u32 = 4;
 /// costs throughput: 64K sequential reads QD8×2 at load 7 ran at 53k IOPS polling with a 50 ms
 /// back-off, 68k with 1 s, 79k without polling).
 const POLL_CONTENDED_BACKOFF: Duration = Duration::from_secs(1);
+/// The first back-off after a quiet period: an isolated preemption (a kernel thread, a burst of
+/// another process) on an otherwise idle machine costs 50 ms of polling, not a second
+/// (measured on the quiet machine: one 1 s back-off per 3.5 s QD1 run sent 20 % of the requests
+/// through the sleeping path). Each further contended poll within [`POLL_BACKOFF_MEMORY`]
+/// doubles it, up to [`POLL_CONTENDED_BACKOFF`], so a busy machine reaches the full second
+/// within a few events.
+const POLL_FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a contended poll keeps the next back-off doubled.
+const POLL_BACKOFF_MEMORY: Duration = Duration::from_secs(3);
 /// Longest time a poll may spend off its core (runnable while another thread runs) before the
 /// core counts as contended. A thread that takes the core when the worker yields to submit a
 /// request (the client at QD1) needs a few µs; a competing CPU-bound thread gets a scheduler
@@ -627,7 +636,7 @@ impl Budget {
 /// (measured on this 2-core machine at load 7: QD1 reads 47 µs sleeping vs 68 µs polling). So a
 /// poll during which the worker was kept off its core for longer than [`POLL_OFF_CPU_MAX`]
 /// (runnable, but another thread ran: wall time minus the thread's CPU time) stops polling for
-/// [`POLL_CONTENDED_BACKOFF`]. A short yield to a thread that had work (often the client itself,
+/// 50 ms, doubling up to [`POLL_CONTENDED_BACKOFF`] while it recurs. A short yield to a thread that had work (often the client itself,
 /// submitting its next request) does not count: counting every involuntary context switch made a
 /// quiet machine, where the client shares the worker's core, look contended.
 #[derive(Debug)]
@@ -640,6 +649,8 @@ struct PollWindow {
     slept: Option<(Instant, Duration)>,
     /// No polling before this instant (the core was contended).
     contended_until: Option<Instant>,
+    /// The last contended poll and the back-off it started.
+    last_backoff: Option<(Instant, Duration)>,
     stats: PollStats,
 }
 
@@ -655,7 +666,7 @@ pub struct PollStats {
     pub polled: Duration,
     /// Time the worker was off its core during polls (wall clock minus its CPU time).
     pub off_cpu: Duration,
-    /// Polls after which polling stopped for [`POLL_CONTENDED_BACKOFF`] (core contended).
+    /// Polls after which polling stopped for a while (core contended).
     pub backoffs: u64,
     /// Batches after which the worker did not poll because of a back-off in force.
     pub skipped_contended: u64,
@@ -677,6 +688,7 @@ impl PollWindow {
             last_idle_poll: Duration::ZERO,
             slept: None,
             contended_until: None,
+            last_backoff: None,
             stats: PollStats::default(),
         }
     }
@@ -710,7 +722,15 @@ impl PollWindow {
             self.stats.off_cpu += off_cpu;
             if off_cpu > POLL_OFF_CPU_MAX {
                 self.stats.backoffs += 1;
-                self.contended_until = Some(Instant::now() + POLL_CONTENDED_BACKOFF);
+                let now = Instant::now();
+                let backoff = match self.last_backoff {
+                    Some((at, previous)) if now.duration_since(at) < POLL_BACKOFF_MEMORY => {
+                        (previous * 2).min(POLL_CONTENDED_BACKOFF)
+                    }
+                    _ => POLL_FIRST_BACKOFF,
+                };
+                self.last_backoff = Some((now, backoff));
+                self.contended_until = Some(now + backoff);
             }
         }
     }
@@ -1060,8 +1080,37 @@ mod poll_window_tests {
         assert!(poll.window().is_zero(), "polls again while contended");
         assert_eq!(poll.stats.backoffs, 1);
         assert_eq!(poll.stats.skipped_contended, 3);
+        // The first back-off is short; another contended poll soon after doubles it.
+        let first = poll.contended_until.unwrap() - Instant::now();
+        assert!(first <= POLL_FIRST_BACKOFF, "{first:?}");
+        poll.polled(
+            Polled::Work,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
+        );
+        let second = poll.contended_until.unwrap() - Instant::now();
+        assert!(second > POLL_FIRST_BACKOFF && second <= POLL_FIRST_BACKOFF * 2);
+        for _ in 0..10 {
+            poll.polled(
+                Polled::Work,
+                Duration::from_millis(3),
+                Some(Duration::from_millis(3)),
+            );
+        }
+        let longest = poll.contended_until.unwrap() - Instant::now();
+        assert!(longest > POLL_CONTENDED_BACKOFF / 2 && longest <= POLL_CONTENDED_BACKOFF);
         // The back-off is over: polling resumes.
         poll.contended_until = Some(Instant::now() - Duration::from_millis(1));
         assert!(!poll.window().is_zero());
+        // Long after the last contention, the next back-off is short again.
+        poll.last_backoff = poll
+            .last_backoff
+            .map(|(at, length)| (at - POLL_BACKOFF_MEMORY, length));
+        poll.polled(
+            Polled::Work,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
+        );
+        assert!(poll.contended_until.unwrap() - Instant::now() <= POLL_FIRST_BACKOFF);
     }
 }
