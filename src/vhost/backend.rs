@@ -31,8 +31,9 @@ use vhost::vhost_user::message::{
 };
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -540,6 +541,11 @@ impl<D: Device> ConnectionBackend<D> {
     }
 
     fn notify_guest(&self, queue: usize, vring: &Vring) {
+        if self.acked_features.load(Ordering::Acquire) & (1 << VIRTIO_RING_F_EVENT_IDX) == 0
+            && self.driver_wants_no_interrupt(vring)
+        {
+            return;
+        }
         match vring.needs_notification() {
             Ok(false) => {}
             Ok(true) => {
@@ -549,6 +555,20 @@ impl<D: Device> ConnectionBackend<D> {
             }
             Err(e) => self.ring_fault(queue, format_args!("cannot read the used event index: {e}")),
         }
+    }
+}
+
+impl<D: Device> ConnectionBackend<D> {
+    /// Without EVENT_IDX, virtio-queue asks for a notification after every batch; the driver's
+    /// VRING_AVAIL_F_NO_INTERRUPT (avail->flags bit 0) says it does not want one (a polling
+    /// driver), and the device SHOULD NOT send it then (virtio 1.2, 2.7.7.2). The used index
+    /// was published before this read (the fence orders the two, as for used_event).
+    fn driver_wants_no_interrupt(&self, vring: &Vring) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let avail = GuestAddress(vring.get_ref().get_queue().avail_ring());
+        let mem = self.mem.memory();
+        matches!(mem.read_obj::<u16>(avail),
+            Ok(flags) if u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT != 0)
     }
 }
 

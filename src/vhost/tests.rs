@@ -268,9 +268,14 @@ const BUFFER_AREA: u64 = 0x20_0000;
 
 impl TestFrontend {
     fn connect(socket: &Path, num_queues: usize) -> Self {
+        Self::connect_without(socket, num_queues, 0)
+    }
+
+    /// Connects, accepting every offered feature except those in `refused`.
+    fn connect_without(socket: &Path, num_queues: usize, refused: u64) -> Self {
         let mut frontend = Frontend::connect(socket, num_queues as u64).unwrap();
         frontend.set_owner().unwrap();
-        let features = frontend.get_features().unwrap();
+        let features = frontend.get_features().unwrap() & !refused;
         frontend.set_features(features).unwrap();
         let protocol = frontend.get_protocol_features().unwrap();
         frontend.set_protocol_features(protocol).unwrap();
@@ -1355,5 +1360,50 @@ fn completions_held_for_batching_are_signalled_before_a_slow_request_runs() {
     assert_eq!(fe.used_idx(0), 1, "the slow request completed while held");
     served.device().hold_slow.store(false, Ordering::SeqCst);
     fe.wait_used(0, 2);
+    served.stop();
+}
+
+/// Reviewer R25: without EVENT_IDX the driver's VRING_AVAIL_F_NO_INTERRUPT (avail->flags bit 0)
+/// says it does not want used-buffer notifications (a polling driver); virtio 1.2 2.7.7.2: the
+/// device SHOULD NOT send one then. With the flag clear, every batch is notified.
+#[test]
+fn no_interrupt_flag_without_event_idx_suppresses_notifications() {
+    let served = Served::start(1);
+    let mut fe = TestFrontend::connect_without(&served.socket, 1, VIRTIO_RING_F_EVENT_IDX);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    let avail = fe.queues[0].as_ref().unwrap().0.avail;
+    let call_ready = |fe: &TestFrontend, timeout_ms: i32| -> bool {
+        let (_, _, call) = fe.queues[0].as_ref().unwrap();
+        let mut pollfd = libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) } == 1;
+        if ready {
+            let _ = call.read();
+        }
+        ready
+    };
+    // The driver polls: no interrupt wanted.
+    fe.mem.write_obj(1u16.to_le(), avail).unwrap();
+    fe.submit_burst(0, 4);
+    fe.wait_used(0, 4);
+    assert!(
+        !call_ready(&fe, 200),
+        "notified although the driver set VRING_AVAIL_F_NO_INTERRUPT"
+    );
+    // Interrupts wanted again.
+    fe.mem.write_obj(0u16.to_le(), avail).unwrap();
+    fe.submit_burst(0, 4);
+    fe.wait_used(0, 8);
+    assert!(
+        call_ready(&fe, 10_000),
+        "not notified with VRING_AVAIL_F_NO_INTERRUPT clear"
+    );
     served.stop();
 }
