@@ -1294,12 +1294,9 @@ impl Storage for FailingDisk {
     }
 }
 
-/// A FLUSH on a full host disk fails with the host's ENOSPC after one attempt (not one merge,
-/// compression and write per buffered cluster), loses nothing, and once space is back the same
-/// process stores every buffered write and the next FLUSH succeeds.
-#[test]
-fn a_flush_on_a_full_host_disk_fails_once_and_keeps_the_buffered_writes() {
-    use std::sync::atomic::Ordering;
+/// A 4 MiB lz4 image of 64 KiB clusters on a [`FailingDisk`] over memory, and open options with
+/// no timer commit (only FLUSH, quiesce and close commit).
+fn failing_mem_image() -> (u64, Layout, Arc<FailingDisk>, OpenOptions) {
     let size = 4u64 << 20;
     let layout = format::Layout::new(size, 65536).expect("layout");
     let disk = FailingDisk::new(mem_image(size, 65536, Compression::Lz4));
@@ -1307,6 +1304,16 @@ fn a_flush_on_a_full_host_disk_fails_once_and_keeps_the_buffered_writes() {
         commit_interval: Duration::from_secs(3600),
         ..OpenOptions::default()
     };
+    (size, layout, disk, opts)
+}
+
+/// A FLUSH on a full host disk fails with the host's ENOSPC after one attempt (not one merge,
+/// compression and write per buffered cluster), loses nothing, and once space is back the same
+/// process stores every buffered write and the next FLUSH succeeds.
+#[test]
+fn a_flush_on_a_full_host_disk_fails_once_and_keeps_the_buffered_writes() {
+    use std::sync::atomic::Ordering;
+    let (size, layout, disk, opts) = failing_mem_image();
     let img = Image::open_on(disk.clone(), &opts).expect("open");
     let mut expect = vec![0u8; size as usize];
     for c in 0..12u64 {
@@ -1339,13 +1346,7 @@ fn a_flush_on_a_full_host_disk_fails_once_and_keeps_the_buffered_writes() {
 /// fails) instead of serving an image that silently misses completed writes.
 #[test]
 fn a_close_that_cannot_store_its_buffered_writes_leaves_the_image_unclean() {
-    let size = 4u64 << 20;
-    let layout = format::Layout::new(size, 65536).expect("layout");
-    let disk = FailingDisk::new(mem_image(size, 65536, Compression::Lz4));
-    let opts = OpenOptions {
-        commit_interval: Duration::from_secs(3600),
-        ..OpenOptions::default()
-    };
+    let (_, layout, disk, opts) = failing_mem_image();
     let img = Image::open_on(disk.clone(), &opts).expect("open");
     img.write(0, &random(65536, 1))
         .expect("whole-cluster write");
@@ -1374,13 +1375,7 @@ fn a_close_that_cannot_store_its_buffered_writes_leaves_the_image_unclean() {
 /// (here an EIO on the journal block after the checkpoint's marker; a kill there is the same).
 #[test]
 fn a_pending_loss_notice_survives_a_close_interrupted_after_its_checkpoint() {
-    let size = 4u64 << 20;
-    let layout = format::Layout::new(size, 65536).expect("layout");
-    let disk = FailingDisk::new(mem_image(size, 65536, Compression::Lz4));
-    let opts = OpenOptions {
-        commit_interval: Duration::from_secs(3600),
-        ..OpenOptions::default()
-    };
+    let (_, layout, disk, opts) = failing_mem_image();
     let img = Image::open_on(disk.clone(), &opts).expect("open");
     img.write(0, &random(65536, 3)).expect("write");
     img.abandon(); // killed: the write was never committed

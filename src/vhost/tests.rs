@@ -449,6 +449,22 @@ impl TestFrontend {
         kick.write(1).unwrap();
     }
 
+    /// True when queue `q`'s call eventfd is signalled within `timeout_ms` (then consumed).
+    fn call_ready(&self, q: usize, timeout_ms: i32) -> bool {
+        let (_, _, call) = self.queues[q].as_ref().unwrap();
+        let mut pollfd = libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) } == 1;
+        if ready {
+            let _ = call.read();
+        }
+        ready
+    }
+
     fn used_idx(&self, q: usize) -> u16 {
         let (rings, _, _) = self.queues[q].as_ref().unwrap();
         u16::from_le(self.mem.read_obj(GuestAddress(rings.used.0 + 2)).unwrap())
@@ -1305,15 +1321,7 @@ fn a_completion_is_not_held_back_by_a_batch_of_slow_requests() {
     // used_event is 0, so the first notification is the one it asked for.
     *served.device().delay.lock().unwrap() = Duration::from_millis(20);
     fe.submit_burst(0, 8);
-    let (_, _, call) = fe.queues[0].as_ref().unwrap();
-    let mut pollfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
-    assert_eq!(ready, 1, "no notification within 10 s");
+    assert!(fe.call_ready(0, 10_000), "no notification within 10 s");
     let used = fe.used_idx(0);
     assert!(
         (1..8).contains(&used),
@@ -1337,16 +1345,8 @@ fn completions_held_for_batching_are_signalled_before_a_slow_request_runs() {
     served.device().hold_slow.store(true, Ordering::SeqCst);
     // Both available at once, one kick: the first completes, the second blocks in the device.
     fe.submit_burst(0, 2);
-    let (_, _, call) = fe.queues[0].as_ref().unwrap();
-    let mut pollfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
-    assert_eq!(
-        ready, 1,
+    assert!(
+        fe.call_ready(0, 10_000),
         "the first completion was not signalled while the slow request ran"
     );
     assert_eq!(
@@ -1375,26 +1375,12 @@ fn no_interrupt_flag_without_event_idx_suppresses_notifications() {
         served.device().events() == ["resume"]
     });
     let avail = fe.queues[0].as_ref().unwrap().0.avail;
-    let call_ready = |fe: &TestFrontend, timeout_ms: i32| -> bool {
-        let (_, _, call) = fe.queues[0].as_ref().unwrap();
-        let mut pollfd = libc::pollfd {
-            fd: call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) } == 1;
-        if ready {
-            let _ = call.read();
-        }
-        ready
-    };
     // The driver polls: no interrupt wanted.
     fe.mem.write_obj(1u16.to_le(), avail).unwrap();
     fe.submit_burst(0, 4);
     fe.wait_used(0, 4);
     assert!(
-        !call_ready(&fe, 200),
+        !fe.call_ready(0, 200),
         "notified although the driver set VRING_AVAIL_F_NO_INTERRUPT"
     );
     // Interrupts wanted again.
@@ -1402,7 +1388,7 @@ fn no_interrupt_flag_without_event_idx_suppresses_notifications() {
     fe.submit_burst(0, 4);
     fe.wait_used(0, 8);
     assert!(
-        call_ready(&fe, 10_000),
+        fe.call_ready(0, 10_000),
         "not notified with VRING_AVAIL_F_NO_INTERRUPT clear"
     );
     served.stop();
