@@ -38,6 +38,10 @@ pub const CAPABILITIES: &str = r#"{"type": "block", "features": ["read-only", "b
 /// Largest `--queue-size`: QEMU's vhost-user-blk accepts at most 1024.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
+/// A second SIGTERM/SIGINT within this time of the first is taken as the same request delivered
+/// twice, not as an operator insisting on an immediate exit.
+const DUPLICATE_SIGNAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long `--wait-lock` waits when given no duration.
 pub const DEFAULT_WAIT_LOCK: &str = "60s";
 
@@ -364,12 +368,20 @@ fn serve_device<D: Device>(
     if let Some(signal) = signalled {
         tracing::info!("signal {signal} received: shutting down");
         stop.stop();
-        // A second SIGTERM/SIGINT (an impatient operator) ends the process at once.
+        // A second SIGTERM/SIGINT (an impatient operator) ends the process at once. One that
+        // arrives right after the first is the same request delivered twice (a wrapper such as
+        // `timeout` or a process manager forwarding it to the whole group; Ctrl-C reaching both
+        // a wrapper and us): it must not cost the clean shutdown.
+        let first = std::time::Instant::now();
         let spawned = thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    if signal != SIGUSR1 {
+                    if signal != SIGUSR1 && first.elapsed() < DUPLICATE_SIGNAL_WINDOW {
+                        tracing::info!(
+                            "signal {signal} received again right away: already shutting down"
+                        );
+                    } else if signal != SIGUSR1 {
                         tracing::warn!(
                             "signal {signal} received again: exiting without a clean shutdown"
                         );
