@@ -449,6 +449,19 @@ impl TestFrontend {
         kick.write(1).unwrap();
     }
 
+    /// GET_VRING_BASE of ring `q`, answered within 5 s (a stop never waits for a polling
+    /// worker or a broken ring); returns the frontend and the ring's base.
+    fn stop_ring_promptly(self, q: usize) -> (Self, u32) {
+        within(
+            Duration::from_secs(5),
+            &format!("GET_VRING_BASE of ring {q}"),
+            move || {
+                let base = self.frontend.get_vring_base(q).unwrap();
+                (self, base)
+            },
+        )
+    }
+
     /// True when queue `q`'s call eventfd is signalled within `timeout_ms` (then consumed).
     fn call_ready(&self, q: usize, timeout_ms: i32) -> bool {
         let (_, _, call) = self.queues[q].as_ref().unwrap();
@@ -1005,21 +1018,8 @@ fn a_broken_available_index_neither_spins_nor_blocks_a_stop() {
     fe.wait_used(1, 1);
     assert_eq!(fe.status(status), 0);
     thread::sleep(Duration::from_millis(100));
-    let fe = within(
-        Duration::from_secs(5),
-        "GET_VRING_BASE of the broken ring",
-        move || {
-            fe.frontend.get_vring_base(0).unwrap();
-            fe
-        },
-    );
-    within(
-        Duration::from_secs(5),
-        "GET_VRING_BASE of the good ring",
-        move || {
-            fe.frontend.get_vring_base(1).unwrap();
-        },
-    );
+    let (fe, _) = fe.stop_ring_promptly(0);
+    fe.stop_ring_promptly(1);
     assert_eq!(served.device().events(), ["resume", "quiesce"]);
     served.stop();
 }
@@ -1165,14 +1165,8 @@ fn a_request_added_without_a_kick_while_the_worker_polls_is_served() {
     fe.wait_used(0, 2);
     assert_eq!(fe.status(quiet), 0);
     // Stopping the ring ends the poll at once (a quiesce never waits for a polling worker).
-    let fe = within(
-        Duration::from_secs(5),
-        "GET_VRING_BASE while polling",
-        move || {
-            assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 2);
-            fe
-        },
-    );
+    let (fe, base) = fe.stop_ring_promptly(0);
+    assert_eq!(base, 2);
     assert_eq!(served.device().events(), ["resume", "quiesce"]);
     drop(fe);
     served.stop();
@@ -1190,14 +1184,8 @@ fn a_stopped_ring_is_not_served_by_a_worker_that_was_polling_it() {
     fe.wait_used(1, 1);
     // Both workers poll now. Stopping one ring must neither wait for the other's poll nor
     // let its own worker take a request made available after the stop.
-    let mut fe = within(
-        Duration::from_secs(5),
-        "GET_VRING_BASE of ring 0",
-        move || {
-            assert_eq!(fe.frontend.get_vring_base(0).unwrap(), 1);
-            fe
-        },
-    );
+    let (mut fe, base) = fe.stop_ring_promptly(0);
+    assert_eq!(base, 1);
     let late = fe.submit_with(0, Kick::Never);
     thread::sleep(Duration::from_millis(200));
     assert_eq!(fe.used_idx(0), 1, "a stopped ring was served");
@@ -1207,14 +1195,8 @@ fn a_stopped_ring_is_not_served_by_a_worker_that_was_polling_it() {
     let status = fe.submit_with(1, Kick::Never);
     fe.wait_used(1, 2);
     assert_eq!(fe.status(status), 0);
-    let fe = within(
-        Duration::from_secs(5),
-        "GET_VRING_BASE of ring 1",
-        move || {
-            assert_eq!(fe.frontend.get_vring_base(1).unwrap(), 2);
-            fe
-        },
-    );
+    let (fe, base) = fe.stop_ring_promptly(1);
+    assert_eq!(base, 2);
     assert_eq!(served.device().events(), ["resume", "quiesce"]);
     drop(fe);
     served.stop();
