@@ -1,6 +1,6 @@
 //! The production [`Device`]: the virtio-blk request layer on the image engine.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
@@ -29,9 +29,8 @@ pub struct BlkDisk {
     /// uses the write cache (its first FLUSH) or sets the mode, every write is made durable
     /// before it completes: a write-through guest never flushes, so nothing else would protect
     /// its writes from the next kill.
+    /// (Set only while no FLUSH has been seen, so any FLUSH request ends it.)
     write_through_until_flush: AtomicBool,
-    /// [`BlkDevice::flush_requests`] when `write_through_until_flush` was set.
-    flushes_at_restore: AtomicU64,
 }
 
 impl BlkDisk {
@@ -43,7 +42,6 @@ impl BlkDisk {
             write_back: AtomicBool::new(true),
             mode_set_by_driver: AtomicBool::new(false),
             write_through_until_flush: AtomicBool::new(false),
-            flushes_at_restore: AtomicU64::new(0),
         })
     }
 
@@ -125,7 +123,7 @@ impl Device for BlkDisk {
         };
         let used = self.blk.process_ring_chain(chain, ring, acked_features);
         if provisional
-            && self.blk.flush_requests() > self.flushes_at_restore.load(Ordering::Acquire)
+            && self.blk.flush_requests() > 0
             && self.write_through_until_flush.swap(false, Ordering::AcqRel)
         {
             tracing::info!(
@@ -165,16 +163,16 @@ impl Device for BlkDisk {
         // process saw it, e.g. before a pause and resume).
         let mode_known =
             self.mode_set_by_driver.load(Ordering::Acquire) || self.blk.flush_requests() > 0;
-        if !self.blk.is_read_only() && !mode_known && self.write_back.load(Ordering::Acquire) {
-            self.flushes_at_restore
-                .store(self.blk.flush_requests(), Ordering::Release);
-            if !self.write_through_until_flush.swap(true, Ordering::AcqRel) {
-                tracing::info!(
-                    "the guest ran before this backend started and its cache mode is not known \
-                     here: every write is made durable before it completes until the guest's \
-                     first FLUSH shows it uses the write cache"
-                );
-            }
+        if !self.blk.is_read_only()
+            && !mode_known
+            && self.write_back.load(Ordering::Acquire)
+            && !self.write_through_until_flush.swap(true, Ordering::AcqRel)
+        {
+            tracing::info!(
+                "the guest ran before this backend started and its cache mode is not known \
+                 here: every write is made durable before it completes until the guest's \
+                 first FLUSH shows it uses the write cache"
+            );
         }
         if self.blk.image().take_unclean_shutdown_notice() {
             // The previous backend died with writes it had completed but not committed; the
