@@ -377,16 +377,19 @@ fn serve_device<D: Device>(
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    if signal != SIGUSR1 && first.elapsed() < DUPLICATE_SIGNAL_WINDOW {
+                    if signal == SIGUSR1 {
+                        continue;
+                    }
+                    if first.elapsed() < DUPLICATE_SIGNAL_WINDOW {
                         tracing::info!(
                             "signal {signal} received again right away: already shutting down"
                         );
-                    } else if signal != SIGUSR1 {
-                        tracing::warn!(
-                            "signal {signal} received again: exiting without a clean shutdown"
-                        );
-                        std::process::exit(1);
+                        continue;
                     }
+                    tracing::warn!(
+                        "signal {signal} received again: exiting without a clean shutdown"
+                    );
+                    std::process::exit(1);
                 }
             });
         if let Err(e) = spawned {
@@ -562,7 +565,7 @@ mod tests {
     }
 
     #[test]
-    fn polling_defaults_to_32_us_and_0_turns_it_off() {
+    fn polling_defaults_to_128_us_and_0_turns_it_off() {
         let c = config(&["--socket-path=s", "--blk-file=i"]).unwrap();
         assert_eq!(c.poll_max, Duration::from_micros(128));
         let c = config(&["--socket-path=s", "--blk-file=i", "--poll-max-us=0"]).unwrap();
