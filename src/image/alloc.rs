@@ -262,6 +262,34 @@ impl Allocator {
         }
     }
 
+    /// Turns the free, clean slot `slot` into a stale one whose units `mask` hold unreferenced
+    /// old bytes, dated `now_ms` (loading an image that a quiesce left with freed space
+    /// unpunched: the writer punches it after the grace period unless a new version overwrites
+    /// it first). Returns false, changing nothing, when the slot is not free and clean.
+    pub fn mark_stale(&self, slot: u32, mask: u32, now_ms: u64) -> bool {
+        if u64::from(slot) >= self.slot_count || mask == 0 {
+            return false;
+        }
+        let (k, w, m) = self.split(slot);
+        let mut shard = lock(&self.shards[k].0);
+        if shard.free[w] & m == 0 {
+            return false;
+        }
+        shard.free[w] &= !m;
+        shard.free_count -= 1;
+        shard.stale.insert(
+            slot,
+            Stale {
+                mask,
+                since: now_ms,
+            },
+        );
+        shard.stale_order.push_back(slot);
+        // Still free (only of another kind): `free_total` is unchanged.
+        self.stale_total.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Stale free slots right now.
     pub fn stale_slots(&self) -> u64 {
         self.stale_total.load(Ordering::Relaxed)
@@ -316,8 +344,7 @@ impl Allocator {
         self.put_back(slot, None);
     }
 
-    /// True when the slot is free.
-    #[cfg(test)]
+    /// True when the slot is free and clean.
     pub fn is_free(&self, slot: u32) -> bool {
         if u64::from(slot) >= self.slot_count {
             return false;

@@ -240,7 +240,18 @@ fn check_loaded(
     let leaks = match recovery::unreferenced_ranges(st, layout, table)? {
         Some(leaks) => {
             let bytes: u64 = leaks.iter().map(|(_, l)| l).sum();
-            if loaded.clean {
+            if loaded.clean && loaded.space_unreclaimed {
+                // A quiesce (VM pause, migration hand-over) leaves freed space unpunched on
+                // purpose and says so in its marker: expected, not a leak.
+                report.uncommitted_bytes = bytes;
+                if bytes > 0 {
+                    report.warnings.push(format!(
+                        "the image was quiesced without reclaiming freed space: {bytes} bytes are \
+                         referenced by nothing (old versions that were waiting for reuse); the \
+                         next read-write open reclaims them"
+                    ));
+                }
+            } else if loaded.clean {
                 report.leaked_bytes = bytes;
             } else {
                 // After a crash, payloads of writes that never committed are expected to hold

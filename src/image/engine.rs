@@ -47,6 +47,10 @@ const STALE_GRACE: Duration = Duration::from_secs(10);
 /// they hold (at most this many slots' worth) and the punching a quiesce or close must do
 /// before it parks the writer (~1.5 s at ~90 µs per punch on a `discard` mount).
 const STALE_BACKLOG_MAX: usize = 16384;
+/// Most slots whose unreferenced space an open after a quiesce hands to the writer's deferred
+/// reclaim (`adopt_unreferenced`); a quiesce leaves at most about `STALE_BACKLOG_MAX` of them.
+/// Beyond it the open punches the rest itself, like after a crash.
+const ADOPT_MAX: usize = 4 * STALE_BACKLOG_MAX;
 
 /// Per-thread request counters, each on its own cache lines.
 #[repr(align(128))]
@@ -222,6 +226,10 @@ pub struct Ctl {
     pub checkpoint: bool,
     /// The writer must exit.
     pub stop: bool,
+    /// With `stop`: exit without punching the freed space still waiting for reuse (a quiesce:
+    /// the pause must not wait for it). It stays listed in memory for a resume of this process,
+    /// and the clean-close marker tells any other opener to reclaim it.
+    pub keep_freed: bool,
     /// The writer failed: no further commit is attempted.
     pub failed: Option<String>,
 }
@@ -242,6 +250,8 @@ pub struct Meta {
     /// The last journal record is a clean-close marker (written by `mark_clean`, a closing
     /// checkpoint, or found at load): `mark_open` must follow it before the next write.
     pub clean_marked: bool,
+    /// That marker carries [`format::RECORD_SPACE_UNRECLAIMED`].
+    pub marked_unreclaimed: bool,
     records: Vec<(u32, DiskEntry)>,
     buf: Vec<u8>,
 }
@@ -431,9 +441,17 @@ impl Core {
     pub fn install(&self, loaded: Loaded) -> Result<bool> {
         let clean = loaded.clean;
         self.buffer_drop_all();
-        // The writer released every stale unit before it parked; items left refer to nothing.
+        // What this process still listed as freed but unpunched (a quiesce parks without
+        // punching) described the table being replaced: another process may have reused that
+        // space since, so none of it may be punched now (I1). Whatever the new table does not
+        // refer to is found again on the disk when its marker says so (`adopt_unreferenced`).
         lock(&self.stale_queue).clear();
         self.stale_entries.store(0, Ordering::Relaxed);
+        {
+            let mut pending = lock(&self.pending_frees);
+            pending.clear();
+            self.pending_count.store(0, Ordering::Release);
+        }
         self.table.replace_with(loaded.table);
         recovery::rebuild_allocator(&self.table, &self.alloc)
             .map_err(ImageError::CorruptMetadata)?;
@@ -444,6 +462,7 @@ impl Core {
         meta.area_seqs = loaded.area_seqs;
         meta.loaded = true;
         meta.clean_marked = clean;
+        meta.marked_unreclaimed = loaded.space_unreclaimed;
         self.generation.store(
             NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
@@ -452,6 +471,7 @@ impl Core {
         // A writer failure is never cleared here (nor anywhere): see `fail`.
         let mut ctl = lock(&self.ctl);
         ctl.stop = false;
+        ctl.keep_freed = false;
         ctl.flush_waiting = false;
         ctl.pressure = false;
         ctl.checkpoint = false;
@@ -1522,6 +1542,7 @@ impl Core {
         meta.active_area = area;
         meta.area_seqs[area] = Some(seq);
         meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
+        meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1541,17 +1562,24 @@ impl Core {
     /// Ends the journal with a clean-close marker once everything is committed (writer parked,
     /// no request running): quiesce and close, so that the next opener (a migration destination,
     /// a restarted backend) knows nothing was lost. `loss_unreported`: see
-    /// [`format::RECORD_LOSS_UNREPORTED`]. Nothing to write when the journal already ends so.
-    pub fn mark_clean(&self, loss_unreported: bool) -> Result<()> {
-        if !loss_unreported && self.clean_marked() {
-            return Ok(());
+    /// [`format::RECORD_LOSS_UNREPORTED`]; `space_unreclaimed`: see
+    /// [`format::RECORD_SPACE_UNRECLAIMED`]. Nothing to write when the journal already ends so.
+    pub fn mark_clean(&self, loss_unreported: bool, space_unreclaimed: bool) -> Result<()> {
+        {
+            let meta = lock(&self.meta);
+            if !loss_unreported && meta.clean_marked && meta.marked_unreclaimed == space_unreclaimed
+            {
+                return Ok(());
+            }
         }
-        let loss = if loss_unreported {
-            format::RECORD_LOSS_UNREPORTED
-        } else {
-            0
-        };
-        self.append_marker(format::RECORD_CLEAN_CLOSE | loss)
+        let mut flags = format::RECORD_CLEAN_CLOSE;
+        if loss_unreported {
+            flags |= format::RECORD_LOSS_UNREPORTED;
+        }
+        if space_unreclaimed {
+            flags |= format::RECORD_SPACE_UNRECLAIMED;
+        }
+        self.append_marker(flags)
     }
 
     /// Appends an empty record with `flags` and makes it durable (a checkpoint first when the
@@ -1573,6 +1601,7 @@ impl Core {
                     meta.last_seq = seq;
                     meta.journal_head += BLOCK;
                     meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
+                    meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
                 })
         };
         meta.buf = buf;
@@ -1602,6 +1631,138 @@ impl Core {
         }
     }
 
+    /// True when freed space still waits to be punched (writer parked): regions pinned as
+    /// releasing, clusters' stale units, stale free slots. Exact (it looks at the lists, not at
+    /// counters): a quiesce that answers false writes a marker promising that the image stores
+    /// only what its table refers to.
+    pub fn holds_unreferenced_space(&self) -> bool {
+        if self.has_pending_frees() || self.alloc.stale_slots() > 0 {
+            return true;
+        }
+        self.table.cells.iter().any(|cell| {
+            lock(&cell.stripe)
+                .pins
+                .values()
+                .any(|p| !p.stale.is_empty() || !p.releasing.is_empty())
+        })
+    }
+
+    /// After a load whose clean-close marker says a quiesce left freed space unpunched
+    /// ([`format::RECORD_SPACE_UNRECLAIMED`]), with the writer not started and no request
+    /// running: finds the allocated host space no entry refers to and hands it to the writer's
+    /// usual deferred reclaim instead of punching it here (the open would wait for it, and on a
+    /// migration destination that is downtime). A unit in a slot the table does not use makes
+    /// the slot a stale free slot; one beside a cluster's entry in its slot becomes that
+    /// cluster's stale units. Both may be overwritten by the next version placed there and are
+    /// punched after the grace period otherwise (all of them at the next close), under the same
+    /// rules as space freed while running, so nothing a later write reuses is ever punched.
+    /// Returns the bytes handed over.
+    pub fn adopt_unreferenced(&self) -> u64 {
+        let ranges =
+            match recovery::unreferenced_ranges(self.storage.as_ref(), &self.layout, &self.table) {
+                Ok(Some(r)) => r,
+                Ok(None) => return 0,
+                Err(e) => {
+                    log::warn!("could not look for space a quiesce left unreclaimed: {e}");
+                    return 0;
+                }
+            };
+        let l = &self.layout;
+        let cs = u64::from(l.cluster_size);
+        let slot_count = l.slot_count();
+        // (slot, units) in slot order (the ranges are sorted and merged).
+        let mut slots: Vec<(u32, u32)> = Vec::new();
+        // Punched at once instead: bytes past the last slot (none in practice: the data area
+        // is a whole number of slots), and everything beyond `ADOPT_MAX` slots (RAM stays
+        // bounded whatever the file holds, e.g. an image copied without holes).
+        let mut direct: Vec<(u64, u64)> = Vec::new();
+        for (off, len) in ranges {
+            let mut pos = off;
+            while pos < off + len {
+                let rel = pos - l.data_offset;
+                let slot = rel / cs;
+                let full =
+                    slots.len() >= ADOPT_MAX && slots.last().map(|&(s, _)| s) != Some(slot as u32);
+                if slot >= slot_count || full {
+                    direct.push((pos, off + len - pos));
+                    break;
+                }
+                let unit = ((rel % cs) / BLOCK) as u32;
+                let slot = slot as u32;
+                match slots.last_mut() {
+                    Some((s, m)) if *s == slot => *m |= 1 << unit,
+                    _ => slots.push((slot, 1 << unit)),
+                }
+                pos += BLOCK;
+            }
+        }
+        for (off, len) in direct {
+            if let Err(e) = self.storage.punch_hole(off, len) {
+                log::warn!("punching {len} bytes at {off} failed: {e}");
+            }
+        }
+        if slots.is_empty() {
+            return 0;
+        }
+        // Owners of the slots that also hold a cluster's entry (one cluster per slot: the
+        // allocator was rebuilt from this table and refused shared slots).
+        let mut owners: std::collections::HashMap<u32, u32> = slots
+            .iter()
+            .filter(|&&(slot, _)| !self.alloc.is_free(slot))
+            .map(|&(slot, _)| (slot, u32::MAX))
+            .collect();
+        if !owners.is_empty() {
+            for c in 0..l.cluster_count as u32 {
+                let e = self.table.current(c);
+                if !e.is_zero() {
+                    if let Some(o) = owners.get_mut(&e.slot) {
+                        *o = c;
+                    }
+                }
+            }
+        }
+        let now = self.now_ms();
+        let mut bytes = 0u64;
+        let mut refused = 0u64;
+        let mut queued: Vec<(u32, u32, u64)> = Vec::new();
+        for (slot, mask) in slots {
+            let adopted = match owners.get(&slot) {
+                None if self.alloc.mark_stale(slot, mask, now) => mask,
+                None => 0,
+                Some(&c) if c != u32::MAX => {
+                    let (s, i) = locate(c);
+                    let mut st = lock(&self.table.cells[s].stripe);
+                    // Never a unit the cluster's entry occupies (the ranges say so already;
+                    // re-checked because the punch trusts the stale units blindly).
+                    let mask = mask & !st.live_mask(c, i, slot);
+                    if mask != 0 && st.add_stale(c, i, slot, mask, now) {
+                        self.stale_entries.fetch_add(1, Ordering::Relaxed);
+                        queued.push((c, slot, now));
+                    }
+                    mask
+                }
+                Some(_) => 0,
+            };
+            if adopted == 0 {
+                refused += 1;
+            }
+            bytes += u64::from(adopted.count_ones()) * BLOCK;
+        }
+        if refused > 0 {
+            // Cannot happen with a table the allocator was just rebuilt from; left in place
+            // (a later crash recovery or `check --repair` punches it), never guessed at.
+            log::warn!("unreferenced space in {refused} slots left in place: slots not free");
+        }
+        lock(&self.stale_queue).extend(queued);
+        if bytes > 0 {
+            log::info!(
+                "{bytes} bytes that the last quiesce left unreclaimed will be punched in the \
+                 background unless reused first"
+            );
+        }
+        bytes
+    }
+
     /// The metadata writer's loop.
     pub fn writer_main(core: Arc<Core>) {
         NO_SPACE_WAIT.with(|f| f.set(true));
@@ -1613,11 +1774,16 @@ impl Core {
                 let mut ctl = lock(&core.ctl);
                 loop {
                     if ctl.stop {
+                        let keep = ctl.keep_freed;
                         drop(ctl);
-                        // Everything freed by durable commits is released before parking, so
-                        // a reload after resume finds no region half-way through its release, and
-                        // a parked or closed image stores nothing its table does not refer to.
-                        core.release_all_freed();
+                        // A close punches everything freed by durable commits, so that a closed
+                        // image stores nothing its table does not refer to. A quiesce leaves it
+                        // listed (pinned as releasing, stale units, stale slots): the resumed
+                        // writer punches it after its grace period, and a reload after another
+                        // process wrote forgets it (`install`); the marker tells other openers.
+                        if !keep {
+                            core.release_all_freed();
+                        }
                         return;
                     }
                     let healthy = ctl.failed.is_none();

@@ -520,6 +520,16 @@ pub const RECORD_CLEAN_CLOSE: u32 = 1;
 /// writes it completed without a FLUSH were lost. The next opener tells it instead.
 pub const RECORD_LOSS_UNREPORTED: u32 = 2;
 
+/// Record flag, only beside [`RECORD_CLEAN_CLOSE`]: the image is consistent (nothing was lost),
+/// but it may hold allocated host space that no entry refers to: freed regions a quiesce left
+/// unpunched, so that the pause or migration hand-over does not wait for hundreds of
+/// milliseconds of hole punching. The next read-write opener hands that space to its writer
+/// for reclaim (found with `SEEK_DATA`/`SEEK_HOLE`, like after a crash); `check` reports it as
+/// expected, not as a leak. A marker without it (written by `close`, `create`, `check --repair`
+/// or a quiesce that had nothing waiting) promises that the image stores only what its table
+/// refers to.
+pub const RECORD_SPACE_UNRECLAIMED: u32 = 4;
+
 /// Encodes a record with no flags into `out` (cleared first).
 pub fn encode_record(out: &mut Vec<u8>, seq: u64, uuid: &[u8; 16], entries: &[(u32, DiskEntry)]) {
     encode_record_flags(out, seq, uuid, entries, 0)

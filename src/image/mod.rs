@@ -255,8 +255,9 @@ pub struct CheckReport {
     pub leaked_bytes: u64,
     /// Space referenced by nothing on an image that was not closed cleanly (crash, kill): old
     /// versions freed by durable commits that were still waiting for release (reuse or punch),
-    /// and payloads of writes that never committed. Expected, and reclaimed by the next
-    /// read-write open (or `--repair`).
+    /// and payloads of writes that never committed; or on an image whose last writer quiesced it
+    /// without punching such old versions ([`format::RECORD_SPACE_UNRECLAIMED`]). Expected, and
+    /// reclaimed by the next read-write open (or `--repair`).
     pub uncommitted_bytes: u64,
     /// What `--repair` changed, if it ran.
     pub repairs: Vec<String>,
@@ -563,12 +564,20 @@ impl Image {
     /// I7: commits everything accepted so far, parks the metadata writer and releases the writer
     /// lock. Returns when that is done. I/O while quiesced fails with [`ImageError::Quiesced`].
     /// Idempotent.
+    ///
+    /// Freed space still waiting for reuse is not punched here (each punch can be a synchronous
+    /// device discard, and a VM's pause or migration downtime would wait for all of them): it
+    /// stays listed for this process's `resume`, and the clean-close marker says so
+    /// ([`format::RECORD_SPACE_UNRECLAIMED`]), so another opener reclaims it in the background.
     pub fn quiesce(&self) -> Result<()> {
         let mut life = table::lock(&self.life);
-        self.park(&mut life, false)
+        self.park(&mut life, false, false)
     }
 
-    fn park(&self, life: &mut Life, checkpoint: bool) -> Result<()> {
+    /// Stops I/O, commits and parks the writer. `checkpoint`: the final commit writes one
+    /// (close). `reclaim`: the writer punches every freed region before it parks, so the image
+    /// stores only what its table refers to (close, drop); else they stay listed (quiesce).
+    fn park(&self, life: &mut Life, checkpoint: bool, reclaim: bool) -> Result<()> {
         use std::sync::atomic::Ordering;
         let mut result = Ok(());
         if self.core.state.load(Ordering::SeqCst) == engine::RUNNING {
@@ -585,17 +594,24 @@ impl Image {
                 log::error!("storing buffered writes at quiesce failed: {e}");
                 result = Err(e);
             }
-            table::lock(&self.core.ctl).stop = true;
+            {
+                let mut ctl = table::lock(&self.core.ctl);
+                ctl.stop = true;
+                ctl.keep_freed = !reclaim;
+            }
             self.core.writer_cv.notify_all();
             if writer.join().is_err() {
                 log::error!("metadata writer thread panicked");
             }
             // Everything is committed and nothing runs: say so in the journal, so the next
-            // opener (a migration destination, a restarted backend) knows nothing was lost.
+            // opener (a migration destination, a restarted backend) knows nothing was lost, and
+            // whether it must look for unreferenced space (only when some is left: an idle
+            // image's quiesce leaves none, and its next opener then scans nothing).
             if result.is_ok() {
+                let unreclaimed = !reclaim && self.core.holds_unreferenced_space();
                 result = self
                     .core
-                    .mark_clean(self.loss_unreported.load(Ordering::SeqCst));
+                    .mark_clean(self.loss_unreported.load(Ordering::SeqCst), unreclaimed);
             }
         }
         // A failed final commit keeps the lock: handing the image to another process (a
@@ -639,6 +655,7 @@ impl Image {
         if !failed && core.disk_changed() {
             let loaded = core.load().and_then(|l| {
                 let loss_unreported = l.loss_unreported;
+                let space_unreclaimed = l.space_unreclaimed;
                 let clean = core.install(l)?;
                 if core.read_only {
                     return Ok(());
@@ -651,6 +668,10 @@ impl Image {
                     .store(life.unclean_load, Ordering::SeqCst);
                 if !clean {
                     core.reclaim_leaks();
+                } else if space_unreclaimed {
+                    // Consistent, but a quiesce left freed space unpunched: the writer reclaims
+                    // it in the background (or a new version overwrites it first).
+                    core.adopt_unreferenced();
                 }
                 Ok(())
             });
@@ -692,7 +713,11 @@ impl Image {
             }
         }
         if !core.read_only {
-            table::lock(&core.ctl).stop = false;
+            {
+                let mut ctl = table::lock(&core.ctl);
+                ctl.stop = false;
+                ctl.keep_freed = false;
+            }
             let worker = Arc::clone(core);
             let handle = std::thread::Builder::new()
                 .name("insitu-commit".into())
@@ -788,7 +813,7 @@ impl Image {
             }
         }
         let mut life = table::lock(&self.life);
-        let r = self.park(&mut life, true);
+        let r = self.park(&mut life, true, true);
         life.closed = true;
         r
     }
@@ -822,7 +847,7 @@ impl Drop for Image {
         if life.closed {
             return;
         }
-        if let Err(e) = self.park(&mut life, false) {
+        if let Err(e) = self.park(&mut life, false, true) {
             log::error!("final commit while dropping the image failed: {e}");
         }
         life.closed = true;

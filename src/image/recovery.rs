@@ -111,6 +111,9 @@ pub struct Loaded {
     /// That marker says a loss of unflushed writes (an earlier unclean shutdown) was not yet
     /// reported to the guest ([`format::RECORD_LOSS_UNREPORTED`]).
     pub loss_unreported: bool,
+    /// That marker says the image may hold space no entry refers to (a quiesce left freed
+    /// regions unpunched, [`format::RECORD_SPACE_UNRECLAIMED`]).
+    pub space_unreclaimed: bool,
     /// Harmless findings (e.g. a torn inactive checkpoint).
     pub warnings: Vec<String>,
     /// Problems tolerated in lenient mode.
@@ -590,6 +593,9 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
         loss_unreported: r.records > 0
             && r.last_flags & format::RECORD_CLEAN_CLOSE != 0
             && r.last_flags & format::RECORD_LOSS_UNREPORTED != 0,
+        space_unreclaimed: r.records > 0
+            && r.last_flags & format::RECORD_CLEAN_CLOSE != 0
+            && r.last_flags & format::RECORD_SPACE_UNRECLAIMED != 0,
         warnings,
         problems,
     })
