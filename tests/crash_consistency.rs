@@ -941,6 +941,167 @@ fn recovery_reclaims_space_left_by_uncommitted_writes() {
     );
 }
 
+/// A quiesce leaves freed space unpunched (its marker says so: `RECORD_SPACE_UNRECLAIMED`) and
+/// the next opener hands that space to its writer's deferred reclaim (R29). Crash points: right
+/// after the quiesce (nothing lost, no unclean shutdown reported), and all through the next
+/// opener's background reclaim while it writes new versions into that space and flushes. Every
+/// crash state must read each cluster as its last flushed version or the one being written
+/// (a punch over reused space would read zeros), and after recovery and a clean close nothing
+/// is leaked.
+#[test]
+fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_nothing() {
+    use insitu_blk::image::{check_on, CreateOptions, Image, OpenOptions};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use workload::{fill, Pattern};
+    let cs = 64 * 1024u64;
+    let clusters = 16u64;
+    let sim = Arc::new(SimStorage::new());
+    let mut create = CreateOptions::new(clusters * cs);
+    create.compression = Compression::Lz4;
+    Image::create_on(sim.clone(), &create).expect("create");
+    let keep = OpenOptions {
+        test_stale_grace: Some(Duration::from_secs(3600)),
+        ..OpenOptions::default()
+    };
+    let source = Image::open_on(sim.clone(), &keep).expect("open");
+    for c in 0..clusters {
+        source
+            .write(c * cs, &fill(Pattern::Part(7), c, c * cs, cs as usize))
+            .expect("write");
+    }
+    source.flush().expect("flush");
+    // Smaller versions beside the first ones (stale units), and discarded clusters (stale
+    // slots); the last of them are accepted but unflushed: the quiesce commits them.
+    let mut quiesced: Vec<Vec<u8>> = Vec::new();
+    for c in 0..clusters {
+        let data = if c < 10 {
+            fill(Pattern::Compressible, 100 + c, c * cs, cs as usize)
+        } else {
+            vec![0u8; cs as usize]
+        };
+        if c < 10 {
+            source.write(c * cs, &data).expect("write");
+        } else {
+            source.discard(c * cs, cs).expect("discard");
+        }
+        if c == 6 {
+            source.flush().expect("flush");
+        }
+        quiesced.push(data);
+    }
+    let punches = sim.punches();
+    source.quiesce().expect("quiesce");
+    assert_eq!(sim.punches(), punches, "the quiesce punched freed space");
+    let before = check_on(sim.clone(), false).expect("check");
+    assert!(before.corruptions.is_empty(), "{:?}", before.corruptions);
+    assert_eq!(before.leaked_bytes, 0, "{before:?}");
+    assert!(
+        before.uncommitted_bytes >= 10 * 4096,
+        "the quiesce left no freed space: the test checks nothing ({before:?})"
+    );
+
+    let read_all = |img: &Image| -> Vec<Vec<u8>> {
+        (0..clusters)
+            .map(|c| {
+                let mut buf = vec![0u8; cs as usize];
+                img.read(c * cs, &mut buf).expect("read");
+                buf
+            })
+            .collect()
+    };
+    let mut rng = SmallRng::seed_from_u64(0x5ACE);
+    let mut states = 0;
+    for _ in 0..6 {
+        let (crashed, desc) = sim.crash(CrashMode::random(&mut rng), &mut rng);
+        let img = Image::open_on(Arc::new(crashed), &keep).expect("recovery");
+        assert!(
+            !img.recovered_after_unclean_shutdown(),
+            "a crash after the quiesce looks unclean: {desc}"
+        );
+        assert!(
+            read_all(&img) == quiesced,
+            "a crash after the quiesce lost data: {desc}"
+        );
+        img.abandon();
+        states += 1;
+    }
+
+    // The destination: reclaim with a short grace period, racing with new versions that are
+    // placed over the adopted space, each flushed; crash points all along.
+    let (dest_storage, _) = sim.crash(CrashMode::KeepNone, &mut rng);
+    let dest_storage = Arc::new(dest_storage);
+    let clock = Arc::new(AtomicU64::new(1));
+    dest_storage.start_capture(clock.clone(), 120, 0x5ACF);
+    let reclaim = OpenOptions {
+        test_stale_grace: Some(Duration::from_millis(2)),
+        ..OpenOptions::default()
+    };
+    let dest = Image::open_on(dest_storage.clone(), &reclaim).expect("destination");
+    // Per cluster, its versions with the clock value from which each is flushed: a crash may
+    // read the newest version flushed by then or any later one.
+    let mut history: Vec<Vec<(u64, Vec<u8>)>> =
+        quiesced.iter().map(|v| vec![(0, v.clone())]).collect();
+    let mut unflushed: Vec<(usize, Vec<u8>)> = Vec::new();
+    for round in 0..3u64 {
+        for c in 0..clusters {
+            let pattern =
+                [Pattern::Part(6), Pattern::Mixed, Pattern::Part(3)][(round + c) as usize % 3];
+            let data = fill(pattern, 1000 + round * 100 + c, c * cs, cs as usize);
+            dest.write(c * cs, &data).expect("write");
+            unflushed.push((c as usize, data));
+            if c % 4 == 3 {
+                dest.flush().expect("flush");
+                let now = clock.fetch_add(1, Ordering::SeqCst) + 1;
+                for (k, d) in unflushed.drain(..) {
+                    history[k].push((now, d));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let snaps = dest_storage.take_captured();
+    assert!(
+        dest_storage.punches() > 0,
+        "the destination reclaimed nothing"
+    );
+    for snap in &snaps {
+        let (pages, desc) = snap.materialize(CrashMode::random(&mut rng), &mut rng);
+        let storage: Arc<dyn Storage> = Arc::new(SimStorage::from_pages(pages));
+        let report = check_on(storage.clone(), false).expect("check");
+        assert!(
+            report.corruptions.is_empty(),
+            "{desc}: {:?}",
+            report.corruptions
+        );
+        let img = Image::open_on(storage, &keep).expect("recovery");
+        let got = read_all(&img);
+        for c in 0..clusters as usize {
+            // The newest version flushed by the snapshot's clock, and every later one.
+            let first = history[c]
+                .iter()
+                .rposition(|(t, _)| *t <= snap.clock)
+                .unwrap_or(0);
+            assert!(
+                history[c][first..].iter().any(|(_, v)| *v == got[c]),
+                "cluster {c} reads no version it may read after a crash during the \
+                 destination's reclaim ({snap:?}, {desc})"
+            );
+        }
+        img.abandon();
+        states += 1;
+    }
+    let newest: Vec<Vec<u8>> = history.iter().map(|h| h[h.len() - 1].1.clone()).collect();
+    assert!(read_all(&dest) == newest);
+    dest.close().expect("close");
+    let after = check_on(dest_storage, false).expect("check");
+    assert!(after.corruptions.is_empty(), "{:?}", after.corruptions);
+    assert_eq!(after.leaked_bytes, 0, "{after:?}");
+    assert_eq!(after.uncommitted_bytes, 0, "{after:?}");
+    eprintln!("{states} crash states after a quiesce and during the reclaim that followed");
+    assert!(states >= 60, "only {states} crash states");
+}
+
 /// The oracle bites: with the commit record written before the data is durable (the test-only
 /// switch), the simulator must find a violation within a bounded number of crash points.
 #[test]

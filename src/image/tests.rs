@@ -1630,3 +1630,227 @@ fn freed_units_no_version_covers_are_punched_after_the_grace_period() {
     assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
     assert_eq!(report.leaked_bytes, 0, "{report:?}");
 }
+
+/// Bytes the host stores in the image's data area.
+fn data_allocated(layout: &Layout, st: &dyn Storage) -> u64 {
+    st.allocated_ranges(layout.data_offset, layout.total_len - layout.data_offset)
+        .expect("ranges")
+        .expect("file storage knows its ranges")
+        .iter()
+        .map(|&(_, len)| len)
+        .sum()
+}
+
+/// Clusters 0..8 ping-pong from a 7-unit to a 2-unit version (their home slots keep 7 freed
+/// units beside the new version: stale units), clusters 8..12 are written and then discarded
+/// (whole slots freed: stale slots). Three commits, so a grace period of a second or more is
+/// not over before the caller looks. Returns what each cluster of 0..12 must read.
+fn leave_freed_space(img: &Image) -> Vec<Vec<u8>> {
+    let mut expect = Vec::new();
+    for c in 0..12u64 {
+        let data = sized_cluster(6, 1000 + c);
+        img.write(c * 65536, &data).expect("write");
+    }
+    img.flush().expect("flush");
+    for c in 0..8u64 {
+        let data = sized_cluster(1, 2000 + c);
+        img.write(c * 65536, &data).expect("write");
+        expect.push(data);
+    }
+    img.discard(8 * 65536, 4 * 65536).expect("discard");
+    expect.extend((8..12).map(|_| vec![0u8; 65536]));
+    img.flush().expect("flush");
+    expect
+}
+
+fn assert_reads(img: &Image, expect: &[Vec<u8>], what: &str) {
+    for (c, want) in expect.iter().enumerate() {
+        let mut got = vec![0u8; 65536];
+        img.read(c as u64 * 65536, &mut got).expect("read");
+        assert!(got == *want, "{what}: cluster {c} differs");
+    }
+}
+
+fn open_counting(path: &std::path::Path, grace: Duration) -> (Image, Arc<CountingStorage>) {
+    let st = Arc::new(CountingStorage {
+        inner: FileStorage::open(path, false).expect("open file"),
+        punches: Default::default(),
+    });
+    let open = OpenOptions {
+        test_stale_grace: Some(grace),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &open).expect("open");
+    (img, st)
+}
+
+#[test]
+fn a_quiesce_punches_nothing_and_the_next_opener_reclaims_it_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let (a, st_a) = counting_image(&dir, Duration::from_secs(3600));
+    let layout = a.core.layout.clone();
+    let expect = leave_freed_space(&a);
+    let referenced = a.stats().stored_bytes;
+    let before = data_allocated(&layout, st_a.as_ref());
+    assert!(
+        before >= referenced + 40 * BLOCK,
+        "the workload left no freed space waiting: {before} allocated, {referenced} referenced"
+    );
+    let punches = st_a.punches();
+    a.quiesce().expect("quiesce");
+    assert_eq!(st_a.punches(), punches, "the quiesce punched freed space");
+    assert_eq!(data_allocated(&layout, st_a.as_ref()), before);
+
+    // Consistent and explained: expected unreferenced space, no leak, no corruption.
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    assert_eq!(report.uncommitted_bytes, before - referenced, "{report:?}");
+    assert!(
+        report.warnings.iter().any(|w| w.contains("quiesced")),
+        "{report:?}"
+    );
+
+    // Another process (a migration destination): nothing lost, nothing punched by the open
+    // itself, then the writer reclaims it all after the grace period.
+    let (b, st_b) = open_counting(&path, Duration::from_millis(1500));
+    assert!(!b.recovered_after_unclean_shutdown());
+    assert_eq!(st_b.punches(), 0, "the open punched instead of its writer");
+    assert_reads(&b, &expect, "destination");
+    // A new version over cluster 0's stale units, and one into a discarded (stale) slot: the
+    // reclaim that follows must not punch either.
+    let mut expect = expect;
+    expect[0] = sized_cluster(6, 3000);
+    expect[9] = sized_cluster(5, 3001);
+    b.write(0, &expect[0]).expect("write");
+    b.write(9 * 65536, &expect[9]).expect("write");
+    b.flush().expect("flush");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while data_allocated(&layout, st_b.as_ref()) != b.stats().stored_bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unreferenced space was not reclaimed: {} allocated, {} referenced, {} punches",
+            data_allocated(&layout, st_b.as_ref()),
+            b.stats().stored_bytes,
+            st_b.punches()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(st_b.punches() > 0);
+    assert_reads(&b, &expect, "destination after its reclaim");
+    b.close().expect("close");
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    assert_eq!(report.uncommitted_bytes, 0, "{report:?}");
+
+    // The source closes after the hand-over: it reloads what the destination committed and
+    // forgets what it had listed as freed (the destination reused some of it).
+    a.close().expect("close source");
+    let c = Image::open(&path, &OpenOptions::default()).expect("reopen");
+    assert_reads(&c, &expect, "after both closed");
+    c.close().expect("close");
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+}
+
+#[test]
+fn a_resumed_image_punches_what_its_quiesce_left_after_the_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let grace = Duration::from_millis(1500);
+    let (img, st) = counting_image(&dir, grace);
+    let layout = img.core.layout.clone();
+    let expect = leave_freed_space(&img);
+    let referenced = img.stats().stored_bytes;
+    let before = data_allocated(&layout, st.as_ref());
+    assert!(
+        before > referenced,
+        "nothing waits: {before} vs {referenced}"
+    );
+    img.quiesce().expect("quiesce");
+    // Parked past the grace period: still nothing punched.
+    std::thread::sleep(grace + Duration::from_millis(500));
+    assert_eq!(st.punches(), 0, "punched while parked");
+    assert_eq!(data_allocated(&layout, st.as_ref()), before);
+    img.resume().expect("resume");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while data_allocated(&layout, st.as_ref()) != referenced {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resumed writer did not punch: {} allocated, {referenced} referenced",
+            data_allocated(&layout, st.as_ref())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(st.punches() > 0);
+    assert_reads(&img, &expect, "after resume");
+    img.close().expect("close");
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    assert_eq!(report.uncommitted_bytes, 0, "{report:?}");
+}
+
+#[test]
+fn a_close_after_a_quiesce_punches_everything_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let (img, st) = counting_image(&dir, Duration::from_secs(3600));
+    let layout = img.core.layout.clone();
+    let expect = leave_freed_space(&img);
+    let referenced = img.stats().stored_bytes;
+    img.quiesce().expect("quiesce");
+    assert!(data_allocated(&layout, st.as_ref()) > referenced);
+    img.close().expect("close");
+    assert_eq!(
+        data_allocated(&layout, st.as_ref()),
+        referenced,
+        "a close left unreferenced space"
+    );
+    // Its marker promises a table-exact image: anything unreferenced would now be a leak.
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    assert_eq!(report.uncommitted_bytes, 0, "{report:?}");
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let img = Image::open(&path, &OpenOptions::default()).expect("reopen");
+    assert_reads(&img, &expect, "after close");
+    img.close().expect("close");
+}
+
+#[test]
+fn an_idle_quiesce_promises_a_table_exact_image() {
+    // Nothing waits for reuse (everything was punched after its grace period): the marker
+    // carries no "unreclaimed" flag, so `check` would call any unreferenced space a leak and
+    // the next opener scans nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let (img, st) = counting_image(&dir, Duration::from_millis(10));
+    let layout = img.core.layout.clone();
+    leave_freed_space(&img);
+    let referenced = img.stats().stored_bytes;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while data_allocated(&layout, st.as_ref()) != referenced {
+        assert!(std::time::Instant::now() < deadline, "never punched");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    img.quiesce().expect("quiesce");
+    assert!(!lock_meta_unreclaimed(&img), "an idle quiesce set the flag");
+    let report = check(&path, false).expect("check");
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    assert_eq!(report.uncommitted_bytes, 0, "{report:?}");
+    assert!(
+        !report.warnings.iter().any(|w| w.contains("quiesced")),
+        "{:?}",
+        report.warnings
+    );
+    drop(img);
+}
+
+/// Whether the last marker this image wrote carries [`format::RECORD_SPACE_UNRECLAIMED`].
+fn lock_meta_unreclaimed(img: &Image) -> bool {
+    table::lock(&img.core.meta).marked_unreclaimed
+}
