@@ -12,7 +12,8 @@
 //! the hole punch of the old version and makes the new write an overwrite of allocated host
 //! blocks, about ten times cheaper on ext4 than a write into a hole (docs/PERFORMANCE.md). The
 //! metadata writer punches stale slots that nobody reused within a grace period, and all of them
-//! before it parks, so an idle or closed image stores only what its table refers to.
+//! before a close, so an idle or closed image stores only what its table refers to (a quiesce
+//! leaves them for later: see `Core::adopt_unreferenced` for how another opener finds them).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -405,6 +406,31 @@ mod tests {
         a.release(1234);
         assert!(a.is_free(1234));
         assert_eq!(a.claim_any(99, 16), Some((1234, 0)));
+    }
+
+    #[test]
+    fn a_clean_free_slot_marked_stale_is_handed_out_once_and_a_used_one_is_refused() {
+        let a = Allocator::new(100);
+        assert!(a.claim(7));
+        // Used, or nothing stale: refused, nothing changes.
+        assert!(!a.mark_stale(7, 0b11, 1));
+        assert!(!a.mark_stale(8, 0, 1));
+        assert!(!a.mark_stale(100, 1, 1));
+        assert_eq!(a.stale_slots(), 0);
+        assert!(a.mark_stale(8, 0b11, 1));
+        assert!(!a.mark_stale(8, 0b11, 1), "marked twice");
+        assert!(!a.is_free(8));
+        assert_eq!(a.free_slots(), 99);
+        assert_eq!(a.stale_slots(), 1);
+        assert_eq!(a.claim_any(0, 2), Some((8, 0b11)));
+        assert_eq!(a.free_slots(), 98);
+        assert_eq!(a.stale_slots(), 0);
+        assert!(a.mark_stale(9, 1, 5));
+        let mut out = Vec::new();
+        a.take_stale_older(4, 10, &mut out);
+        assert!(out.is_empty());
+        a.take_stale_older(5, 10, &mut out);
+        assert_eq!(out, vec![(9, 1)]);
     }
 
     #[test]

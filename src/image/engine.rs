@@ -44,8 +44,8 @@ const RECLAIM_BATCH: usize = 32;
 const STALE_GRACE: Duration = Duration::from_secs(10);
 /// Most freed, unpunched regions (queued stale units plus stale free slots) kept waiting for
 /// reuse; beyond it the oldest are punched at once, whatever their age. Bounds the host space
-/// they hold (at most this many slots' worth) and the punching a quiesce or close must do
-/// before it parks the writer (~1.5 s at ~90 µs per punch on a `discard` mount).
+/// they hold (at most this many slots' worth) and the punching a close must do before it parks
+/// the writer (~1.5 s at ~90 µs per punch on a `discard` mount; a quiesce leaves them listed).
 const STALE_BACKLOG_MAX: usize = 16384;
 /// Most slots whose unreferenced space an open after a quiesce hands to the writer's deferred
 /// reclaim (`adopt_unreferenced`); a quiesce leaves at most about `STALE_BACKLOG_MAX` of them.
@@ -1166,11 +1166,11 @@ impl Core {
         moved
     }
 
-    /// Before the writer parks (no request running): punches every freed region, stale unit
-    /// and stale slot now, with adjacent ranges merged into one punch (after a burst of
-    /// rewrites they are thousands, and each punch can be a synchronous device discard), and
-    /// returns their slots to the allocator clean. A parked or closed image then stores only
-    /// what its table refers to.
+    /// Before the writer parks for a close (no request running): punches every freed region,
+    /// stale unit and stale slot now, with adjacent ranges merged into one punch (after a burst
+    /// of rewrites they are thousands, and each punch can be a synchronous device discard), and
+    /// returns their slots to the allocator clean. A closed image then stores only what its
+    /// table refers to.
     fn release_all_freed(&self) {
         self.stale_units_to_pending(Duration::ZERO, usize::MAX);
         let batch: Vec<(u32, Entry)> = {

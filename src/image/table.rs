@@ -148,7 +148,7 @@ pub struct Pins {
 /// the write an overwrite of allocated blocks instead of a write into a hole. They exist only in
 /// slots where the cluster holds live regions; when its last live region there goes, they go
 /// with the slot to the allocator (as a stale slot). Units nobody overwrote within a grace
-/// period are punched by the metadata writer (and all of them before it parks).
+/// period are punched by the metadata writer (and all of them before a close).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StaleUnits {
     /// The slot.
