@@ -1854,3 +1854,83 @@ fn an_idle_quiesce_promises_a_table_exact_image() {
 fn lock_meta_unreclaimed(img: &Image) -> bool {
     table::lock(&img.core.meta).marked_unreclaimed
 }
+
+/// Measurement, not a test of behaviour (run in release: `cargo test --release --lib
+/// quiesce_time -- --ignored --nocapture`): how long a quiesce takes after a few seconds of
+/// 64 KiB lz4 rewrites of a 1 GiB image, with the freed space punched by the quiesce (the old
+/// behaviour, still what `close` does) against left for later (R29), in alternating rounds.
+#[test]
+#[ignore]
+fn quiesce_time_with_and_without_punching_the_freed_space() {
+    let seconds: u64 = std::env::var("INSITU_QUIESCE_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let rounds: u64 = 3;
+    let dir = tempfile::tempdir_in(std::env::var("INSITU_BENCH_DIR").unwrap_or("/tmp".into()))
+        .expect("tempdir");
+    let path = dir.path().join("img");
+    let size = 1u64 << 30;
+    Image::create(&path, &CreateOptions::new(size)).expect("create");
+    let img = Image::open(&path, &OpenOptions::default()).expect("open");
+    let clusters = size / 65536;
+    // A pool of versions compressing to 2..9 units.
+    let pool: Vec<Vec<u8>> = (0..64)
+        .map(|k| sized_cluster(1 + k % 8, k as u64))
+        .collect();
+    let mut next = rng(7);
+    let mut fill = |img: &Image, secs: u64| -> u64 {
+        let start = std::time::Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let c = next() % clusters;
+            img.write(c * 65536, &pool[(next() % 64) as usize])
+                .expect("write");
+            n += 1;
+            if n.is_multiple_of(256) {
+                img.flush().expect("flush");
+            }
+        }
+        img.flush().expect("flush");
+        n
+    };
+    fill(&img, seconds);
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    for round in 0..rounds {
+        for punch in [true, false] {
+            let writes = fill(&img, seconds);
+            let backlog = img.core.stale_backlog();
+            let t = std::time::Instant::now();
+            {
+                let mut life = table::lock(&img.life);
+                img.park(&mut life, false, punch).expect("quiesce");
+            }
+            let took = t.elapsed();
+            // A migration destination on the same file: its open (with the scan for the
+            // unreferenced space when the marker says so), its own quiesce, and the source's
+            // resume after it (a reload).
+            let t = std::time::Instant::now();
+            let dest = Image::open(&path, &OpenOptions::default()).expect("destination");
+            let opened = t.elapsed();
+            dest.quiesce().expect("quiesce destination");
+            let t = std::time::Instant::now();
+            img.resume().expect("resume");
+            let resumed = t.elapsed();
+            drop(dest);
+            eprintln!(
+                "round {round}: quiesce {} after {writes} writes, {backlog} freed regions \
+                 waiting: {took:.3?}; destination open {opened:.3?}, source resume after it \
+                 {resumed:.3?} (load {})",
+                if punch {
+                    "punching (old)"
+                } else {
+                    "without punching (R29)"
+                },
+                load().trim()
+            );
+        }
+    }
+    let t = std::time::Instant::now();
+    img.close().expect("close");
+    eprintln!("close (punches everything): {:.3?}", t.elapsed());
+}
