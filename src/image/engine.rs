@@ -1712,14 +1712,11 @@ impl Core {
             .map(|&(slot, _)| (slot, u32::MAX))
             .collect();
         if !owners.is_empty() {
-            for c in 0..l.cluster_count as u32 {
-                let e = self.table.current(c);
-                if !e.is_zero() {
-                    if let Some(o) = owners.get_mut(&e.slot) {
-                        *o = c;
-                    }
+            self.table.for_each_stored(|c, e| {
+                if let Some(o) = owners.get_mut(&e.slot) {
+                    *o = c;
                 }
-            }
+            });
         }
         let now = self.now_ms();
         let mut bytes = 0u64;

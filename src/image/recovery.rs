@@ -706,14 +706,11 @@ pub fn unreferenced_ranges(
 /// Per slot, the mask of units the table's entries occupy.
 pub fn used_units(layout: &Layout, table: &Table) -> Vec<u32> {
     let mut used = vec![0u32; layout.slot_count() as usize];
-    for c in 0..layout.cluster_count as u32 {
-        let e = table.current(c);
-        if !e.is_zero() {
-            if let Some(m) = used.get_mut(e.slot as usize) {
-                *m |= e.mask();
-            }
+    table.for_each_stored(|_, e| {
+        if let Some(m) = used.get_mut(e.slot as usize) {
+            *m |= e.mask();
         }
-    }
+    });
     used
 }
 

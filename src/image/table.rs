@@ -566,6 +566,26 @@ impl Table {
         stripe.set(i, e);
     }
 
+    /// Calls `f(cluster, entry)` for every cluster whose current entry stores something, one
+    /// stripe lock per stripe (a walk of a large table locking per cluster costs ~10× more).
+    pub fn for_each_stored(&self, mut f: impl FnMut(u32, Entry)) {
+        for (s, cell) in self.cells.iter().enumerate() {
+            let stripe = lock(&cell.stripe);
+            let mut i = 0usize;
+            loop {
+                let c = (i * STRIPES + s) as u64;
+                if c >= self.cluster_count {
+                    break;
+                }
+                let e = stripe.get(i);
+                if !e.is_zero() {
+                    f(c as u32, e);
+                }
+                i += 1;
+            }
+        }
+    }
+
     /// Current entry (locks the stripe).
     pub fn current(&self, c: u32) -> Entry {
         let (s, i) = locate(c);
