@@ -1747,7 +1747,11 @@ fn a_quiesce_punches_nothing_and_the_next_opener_reclaims_it_in_the_background()
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(st_b.punches() > 0);
+    assert_eq!(b.core.stale_backlog(), 0);
     assert_reads(&b, &expect, "destination after its reclaim");
+    // All reclaimed: its own quiesce promises a table-exact image.
+    b.quiesce().expect("quiesce destination");
+    assert!(!lock_meta_unreclaimed(&b), "nothing waits, yet the flag is set");
     b.close().expect("close");
     let report = check(&path, false).expect("check");
     assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
