@@ -1751,7 +1751,10 @@ fn a_quiesce_punches_nothing_and_the_next_opener_reclaims_it_in_the_background()
     assert_reads(&b, &expect, "destination after its reclaim");
     // All reclaimed: its own quiesce promises a table-exact image.
     b.quiesce().expect("quiesce destination");
-    assert!(!lock_meta_unreclaimed(&b), "nothing waits, yet the flag is set");
+    assert!(
+        !lock_meta_unreclaimed(&b),
+        "nothing waits, yet the flag is set"
+    );
     b.close().expect("close");
     let report = check(&path, false).expect("check");
     assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
@@ -1946,4 +1949,35 @@ fn quiesce_time_with_and_without_punching_the_freed_space() {
     let t = std::time::Instant::now();
     img.close().expect("close");
     eprintln!("close (punches everything): {:.3?}", t.elapsed());
+}
+
+#[test]
+fn repair_of_a_quiesced_image_punches_the_space_it_left_unreclaimed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let (img, st) = counting_image(&dir, Duration::from_secs(3600));
+    let layout = img.core.layout.clone();
+    let expect = leave_freed_space(&img);
+    let referenced = img.stats().stored_bytes;
+    img.quiesce().expect("quiesce");
+    drop(img);
+    let report = check(&path, true).expect("repair");
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert!(
+        report.repairs.iter().any(|r| r.contains("released")),
+        "{:?}",
+        report.repairs
+    );
+    assert_eq!(data_allocated(&layout, st.as_ref()), referenced);
+    let report = check(&path, false).expect("check");
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
+    assert_eq!(report.uncommitted_bytes, 0, "{report:?}");
+    assert!(
+        !report.warnings.iter().any(|w| w.contains("quiesced")),
+        "{report:?}"
+    );
+    let img = Image::open(&path, &OpenOptions::default()).expect("reopen");
+    assert!(!img.recovered_after_unclean_shutdown());
+    assert_reads(&img, &expect, "after repair");
+    img.close().expect("close");
 }
