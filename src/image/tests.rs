@@ -1886,7 +1886,11 @@ fn quiesce_time_with_and_without_punching_the_freed_space() {
     let dir = tempfile::tempdir_in(std::env::var("INSITU_BENCH_DIR").unwrap_or("/tmp".into()))
         .expect("tempdir");
     let path = dir.path().join("img");
-    let size = 1u64 << 30;
+    let gib: u64 = std::env::var("INSITU_QUIESCE_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let size = gib << 30;
     Image::create(&path, &CreateOptions::new(size)).expect("create");
     let img = Image::open(&path, &OpenOptions::default()).expect("open");
     let clusters = size / 65536;
