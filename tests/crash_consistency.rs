@@ -950,6 +950,17 @@ fn recovery_reclaims_space_left_by_uncommitted_writes() {
 /// is leaked.
 #[test]
 fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_nothing() {
+    let mut states = 0;
+    for seed in seeds(13, 2) {
+        states += quiesce_then_reclaim_crashes(seed);
+    }
+    eprintln!(
+        "{states} crash states during and after a quiesce and during the reclaim that followed"
+    );
+}
+
+/// One run of the test above; returns the crash states checked.
+fn quiesce_then_reclaim_crashes(seed: u64) -> usize {
     use insitu_blk::image::{check_on, CreateOptions, Image, OpenOptions};
     use std::sync::atomic::Ordering;
     use std::time::Duration;
@@ -967,16 +978,36 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
     let source = Image::open_on(sim.clone(), &keep).expect("open");
     for c in 0..clusters {
         source
-            .write(c * cs, &fill(Pattern::Part(7), c, c * cs, cs as usize))
+            .write(
+                c * cs,
+                &fill(Pattern::Part(7), seed + c, c * cs, cs as usize),
+            )
             .expect("write");
     }
     source.flush().expect("flush");
+    let first: Vec<Vec<u8>> = (0..clusters)
+        .map(|c| fill(Pattern::Part(7), seed + c, c * cs, cs as usize))
+        .collect();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut states = 0;
+    let read_all = |img: &Image| -> Vec<Vec<u8>> {
+        (0..clusters)
+            .map(|c| {
+                let mut buf = vec![0u8; cs as usize];
+                img.read(c * cs, &mut buf).expect("read");
+                buf
+            })
+            .collect()
+    };
     // Smaller versions beside the first ones (stale units), and discarded clusters (stale
-    // slots); the last of them are accepted but unflushed: the quiesce commits them.
+    // slots); those after cluster 6 are accepted but unflushed: the quiesce commits them.
+    // Crash points all through, the quiesce's own commit and marker included.
+    let clock = Arc::new(AtomicU64::new(1));
+    sim.start_capture(clock.clone(), 40, seed ^ 0x5AC0);
     let mut quiesced: Vec<Vec<u8>> = Vec::new();
     for c in 0..clusters {
         let data = if c < 10 {
-            fill(Pattern::Compressible, 100 + c, c * cs, cs as usize)
+            fill(Pattern::Compressible, seed + 100 + c, c * cs, cs as usize)
         } else {
             vec![0u8; cs as usize]
         };
@@ -987,12 +1018,36 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
         }
         if c == 6 {
             source.flush().expect("flush");
+            clock.store(2, Ordering::SeqCst);
         }
         quiesced.push(data);
     }
     let punches = sim.punches();
     source.quiesce().expect("quiesce");
+    clock.store(3, Ordering::SeqCst);
     assert_eq!(sim.punches(), punches, "the quiesce punched freed space");
+    for snap in sim.take_captured() {
+        let (pages, desc) = snap.materialize(CrashMode::random(&mut rng), &mut rng);
+        let storage: Arc<dyn Storage> = Arc::new(SimStorage::from_pages(pages));
+        let report = check_on(storage.clone(), false).expect("check");
+        assert!(
+            report.corruptions.is_empty(),
+            "{desc}: {:?}",
+            report.corruptions
+        );
+        let img = Image::open_on(storage, &keep).expect("recovery");
+        let got = read_all(&img);
+        for c in 0..clusters as usize {
+            // Flushed by then: only the new version; else the old or the new one.
+            let flushed = (c <= 6 && snap.clock >= 2) || snap.clock >= 3;
+            assert!(
+                got[c] == quiesced[c] || (!flushed && got[c] == first[c]),
+                "seed {seed}: cluster {c} after a crash around the quiesce ({snap:?}, {desc})"
+            );
+        }
+        img.abandon();
+        states += 1;
+    }
     let before = check_on(sim.clone(), false).expect("check");
     assert!(before.corruptions.is_empty(), "{:?}", before.corruptions);
     assert_eq!(before.leaked_bytes, 0, "{before:?}");
@@ -1001,17 +1056,6 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
         "the quiesce left no freed space: the test checks nothing ({before:?})"
     );
 
-    let read_all = |img: &Image| -> Vec<Vec<u8>> {
-        (0..clusters)
-            .map(|c| {
-                let mut buf = vec![0u8; cs as usize];
-                img.read(c * cs, &mut buf).expect("read");
-                buf
-            })
-            .collect()
-    };
-    let mut rng = SmallRng::seed_from_u64(0x5ACE);
-    let mut states = 0;
     for _ in 0..6 {
         let (crashed, desc) = sim.crash(CrashMode::random(&mut rng), &mut rng);
         let img = Image::open_on(Arc::new(crashed), &keep).expect("recovery");
@@ -1031,10 +1075,10 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
     // placed over the adopted space, each flushed; crash points all along.
     let (dest_storage, _) = sim.crash(CrashMode::KeepNone, &mut rng);
     let dest_storage = Arc::new(dest_storage);
-    let clock = Arc::new(AtomicU64::new(1));
-    dest_storage.start_capture(clock.clone(), 120, 0x5ACF);
+    clock.store(1, Ordering::SeqCst);
+    dest_storage.start_capture(clock.clone(), 120, seed ^ 0x5ACF);
     let reclaim = OpenOptions {
-        test_stale_grace: Some(Duration::from_millis(2)),
+        test_stale_grace: Some(Duration::from_millis(seed % 4)),
         ..OpenOptions::default()
     };
     let dest = Image::open_on(dest_storage.clone(), &reclaim).expect("destination");
@@ -1047,7 +1091,7 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
         for c in 0..clusters {
             let pattern =
                 [Pattern::Part(6), Pattern::Mixed, Pattern::Part(3)][(round + c) as usize % 3];
-            let data = fill(pattern, 1000 + round * 100 + c, c * cs, cs as usize);
+            let data = fill(pattern, seed + 1000 + round * 100 + c, c * cs, cs as usize);
             dest.write(c * cs, &data).expect("write");
             unflushed.push((c as usize, data));
             if c % 4 == 3 {
@@ -1084,8 +1128,8 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
                 .unwrap_or(0);
             assert!(
                 history[c][first..].iter().any(|(_, v)| *v == got[c]),
-                "cluster {c} reads no version it may read after a crash during the \
-                 destination's reclaim ({snap:?}, {desc})"
+                "seed {seed}: cluster {c} reads no version it may read after a crash during \
+                 the destination's reclaim ({snap:?}, {desc})"
             );
         }
         img.abandon();
@@ -1098,8 +1142,8 @@ fn crashes_after_a_quiesce_that_left_freed_space_and_during_its_reclaim_lose_not
     assert!(after.corruptions.is_empty(), "{:?}", after.corruptions);
     assert_eq!(after.leaked_bytes, 0, "{after:?}");
     assert_eq!(after.uncommitted_bytes, 0, "{after:?}");
-    eprintln!("{states} crash states after a quiesce and during the reclaim that followed");
-    assert!(states >= 60, "only {states} crash states");
+    assert!(states >= 80, "seed {seed}: only {states} crash states");
+    states
 }
 
 /// The oracle bites: with the commit record written before the data is durable (the test-only
