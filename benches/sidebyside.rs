@@ -8,8 +8,9 @@
 //!
 //! Both servers export a 1 GiB disk holding the same Debian root filesystem, on the same host
 //! filesystem: qemu-storage-daemon a sparse raw copy (`driver=file,cache.direct=off`),
-//! insitu-blk an image written from it through the engine (64 KiB clusters, per mode
-//! `--compression none` or lz4). Each session starts from a fresh copy of the pristine image,
+//! insitu-blk an image written from it through the engine (per mode `--compression none` or
+//! lz4, each with the cluster size `insitu-blk create` gives it: 16 KiB uncompressed, 64 KiB
+//! compressed; `--cluster-size` overrides). Each session starts from a fresh copy of the pristine image,
 //! starts one server with 2 queues, runs every workload with the same in-process blkio load
 //! generator (`benches/common/loadgen.rs`), and stops the server. Sessions alternate between
 //! the servers (qsd first in even repetitions, insitu-blk first in odd ones). The tables show
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use insitu_blk::image::{Compression, CreateOptions, Image, OpenOptions};
+use insitu_blk::image::{default_cluster_size, Compression, CreateOptions, Image, OpenOptions};
 use loadgen::{DataSource, LoadReport, LoadSpec, Pattern};
 
 const DISK_SIZE: u64 = 1 << 30;
@@ -72,6 +73,10 @@ struct Args {
     /// Skip the codec-limit measurement.
     #[arg(long)]
     no_codec: bool,
+    /// Cluster size of every insitu-blk image in bytes (default: what `insitu-blk create` picks
+    /// for the mode: 16384 for none, 65536 for compressed modes).
+    #[arg(long, value_name = "BYTES")]
+    cluster_size: Option<u32>,
     /// Extra argument for `insitu-blk serve` (repeatable), e.g. `--serve-arg=--poll-max-us=0`.
     #[arg(long = "serve-arg", value_name = "ARG", allow_hyphen_values = true)]
     serve_args: Vec<String>,
@@ -286,7 +291,8 @@ fn run(args: &Args) -> Result<()> {
     for mode in modes.iter().filter(|_| servers.contains(&Server::Ours)) {
         let path = workdir.join(format!("pristine-insitu-{}.img", mode_tag(*mode)));
         let started = Instant::now();
-        write_engine_image(&disk, &path, *mode)?;
+        let cluster_size = cluster_size_for(args, *mode);
+        write_engine_image(&disk, &path, *mode, cluster_size)?;
         eprintln!(
             "sidebyside: wrote {} ({} stored) in {:.1} s",
             path.display(),
@@ -377,7 +383,12 @@ fn run(args: &Args) -> Result<()> {
     }
     for mode in &modes {
         out.push_str(&summary_table(
-            *mode, &workloads, &samples, args.reps, &args.fill,
+            *mode,
+            cluster_size_for(args, *mode),
+            &workloads,
+            &samples,
+            args.reps,
+            &args.fill,
         ));
     }
     print!("{out}");
@@ -504,19 +515,31 @@ fn write_sparse_raw(data: &[u8], path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn write_engine_image(data: &[u8], path: &Path, compression: Compression) -> Result<()> {
+/// The cluster size of the mode's image: the user's choice, else `create`'s default.
+fn cluster_size_for(args: &Args, mode: Compression) -> u32 {
+    args.cluster_size
+        .unwrap_or_else(|| default_cluster_size(mode))
+}
+
+fn write_engine_image(
+    data: &[u8],
+    path: &Path,
+    compression: Compression,
+    cluster_size: u32,
+) -> Result<()> {
     let _ = fs::remove_file(path);
     let opts = CreateOptions {
         size: data.len() as u64,
-        cluster_size: CLUSTER as u32,
+        cluster_size,
         compression,
     };
     Image::create(path, &opts).with_context(|| format!("creating {}", path.display()))?;
     let image = Image::open(path, &OpenOptions::default())
         .with_context(|| format!("opening {}", path.display()))?;
-    for (index, chunk) in data.chunks(CLUSTER).enumerate() {
+    let cluster_size = cluster_size as usize;
+    for (index, chunk) in data.chunks(cluster_size).enumerate() {
         if chunk.iter().any(|&b| b != 0) {
-            image.write((index * CLUSTER) as u64, chunk)?;
+            image.write((index * cluster_size) as u64, chunk)?;
         }
     }
     image.flush()?;
@@ -735,6 +758,7 @@ fn human(bytes: u64) -> String {
 
 fn summary_table(
     mode: Compression,
+    cluster_size: u32,
     workloads: &[&Workload],
     samples: &BTreeMap<(String, &'static str, Server), Vec<Sample>>,
     reps: usize,
@@ -743,8 +767,9 @@ fn summary_table(
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "\n### insitu-blk `--compression {mode}` (64 KiB clusters) vs qemu-storage-daemon (raw), \
-         medians of {reps} runs each, disk fill `{fill}`\n"
+        "\n### insitu-blk `--compression {mode}` ({} KiB clusters) vs qemu-storage-daemon (raw), \
+         medians of {reps} runs each, disk fill `{fill}`\n",
+        cluster_size / 1024
     );
     t.push_str(
         "| workload | IOPS qsd | IOPS ours | ratio | MB/s qsd | MB/s ours | avg µs qsd | avg µs ours | \

@@ -485,6 +485,26 @@ fn convert_takes_image_options_and_recompresses() {
     assert_eq!(fs::read(&back).unwrap(), disk);
 }
 
+/// Without `--cluster-size`, an uncompressed image gets small clusters (a 4 KiB write copies a
+/// cluster; big ones only pay off when they compress) and a compressed one 64 KiB, whether it is
+/// made by `create` or by `convert` from a raw disk.
+#[test]
+fn uncompressed_images_default_to_16k_clusters_and_compressed_ones_to_64k() {
+    let dir = tempdir();
+    let disk = sample_disk(2 << 20, 7);
+    for (compression, cluster) in [("none", 16384), ("lz4", 65536)] {
+        let created = dir.path().join(format!("created-{compression}.img"));
+        ok(["create", path_str(&created), "-s", "2M", "-c", compression]);
+        let converted = converted_image(dir.path(), &disk, &["-c", compression]);
+        for image in [&created, &converted] {
+            let info = json(&ok(["info", "--json", path_str(image)]));
+            assert_eq!(info["cluster_size"], cluster, "{}", image.display());
+            assert_eq!(info["compression"], compression, "{}", image.display());
+        }
+        fs::remove_file(&converted).unwrap();
+    }
+}
+
 #[test]
 fn convert_never_overwrites_and_never_converts_onto_itself() {
     let dir = tempdir();

@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use insitu_blk::image::format::{BLOCK, SB_OFFSETS};
 use insitu_blk::image::{
-    open_block_device_exclusively, Compression, CreateOptions, FileStorage, Image, ImageError,
-    NewFile, OpenOptions, Storage, DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
+    default_cluster_size, open_block_device_exclusively, Compression, CreateOptions, FileStorage,
+    Image, ImageError, NewFile, OpenOptions, Storage, DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -648,17 +648,23 @@ fn create_sink(
             ))
         }
         Format::Insitu => {
+            // An insitu source passes on its geometry unless told otherwise; a raw source gets
+            // the defaults `create` would choose for the same algorithm.
             let (inherited_cluster, inherited_compression) = match source {
                 Source::Insitu(image) => {
                     let g = image.geometry();
-                    (g.cluster_size, g.compression)
+                    (Some(g.cluster_size), g.compression)
                 }
-                Source::Raw { .. } => (DEFAULT_CLUSTER_SIZE, Compression::default()),
+                Source::Raw { .. } => (None, Compression::default()),
             };
+            let compression = config.compression.unwrap_or(inherited_compression);
             let options = CreateOptions {
                 size: len,
-                cluster_size: config.cluster_size.unwrap_or(inherited_cluster),
-                compression: config.compression.unwrap_or(inherited_compression),
+                cluster_size: config
+                    .cluster_size
+                    .or(inherited_cluster)
+                    .unwrap_or_else(|| default_cluster_size(compression)),
+                compression,
             };
             let (storage, destination): (Arc<dyn Storage>, Destination) = match new_file {
                 Some(new) => (Arc::new(storage), Destination::File(new)),

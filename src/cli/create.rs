@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use insitu_blk::image::format::{Superblock, BLOCK, CP_MAGIC, SB_OFFSETS};
 use insitu_blk::image::{
-    open_block_device_exclusively, Compression, CreateOptions, Image, Storage,
+    default_cluster_size, open_block_device_exclusively, Compression, CreateOptions, Image, Storage,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -37,9 +37,10 @@ pub struct CreateArgs {
     #[arg(long, short = 's', value_name = "SIZE")]
     pub size: ByteSize,
 
-    /// Cluster size, the unit of compression: 16K, 32K, 64K or 128K.
-    #[arg(long, value_name = "SIZE", default_value = "64K")]
-    pub cluster_size: ByteSize,
+    /// Cluster size, the unit of compression and copy-on-write: 16K, 32K, 64K or 128K
+    /// [default: 64K; 16K with --compression none].
+    #[arg(long, value_name = "SIZE")]
+    pub cluster_size: Option<ByteSize>,
 
     /// Compression of new writes: lz4, snappy, zstd (level 3), zstd:LEVEL (-7..=22, not 0) or none.
     #[arg(long, short = 'c', value_name = "ALGO", default_value = "lz4",
@@ -68,7 +69,10 @@ impl TryFrom<CreateArgs> for CreateConfig {
 
     fn try_from(args: CreateArgs) -> anyhow::Result<Self> {
         let size = validate_disk_size("--size", args.size)?;
-        let cluster_size = validate_cluster_size(args.cluster_size)?;
+        let cluster_size = match args.cluster_size {
+            Some(given) => validate_cluster_size(given)?,
+            None => default_cluster_size(args.compression),
+        };
         Ok(CreateConfig {
             image: args.image,
             options: CreateOptions {
@@ -254,6 +258,28 @@ mod tests {
         assert_eq!(cfg.options.size, 20 << 30);
         assert_eq!(cfg.options.cluster_size, 64 << 10);
         assert_eq!(cfg.options.compression, Compression::Lz4);
+    }
+
+    #[test]
+    fn an_uncompressed_image_defaults_to_16k_clusters_unless_told_otherwise() {
+        let cfg = config(&["insitu-blk", "create", "a.img", "-s", "1G", "-c", "none"]).unwrap();
+        assert_eq!(cfg.options.compression, Compression::None);
+        assert_eq!(cfg.options.cluster_size, 16 << 10);
+        let cfg = config(&[
+            "insitu-blk",
+            "create",
+            "a.img",
+            "-s",
+            "1G",
+            "-c",
+            "none",
+            "--cluster-size",
+            "64K",
+        ])
+        .unwrap();
+        assert_eq!(cfg.options.cluster_size, 64 << 10);
+        let cfg = config(&["insitu-blk", "create", "a.img", "-s", "1G", "-c", "zstd"]).unwrap();
+        assert_eq!(cfg.options.cluster_size, 64 << 10);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::alloc::Allocator;
 use super::codec::Codecs;
+use super::engine::payload_checksum;
 use super::format::{self, Layout, Superblock, BLOCK, BLOCK_USIZE, SB_OFFSETS};
 use super::recovery::{self, RecoveryMode};
 use super::storage::Storage;
@@ -393,7 +394,7 @@ fn verify_payload(
             "cluster {c}: payload at byte {off} unreadable: {err}"
         ));
     }
-    let got = crc32c::crc32c(buf);
+    let got = payload_checksum(buf);
     if got != e.crc {
         return Err(format!(
             "cluster {c}: payload checksum mismatch in slot {} (stored {:#010x}, computed {got:#010x})",

@@ -137,7 +137,8 @@ impl Scratch {
 /// function as `crc32c::crc32c`, computed with `crc-fast`, whose AVX-512/VPCLMULQDQ folding
 /// (with runtime detection and fallbacks) checks a 64 KiB payload in ~0.6 µs on this machine's
 /// CPU against ~3.5 µs for the crc32c crate's SSE4.2 loop. Every read of a 64 KiB raw cluster
-/// verifies the whole payload (I4), even for a 4 KiB request, so this is on the hot read path.
+/// verifies the whole payload (I4), even for a 4 KiB request, so this is on the hot read path;
+/// every stored version computes one, and `check` verifies every payload with it.
 pub(crate) fn payload_checksum(bytes: &[u8]) -> u32 {
     // CRC-32 results occupy the low 32 bits of the u64 crc-fast returns for every width.
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
@@ -905,7 +906,7 @@ impl Core {
                     ),
                     None => (alg::RAW, self.layout.units_per_slot(), content),
                 };
-            let crc = crc32c::crc32c(payload);
+            let crc = payload_checksum(payload);
             // 3. Place it where nothing committed or current lives (reserved as `writing`),
             // and write it.
             let new = self.place(c, units, code, crc, &mut sc.owned)?;
