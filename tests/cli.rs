@@ -561,7 +561,13 @@ fn check_finds_a_corrupted_payload_and_exits_2() {
         chunk[0] = i as u8;
     }
     disk[7 * 65536..8 * 65536].fill(0x77);
-    let image = converted_image(dir.path(), &disk, &["--compression", "none"]);
+    // 64 KiB clusters (not the 16 KiB default of an uncompressed image): the damage below must
+    // be in cluster 3, whose first byte the failing convert names.
+    let image = converted_image(
+        dir.path(),
+        &disk,
+        &["--compression", "none", "--cluster-size", "64K"],
+    );
     ok(["check", path_str(&image)]);
 
     let mut bytes = fs::read(&image).unwrap();

@@ -440,10 +440,14 @@ GUEST_LIB = r"""
 set -e
 step() { echo "INSITU-STEP: $*"; }
 host_wait() {
-    # Blocks until the host answers on the control port (second serial port, ttyS1).
+    # Blocks until the host answers on the control port (second serial port, ttyS1). The port is
+    # opened before the host is told to answer and stays open until the answer is read: bytes
+    # that reach a serial port nobody holds open are dropped, and the host may answer at once.
+    exec 3</dev/ttyS1
     stty -F /dev/ttyS1 raw -echo 2>/dev/null || true
     echo "INSITU-WAIT $1"
-    read -r _reply < /dev/ttyS1
+    read -r _reply <&3
+    exec 3<&-
 }
 mkfs_disk() {
     step "mkfs.ext4 /dev/vda"
