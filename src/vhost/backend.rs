@@ -31,6 +31,7 @@ use vhost::vhost_user::message::{
 };
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -859,8 +860,22 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         self.queue_size
     }
 
+    /// The device's features plus what this layer guarantees itself: VIRTIO_F_IN_ORDER (virtio
+    /// 1.2, 6: buffers are used in the order they were made available). Each queue has one
+    /// worker, and it pops a chain, executes it to the end and adds it to the used ring before
+    /// it pops the next one ([`ConnectionBackend::process_available`], the only caller of
+    /// `add_used`); notification batching only delays the interrupt, never a used entry, and
+    /// nothing is completed later or from another thread (no deferred completion, no
+    /// completion by the control thread; a write-through or lost-write FLUSH completes in its
+    /// turn like any request). Offering it matters beyond the guest's optimisations:
+    /// cloud-hypervisor, reconnecting to a restarted backend, sets each ring's base to the
+    /// guest's *used* index only when IN_ORDER (or inflight tracking, which vhost-user-backend
+    /// lacks) was negotiated, and to the *available* index otherwise, skipping every request
+    /// the killed backend had not completed. Only split rings are offered
+    /// (VIRTIO_F_RING_PACKED is not), the layout virtio-queue serves.
     fn features(&self) -> u64 {
         self.disk.device().features()
+            | (1u64 << VIRTIO_F_IN_ORDER)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             // Dirty-page logging for live migration: guest memory carries a BitmapMmapRegion.
             | VhostUserVirtioFeatures::LOG_ALL.bits()

@@ -10,6 +10,10 @@
 //! size: an error ack (when REPLY_ACK is negotiated and asked for) in the message's own place in
 //! the reply stream, and the end of the connection. Replies go back unchanged.
 //!
+//! A SET_VRING_KICK without a kick fd (the invalid-FD flag: "poll the ring") is refused the same
+//! way, by aiming it at a ring that does not exist: the crate would acknowledge it and never start
+//! the ring.
+//!
 //! It also lets the backend act on SET_VRING_ENABLE before the crate answers it (the crate has no
 //! hook for it): a ring being disabled takes no new request and its request in progress completes
 //! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
@@ -48,6 +52,9 @@ impl Rules {
     /// Rewrites `payload` of a request with code `code` if it must be refused; returns a
     /// description of what was refused.
     fn apply(&self, code: u32, payload: &mut [u8]) -> Option<String> {
+        if code == FrontendReq::SET_VRING_KICK as u32 {
+            return refuse_kick_without_fd(payload);
+        }
         if code != FrontendReq::SET_VRING_NUM as u32 || payload.len() != 8 {
             return None;
         }
@@ -69,6 +76,33 @@ impl Rules {
             self.max_queue_size
         ))
     }
+}
+
+/// The invalid-FD flag of a SET_VRING_KICK / SET_VRING_CALL payload (vhost-user.rst: no fd
+/// comes with the message; for a kick, the back-end is to poll the ring instead).
+const VRING_NOFD_FLAG: u64 = 0x100;
+/// A ring index no backend serves (the crate offers at most 64 queues): the crate refuses a
+/// SET_VRING_KICK for it.
+const REFUSED_RING_INDEX: u64 = 0xff;
+
+/// SET_VRING_KICK with the invalid-FD flag asks the backend to poll the ring. We do not poll a
+/// ring without a kick fd (a worker spinning for as long as the ring lives), and the crate would
+/// acknowledge the message and then never start the ring: the frontend would believe it started
+/// and its guest would hang. Rewriting the ring index to one that does not exist makes the crate
+/// refuse it (error ack when asked for, then the end of the connection, as for every message it
+/// refuses), so the frontend learns at once. libvhost-user does not poll either.
+fn refuse_kick_without_fd(payload: &mut [u8]) -> Option<String> {
+    let value = u64::from_le_bytes(<[u8; 8]>::try_from(&*payload).ok()?);
+    if value & VRING_NOFD_FLAG == 0 {
+        return None;
+    }
+    let index = value & 0xff;
+    let refused = (value & !0xff) | REFUSED_RING_INDEX;
+    payload.copy_from_slice(&refused.to_le_bytes());
+    Some(format!(
+        "SET_VRING_KICK without a kick fd (polling) on ring {index} refused: rings are served \
+         only on kick eventfds"
+    ))
 }
 
 /// What the filter tells the backend before the crate handles a message.
@@ -328,6 +362,27 @@ mod tests {
         assert_eq!(vring_enable(code, &[0; 4]), None);
         let other = FrontendReq::SET_VRING_NUM as u32;
         assert_eq!(vring_enable(other, &vring_num(2, 0)), None);
+    }
+
+    #[test]
+    fn set_vring_kick_without_an_fd_is_aimed_at_a_ring_that_does_not_exist() {
+        let rules = Rules {
+            max_queue_size: 1024,
+        };
+        let code = FrontendReq::SET_VRING_KICK as u32;
+        let mut payload = (0x100u64 | 3).to_le_bytes();
+        assert!(rules.apply(code, &mut payload).is_some());
+        assert_eq!(u64::from_le_bytes(payload), 0x1ff);
+        // With an fd (flag clear): unchanged.
+        let mut payload = 3u64.to_le_bytes();
+        assert!(rules.apply(code, &mut payload).is_none());
+        assert_eq!(u64::from_le_bytes(payload), 3);
+        // SET_VRING_CALL without an fd is legitimate (the driver polls the used ring).
+        let mut payload = (0x100u64 | 3).to_le_bytes();
+        assert!(rules
+            .apply(FrontendReq::SET_VRING_CALL as u32, &mut payload)
+            .is_none());
+        assert_eq!(u64::from_le_bytes(payload), 0x103);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! window (`serve --poll-max-us`, default 128 µs) with the driver's notifications off, then
 //! re-enables them and looks once more before it sleeps.
 //! No lock is shared by the queues on the data path: each worker holds only its own gate
-//! ([`SharedDisk`]).
+//! ([`SharedDisk`]). A queue's requests complete strictly in the order the driver made them
+//! available (one request at a time per queue), which is why VIRTIO_F_IN_ORDER is offered: with
+//! it negotiated, cloud-hypervisor restarts a ring at the guest's used index after a backend
+//! restart, so the requests the dead backend had not completed are served again.
 //!
 //! # Device lifecycle (I7, I8)
 //! | frontend does | backend does |

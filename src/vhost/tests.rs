@@ -306,7 +306,9 @@ impl TestFrontend {
         }
     }
 
-    fn start_queue(&mut self, q: usize) {
+    /// Lays out queue `q`'s split ring in guest memory (zeroed) and sends SET_VRING_NUM,
+    /// SET_VRING_ADDR and SET_VRING_BASE 0: everything but the eventfds and the enable.
+    fn set_up_ring(&mut self, q: usize) -> RingAddresses {
         let start = GuestAddress(QUEUE_AREA * (q as u64 + 1));
         // Split virtqueue layout (virtio 1.2, 2.7): descriptor table, then the available ring
         // (flags, idx, ring[len], used_event), then the used ring 4-byte aligned.
@@ -337,13 +339,29 @@ impl TestFrontend {
             )
             .unwrap();
         self.frontend.set_vring_base(q, 0).unwrap();
+        self.submitted[q] = 0;
+        vq
+    }
+
+    fn start_queue(&mut self, q: usize) {
+        let vq = self.set_up_ring(q);
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         self.frontend.set_vring_call(q, &call).unwrap();
         self.frontend.set_vring_kick(q, &kick).unwrap();
         self.frontend.set_vring_enable(q, true).unwrap();
         self.queues[q] = Some((vq, kick, call));
-        self.submitted[q] = 0;
+        self.consume_start_notification(q);
+    }
+
+    /// The backend signals a new call fd once (a spurious notification for the driver, which
+    /// finds nothing new in the used ring): consumed here, once the backend has handled the
+    /// messages sent so far (a request with a reply is answered after them), so that tests
+    /// counting notifications count only those of completions.
+    fn consume_start_notification(&self, q: usize) {
+        self.frontend.get_features().unwrap();
+        let (_, _, call) = self.queues[q].as_ref().unwrap();
+        let _ = call.read();
     }
 
     /// Adds one request (a readable tag naming the queue, a writable status byte) and kicks.
@@ -1373,5 +1391,229 @@ fn no_interrupt_flag_without_event_idx_suppresses_notifications() {
         fe.call_ready(0, 10_000),
         "not notified with VRING_AVAIL_F_NO_INTERRUPT clear"
     );
+    served.stop();
+}
+
+/// VIRTIO_F_IN_ORDER (bit 35) and VIRTIO_F_RING_PACKED (bit 34).
+const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+
+impl TestFrontend {
+    /// Makes one single-descriptor request (a status byte) available per entry of `heads`, in
+    /// that order, then kicks once. Returns the status addresses by head.
+    fn submit_heads(&mut self, q: usize, heads: &[u16]) -> Vec<GuestAddress> {
+        let (rings, kick, _) = self.queues[q].as_ref().unwrap();
+        let base = BUFFER_AREA + 0x10_0000 + q as u64 * 0x1000;
+        let avail_idx = u16::from_le(self.mem.read_obj(GuestAddress(rings.avail.0 + 2)).unwrap());
+        let mut statuses = Vec::new();
+        for (i, &head) in heads.iter().enumerate() {
+            let status = GuestAddress(base + u64::from(head));
+            self.mem.write_obj(0xffu8, status).unwrap();
+            let desc =
+                RawDescriptor::from(SplitDescriptor::new(status.0, 1, VIRTQ_DESC_F_WRITE, 0));
+            self.mem
+                .write_obj(desc, GuestAddress(rings.desc.0 + 16 * u64::from(head)))
+                .unwrap();
+            let slot = avail_idx.wrapping_add(i as u16) % QUEUE_LEN;
+            self.mem
+                .write_obj(
+                    u16::to_le(head),
+                    GuestAddress(rings.avail.0 + 4 + 2 * u64::from(slot)),
+                )
+                .unwrap();
+            statuses.push(status);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(
+                u16::to_le(avail_idx.wrapping_add(heads.len() as u16)),
+                GuestAddress(rings.avail.0 + 2),
+            )
+            .unwrap();
+        self.submitted[q] = self.submitted[q].wrapping_add(heads.len() as u16);
+        kick.write(1).unwrap();
+        statuses
+    }
+
+    /// The ids of the used ring's entries `from..from + count`, in ring order.
+    fn used_ids(&self, q: usize, from: u16, count: u16) -> Vec<u32> {
+        let (rings, _, _) = self.queues[q].as_ref().unwrap();
+        (0..count)
+            .map(|i| {
+                let slot = from.wrapping_add(i) % QUEUE_LEN;
+                let id: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(rings.used.0 + 4 + 8 * u64::from(slot)))
+                    .unwrap();
+                u32::from_le(id)
+            })
+            .collect()
+    }
+}
+
+/// Proto P3: the backend offers VIRTIO_F_IN_ORDER (cloud-hypervisor restarts a ring at the used
+/// index only with it) and no packed ring, and a driver that negotiated it sees each queue's
+/// buffers used in exactly the order it made them available, with two queues busy at once and
+/// heads made available in an order unrelated to their numbers.
+#[test]
+fn in_order_is_offered_and_each_queue_uses_buffers_in_the_order_made_available() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let offered = fe.frontend.get_features().unwrap();
+    assert_ne!(
+        offered & VIRTIO_F_IN_ORDER,
+        0,
+        "VIRTIO_F_IN_ORDER not offered"
+    );
+    assert_eq!(offered & VIRTIO_F_RING_PACKED, 0, "packed rings offered");
+    // The harness accepts every offered feature: IN_ORDER is negotiated.
+    fe.start_queue(0);
+    fe.start_queue(1);
+    let count = QUEUE_LEN / 2;
+    let mut used = [0u16; 2];
+    for round in 0..4u16 {
+        // A different permutation of the heads per queue and round.
+        let orders: Vec<Vec<u16>> = (0..2u16)
+            .map(|q| {
+                (0..count)
+                    .map(|i| (i * 37 + round * 11 + q * 5) % count)
+                    .collect()
+            })
+            .collect();
+        for (q, order) in orders.iter().enumerate() {
+            assert_eq!(
+                order
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
+                usize::from(count),
+                "test bug: not a permutation"
+            );
+            fe.submit_heads(q, order);
+        }
+        for (q, order) in orders.iter().enumerate() {
+            used[q] = used[q].wrapping_add(count);
+            fe.wait_used(q, used[q]);
+            let ids = fe.used_ids(q, used[q].wrapping_sub(count), count);
+            let expected: Vec<u32> = order.iter().map(|&h| u32::from(h)).collect();
+            assert_eq!(ids, expected, "queue {q}, round {round}: used out of order");
+        }
+    }
+    served.stop();
+}
+
+/// Proto P1: a ring started (enabled, then its kick fd) before the frontend gives its call fd,
+/// with a request already available: the worker completes the request at once, while there is
+/// nowhere to signal. The call fd given afterwards must be signalled, or the driver never hears
+/// of that completion.
+#[test]
+fn a_completion_made_before_the_call_fd_arrives_is_signalled_on_it() {
+    let (served, mut fe) = Served::with_frontend(2);
+    // The device already runs (another ring started), so the new ring's request is served the
+    // moment the ring starts.
+    fe.start_queue(1);
+    fe.submit(1);
+    fe.wait_used(1, 1);
+    let vq = fe.set_up_ring(0);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.queues[0] = Some((vq, kick.try_clone().unwrap(), call.try_clone().unwrap()));
+    let status = fe.submit_with(0, Kick::Never);
+    fe.frontend.set_vring_enable(0, true).unwrap();
+    fe.frontend.set_vring_kick(0, &kick).unwrap();
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    assert!(
+        !fe.call_ready(0, 0),
+        "test bug: call fd signalled before it was given"
+    );
+    fe.frontend.set_vring_call(0, &call).unwrap();
+    assert!(
+        fe.call_ready(0, 5_000),
+        "the completion was never signalled on the call fd given after it"
+    );
+    served.stop();
+}
+
+/// Proto P4: SET_VRING_KICK with a new eventfd for a started, enabled ring. The new fd must be
+/// watched (the old one is closed by the backend): requests kicked on it are served. Polling is
+/// off, so only a kick can wake the worker.
+#[test]
+fn a_new_kick_fd_for_a_started_ring_is_watched() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    let new_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.frontend.set_vring_kick(0, &new_kick).unwrap();
+    // Handled once this answer comes.
+    fe.frontend.get_features().unwrap();
+    fe.queues[0].as_mut().unwrap().1 = new_kick;
+    // Let the worker go back to sleep after the ring's restart.
+    thread::sleep(Duration::from_millis(50));
+    for n in 2..=4 {
+        let status = fe.submit(0);
+        fe.wait_used(0, n);
+        assert_eq!(fe.status(status), 0);
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The ring still stops and drains normally.
+    let (fe, base) = fe.stop_ring_promptly(0);
+    assert_eq!(base, 4);
+    drop(fe);
+    served.stop();
+}
+
+/// Proto P2: SET_VRING_KICK with the invalid-FD flag (bit 8, "poll the ring instead") is
+/// refused at once (error ack, then the connection ends, as for every message the crate
+/// refuses) rather than acknowledged for a ring that would never start; the daemon serves the
+/// next connection.
+#[test]
+fn a_kick_without_an_fd_is_refused_at_once() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let served = Served::start(1);
+    let stream = UnixStream::connect(&served.socket).unwrap();
+    let mut frontend = Frontend::from_stream(stream.try_clone().unwrap(), 1);
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    assert!(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    const SET_VRING_KICK: u32 = 12;
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+    const NO_FD: u64 = 0x100;
+    let mut message = Vec::new();
+    message.extend_from_slice(&SET_VRING_KICK.to_le_bytes());
+    message.extend_from_slice(&(VERSION_1 | NEED_REPLY).to_le_bytes());
+    message.extend_from_slice(&8u32.to_le_bytes());
+    message.extend_from_slice(&NO_FD.to_le_bytes());
+    (&stream).write_all(&message).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 20];
+    (&stream).read_exact(&mut reply).unwrap();
+    let word = |i: usize| u32::from_le_bytes(reply[i..i + 4].try_into().unwrap());
+    assert_eq!(word(0), SET_VRING_KICK);
+    assert_ne!(word(4) & REPLY, 0);
+    let ack = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    assert_ne!(ack, 0, "a kick without an fd was acknowledged as success");
+    // The connection ends; the daemon serves the next one.
+    let mut rest = [0u8; 1];
+    assert!(matches!((&stream).read(&mut rest), Ok(0) | Err(_)));
+    drop(frontend);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
     served.stop();
 }
