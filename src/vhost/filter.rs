@@ -14,6 +14,10 @@
 //! way, by aiming it at a ring that does not exist: the crate would acknowledge it and never start
 //! the ring.
 //!
+//! SET_MEM_TABLE, ADD_MEM_REG and SET_LOG_BASE whose range runs past the end of its (regular)
+//! file are refused the same way (their size rewritten to 0): the crate would map them, and the
+//! first access past the file's end would kill the process with SIGBUS.
+//!
 //! It also lets the backend act on SET_VRING_ENABLE before the crate answers it (the crate has no
 //! hook for it): a ring being disabled takes no new request and its request in progress completes
 //! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
@@ -51,9 +55,12 @@ pub(crate) struct Rules {
 impl Rules {
     /// Rewrites `payload` of a request with code `code` if it must be refused; returns a
     /// description of what was refused.
-    fn apply(&self, code: u32, payload: &mut [u8]) -> Option<String> {
+    fn apply(&self, code: u32, payload: &mut [u8], files: &[File]) -> Option<String> {
         if code == FrontendReq::SET_VRING_KICK as u32 {
             return refuse_kick_without_fd(payload);
+        }
+        if let Some(refused) = refuse_mapping_past_file_end(code, payload, files) {
+            return Some(refused);
         }
         if code != FrontendReq::SET_VRING_NUM as u32 || payload.len() != 8 {
             return None;
@@ -102,6 +109,80 @@ fn refuse_kick_without_fd(payload: &mut [u8]) -> Option<String> {
     Some(format!(
         "SET_VRING_KICK without a kick fd (polling) on ring {index} refused: rings are served \
          only on kick eventfds"
+    ))
+}
+
+/// Bytes of a `VhostUserMemoryRegion` (guest address, size, user address, mmap offset).
+const MEMORY_REGION_SIZE: usize = 32;
+
+/// SET_MEM_TABLE, ADD_MEM_REG and SET_LOG_BASE hand the backend a file to map at an offset and
+/// size. vm-memory maps it without looking at the file's size, and a mapping past the end of a
+/// file is valid until touched: the first access beyond the file's last page (a guest request's
+/// buffer, a used ring, a dirty-page bit) raises SIGBUS and kills the whole process, every
+/// guest's disk with it. Such a message is refused instead: the size of each range that does
+/// not fit its regular file (memfd, tmpfs, hugetlbfs) is set to 0, which the crate refuses
+/// (error ack when asked for, then the end of the connection). Other kinds of fd are left to
+/// the crate. A frontend that shrinks its file after the mapping is not caught here.
+fn refuse_mapping_past_file_end(code: u32, payload: &mut [u8], files: &[File]) -> Option<String> {
+    // (what, offset of the size field, offset of the mmap offset field, index of the fd).
+    let mut ranges: Vec<(&str, usize, usize, usize)> = Vec::new();
+    if code == FrontendReq::SET_MEM_TABLE as u32 {
+        let count = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize;
+        if payload.len() != 8 + count.checked_mul(MEMORY_REGION_SIZE)? || files.len() != count {
+            return None; // malformed: the crate refuses it
+        }
+        for i in 0..count {
+            let region = 8 + i * MEMORY_REGION_SIZE;
+            ranges.push(("SET_MEM_TABLE region", region + 8, region + 24, i));
+        }
+    } else if code == FrontendReq::ADD_MEM_REG as u32 {
+        if payload.len() != 8 + MEMORY_REGION_SIZE || files.len() != 1 {
+            return None;
+        }
+        ranges.push(("ADD_MEM_REG region", 16, 32, 0));
+    } else if code == FrontendReq::SET_LOG_BASE as u32 {
+        if payload.len() != 16 || files.len() != 1 {
+            return None;
+        }
+        ranges.push(("SET_LOG_BASE log", 0, 8, 0));
+    } else {
+        return None;
+    }
+    let read = |payload: &[u8], at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            payload.get(at..at + 8)?.try_into().ok()?,
+        ))
+    };
+    let mut refused = Vec::new();
+    for (what, size_at, offset_at, fd) in ranges {
+        let (Some(size), Some(offset), Some(file)) = (
+            read(payload, size_at),
+            read(payload, offset_at),
+            files.get(fd),
+        ) else {
+            continue;
+        };
+        let Ok(metadata) = file.metadata() else {
+            continue;
+        };
+        if !metadata.file_type().is_file() {
+            continue;
+        }
+        let file_len = metadata.len();
+        if offset.checked_add(size).is_some_and(|end| end <= file_len) {
+            continue;
+        }
+        payload[size_at..size_at + 8].copy_from_slice(&0u64.to_le_bytes());
+        refused.push(format!(
+            "{what} {fd} maps {size} bytes at offset {offset} of a file of {file_len} bytes"
+        ));
+    }
+    if refused.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} refused: touching the part past the file's end would kill the backend (SIGBUS)",
+        refused.join("; ")
     ))
 }
 
@@ -172,8 +253,8 @@ impl FilteredConnection {
             connection.frontend.try_clone()?,
         );
         connection.threads.push(spawn("vhost-filter-in", move || {
-            forward(&to_backend.0, &to_backend.1, |code, payload| {
-                if let Some(refused) = rules.apply(code, payload) {
+            forward(&to_backend.0, &to_backend.1, |code, payload, files| {
+                if let Some(refused) = rules.apply(code, payload, files) {
                     tracing::warn!("frontend sent {refused}: refused");
                 }
                 if let Some((index, enable)) = vring_enable(code, payload) {
@@ -182,7 +263,7 @@ impl FilteredConnection {
             })
         })?);
         connection.threads.push(spawn("vhost-filter-out", move || {
-            forward(&to_frontend.0, &to_frontend.1, |_, _| {})
+            forward(&to_frontend.0, &to_frontend.1, |_, _, _| {})
         })?);
         Ok(connection)
     }
@@ -246,7 +327,7 @@ fn spawn(
 fn forward(
     from: &UnixStream,
     to: &UnixStream,
-    mut inspect: impl FnMut(u32, &mut [u8]),
+    mut inspect: impl FnMut(u32, &mut [u8], &[File]),
 ) -> io::Result<()> {
     let result = (|| -> io::Result<()> {
         let mut payload = vec![0u8; MAX_MSG_SIZE];
@@ -263,7 +344,7 @@ fn forward(
             }
             let body = &mut payload[..size];
             (&*from).read_exact(body)?;
-            inspect(code, body);
+            inspect(code, body, &files);
             send_all(to, &[&header, body], &files)?;
         }
     })();
@@ -364,6 +445,89 @@ mod tests {
         assert_eq!(vring_enable(other, &vring_num(2, 0)), None);
     }
 
+    fn memfd(len: u64) -> File {
+        // SAFETY: the name is a valid C string; the returned descriptor is checked and then
+        // owned by exactly one File.
+        let fd = unsafe { libc::memfd_create(c"filter-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    fn region(gpa: u64, size: u64, offset: u64) -> Vec<u8> {
+        [gpa, size, 0x7000_0000 + gpa, offset]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn word(payload: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(payload[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn mappings_past_the_end_of_their_file_get_a_size_the_crate_refuses() {
+        let rules = Rules {
+            max_queue_size: 1024,
+        };
+        const MIB: u64 = 1 << 20;
+        let files = [memfd(MIB), memfd(2 * MIB)];
+        // SET_MEM_TABLE: region 0 fits its file exactly; region 1 runs one page past its file.
+        let mut table = [2u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        table.extend(region(0, MIB, 0));
+        table.extend(region(MIB, 2 * MIB, 4096));
+        let code = FrontendReq::SET_MEM_TABLE as u32;
+        let why = rules.apply(code, &mut table, &files).expect("refused");
+        assert!(why.contains("region 1"), "{why}");
+        assert_eq!(
+            word(&table, 8 + 8),
+            MIB,
+            "the region that fits is untouched"
+        );
+        assert_eq!(word(&table, 8 + 32 + 8), 0, "the one past its file's end");
+        // Every region fits: forwarded unchanged.
+        let mut table = [2u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        table.extend(region(0, MIB, 0));
+        table.extend(region(MIB, MIB, MIB));
+        let before = table.clone();
+        assert!(rules.apply(code, &mut table, &files).is_none());
+        assert_eq!(table, before);
+        // An offset + size that overflows is refused too.
+        let mut table = [1u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        table.extend(region(0, MIB, u64::MAX - 10));
+        assert!(rules.apply(code, &mut table, &files[..1]).is_some());
+
+        // ADD_MEM_REG (8 bytes of padding, then the region).
+        let code = FrontendReq::ADD_MEM_REG as u32;
+        let mut single = [vec![0u8; 8], region(4 * MIB, MIB + 1, 0)].concat();
+        assert!(rules.apply(code, &mut single, &files[..1]).is_some());
+        assert_eq!(word(&single, 16), 0);
+        let mut single = [vec![0u8; 8], region(4 * MIB, MIB, 0)].concat();
+        assert!(rules.apply(code, &mut single, &files[..1]).is_none());
+        assert_eq!(word(&single, 16), MIB);
+
+        // SET_LOG_BASE (size, offset).
+        let code = FrontendReq::SET_LOG_BASE as u32;
+        let mut log = [(MIB / 2).to_le_bytes(), (MIB / 2 + 1).to_le_bytes()].concat();
+        assert!(rules.apply(code, &mut log, &files[..1]).is_some());
+        assert_eq!(word(&log, 0), 0);
+        let mut log = [(MIB / 2).to_le_bytes(), (MIB / 2).to_le_bytes()].concat();
+        assert!(rules.apply(code, &mut log, &files[..1]).is_none());
+
+        // Not a regular file (here an eventfd): left to the crate.
+        // SAFETY: eventfd(2) with valid flags; the result is checked and then owned once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let eventfd = unsafe { File::from_raw_fd(fd) };
+        let mut single = [vec![0u8; 8], region(4 * MIB, MIB, 0)].concat();
+        assert!(rules
+            .apply(FrontendReq::ADD_MEM_REG as u32, &mut single, &[eventfd])
+            .is_none());
+    }
+
     #[test]
     fn set_vring_kick_without_an_fd_is_aimed_at_a_ring_that_does_not_exist() {
         let rules = Rules {
@@ -371,16 +535,16 @@ mod tests {
         };
         let code = FrontendReq::SET_VRING_KICK as u32;
         let mut payload = (0x100u64 | 3).to_le_bytes();
-        assert!(rules.apply(code, &mut payload).is_some());
+        assert!(rules.apply(code, &mut payload, &[]).is_some());
         assert_eq!(u64::from_le_bytes(payload), 0x1ff);
         // With an fd (flag clear): unchanged.
         let mut payload = 3u64.to_le_bytes();
-        assert!(rules.apply(code, &mut payload).is_none());
+        assert!(rules.apply(code, &mut payload, &[]).is_none());
         assert_eq!(u64::from_le_bytes(payload), 3);
         // SET_VRING_CALL without an fd is legitimate (the driver polls the used ring).
         let mut payload = (0x100u64 | 3).to_le_bytes();
         assert!(rules
-            .apply(FrontendReq::SET_VRING_CALL as u32, &mut payload)
+            .apply(FrontendReq::SET_VRING_CALL as u32, &mut payload, &[])
             .is_none());
         assert_eq!(u64::from_le_bytes(payload), 0x103);
     }
@@ -393,18 +557,18 @@ mod tests {
         let code = FrontendReq::SET_VRING_NUM as u32;
         for num in [1u32, 2, 64, 1024] {
             let mut payload = vring_num(3, num);
-            assert!(rules.apply(code, &mut payload).is_none(), "{num}");
+            assert!(rules.apply(code, &mut payload, &[]).is_none(), "{num}");
             assert_eq!(payload, vring_num(3, num), "{num} forwarded unchanged");
         }
         for num in [0u32, 3, 100, 1023, 2048, u32::MAX] {
             let mut payload = vring_num(3, num);
-            assert!(rules.apply(code, &mut payload).is_some(), "{num}");
+            assert!(rules.apply(code, &mut payload, &[]).is_some(), "{num}");
             assert_eq!(payload, vring_num(3, 0), "{num} rewritten");
         }
         // Other messages with the same payload shape are untouched.
         let mut payload = vring_num(0, 3);
         assert!(rules
-            .apply(FrontendReq::SET_VRING_BASE as u32, &mut payload)
+            .apply(FrontendReq::SET_VRING_BASE as u32, &mut payload, &[])
             .is_none());
         assert_eq!(payload, vring_num(0, 3));
     }
