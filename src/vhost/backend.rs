@@ -128,8 +128,10 @@ pub struct ConnectionBackend<D: Device> {
     /// Each queue's polling window (locked by its worker only).
     poll: Vec<Mutex<PollWindow>>,
     /// Set when the connection ends: workers stop polling at once (their exit event is only
-    /// seen once they are back in their event loop).
-    polling_ended: AtomicBool,
+    /// seen once they are back in their event loop), start no new batch, and a resume waiting
+    /// for the writer lock gives up (the crate does not stop the rings on a disconnect, so they
+    /// still look started).
+    connection_ended: AtomicBool,
 }
 
 impl<D: Device> ConnectionBackend<D> {
@@ -149,7 +151,7 @@ impl<D: Device> ConnectionBackend<D> {
             exit_fds: Mutex::new(Vec::new()),
             poll_max: Duration::ZERO,
             poll: Vec::new(),
-            polling_ended: AtomicBool::new(false),
+            connection_ended: AtomicBool::new(false),
         }
     }
 
@@ -162,10 +164,10 @@ impl<D: Device> ConnectionBackend<D> {
         self
     }
 
-    /// Ends every worker's polling for good: call when the connection is over, before the
-    /// workers are stopped and joined.
-    pub fn end_polling(&self) {
-        self.polling_ended.store(true, Ordering::Release);
+    /// Tells the workers that the connection is over: they stop polling, take no new batch and
+    /// stop waiting for the writer lock. Call it before the workers are stopped and joined.
+    pub fn end_connection(&self) {
+        self.connection_ended.store(true, Ordering::Release);
     }
 
     /// Each queue's polling counters (empty when polling is off).
@@ -263,9 +265,15 @@ impl<D: Device> ConnectionBackend<D> {
         queue < MAX_QUEUES && self.disabling.load(Ordering::Acquire) & (1 << queue) != 0
     }
 
-    /// [`Self::ring_is_live`], and no disable of the queue pending.
+    /// [`Self::ring_is_live`], no disable of the queue pending, and the connection still open.
+    /// A worker serves the queue and resumes the device (possibly waiting for the writer lock
+    /// held by a migration source) only while this holds: a frontend that went away while its
+    /// device waited for the lock must not have its queued requests executed later, nor keep
+    /// the daemon from serving the next connection for the length of the wait.
     fn queue_is_live(&self, queue: usize, vring: &Vring) -> bool {
-        !self.disabling(queue) && Self::ring_is_live(vring)
+        !self.disabling(queue)
+            && !self.connection_ended.load(Ordering::Acquire)
+            && Self::ring_is_live(vring)
     }
 
     /// Serves queue `queue` after an event on its ring: executes what is available, then polls
@@ -415,7 +423,7 @@ impl<D: Device> ConnectionBackend<D> {
                         || !ring.ready()
                         || !state.is_enabled()
                         || self.disabling(queue)
-                        || self.polling_ended.load(Ordering::Acquire)
+                        || self.connection_ended.load(Ordering::Acquire)
                     {
                         return Polled::Stopped;
                     }

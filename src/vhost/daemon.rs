@@ -362,7 +362,7 @@ impl<D: Device> Daemon<D> {
         tracing::info!("frontend connected (connection {number})");
         let (pause_detector_stop, pause_detector) = spawn_pause_detector(Arc::clone(&backend));
         let result = daemon.wait();
-        backend.end_polling();
+        backend.end_connection();
         *lock(&self.control.current) = None;
         drop(pause_detector_stop);
         if let Some(handle) = pause_detector {

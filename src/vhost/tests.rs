@@ -49,6 +49,11 @@ struct FakeDevice {
     /// is set, block until it is cleared (None: every request is quick).
     slow_after: Mutex<Option<usize>>,
     hold_slow: AtomicBool,
+    /// Another process holds the image's writer lock: a resume waits for it (up to 20 s, as
+    /// `--wait-lock` does) and fails while it is held.
+    lock_held: AtomicBool,
+    /// Waits for the writer lock started.
+    lock_waits: AtomicUsize,
 }
 
 impl FakeDevice {
@@ -125,10 +130,18 @@ impl Device for FakeDevice {
         Ok(())
     }
 
+    fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {
+        self.lock_waits.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.lock_held.load(Ordering::SeqCst) && keep_waiting() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn resume(&self) -> Result<(), ImageError> {
         let delay = *self.resume_delay.lock().unwrap();
         thread::sleep(delay);
-        if self.fail_resume.load(Ordering::SeqCst) {
+        if self.fail_resume.load(Ordering::SeqCst) || self.lock_held.load(Ordering::SeqCst) {
             self.events.lock().unwrap().push("resume-failed");
             return Err(ImageError::Locked);
         }
@@ -1615,5 +1628,48 @@ fn a_kick_without_an_fd_is_refused_at_once() {
     let status = fe.submit(0);
     fe.wait_used(0, 1);
     assert_eq!(fe.status(status), 0);
+    served.stop();
+}
+
+/// Proto P8: a frontend that disconnects while its device waits for the writer lock (a
+/// migration destination whose QEMU gives up while the source still runs). The worker must stop
+/// waiting at once: the next connection is served promptly, and the gone guest's queued request
+/// is never executed (neither with an I/O error after the wait, nor on the disk once the lock
+/// comes free).
+#[test]
+fn a_disconnect_ends_the_wait_for_the_writer_lock() {
+    let served = Served::start(1);
+    served.device().lock_held.store(true, Ordering::SeqCst);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    wait_for("the resume to wait for the lock", || {
+        served.device().lock_waits.load(Ordering::SeqCst) == 1
+    });
+    drop(fe);
+    // The next frontend is answered while the lock is still held elsewhere.
+    let socket = served.socket.clone();
+    let fe = within(
+        Duration::from_secs(5),
+        "the next connection's set-up",
+        move || TestFrontend::connect(&socket, 1),
+    );
+    assert_eq!(
+        served.device().processed.load(Ordering::SeqCst),
+        0,
+        "the gone frontend's request was executed"
+    );
+    assert!(
+        served.device().events().is_empty(),
+        "resumed for a gone frontend"
+    );
+    // The lock comes free: the new frontend's device resumes and serves it.
+    served.device().lock_held.store(false, Ordering::SeqCst);
+    let mut fe = fe;
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(served.device().processed.load(Ordering::SeqCst), 1);
     served.stop();
 }
