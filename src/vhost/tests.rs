@@ -1673,3 +1673,24 @@ fn a_disconnect_ends_the_wait_for_the_writer_lock() {
     assert_eq!(served.device().processed.load(Ordering::SeqCst), 1);
     served.stop();
 }
+
+/// Proto P8, SIGTERM variant: stopping the daemon (what SIGTERM does) while a connected
+/// frontend's device waits for the writer lock ends at once (vhost-user.rst: a backend ends as
+/// quickly as possible on SIGTERM), without executing the queued request.
+#[test]
+fn stopping_the_daemon_ends_the_wait_for_the_writer_lock() {
+    let served = Served::start(1);
+    served.device().lock_held.store(true, Ordering::SeqCst);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    wait_for("the resume to wait for the lock", || {
+        served.device().lock_waits.load(Ordering::SeqCst) == 1
+    });
+    let disk = Arc::clone(&served.disk);
+    within(Duration::from_secs(5), "the daemon's stop", move || {
+        served.stop();
+    });
+    assert_eq!(disk.device().processed.load(Ordering::SeqCst), 0);
+    drop(fe);
+}
