@@ -600,6 +600,16 @@ impl<D: Device> ControlHooks for ConnectionBackend<D> {
             drop(self.disk.gate(queue));
         }
     }
+
+    /// SET_FEATURES without PROTOCOL_FEATURES enables every ring (the crate does so as it
+    /// handles the message): the disables asked for earlier on this connection are void, or a
+    /// frontend that disabled a ring, sent RESET_OWNER and set the connection up again without
+    /// PROTOCOL_FEATURES would never have that ring served.
+    fn features_set(&self, features: u64) {
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            self.disabling.store(0, Ordering::Release);
+        }
+    }
 }
 
 /// How a [`ConnectionBackend::process_available`] pass ended.

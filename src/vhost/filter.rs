@@ -192,6 +192,20 @@ pub(crate) trait ControlHooks: Send + Sync + 'static {
     /// so the crate's reply (the frontend's signal that the ring is disabled) can wait for what
     /// this does (draining the ring's request in progress).
     fn vring_enable(&self, index: u32, enable: bool);
+
+    /// SET_FEATURES with `features`, before the crate handles it. Without
+    /// VHOST_USER_F_PROTOCOL_FEATURES every ring is enabled by this message (vhost-user.rst
+    /// "Ring states"), which ends any disable the frontend asked for earlier on this
+    /// connection (e.g. before a RESET_OWNER).
+    fn features_set(&self, features: u64);
+}
+
+/// The value of a SET_FEATURES payload; None for another message or a malformed one.
+fn set_features(code: u32, payload: &[u8]) -> Option<u64> {
+    if code != FrontendReq::SET_FEATURES as u32 {
+        return None;
+    }
+    Some(u64::from_le_bytes(<[u8; 8]>::try_from(payload).ok()?))
 }
 
 /// The ring index and value of a SET_VRING_ENABLE payload (`struct vhost_vring_state`); None
@@ -259,6 +273,9 @@ impl FilteredConnection {
                 }
                 if let Some((index, enable)) = vring_enable(code, payload) {
                     hooks.vring_enable(index, enable);
+                }
+                if let Some(features) = set_features(code, payload) {
+                    hooks.features_set(features);
                 }
             })
         })?);

@@ -1694,3 +1694,40 @@ fn stopping_the_daemon_ends_the_wait_for_the_writer_lock() {
     assert_eq!(disk.device().processed.load(Ordering::SeqCst), 0);
     drop(fe);
 }
+
+/// Proto P6: a ring disabled (SET_VRING_ENABLE 0) and stopped, then RESET_OWNER and the same
+/// connection set up again without PROTOCOL_FEATURES: SET_FEATURES enables every ring then
+/// (vhost-user.rst "Ring states"), so the ring is served again without any SET_VRING_ENABLE.
+#[test]
+fn a_reset_owner_then_a_set_up_without_protocol_features_serves_a_ring_disabled_before() {
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+    let (served, mut fe) = Served::with_frontend(1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    fe.frontend.set_vring_enable(0, false).unwrap();
+    let (mut fe, _) = fe.stop_ring_promptly(0);
+    fe.frontend.reset_owner().unwrap();
+    fe.frontend.set_owner().unwrap();
+    let features = fe.frontend.get_features().unwrap() & !PROTOCOL_FEATURES;
+    fe.frontend.set_features(features).unwrap();
+    fe.frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: 0x7000_0000,
+            mmap_offset: 0,
+            mmap_handle: fe._memfd.as_raw_fd(),
+        }])
+        .unwrap();
+    let vq = fe.set_up_ring(0);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.frontend.set_vring_call(0, &call).unwrap();
+    fe.frontend.set_vring_kick(0, &kick).unwrap();
+    fe.queues[0] = Some((vq, kick, call));
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    served.stop();
+}
