@@ -132,6 +132,10 @@ pub struct ConnectionBackend<D: Device> {
     /// for the writer lock gives up (the crate does not stop the rings on a disconnect, so they
     /// still look started).
     connection_ended: AtomicBool,
+    /// Set when the daemon ends the connection itself (a stop, a message the crate refused):
+    /// workers take no new request, so the requests in progress can be waited for and completed
+    /// before the frontend sees the connection end ([`ConnectionBackend::drain`]).
+    draining: AtomicBool,
 }
 
 impl<D: Device> ConnectionBackend<D> {
@@ -152,6 +156,7 @@ impl<D: Device> ConnectionBackend<D> {
             poll_max: Duration::ZERO,
             poll: Vec::new(),
             connection_ended: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -164,10 +169,32 @@ impl<D: Device> ConnectionBackend<D> {
         self
     }
 
-    /// Tells the workers that the connection is over: they stop polling, take no new batch and
-    /// stop waiting for the writer lock. Call it before the workers are stopped and joined.
+    /// Tells the workers that the connection is over: they stop polling, take no new request,
+    /// add nothing more to a used ring, and stop waiting for the writer lock. Call it before the
+    /// workers are stopped and joined.
     pub fn end_connection(&self) {
         self.connection_ended.store(true, Ordering::Release);
+    }
+
+    /// True once the frontend has left (or [`ConnectionBackend::end_connection`] was called).
+    pub fn connection_ended(&self) -> bool {
+        self.connection_ended.load(Ordering::Acquire)
+    }
+
+    /// Before the daemon closes a connection the frontend has not closed (a stop, SIGTERM, a
+    /// message the crate refused): workers take no new request, and this returns once the
+    /// requests in progress have completed (each queue's worker gives its gate back after its
+    /// request in progress). The frontend sees every completion before it sees the connection
+    /// end; a frontend that then restarts a ring at its used index (QEMU's reconnect) resubmits
+    /// exactly the requests never taken, and none is returned twice.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.disk.wait_for_requests_in_progress();
+    }
+
+    /// False once the connection ends or is being drained: no new request may be taken.
+    fn taking_requests(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && !self.connection_ended.load(Ordering::Acquire)
     }
 
     /// Each queue's polling counters (empty when polling is off).
@@ -271,9 +298,7 @@ impl<D: Device> ConnectionBackend<D> {
     /// device waited for the lock must not have its queued requests executed later, nor keep
     /// the daemon from serving the next connection for the length of the wait.
     fn queue_is_live(&self, queue: usize, vring: &Vring) -> bool {
-        !self.disabling(queue)
-            && !self.connection_ended.load(Ordering::Acquire)
-            && Self::ring_is_live(vring)
+        !self.disabling(queue) && self.taking_requests() && Self::ring_is_live(vring)
     }
 
     /// Serves queue `queue` after an event on its ring: executes what is available, then polls
@@ -401,6 +426,7 @@ impl<D: Device> ConnectionBackend<D> {
             || !state.get_queue().ready()
             || !state.is_enabled()
             || self.disabling(queue)
+            || !self.taking_requests()
         {
             return Err(());
         }
@@ -423,7 +449,7 @@ impl<D: Device> ConnectionBackend<D> {
                         || !ring.ready()
                         || !state.is_enabled()
                         || self.disabling(queue)
-                        || self.connection_ended.load(Ordering::Acquire)
+                        || !self.taking_requests()
                     {
                         return Polled::Stopped;
                     }
@@ -468,6 +494,10 @@ impl<D: Device> ConnectionBackend<D> {
                 if budget.executed >= MAX_REQUESTS_PER_EVENT {
                     break 'batch Batch::Bounded;
                 }
+                if !self.taking_requests() {
+                    // The connection ends: the rest of the ring is the frontend's to resubmit.
+                    break 'batch Batch::Stopped;
+                }
                 let (chain, ring) = match self.pop_chain(queue, vring) {
                     Pop::Chain(chain, ring) => (chain, ring),
                     Pop::Empty => break,
@@ -485,6 +515,16 @@ impl<D: Device> ConnectionBackend<D> {
                 }
                 let head = chain.head_index();
                 let used_len = self.disk.device().process_chain(chain, ring, acked);
+                if self.connection_ended.load(Ordering::Acquire) {
+                    // The frontend left while the request executed and may already have read
+                    // the used index to restart the ring from (QEMU does at once): completing
+                    // it now would return it a second time once it is resubmitted.
+                    tracing::debug!(
+                        "queue {queue}: request {head} executed after the frontend left: not \
+                         completed (the frontend resubmits it)"
+                    );
+                    break 'batch Batch::Stopped;
+                }
                 if let Err(e) = vring.add_used(head, used_len) {
                     // The used ring is unreachable (bad address from the frontend): nothing more
                     // can be completed on this ring until the frontend sets it up again.
@@ -599,6 +639,10 @@ impl<D: Device> ControlHooks for ConnectionBackend<D> {
             // The worker gives its gate back after the request in progress.
             drop(self.disk.gate(queue));
         }
+    }
+
+    fn frontend_gone(&self) {
+        self.connection_ended.store(true, Ordering::Release);
     }
 
     /// SET_FEATURES without PROTOCOL_FEATURES enables every ring (the crate does so as it

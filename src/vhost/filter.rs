@@ -198,6 +198,12 @@ pub(crate) trait ControlHooks: Send + Sync + 'static {
     /// "Ring states"), which ends any disable the frontend asked for earlier on this
     /// connection (e.g. before a RESET_OWNER).
     fn features_set(&self, features: u64);
+
+    /// The frontend closed the connection (or can no longer be written to). From now on the
+    /// ring state is the frontend's alone: QEMU, for one, restarts each ring at the used index
+    /// it reads at that moment, so the backend must not add anything to a used ring any more
+    /// (a request completed now would be returned twice after its resubmission).
+    fn frontend_gone(&self);
 }
 
 /// The value of a SET_FEATURES payload; None for another message or a malformed one.
@@ -266,27 +272,47 @@ impl FilteredConnection {
             connection.backend.try_clone()?,
             connection.frontend.try_clone()?,
         );
+        let in_hooks = std::sync::Arc::clone(&hooks);
         connection.threads.push(spawn("vhost-filter-in", move || {
-            forward(&to_backend.0, &to_backend.1, |code, payload, files| {
+            let (ended, result) = forward(&to_backend.0, &to_backend.1, |code, payload, files| {
                 if let Some(refused) = rules.apply(code, payload, files) {
                     tracing::warn!("frontend sent {refused}: refused");
                 }
                 if let Some((index, enable)) = vring_enable(code, payload) {
-                    hooks.vring_enable(index, enable);
+                    in_hooks.vring_enable(index, enable);
                 }
                 if let Some(features) = set_features(code, payload) {
-                    hooks.features_set(features);
+                    in_hooks.features_set(features);
                 }
-            })
+            });
+            if ended == Ended::Source {
+                frontend_left(&*in_hooks, &to_backend.0, &to_backend.1);
+            }
+            result
         })?);
         connection.threads.push(spawn("vhost-filter-out", move || {
-            forward(&to_frontend.0, &to_frontend.1, |_, _, _| {})
+            let (ended, result) = forward(&to_frontend.0, &to_frontend.1, |_, _, _| {});
+            if ended == Ended::Destination {
+                frontend_left(&*hooks, &to_frontend.1, &to_frontend.0);
+            }
+            result
         })?);
         Ok(connection)
     }
 
-    /// Ends both directions and waits for the filter's threads.
-    pub(crate) fn close(self) {
+    /// Ends both directions and waits for the filter's threads. Call it once the crate's end of
+    /// the connection is shut down: everything the crate wrote last (the error reply of a
+    /// message it refused) is forwarded to the frontend first, then the frontend's connection
+    /// is closed. When the crate ended the connection (a stop, a refused message) the frontend
+    /// is still connected until this call, so the daemon can first let the requests in
+    /// progress complete: nothing reaches a used ring after the frontend saw the end.
+    pub(crate) fn close(mut self) {
+        // The outbound thread (pushed second) ends at the end of the crate's stream.
+        if self.threads.len() == 2 {
+            if let Some(outbound) = self.threads.pop() {
+                let _ = outbound.join();
+            }
+        }
         let _ = self.frontend.shutdown(std::net::Shutdown::Both);
         let _ = self.backend.shutdown(std::net::Shutdown::Both);
         for thread in self.threads {
@@ -337,37 +363,56 @@ fn spawn(
         })
 }
 
+/// The frontend's end of the connection is gone: the backend is told (before the crate sees the
+/// end), and the crate's end is shut down so the crate ends the connection.
+fn frontend_left(hooks: &dyn ControlHooks, frontend: &UnixStream, backend: &UnixStream) {
+    hooks.frontend_gone();
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    let _ = backend.shutdown(std::net::Shutdown::Both);
+}
+
+/// Which side ended a [`forward`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The stream read from ended or failed.
+    Source,
+    /// Writing to the destination failed, or a message was forwarded that makes the destination
+    /// end the connection (a header announcing an impossible size).
+    Destination,
+}
+
 /// Forwards whole messages from `from` to `to`, each with the file descriptors that came with
-/// it, letting `inspect` rewrite a message's payload first. Ends (shutting both sockets down, so
-/// the peer threads and the crate see the end) at the end of `from`'s stream, on an error, or on
-/// a header whose size no vhost-user message may have (forwarded so the receiver refuses it).
+/// it, letting `inspect` rewrite a message's payload first. Ends at the end of `from`'s stream,
+/// on an error, or on a header whose size no vhost-user message may have (forwarded so the
+/// receiver refuses it), and says which side ended it. Shuts no socket down: what to do depends
+/// on the side (see [`FilteredConnection::establish`]).
 fn forward(
     from: &UnixStream,
     to: &UnixStream,
     mut inspect: impl FnMut(u32, &mut [u8], &[File]),
-) -> io::Result<()> {
-    let result = (|| -> io::Result<()> {
-        let mut payload = vec![0u8; MAX_MSG_SIZE];
-        loop {
-            let mut header = [0u8; HEADER_SIZE];
-            let Some(files) = receive_header(from, &mut header)? else {
-                return Ok(());
-            };
-            let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-            let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-            if size > MAX_MSG_SIZE {
-                send_all(to, &[&header], &files)?;
-                return Ok(());
-            }
-            let body = &mut payload[..size];
-            (&*from).read_exact(body)?;
-            inspect(code, body, &files);
-            send_all(to, &[&header, body], &files)?;
+) -> (Ended, io::Result<()>) {
+    let mut payload = vec![0u8; MAX_MSG_SIZE];
+    loop {
+        let mut header = [0u8; HEADER_SIZE];
+        let files = match receive_header(from, &mut header) {
+            Ok(Some(files)) => files,
+            Ok(None) => return (Ended::Source, Ok(())),
+            Err(e) => return (Ended::Source, Err(e)),
+        };
+        let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        if size > MAX_MSG_SIZE {
+            return (Ended::Destination, send_all(to, &[&header], &files));
         }
-    })();
-    let _ = from.shutdown(std::net::Shutdown::Both);
-    let _ = to.shutdown(std::net::Shutdown::Both);
-    result
+        let body = &mut payload[..size];
+        if let Err(e) = (&*from).read_exact(body) {
+            return (Ended::Source, Err(e));
+        }
+        inspect(code, body, &files);
+        if let Err(e) = send_all(to, &[&header, body], &files) {
+            return (Ended::Destination, Err(e));
+        }
+    }
 }
 
 /// Reads a message header and the file descriptors sent with it. `None` at the end of the

@@ -1731,3 +1731,99 @@ fn a_reset_owner_then_a_set_up_without_protocol_features_serves_a_ring_disabled_
     assert_eq!(fe.status(status), 0);
     served.stop();
 }
+
+/// Waits until the frontend's end of the connection is hung up by the backend.
+fn wait_for_hangup(fe: &TestFrontend) {
+    let mut pollfd = libc::pollfd {
+        fd: fe.frontend.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
+    assert_eq!(
+        ready, 1,
+        "the backend did not close the connection within 10 s"
+    );
+}
+
+/// The used ring's entries `0..count` name distinct heads.
+fn assert_no_head_returned_twice(fe: &TestFrontend, count: u16) {
+    let ids = fe.used_ids(0, 0, count);
+    let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a head returned twice: {ids:?}");
+}
+
+/// Proto P10: a stop (SIGTERM: a planned restart) with requests in flight. The frontend must see
+/// every completion before it sees the connection end, and nothing after: QEMU, on the close,
+/// restarts each ring at the used index it reads then, so a request completed later would be
+/// executed and returned a second time. The requests in progress complete; no new one is
+/// taken.
+#[test]
+fn a_stop_completes_the_requests_in_progress_before_closing_and_nothing_after() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    *served.device().delay.lock().unwrap() = Duration::from_millis(20);
+    fe.submit_burst(0, 32);
+    wait_for("a first completion", || fe.used_idx(0) >= 1);
+    let disk = Arc::clone(&served.disk);
+    let stopper = thread::spawn(move || served.stop());
+    wait_for_hangup(&fe);
+    let at_close = fe.used_idx(0);
+    stopper.join().unwrap();
+    let at_end = fe.used_idx(0);
+    assert_eq!(
+        at_end, at_close,
+        "requests completed after the connection closed"
+    );
+    assert!(
+        at_close < 32,
+        "test bug: everything completed before the stop"
+    );
+    assert_eq!(
+        disk.device().processed.load(Ordering::SeqCst),
+        usize::from(at_close),
+        "a request was executed but not completed before the close"
+    );
+    assert_no_head_returned_twice(&fe, at_end);
+}
+
+/// Proto P10, the frontend's side: the frontend closes the connection with requests in flight.
+/// The ring state is the frontend's from that moment: the request in progress is not completed
+/// (the frontend resubmits it), and no other one is taken.
+#[test]
+fn after_the_frontend_closes_nothing_more_is_completed() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    *served.device().delay.lock().unwrap() = Duration::from_millis(100);
+    fe.submit_burst(0, 8);
+    wait_for("a first completion", || fe.used_idx(0) >= 1);
+    // SAFETY: shutdown(2) on the frontend's connected socket, owned by `fe` and open.
+    let rc = unsafe { libc::shutdown(fe.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+    assert_eq!(rc, 0);
+    let at_close = fe.used_idx(0);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        fe.used_idx(0),
+        at_close,
+        "completed after the frontend left"
+    );
+    assert_no_head_returned_twice(&fe, at_close);
+    // The daemon serves the next frontend.
+    *served.device().delay.lock().unwrap() = Duration::ZERO;
+    let mut next = TestFrontend::connect(&served.socket, 1);
+    next.start_queue(0);
+    let status = next.submit(0);
+    next.wait_used(0, 1);
+    assert_eq!(next.status(status), 0);
+    drop(fe);
+    served.stop();
+}
