@@ -18,6 +18,11 @@
 //! file are refused the same way (their size rewritten to 0): the crate would map them, and the
 //! first access past the file's end would kill the process with SIGBUS.
 //!
+//! A frontend that negotiates REPLY_ACK without a GET_FEATURES on the connection (it knows our
+//! features from an earlier one) would get no acks from the crate, which honours REPLY_ACK only
+//! after answering a GET_FEATURES: the filter then asks GET_FEATURES itself before the
+//! SET_PROTOCOL_FEATURES and drops the answer.
+//!
 //! It also lets the backend act on SET_VRING_ENABLE before the crate answers it (the crate has no
 //! hook for it): a ring being disabled takes no new request and its request in progress completes
 //! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
@@ -35,6 +40,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use libc::{c_void, iovec};
@@ -273,6 +279,10 @@ impl FilteredConnection {
             connection.frontend.try_clone()?,
         );
         let in_hooks = std::sync::Arc::clone(&hooks);
+        // Replies to the filter's own GET_FEATURES not yet dropped (see `Verdict::prepend`).
+        let own_replies = std::sync::Arc::new(AtomicUsize::new(0));
+        let own_replies_out = std::sync::Arc::clone(&own_replies);
+        let mut get_features_seen = false;
         connection.threads.push(spawn("vhost-filter-in", move || {
             let (ended, result) = forward(&to_backend.0, &to_backend.1, |code, payload, files| {
                 if let Some(refused) = rules.apply(code, payload, files) {
@@ -284,6 +294,24 @@ impl FilteredConnection {
                 if let Some(features) = set_features(code, payload) {
                     in_hooks.features_set(features);
                 }
+                if code == FrontendReq::GET_FEATURES as u32 {
+                    get_features_seen = true;
+                } else if code == FrontendReq::SET_PROTOCOL_FEATURES as u32 && !get_features_seen {
+                    // The vhost crate honours REPLY_ACK only once it has answered a
+                    // GET_FEATURES on this connection (it checks the features it *sent*). A
+                    // frontend that knows our features from an earlier connection may skip
+                    // GET_FEATURES; vhost-user.rst makes the protocol features depend on the
+                    // bit being offered, not on the question being asked. Without its acks the
+                    // frontend would wait forever for the first NEED_REPLY answer: ask the
+                    // crate ourselves, and drop its answer.
+                    get_features_seen = true;
+                    own_replies.fetch_add(1, Ordering::AcqRel);
+                    return Verdict {
+                        prepend: Some(get_features_request()),
+                        drop: false,
+                    };
+                }
+                Verdict::default()
             });
             if ended == Ended::Source {
                 frontend_left(&*in_hooks, &to_backend.0, &to_backend.1);
@@ -291,7 +319,18 @@ impl FilteredConnection {
             result
         })?);
         connection.threads.push(spawn("vhost-filter-out", move || {
-            let (ended, result) = forward(&to_frontend.0, &to_frontend.1, |_, _, _| {});
+            let (ended, result) = forward(&to_frontend.0, &to_frontend.1, |code, _, _| {
+                // Replies come in the order of the requests: the first GET_FEATURES reply after
+                // the filter asked is the answer to its own question.
+                let own = code == FrontendReq::GET_FEATURES as u32
+                    && own_replies_out
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok();
+                Verdict {
+                    prepend: None,
+                    drop: own,
+                }
+            });
             if ended == Ended::Destination {
                 frontend_left(&*hooks, &to_frontend.1, &to_frontend.0);
             }
@@ -371,6 +410,26 @@ fn frontend_left(hooks: &dyn ControlHooks, frontend: &UnixStream, backend: &Unix
     let _ = backend.shutdown(std::net::Shutdown::Both);
 }
 
+/// What [`forward`] does with a message besides forwarding it.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// A message of the filter's own (a header without payload) to send before this one.
+    prepend: Option<[u8; HEADER_SIZE]>,
+    /// Drop the message instead of forwarding it (a reply to the filter's own message).
+    drop: bool,
+}
+
+/// Flags of a request header: protocol version 1.
+const VERSION_1_FLAGS: u32 = 0x1;
+
+/// A GET_FEATURES request (no payload).
+fn get_features_request() -> [u8; HEADER_SIZE] {
+    let mut header = [0u8; HEADER_SIZE];
+    header[0..4].copy_from_slice(&(FrontendReq::GET_FEATURES as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&VERSION_1_FLAGS.to_le_bytes());
+    header
+}
+
 /// Which side ended a [`forward`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ended {
@@ -389,7 +448,7 @@ enum Ended {
 fn forward(
     from: &UnixStream,
     to: &UnixStream,
-    mut inspect: impl FnMut(u32, &mut [u8], &[File]),
+    mut inspect: impl FnMut(u32, &mut [u8], &[File]) -> Verdict,
 ) -> (Ended, io::Result<()>) {
     let mut payload = vec![0u8; MAX_MSG_SIZE];
     loop {
@@ -408,7 +467,15 @@ fn forward(
         if let Err(e) = (&*from).read_exact(body) {
             return (Ended::Source, Err(e));
         }
-        inspect(code, body, &files);
+        let verdict = inspect(code, body, &files);
+        if let Some(own) = verdict.prepend {
+            if let Err(e) = send_all(to, &[&own], &[]) {
+                return (Ended::Destination, Err(e));
+            }
+        }
+        if verdict.drop {
+            continue;
+        }
         if let Err(e) = send_all(to, &[&header, body], &files) {
             return (Ended::Destination, Err(e));
         }

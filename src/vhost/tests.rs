@@ -1827,3 +1827,76 @@ fn after_the_frontend_closes_nothing_more_is_completed() {
     drop(fe);
     served.stop();
 }
+
+/// Proto P9: a frontend that knows the backend's features from an earlier connection and
+/// negotiates REPLY_ACK without sending GET_FEATURES on this one: its NEED_REPLY messages are
+/// acknowledged (vhost-user.rst REPLY_ACK), it does not wait forever.
+#[test]
+fn reply_ack_works_without_get_features_on_the_connection() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use vhost::vhost_user::message::FrontendReq;
+
+    let served = Served::start(1);
+    let features = {
+        let fe = TestFrontend::connect(&served.socket, 1);
+        fe.frontend.get_features().unwrap()
+    };
+    let stream = UnixStream::connect(&served.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    const VERSION_1: u32 = 0x1;
+    const NEED_REPLY: u32 = 0x8;
+    let message = |code: FrontendReq, flags: u32, payload: Option<u64>| -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(code as u32).to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&(if payload.is_some() { 8u32 } else { 0 }).to_le_bytes());
+        if let Some(value) = payload {
+            m.extend_from_slice(&value.to_le_bytes());
+        }
+        m
+    };
+    let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+    for m in [
+        message(FrontendReq::SET_OWNER, VERSION_1, None),
+        message(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            VERSION_1,
+            Some(reply_ack),
+        ),
+        message(
+            FrontendReq::SET_FEATURES,
+            VERSION_1 | NEED_REPLY,
+            Some(features),
+        ),
+    ] {
+        (&stream).write_all(&m).unwrap();
+    }
+    let mut reply = [0u8; 20];
+    (&stream)
+        .read_exact(&mut reply)
+        .expect("no acknowledgement of a NEED_REPLY message");
+    assert_eq!(
+        u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        FrontendReq::SET_FEATURES as u32,
+        "the frontend got a reply it did not ask for"
+    );
+    assert_eq!(u64::from_le_bytes(reply[12..20].try_into().unwrap()), 0);
+    // A GET_FEATURES of the frontend's own is answered normally afterwards.
+    (&stream)
+        .write_all(&message(FrontendReq::GET_FEATURES, VERSION_1, None))
+        .unwrap();
+    (&stream).read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        FrontendReq::GET_FEATURES as u32
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+        features
+    );
+    drop(stream);
+    served.stop();
+}
