@@ -1972,6 +1972,18 @@ fn case20_hostile_frontend_messages_are_rejected() {
             }),
         ),
         (
+            // Mapping it would succeed; the first access past the file's end would kill the
+            // backend with SIGBUS (proto review P7).
+            "a memory region larger than its file".into(),
+            Box::new(move |fe, gm| {
+                let mut a = region(gm);
+                a.memory_size = 64 << 20;
+                fe.set_mem_table(&[a])
+                    .map(|_| ())
+                    .map_err(vhost_err("SET_MEM_TABLE"))
+            }),
+        ),
+        (
             "a memory region whose mmap offset + size overflows".into(),
             Box::new(move |fe, gm| {
                 let mut a = region(gm);
@@ -2099,6 +2111,17 @@ fn case20_hostile_frontend_messages_are_rejected() {
             let mut r = region(gm);
             r.guest_phys_addr = u64::MAX - 0xFFF;
             r.memory_size = 0x2000;
+            fe.add_mem_region(&r)
+                .map(|_| ())
+                .map_err(vhost_err("ADD_MEM_REG"))
+        }),
+    ));
+    cases.push((
+        "ADD_MEM_REG of a region larger than its file".into(),
+        after_mem_table(move |fe, gm| {
+            let mut r = region(gm);
+            r.guest_phys_addr = 0x4000_0000;
+            r.memory_size = 64 << 20;
             fe.add_mem_region(&r)
                 .map(|_| ())
                 .map_err(vhost_err("ADD_MEM_REG"))

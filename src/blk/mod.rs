@@ -85,7 +85,8 @@ pub enum RequestError {
     /// The chain's layout breaks the virtio rules.
     #[error("malformed descriptor chain: {0}")]
     MalformedChain(&'static str),
-    /// A descriptor points outside guest memory, straddles two regions or overflows.
+    /// A descriptor points outside guest memory (wholly or in part: a hole between regions, past
+    /// the last one) or overflows.
     #[error("descriptor {addr:#x}+{len} is outside guest memory")]
     BadAddress {
         /// Guest address.

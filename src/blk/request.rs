@@ -17,7 +17,8 @@
 //!   (whose NEXT it ignores) cannot be refused on this path.
 //!
 //! Then, on the snapshot:
-//! - every buffer must lie inside one guest memory region (no u64 overflow, no straddling);
+//! - every byte of every buffer must be guest memory (no u64 overflow, no byte in a hole or past
+//!   the end; a buffer may span regions that are contiguous in guest-physical space);
 //! - the status byte is the last byte of the last descriptor, which must be device-writable;
 //!   without it no answer is possible and the chain is returned with used length 0;
 //! - the 16-byte header is gathered from the leading device-readable bytes (it may be split); the
@@ -41,7 +42,8 @@ pub const HEADER_SIZE: usize = 16;
 /// Size of one `struct virtio_blk_discard_write_zeroes`.
 pub const ZEROING_SEGMENT_SIZE: usize = 16;
 
-/// One guest buffer: an address range validated to lie inside one guest memory region.
+/// One guest buffer: an address range validated to be guest memory (it may span contiguous
+/// regions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestBuffer {
     /// Guest-physical start.
@@ -310,8 +312,15 @@ fn locate_status<G: GuestMemory + ?Sized>(
     })
 }
 
-/// True when `buf` is empty or lies inside one guest memory region (no u64 overflow, no
-/// straddling of two regions: the hostile-guest rules reject both).
+/// True when `buf` is empty or every byte of it is guest memory: no u64 overflow, no byte in a
+/// hole between regions or past the last one (the hostile-guest rules reject these).
+///
+/// A buffer may span several regions when they are contiguous in guest-physical space: a
+/// descriptor is a range of guest-physical memory (virtio 1.2 2.7.5), and how the frontend
+/// splits that memory into vhost-user regions (QEMU: one per memory backend, e.g. per NUMA node
+/// or hot-plugged DIMM) is invisible to the guest, whose block layer merges physically
+/// contiguous pages into one segment. Every copy to and from guest memory goes through
+/// vm-memory's `read_slice`/`write_slice`, which cross region boundaries.
 pub fn buffer_in_memory<G: GuestMemory + ?Sized>(mem: &G, buf: &GuestBuffer) -> bool {
     if buf.len == 0 {
         return true;
@@ -320,9 +329,24 @@ pub fn buffer_in_memory<G: GuestMemory + ?Sized>(mem: &G, buf: &GuestBuffer) -> 
         return false;
     };
     match mem.physical_memory() {
-        Some(physical) => physical
-            .find_region(buf.addr)
-            .is_some_and(|region| region.last_addr() >= last),
+        Some(physical) => {
+            // Each step moves to the region that starts right after the previous one ends, so
+            // the walk visits each region at most once.
+            let mut from = buf.addr;
+            loop {
+                let Some(region) = physical.find_region(from) else {
+                    return false;
+                };
+                let end = region.last_addr();
+                if end >= last {
+                    return true;
+                }
+                match end.checked_add(1) {
+                    Some(next) => from = next,
+                    None => return false,
+                }
+            }
+        }
         None => {
             let access = if buf.writable {
                 Permissions::ReadWrite

@@ -470,8 +470,12 @@ fn bad_buffer_addresses_are_rejected_without_access() {
         ("outside every region", desc(0x4000_0000, 512, W)),
         ("in the hole between regions", desc(0x70_0000, 512, W)),
         (
-            "straddling two adjacent regions",
-            desc(REGION_B.0 - 256, 512, W),
+            "from a region's end into the hole after it",
+            desc(REGION_B.0 + REGION_B.1 as u64 - 256, 512, W),
+        ),
+        (
+            "across two adjacent regions into the hole",
+            desc(REGION_B.0 - 256, REGION_B.1 as u32 + 512, W),
         ),
         ("running off the end of a region", desc(0x80_FF00, 512, W)),
         ("addr + len overflowing u64", desc(u64::MAX - 100, 512, W)),
@@ -482,6 +486,40 @@ fn bad_buffer_addresses_are_rejected_without_access() {
             Parsed::Rejected(STATUS, RequestError::BadAddress { .. }) => {}
             other => panic!("{name}: expected BadAddress, got {other:?}"),
         }
+    }
+}
+
+#[test]
+fn a_buffer_across_adjacent_regions_is_one_valid_buffer() {
+    // Regions A and B are contiguous in guest-physical space (as two memory backends of one
+    // guest are): a descriptor across their boundary is ordinary guest memory.
+    let mem = new_memory();
+    put_header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
+    let table = linked(&[
+        desc(HDR, 16, R),
+        desc(REGION_B.0 - 256, 512, W),
+        desc(STATUS, 1, W),
+    ]);
+    match parse(&mem, &table, 0) {
+        Parsed::Request(STATUS, header, data) => {
+            assert_eq!(header.request_type, VIRTIO_BLK_T_IN);
+            assert_eq!(data, vec![buf(REGION_B.0 - 256, 512, true)]);
+        }
+        other => panic!("expected a request, got {other:?}"),
+    }
+    // The same for the status byte's descriptor and a header split by the boundary.
+    put_header(&mem, REGION_B.0 - 8, VIRTIO_BLK_T_OUT, 3);
+    let table = linked(&[
+        desc(REGION_B.0 - 8, 16, R),
+        desc(DATA, 512, R),
+        desc(REGION_B.0 - 1, 2, W),
+    ]);
+    match parse(&mem, &table, 0) {
+        Parsed::Request(status, header, _) => {
+            assert_eq!(status, REGION_B.0);
+            assert_eq!((header.request_type, header.sector), (VIRTIO_BLK_T_OUT, 3));
+        }
+        other => panic!("expected a request, got {other:?}"),
     }
 }
 
@@ -741,6 +779,41 @@ fn scattered_data_and_status_sharing_a_data_descriptor_round_trip() {
 }
 
 #[test]
+fn data_across_adjacent_regions_round_trips() {
+    // A 64 KiB write whose one data descriptor spans the boundary of regions A and B, read back
+    // into a buffer spanning it at another offset: every byte crosses intact, both ways.
+    let fx = Fixture::new();
+    let len: u32 = 64 * 1024;
+    let bytes = pattern(21, len as usize);
+    let sector = 64;
+    let source = REGION_B.0 - 32 * 1024;
+    fx.mem.write_slice(&bytes, GuestAddress(source)).unwrap();
+    put_header(&fx.mem, HDR, VIRTIO_BLK_T_OUT, sector);
+    let table = linked(&[desc(HDR, 16, R), desc(source, len, R), desc(STATUS, 1, W)]);
+    assert_eq!(fx.run(&table), 1);
+    assert_eq!(status_at(&fx.mem, STATUS), OK, "write across the boundary");
+
+    let target = REGION_B.0 - 4096 - 512;
+    fx.mem
+        .write_slice(&vec![0u8; len as usize], GuestAddress(target))
+        .unwrap();
+    put_header(&fx.mem, HDR, VIRTIO_BLK_T_IN, sector);
+    let table = linked(&[desc(HDR, 16, R), desc(target, len, W), desc(STATUS, 1, W)]);
+    let mut before = Vec::new();
+    let used = fx.run_after(&table, || before = snapshot(&fx.mem));
+    assert_eq!(used, len + 1);
+    assert_eq!(status_at(&fx.mem, STATUS), OK, "read across the boundary");
+    let mut got = vec![0u8; len as usize];
+    fx.mem.read_slice(&mut got, GuestAddress(target)).unwrap();
+    assert!(got == bytes, "data read back across the boundary differ");
+    // Nothing outside the buffer and the status byte was written.
+    assert_unchanged_except(&fx.mem, &before, &[(target, u64::from(len)), (STATUS, 1)]);
+    // The disk holds exactly the range written.
+    assert_eq!(fx.read_disk(sector, len), bytes);
+    assert!(fx.read_disk(sector - 1, 512).iter().all(|&x| x == 0));
+}
+
+#[test]
 fn large_requests_cross_chunk_boundaries_intact() {
     // 2.5 MiB at an odd sector: many engine chunks, descriptor boundaries nowhere near them, and
     // read back through a different split.
@@ -832,7 +905,10 @@ fn hostile_addresses_fail_alone() {
     let fx = Fixture::new();
     for (name, bad) in [
         ("outside every region", desc(0x4000_0000, 512, W)),
-        ("straddling two regions", desc(REGION_B.0 - 256, 512, W)),
+        (
+            "from a region's end into a hole",
+            desc(REGION_B.0 + REGION_B.1 as u64 - 256, 512, W),
+        ),
         ("addr + len overflowing", desc(u64::MAX - 100, 512, W)),
     ] {
         put_header(&fx.mem, HDR, VIRTIO_BLK_T_IN, 0);

@@ -31,6 +31,7 @@ use vhost::vhost_user::message::{
 };
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_IN_ORDER;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -127,8 +128,14 @@ pub struct ConnectionBackend<D: Device> {
     /// Each queue's polling window (locked by its worker only).
     poll: Vec<Mutex<PollWindow>>,
     /// Set when the connection ends: workers stop polling at once (their exit event is only
-    /// seen once they are back in their event loop).
-    polling_ended: AtomicBool,
+    /// seen once they are back in their event loop), start no new batch, and a resume waiting
+    /// for the writer lock gives up (the crate does not stop the rings on a disconnect, so they
+    /// still look started).
+    connection_ended: AtomicBool,
+    /// Set when the daemon ends the connection itself (a stop, a message the crate refused):
+    /// workers take no new request, so the requests in progress can be waited for and completed
+    /// before the frontend sees the connection end ([`ConnectionBackend::drain`]).
+    draining: AtomicBool,
 }
 
 impl<D: Device> ConnectionBackend<D> {
@@ -148,7 +155,8 @@ impl<D: Device> ConnectionBackend<D> {
             exit_fds: Mutex::new(Vec::new()),
             poll_max: Duration::ZERO,
             poll: Vec::new(),
-            polling_ended: AtomicBool::new(false),
+            connection_ended: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -161,10 +169,32 @@ impl<D: Device> ConnectionBackend<D> {
         self
     }
 
-    /// Ends every worker's polling for good: call when the connection is over, before the
+    /// Tells the workers that the connection is over: they stop polling, take no new request,
+    /// add nothing more to a used ring, and stop waiting for the writer lock. Call it before the
     /// workers are stopped and joined.
-    pub fn end_polling(&self) {
-        self.polling_ended.store(true, Ordering::Release);
+    pub fn end_connection(&self) {
+        self.connection_ended.store(true, Ordering::Release);
+    }
+
+    /// True once the frontend has left (or [`ConnectionBackend::end_connection`] was called).
+    pub fn connection_ended(&self) -> bool {
+        self.connection_ended.load(Ordering::Acquire)
+    }
+
+    /// Before the daemon closes a connection the frontend has not closed (a stop, SIGTERM, a
+    /// message the crate refused): workers take no new request, and this returns once the
+    /// requests in progress have completed (each queue's worker gives its gate back after its
+    /// request in progress). The frontend sees every completion before it sees the connection
+    /// end; a frontend that then restarts a ring at its used index (QEMU's reconnect) resubmits
+    /// exactly the requests never taken, and none is returned twice.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.disk.wait_for_requests_in_progress();
+    }
+
+    /// False once the connection ends or is being drained: no new request may be taken.
+    fn taking_requests(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && !self.connection_ended.load(Ordering::Acquire)
     }
 
     /// Each queue's polling counters (empty when polling is off).
@@ -262,9 +292,13 @@ impl<D: Device> ConnectionBackend<D> {
         queue < MAX_QUEUES && self.disabling.load(Ordering::Acquire) & (1 << queue) != 0
     }
 
-    /// [`Self::ring_is_live`], and no disable of the queue pending.
+    /// [`Self::ring_is_live`], no disable of the queue pending, and the connection still open.
+    /// A worker serves the queue and resumes the device (possibly waiting for the writer lock
+    /// held by a migration source) only while this holds: a frontend that went away while its
+    /// device waited for the lock must not have its queued requests executed later, nor keep
+    /// the daemon from serving the next connection for the length of the wait.
     fn queue_is_live(&self, queue: usize, vring: &Vring) -> bool {
-        !self.disabling(queue) && Self::ring_is_live(vring)
+        !self.disabling(queue) && self.taking_requests() && Self::ring_is_live(vring)
     }
 
     /// Serves queue `queue` after an event on its ring: executes what is available, then polls
@@ -392,6 +426,7 @@ impl<D: Device> ConnectionBackend<D> {
             || !state.get_queue().ready()
             || !state.is_enabled()
             || self.disabling(queue)
+            || !self.taking_requests()
         {
             return Err(());
         }
@@ -414,7 +449,7 @@ impl<D: Device> ConnectionBackend<D> {
                         || !ring.ready()
                         || !state.is_enabled()
                         || self.disabling(queue)
-                        || self.polling_ended.load(Ordering::Acquire)
+                        || !self.taking_requests()
                     {
                         return Polled::Stopped;
                     }
@@ -459,6 +494,10 @@ impl<D: Device> ConnectionBackend<D> {
                 if budget.executed >= MAX_REQUESTS_PER_EVENT {
                     break 'batch Batch::Bounded;
                 }
+                if !self.taking_requests() {
+                    // The connection ends: the rest of the ring is the frontend's to resubmit.
+                    break 'batch Batch::Stopped;
+                }
                 let (chain, ring) = match self.pop_chain(queue, vring) {
                     Pop::Chain(chain, ring) => (chain, ring),
                     Pop::Empty => break,
@@ -476,6 +515,16 @@ impl<D: Device> ConnectionBackend<D> {
                 }
                 let head = chain.head_index();
                 let used_len = self.disk.device().process_chain(chain, ring, acked);
+                if self.connection_ended.load(Ordering::Acquire) {
+                    // The frontend left while the request executed and may already have read
+                    // the used index to restart the ring from (QEMU does at once): completing
+                    // it now would return it a second time once it is resubmitted.
+                    tracing::debug!(
+                        "queue {queue}: request {head} executed after the frontend left: not \
+                         completed (the frontend resubmits it)"
+                    );
+                    break 'batch Batch::Stopped;
+                }
                 if let Err(e) = vring.add_used(head, used_len) {
                     // The used ring is unreachable (bad address from the frontend): nothing more
                     // can be completed on this ring until the frontend sets it up again.
@@ -589,6 +638,20 @@ impl<D: Device> ControlHooks for ConnectionBackend<D> {
             self.disabling.fetch_or(bit, Ordering::AcqRel);
             // The worker gives its gate back after the request in progress.
             drop(self.disk.gate(queue));
+        }
+    }
+
+    fn frontend_gone(&self) {
+        self.connection_ended.store(true, Ordering::Release);
+    }
+
+    /// SET_FEATURES without PROTOCOL_FEATURES enables every ring (the crate does so as it
+    /// handles the message): the disables asked for earlier on this connection are void, or a
+    /// frontend that disabled a ring, sent RESET_OWNER and set the connection up again without
+    /// PROTOCOL_FEATURES would never have that ring served.
+    fn features_set(&self, features: u64) {
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            self.disabling.store(0, Ordering::Release);
         }
     }
 }
@@ -859,8 +922,22 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         self.queue_size
     }
 
+    /// The device's features plus what this layer guarantees itself: VIRTIO_F_IN_ORDER (virtio
+    /// 1.2, 6: buffers are used in the order they were made available). Each queue has one
+    /// worker, and it pops a chain, executes it to the end and adds it to the used ring before
+    /// it pops the next one ([`ConnectionBackend::process_available`], the only caller of
+    /// `add_used`); notification batching only delays the interrupt, never a used entry, and
+    /// nothing is completed later or from another thread (no deferred completion, no
+    /// completion by the control thread; a write-through or lost-write FLUSH completes in its
+    /// turn like any request). Offering it matters beyond the guest's optimisations:
+    /// cloud-hypervisor, reconnecting to a restarted backend, sets each ring's base to the
+    /// guest's *used* index only when IN_ORDER (or inflight tracking, which vhost-user-backend
+    /// lacks) was negotiated, and to the *available* index otherwise, skipping every request
+    /// the killed backend had not completed. Only split rings are offered
+    /// (VIRTIO_F_RING_PACKED is not), the layout virtio-queue serves.
     fn features(&self) -> u64 {
         self.disk.device().features()
+            | (1u64 << VIRTIO_F_IN_ORDER)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             // Dirty-page logging for live migration: guest memory carries a BitmapMmapRegion.
             | VhostUserVirtioFeatures::LOG_ALL.bits()

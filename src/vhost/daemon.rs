@@ -362,8 +362,19 @@ impl<D: Device> Daemon<D> {
         tracing::info!("frontend connected (connection {number})");
         let (pause_detector_stop, pause_detector) = spawn_pause_detector(Arc::clone(&backend));
         let result = daemon.wait();
-        backend.end_polling();
-        *lock(&self.control.current) = None;
+        // The crate's side of the connection is over; shut its socket down (the crate may still
+        // hold it open), so the filter sees the end of what the crate sent. Unless the frontend
+        // is the one that left, it is still connected (the filter holds its socket): the
+        // requests in progress complete and reach the used rings before it sees the end, and
+        // no new one is taken.
+        if let Some(crate_side) = lock(&self.control.current).take() {
+            crate_side.shutdown();
+        }
+        if !backend.connection_ended() {
+            backend.drain();
+        }
+        filter.close();
+        backend.end_connection();
         drop(pause_detector_stop);
         if let Some(handle) = pause_detector {
             let _ = handle.join();
@@ -378,7 +389,6 @@ impl<D: Device> Daemon<D> {
             )) => tracing::info!("frontend went away (connection {number})"),
             Err(e) => tracing::warn!("connection {number} ended: {e}"),
         }
-        filter.close();
         // Dropping the daemon stops and joins the worker threads (requests in progress finish).
         drop(daemon);
         backend.close_exit_fds();

@@ -196,6 +196,12 @@ impl<D: Device> SharedDisk<D> {
         gates
     }
 
+    /// Returns once no queue's worker is in the middle of a batch: each gives its gate back
+    /// after its request in progress while the gates are wanted.
+    pub(crate) fn wait_for_requests_in_progress(&self) {
+        drop(self.all_gates());
+    }
+
     /// Resumes the engine unless it runs already. `still_wanted` is checked under the lifecycle
     /// lock: a ring that was stopped meanwhile must not resume the engine.
     ///

@@ -10,6 +10,19 @@
 //! size: an error ack (when REPLY_ACK is negotiated and asked for) in the message's own place in
 //! the reply stream, and the end of the connection. Replies go back unchanged.
 //!
+//! A SET_VRING_KICK without a kick fd (the invalid-FD flag: "poll the ring") is refused the same
+//! way, by aiming it at a ring that does not exist: the crate would acknowledge it and never start
+//! the ring.
+//!
+//! SET_MEM_TABLE, ADD_MEM_REG and SET_LOG_BASE whose range runs past the end of its (regular)
+//! file are refused the same way (their size rewritten to 0): the crate would map them, and the
+//! first access past the file's end would kill the process with SIGBUS.
+//!
+//! A frontend that negotiates REPLY_ACK without a GET_FEATURES on the connection (it knows our
+//! features from an earlier one) would get no acks from the crate, which honours REPLY_ACK only
+//! after answering a GET_FEATURES: the filter then asks GET_FEATURES itself before the
+//! SET_PROTOCOL_FEATURES and drops the answer.
+//!
 //! It also lets the backend act on SET_VRING_ENABLE before the crate answers it (the crate has no
 //! hook for it): a ring being disabled takes no new request and its request in progress completes
 //! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
@@ -27,6 +40,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use libc::{c_void, iovec};
@@ -47,7 +61,13 @@ pub(crate) struct Rules {
 impl Rules {
     /// Rewrites `payload` of a request with code `code` if it must be refused; returns a
     /// description of what was refused.
-    fn apply(&self, code: u32, payload: &mut [u8]) -> Option<String> {
+    fn apply(&self, code: u32, payload: &mut [u8], files: &[File]) -> Option<String> {
+        if code == FrontendReq::SET_VRING_KICK as u32 {
+            return refuse_kick_without_fd(payload);
+        }
+        if let Some(refused) = refuse_mapping_past_file_end(code, payload, files) {
+            return Some(refused);
+        }
         if code != FrontendReq::SET_VRING_NUM as u32 || payload.len() != 8 {
             return None;
         }
@@ -71,12 +91,133 @@ impl Rules {
     }
 }
 
+/// The invalid-FD flag of a SET_VRING_KICK / SET_VRING_CALL payload (vhost-user.rst: no fd
+/// comes with the message; for a kick, the back-end is to poll the ring instead).
+const VRING_NOFD_FLAG: u64 = 0x100;
+/// A ring index no backend serves (the crate offers at most 64 queues): the crate refuses a
+/// SET_VRING_KICK for it.
+const REFUSED_RING_INDEX: u64 = 0xff;
+
+/// SET_VRING_KICK with the invalid-FD flag asks the backend to poll the ring. We do not poll a
+/// ring without a kick fd (a worker spinning for as long as the ring lives), and the crate would
+/// acknowledge the message and then never start the ring: the frontend would believe it started
+/// and its guest would hang. Rewriting the ring index to one that does not exist makes the crate
+/// refuse it (error ack when asked for, then the end of the connection, as for every message it
+/// refuses), so the frontend learns at once. libvhost-user does not poll either.
+fn refuse_kick_without_fd(payload: &mut [u8]) -> Option<String> {
+    let value = u64::from_le_bytes(<[u8; 8]>::try_from(&*payload).ok()?);
+    if value & VRING_NOFD_FLAG == 0 {
+        return None;
+    }
+    let index = value & 0xff;
+    let refused = (value & !0xff) | REFUSED_RING_INDEX;
+    payload.copy_from_slice(&refused.to_le_bytes());
+    Some(format!(
+        "SET_VRING_KICK without a kick fd (polling) on ring {index} refused: rings are served \
+         only on kick eventfds"
+    ))
+}
+
+/// Bytes of a `VhostUserMemoryRegion` (guest address, size, user address, mmap offset).
+const MEMORY_REGION_SIZE: usize = 32;
+
+/// SET_MEM_TABLE, ADD_MEM_REG and SET_LOG_BASE hand the backend a file to map at an offset and
+/// size. vm-memory maps it without looking at the file's size, and a mapping past the end of a
+/// file is valid until touched: the first access beyond the file's last page (a guest request's
+/// buffer, a used ring, a dirty-page bit) raises SIGBUS and kills the whole process, every
+/// guest's disk with it. Such a message is refused instead: the size of each range that does
+/// not fit its regular file (memfd, tmpfs, hugetlbfs) is set to 0, which the crate refuses
+/// (error ack when asked for, then the end of the connection). Other kinds of fd are left to
+/// the crate. A frontend that shrinks its file after the mapping is not caught here.
+fn refuse_mapping_past_file_end(code: u32, payload: &mut [u8], files: &[File]) -> Option<String> {
+    // (what, offset of the size field, offset of the mmap offset field, index of the fd).
+    let mut ranges: Vec<(&str, usize, usize, usize)> = Vec::new();
+    if code == FrontendReq::SET_MEM_TABLE as u32 {
+        let count = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?) as usize;
+        if payload.len() != 8 + count.checked_mul(MEMORY_REGION_SIZE)? || files.len() != count {
+            return None; // malformed: the crate refuses it
+        }
+        for i in 0..count {
+            let region = 8 + i * MEMORY_REGION_SIZE;
+            ranges.push(("SET_MEM_TABLE region", region + 8, region + 24, i));
+        }
+    } else if code == FrontendReq::ADD_MEM_REG as u32 {
+        if payload.len() != 8 + MEMORY_REGION_SIZE || files.len() != 1 {
+            return None;
+        }
+        ranges.push(("ADD_MEM_REG region", 16, 32, 0));
+    } else if code == FrontendReq::SET_LOG_BASE as u32 {
+        if payload.len() != 16 || files.len() != 1 {
+            return None;
+        }
+        ranges.push(("SET_LOG_BASE log", 0, 8, 0));
+    } else {
+        return None;
+    }
+    let read = |payload: &[u8], at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            payload.get(at..at + 8)?.try_into().ok()?,
+        ))
+    };
+    let mut refused = Vec::new();
+    for (what, size_at, offset_at, fd) in ranges {
+        let (Some(size), Some(offset), Some(file)) = (
+            read(payload, size_at),
+            read(payload, offset_at),
+            files.get(fd),
+        ) else {
+            continue;
+        };
+        let Ok(metadata) = file.metadata() else {
+            continue;
+        };
+        if !metadata.file_type().is_file() {
+            continue;
+        }
+        let file_len = metadata.len();
+        if offset.checked_add(size).is_some_and(|end| end <= file_len) {
+            continue;
+        }
+        payload[size_at..size_at + 8].copy_from_slice(&0u64.to_le_bytes());
+        refused.push(format!(
+            "{what} {fd} maps {size} bytes at offset {offset} of a file of {file_len} bytes"
+        ));
+    }
+    if refused.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} refused: touching the part past the file's end would kill the backend (SIGBUS)",
+        refused.join("; ")
+    ))
+}
+
 /// What the filter tells the backend before the crate handles a message.
 pub(crate) trait ControlHooks: Send + Sync + 'static {
     /// SET_VRING_ENABLE of ring `index` to `enable`. Runs before the message reaches the crate,
     /// so the crate's reply (the frontend's signal that the ring is disabled) can wait for what
     /// this does (draining the ring's request in progress).
     fn vring_enable(&self, index: u32, enable: bool);
+
+    /// SET_FEATURES with `features`, before the crate handles it. Without
+    /// VHOST_USER_F_PROTOCOL_FEATURES every ring is enabled by this message (vhost-user.rst
+    /// "Ring states"), which ends any disable the frontend asked for earlier on this
+    /// connection (e.g. before a RESET_OWNER).
+    fn features_set(&self, features: u64);
+
+    /// The frontend closed the connection (or can no longer be written to). From now on the
+    /// ring state is the frontend's alone: QEMU, for one, restarts each ring at the used index
+    /// it reads at that moment, so the backend must not add anything to a used ring any more
+    /// (a request completed now would be returned twice after its resubmission).
+    fn frontend_gone(&self);
+}
+
+/// The value of a SET_FEATURES payload; None for another message or a malformed one.
+fn set_features(code: u32, payload: &[u8]) -> Option<u64> {
+    if code != FrontendReq::SET_FEATURES as u32 {
+        return None;
+    }
+    Some(u64::from_le_bytes(<[u8; 8]>::try_from(payload).ok()?))
 }
 
 /// The ring index and value of a SET_VRING_ENABLE payload (`struct vhost_vring_state`); None
@@ -137,24 +278,80 @@ impl FilteredConnection {
             connection.backend.try_clone()?,
             connection.frontend.try_clone()?,
         );
+        let in_hooks = std::sync::Arc::clone(&hooks);
+        // Replies to the filter's own GET_FEATURES not yet dropped (see `Verdict::prepend`).
+        let own_replies = std::sync::Arc::new(AtomicUsize::new(0));
+        let own_replies_out = std::sync::Arc::clone(&own_replies);
+        let mut get_features_seen = false;
         connection.threads.push(spawn("vhost-filter-in", move || {
-            forward(&to_backend.0, &to_backend.1, |code, payload| {
-                if let Some(refused) = rules.apply(code, payload) {
+            let (ended, result) = forward(&to_backend.0, &to_backend.1, |code, payload, files| {
+                if let Some(refused) = rules.apply(code, payload, files) {
                     tracing::warn!("frontend sent {refused}: refused");
                 }
                 if let Some((index, enable)) = vring_enable(code, payload) {
-                    hooks.vring_enable(index, enable);
+                    in_hooks.vring_enable(index, enable);
                 }
-            })
+                if let Some(features) = set_features(code, payload) {
+                    in_hooks.features_set(features);
+                }
+                if code == FrontendReq::GET_FEATURES as u32 {
+                    get_features_seen = true;
+                } else if code == FrontendReq::SET_PROTOCOL_FEATURES as u32 && !get_features_seen {
+                    // The vhost crate honours REPLY_ACK only once it has answered a
+                    // GET_FEATURES on this connection (it checks the features it *sent*). A
+                    // frontend that knows our features from an earlier connection may skip
+                    // GET_FEATURES; vhost-user.rst makes the protocol features depend on the
+                    // bit being offered, not on the question being asked. Without its acks the
+                    // frontend would wait forever for the first NEED_REPLY answer: ask the
+                    // crate ourselves, and drop its answer.
+                    get_features_seen = true;
+                    own_replies.fetch_add(1, Ordering::AcqRel);
+                    return Verdict {
+                        prepend: Some(get_features_request()),
+                        drop: false,
+                    };
+                }
+                Verdict::default()
+            });
+            if ended == Ended::Source {
+                frontend_left(&*in_hooks, &to_backend.0, &to_backend.1);
+            }
+            result
         })?);
         connection.threads.push(spawn("vhost-filter-out", move || {
-            forward(&to_frontend.0, &to_frontend.1, |_, _| {})
+            let (ended, result) = forward(&to_frontend.0, &to_frontend.1, |code, _, _| {
+                // Replies come in the order of the requests: the first GET_FEATURES reply after
+                // the filter asked is the answer to its own question.
+                let own = code == FrontendReq::GET_FEATURES as u32
+                    && own_replies_out
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok();
+                Verdict {
+                    prepend: None,
+                    drop: own,
+                }
+            });
+            if ended == Ended::Destination {
+                frontend_left(&*hooks, &to_frontend.1, &to_frontend.0);
+            }
+            result
         })?);
         Ok(connection)
     }
 
-    /// Ends both directions and waits for the filter's threads.
-    pub(crate) fn close(self) {
+    /// Ends both directions and waits for the filter's threads. Call it once the crate's end of
+    /// the connection is shut down: everything the crate wrote last (the error reply of a
+    /// message it refused) is forwarded to the frontend first, then the frontend's connection
+    /// is closed. When the crate ended the connection (a stop, a refused message) the frontend
+    /// is still connected until this call, so the daemon can first let the requests in
+    /// progress complete: nothing reaches a used ring after the frontend saw the end.
+    pub(crate) fn close(mut self) {
+        // The outbound thread (pushed second) ends at the end of the crate's stream.
+        if self.threads.len() == 2 {
+            if let Some(outbound) = self.threads.pop() {
+                let _ = outbound.join();
+            }
+        }
         let _ = self.frontend.shutdown(std::net::Shutdown::Both);
         let _ = self.backend.shutdown(std::net::Shutdown::Both);
         for thread in self.threads {
@@ -205,37 +402,84 @@ fn spawn(
         })
 }
 
+/// The frontend's end of the connection is gone: the backend is told (before the crate sees the
+/// end), and the crate's end is shut down so the crate ends the connection.
+fn frontend_left(hooks: &dyn ControlHooks, frontend: &UnixStream, backend: &UnixStream) {
+    hooks.frontend_gone();
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    let _ = backend.shutdown(std::net::Shutdown::Both);
+}
+
+/// What [`forward`] does with a message besides forwarding it.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// A message of the filter's own (a header without payload) to send before this one.
+    prepend: Option<[u8; HEADER_SIZE]>,
+    /// Drop the message instead of forwarding it (a reply to the filter's own message).
+    drop: bool,
+}
+
+/// Flags of a request header: protocol version 1.
+const VERSION_1_FLAGS: u32 = 0x1;
+
+/// A GET_FEATURES request (no payload).
+fn get_features_request() -> [u8; HEADER_SIZE] {
+    let mut header = [0u8; HEADER_SIZE];
+    header[0..4].copy_from_slice(&(FrontendReq::GET_FEATURES as u32).to_le_bytes());
+    header[4..8].copy_from_slice(&VERSION_1_FLAGS.to_le_bytes());
+    header
+}
+
+/// Which side ended a [`forward`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// The stream read from ended or failed.
+    Source,
+    /// Writing to the destination failed, or a message was forwarded that makes the destination
+    /// end the connection (a header announcing an impossible size).
+    Destination,
+}
+
 /// Forwards whole messages from `from` to `to`, each with the file descriptors that came with
-/// it, letting `inspect` rewrite a message's payload first. Ends (shutting both sockets down, so
-/// the peer threads and the crate see the end) at the end of `from`'s stream, on an error, or on
-/// a header whose size no vhost-user message may have (forwarded so the receiver refuses it).
+/// it, letting `inspect` rewrite a message's payload first. Ends at the end of `from`'s stream,
+/// on an error, or on a header whose size no vhost-user message may have (forwarded so the
+/// receiver refuses it), and says which side ended it. Shuts no socket down: what to do depends
+/// on the side (see [`FilteredConnection::establish`]).
 fn forward(
     from: &UnixStream,
     to: &UnixStream,
-    mut inspect: impl FnMut(u32, &mut [u8]),
-) -> io::Result<()> {
-    let result = (|| -> io::Result<()> {
-        let mut payload = vec![0u8; MAX_MSG_SIZE];
-        loop {
-            let mut header = [0u8; HEADER_SIZE];
-            let Some(files) = receive_header(from, &mut header)? else {
-                return Ok(());
-            };
-            let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-            let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-            if size > MAX_MSG_SIZE {
-                send_all(to, &[&header], &files)?;
-                return Ok(());
-            }
-            let body = &mut payload[..size];
-            (&*from).read_exact(body)?;
-            inspect(code, body);
-            send_all(to, &[&header, body], &files)?;
+    mut inspect: impl FnMut(u32, &mut [u8], &[File]) -> Verdict,
+) -> (Ended, io::Result<()>) {
+    let mut payload = vec![0u8; MAX_MSG_SIZE];
+    loop {
+        let mut header = [0u8; HEADER_SIZE];
+        let files = match receive_header(from, &mut header) {
+            Ok(Some(files)) => files,
+            Ok(None) => return (Ended::Source, Ok(())),
+            Err(e) => return (Ended::Source, Err(e)),
+        };
+        let code = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let size = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        if size > MAX_MSG_SIZE {
+            return (Ended::Destination, send_all(to, &[&header], &files));
         }
-    })();
-    let _ = from.shutdown(std::net::Shutdown::Both);
-    let _ = to.shutdown(std::net::Shutdown::Both);
-    result
+        let body = &mut payload[..size];
+        if let Err(e) = (&*from).read_exact(body) {
+            return (Ended::Source, Err(e));
+        }
+        let verdict = inspect(code, body, &files);
+        if let Some(own) = verdict.prepend {
+            if let Err(e) = send_all(to, &[&own], &[]) {
+                return (Ended::Destination, Err(e));
+            }
+        }
+        if verdict.drop {
+            continue;
+        }
+        if let Err(e) = send_all(to, &[&header, body], &files) {
+            return (Ended::Destination, Err(e));
+        }
+    }
 }
 
 /// Reads a message header and the file descriptors sent with it. `None` at the end of the
@@ -330,6 +574,110 @@ mod tests {
         assert_eq!(vring_enable(other, &vring_num(2, 0)), None);
     }
 
+    fn memfd(len: u64) -> File {
+        // SAFETY: the name is a valid C string; the returned descriptor is checked and then
+        // owned by exactly one File.
+        let fd = unsafe { libc::memfd_create(c"filter-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    fn region(gpa: u64, size: u64, offset: u64) -> Vec<u8> {
+        [gpa, size, 0x7000_0000 + gpa, offset]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    fn word(payload: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(payload[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn mappings_past_the_end_of_their_file_get_a_size_the_crate_refuses() {
+        let rules = Rules {
+            max_queue_size: 1024,
+        };
+        const MIB: u64 = 1 << 20;
+        let files = [memfd(MIB), memfd(2 * MIB)];
+        // SET_MEM_TABLE: region 0 fits its file exactly; region 1 runs one page past its file.
+        let mut table = [2u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        table.extend(region(0, MIB, 0));
+        table.extend(region(MIB, 2 * MIB, 4096));
+        let code = FrontendReq::SET_MEM_TABLE as u32;
+        let why = rules.apply(code, &mut table, &files).expect("refused");
+        assert!(why.contains("region 1"), "{why}");
+        assert_eq!(
+            word(&table, 8 + 8),
+            MIB,
+            "the region that fits is untouched"
+        );
+        assert_eq!(word(&table, 8 + 32 + 8), 0, "the one past its file's end");
+        // Every region fits: forwarded unchanged.
+        let mut table = [2u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        table.extend(region(0, MIB, 0));
+        table.extend(region(MIB, MIB, MIB));
+        let before = table.clone();
+        assert!(rules.apply(code, &mut table, &files).is_none());
+        assert_eq!(table, before);
+        // An offset + size that overflows is refused too.
+        let mut table = [1u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        table.extend(region(0, MIB, u64::MAX - 10));
+        assert!(rules.apply(code, &mut table, &files[..1]).is_some());
+
+        // ADD_MEM_REG (8 bytes of padding, then the region).
+        let code = FrontendReq::ADD_MEM_REG as u32;
+        let mut single = [vec![0u8; 8], region(4 * MIB, MIB + 1, 0)].concat();
+        assert!(rules.apply(code, &mut single, &files[..1]).is_some());
+        assert_eq!(word(&single, 16), 0);
+        let mut single = [vec![0u8; 8], region(4 * MIB, MIB, 0)].concat();
+        assert!(rules.apply(code, &mut single, &files[..1]).is_none());
+        assert_eq!(word(&single, 16), MIB);
+
+        // SET_LOG_BASE (size, offset).
+        let code = FrontendReq::SET_LOG_BASE as u32;
+        let mut log = [(MIB / 2).to_le_bytes(), (MIB / 2 + 1).to_le_bytes()].concat();
+        assert!(rules.apply(code, &mut log, &files[..1]).is_some());
+        assert_eq!(word(&log, 0), 0);
+        let mut log = [(MIB / 2).to_le_bytes(), (MIB / 2).to_le_bytes()].concat();
+        assert!(rules.apply(code, &mut log, &files[..1]).is_none());
+
+        // Not a regular file (here an eventfd): left to the crate.
+        // SAFETY: eventfd(2) with valid flags; the result is checked and then owned once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let eventfd = unsafe { File::from_raw_fd(fd) };
+        let mut single = [vec![0u8; 8], region(4 * MIB, MIB, 0)].concat();
+        assert!(rules
+            .apply(FrontendReq::ADD_MEM_REG as u32, &mut single, &[eventfd])
+            .is_none());
+    }
+
+    #[test]
+    fn set_vring_kick_without_an_fd_is_aimed_at_a_ring_that_does_not_exist() {
+        let rules = Rules {
+            max_queue_size: 1024,
+        };
+        let code = FrontendReq::SET_VRING_KICK as u32;
+        let mut payload = (0x100u64 | 3).to_le_bytes();
+        assert!(rules.apply(code, &mut payload, &[]).is_some());
+        assert_eq!(u64::from_le_bytes(payload), 0x1ff);
+        // With an fd (flag clear): unchanged.
+        let mut payload = 3u64.to_le_bytes();
+        assert!(rules.apply(code, &mut payload, &[]).is_none());
+        assert_eq!(u64::from_le_bytes(payload), 3);
+        // SET_VRING_CALL without an fd is legitimate (the driver polls the used ring).
+        let mut payload = (0x100u64 | 3).to_le_bytes();
+        assert!(rules
+            .apply(FrontendReq::SET_VRING_CALL as u32, &mut payload, &[])
+            .is_none());
+        assert_eq!(u64::from_le_bytes(payload), 0x103);
+    }
+
     #[test]
     fn set_vring_num_sizes_that_are_not_powers_of_two_become_zero() {
         let rules = Rules {
@@ -338,18 +686,18 @@ mod tests {
         let code = FrontendReq::SET_VRING_NUM as u32;
         for num in [1u32, 2, 64, 1024] {
             let mut payload = vring_num(3, num);
-            assert!(rules.apply(code, &mut payload).is_none(), "{num}");
+            assert!(rules.apply(code, &mut payload, &[]).is_none(), "{num}");
             assert_eq!(payload, vring_num(3, num), "{num} forwarded unchanged");
         }
         for num in [0u32, 3, 100, 1023, 2048, u32::MAX] {
             let mut payload = vring_num(3, num);
-            assert!(rules.apply(code, &mut payload).is_some(), "{num}");
+            assert!(rules.apply(code, &mut payload, &[]).is_some(), "{num}");
             assert_eq!(payload, vring_num(3, 0), "{num} rewritten");
         }
         // Other messages with the same payload shape are untouched.
         let mut payload = vring_num(0, 3);
         assert!(rules
-            .apply(FrontendReq::SET_VRING_BASE as u32, &mut payload)
+            .apply(FrontendReq::SET_VRING_BASE as u32, &mut payload, &[])
             .is_none());
         assert_eq!(payload, vring_num(0, 3));
     }

@@ -14,7 +14,10 @@
 //! window (`serve --poll-max-us`, default 128 µs) with the driver's notifications off, then
 //! re-enables them and looks once more before it sleeps.
 //! No lock is shared by the queues on the data path: each worker holds only its own gate
-//! ([`SharedDisk`]).
+//! ([`SharedDisk`]). A queue's requests complete strictly in the order the driver made them
+//! available (one request at a time per queue), which is why VIRTIO_F_IN_ORDER is offered: with
+//! it negotiated, cloud-hypervisor restarts a ring at the guest's used index after a backend
+//! restart, so the requests the dead backend had not completed are served again.
 //!
 //! # Device lifecycle (I7, I8)
 //! | frontend does | backend does |
@@ -25,8 +28,8 @@
 //! | starts rings again (QEMU `cont`) | `resume` again |
 //! | SET_VRING_ENABLE 0 on every started ring, no GET_VRING_BASE (cloud-hypervisor pause) | before the crate answers (control filter): the ring takes no new request and its request in progress completes; the connection's pause detector, polling the rings' enabled state every 200 ms, then quiesces once every started ring is disabled |
 //! | SET_VRING_ENABLE 1 again (cloud-hypervisor resume) | the ring's worker runs and resumes the engine |
-//! | disconnects | workers stop after their request in progress; `quiesce`; the next connection is accepted |
-//! | (SIGTERM/SIGINT) | ends the connection, quiesces, closes the image (commit + checkpoint), exit 0 |
+//! | disconnects | workers take no new request and add nothing more to a used ring (the request in progress is left for the frontend to resubmit: QEMU restarts each ring at the used index it reads at the disconnect); `quiesce`; the next connection is accepted |
+//! | (SIGTERM/SIGINT) | workers take no new request; the requests in progress complete; only then is the connection closed (the frontend sees every completion before the end, none after); quiesces, closes the image (commit + checkpoint), exit 0 |
 //!
 //! A failed resume (lock held elsewhere, corrupt metadata) is logged; the guest's requests then
 //! fail with IOERR, and the resume is retried at most once a second while requests arrive.

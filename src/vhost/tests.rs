@@ -49,6 +49,11 @@ struct FakeDevice {
     /// is set, block until it is cleared (None: every request is quick).
     slow_after: Mutex<Option<usize>>,
     hold_slow: AtomicBool,
+    /// Another process holds the image's writer lock: a resume waits for it (up to 20 s, as
+    /// `--wait-lock` does) and fails while it is held.
+    lock_held: AtomicBool,
+    /// Waits for the writer lock started.
+    lock_waits: AtomicUsize,
 }
 
 impl FakeDevice {
@@ -125,10 +130,18 @@ impl Device for FakeDevice {
         Ok(())
     }
 
+    fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {
+        self.lock_waits.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.lock_held.load(Ordering::SeqCst) && keep_waiting() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn resume(&self) -> Result<(), ImageError> {
         let delay = *self.resume_delay.lock().unwrap();
         thread::sleep(delay);
-        if self.fail_resume.load(Ordering::SeqCst) {
+        if self.fail_resume.load(Ordering::SeqCst) || self.lock_held.load(Ordering::SeqCst) {
             self.events.lock().unwrap().push("resume-failed");
             return Err(ImageError::Locked);
         }
@@ -306,7 +319,9 @@ impl TestFrontend {
         }
     }
 
-    fn start_queue(&mut self, q: usize) {
+    /// Lays out queue `q`'s split ring in guest memory (zeroed) and sends SET_VRING_NUM,
+    /// SET_VRING_ADDR and SET_VRING_BASE 0: everything but the eventfds and the enable.
+    fn set_up_ring(&mut self, q: usize) -> RingAddresses {
         let start = GuestAddress(QUEUE_AREA * (q as u64 + 1));
         // Split virtqueue layout (virtio 1.2, 2.7): descriptor table, then the available ring
         // (flags, idx, ring[len], used_event), then the used ring 4-byte aligned.
@@ -337,13 +352,29 @@ impl TestFrontend {
             )
             .unwrap();
         self.frontend.set_vring_base(q, 0).unwrap();
+        self.submitted[q] = 0;
+        vq
+    }
+
+    fn start_queue(&mut self, q: usize) {
+        let vq = self.set_up_ring(q);
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         self.frontend.set_vring_call(q, &call).unwrap();
         self.frontend.set_vring_kick(q, &kick).unwrap();
         self.frontend.set_vring_enable(q, true).unwrap();
         self.queues[q] = Some((vq, kick, call));
-        self.submitted[q] = 0;
+        self.consume_start_notification(q);
+    }
+
+    /// The backend signals a new call fd once (a spurious notification for the driver, which
+    /// finds nothing new in the used ring): consumed here, once the backend has handled the
+    /// messages sent so far (a request with a reply is answered after them), so that tests
+    /// counting notifications count only those of completions.
+    fn consume_start_notification(&self, q: usize) {
+        self.frontend.get_features().unwrap();
+        let (_, _, call) = self.queues[q].as_ref().unwrap();
+        let _ = call.read();
     }
 
     /// Adds one request (a readable tag naming the queue, a writable status byte) and kicks.
@@ -1373,5 +1404,499 @@ fn no_interrupt_flag_without_event_idx_suppresses_notifications() {
         fe.call_ready(0, 10_000),
         "not notified with VRING_AVAIL_F_NO_INTERRUPT clear"
     );
+    served.stop();
+}
+
+/// VIRTIO_F_IN_ORDER (bit 35) and VIRTIO_F_RING_PACKED (bit 34).
+const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+
+impl TestFrontend {
+    /// Makes one single-descriptor request (a status byte) available per entry of `heads`, in
+    /// that order, then kicks once. Returns the status addresses by head.
+    fn submit_heads(&mut self, q: usize, heads: &[u16]) -> Vec<GuestAddress> {
+        let (rings, kick, _) = self.queues[q].as_ref().unwrap();
+        let base = BUFFER_AREA + 0x10_0000 + q as u64 * 0x1000;
+        let avail_idx = u16::from_le(self.mem.read_obj(GuestAddress(rings.avail.0 + 2)).unwrap());
+        let mut statuses = Vec::new();
+        for (i, &head) in heads.iter().enumerate() {
+            let status = GuestAddress(base + u64::from(head));
+            self.mem.write_obj(0xffu8, status).unwrap();
+            let desc =
+                RawDescriptor::from(SplitDescriptor::new(status.0, 1, VIRTQ_DESC_F_WRITE, 0));
+            self.mem
+                .write_obj(desc, GuestAddress(rings.desc.0 + 16 * u64::from(head)))
+                .unwrap();
+            let slot = avail_idx.wrapping_add(i as u16) % QUEUE_LEN;
+            self.mem
+                .write_obj(
+                    u16::to_le(head),
+                    GuestAddress(rings.avail.0 + 4 + 2 * u64::from(slot)),
+                )
+                .unwrap();
+            statuses.push(status);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(
+                u16::to_le(avail_idx.wrapping_add(heads.len() as u16)),
+                GuestAddress(rings.avail.0 + 2),
+            )
+            .unwrap();
+        self.submitted[q] = self.submitted[q].wrapping_add(heads.len() as u16);
+        kick.write(1).unwrap();
+        statuses
+    }
+
+    /// The ids of the used ring's entries `from..from + count`, in ring order.
+    fn used_ids(&self, q: usize, from: u16, count: u16) -> Vec<u32> {
+        let (rings, _, _) = self.queues[q].as_ref().unwrap();
+        (0..count)
+            .map(|i| {
+                let slot = from.wrapping_add(i) % QUEUE_LEN;
+                let id: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(rings.used.0 + 4 + 8 * u64::from(slot)))
+                    .unwrap();
+                u32::from_le(id)
+            })
+            .collect()
+    }
+}
+
+/// Proto P3: the backend offers VIRTIO_F_IN_ORDER (cloud-hypervisor restarts a ring at the used
+/// index only with it) and no packed ring, and a driver that negotiated it sees each queue's
+/// buffers used in exactly the order it made them available, with two queues busy at once and
+/// heads made available in an order unrelated to their numbers.
+#[test]
+fn in_order_is_offered_and_each_queue_uses_buffers_in_the_order_made_available() {
+    let served = Served::start(2);
+    let mut fe = TestFrontend::connect(&served.socket, 2);
+    let offered = fe.frontend.get_features().unwrap();
+    assert_ne!(
+        offered & VIRTIO_F_IN_ORDER,
+        0,
+        "VIRTIO_F_IN_ORDER not offered"
+    );
+    assert_eq!(offered & VIRTIO_F_RING_PACKED, 0, "packed rings offered");
+    // The harness accepts every offered feature: IN_ORDER is negotiated.
+    fe.start_queue(0);
+    fe.start_queue(1);
+    let count = QUEUE_LEN / 2;
+    let mut used = [0u16; 2];
+    for round in 0..4u16 {
+        // A different permutation of the heads per queue and round.
+        let orders: Vec<Vec<u16>> = (0..2u16)
+            .map(|q| {
+                (0..count)
+                    .map(|i| (i * 37 + round * 11 + q * 5) % count)
+                    .collect()
+            })
+            .collect();
+        for (q, order) in orders.iter().enumerate() {
+            assert_eq!(
+                order
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
+                usize::from(count),
+                "test bug: not a permutation"
+            );
+            fe.submit_heads(q, order);
+        }
+        for (q, order) in orders.iter().enumerate() {
+            used[q] = used[q].wrapping_add(count);
+            fe.wait_used(q, used[q]);
+            let ids = fe.used_ids(q, used[q].wrapping_sub(count), count);
+            let expected: Vec<u32> = order.iter().map(|&h| u32::from(h)).collect();
+            assert_eq!(ids, expected, "queue {q}, round {round}: used out of order");
+        }
+    }
+    served.stop();
+}
+
+/// Proto P1: a ring started (enabled, then its kick fd) before the frontend gives its call fd,
+/// with a request already available: the worker completes the request at once, while there is
+/// nowhere to signal. The call fd given afterwards must be signalled, or the driver never hears
+/// of that completion.
+#[test]
+fn a_completion_made_before_the_call_fd_arrives_is_signalled_on_it() {
+    let (served, mut fe) = Served::with_frontend(2);
+    // The device already runs (another ring started), so the new ring's request is served the
+    // moment the ring starts.
+    fe.start_queue(1);
+    fe.submit(1);
+    fe.wait_used(1, 1);
+    let vq = fe.set_up_ring(0);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.queues[0] = Some((vq, kick.try_clone().unwrap(), call.try_clone().unwrap()));
+    let status = fe.submit_with(0, Kick::Never);
+    fe.frontend.set_vring_enable(0, true).unwrap();
+    fe.frontend.set_vring_kick(0, &kick).unwrap();
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    assert!(
+        !fe.call_ready(0, 0),
+        "test bug: call fd signalled before it was given"
+    );
+    fe.frontend.set_vring_call(0, &call).unwrap();
+    assert!(
+        fe.call_ready(0, 5_000),
+        "the completion was never signalled on the call fd given after it"
+    );
+    served.stop();
+}
+
+/// Proto P4: SET_VRING_KICK with a new eventfd for a started, enabled ring. The new fd must be
+/// watched (the old one is closed by the backend): requests kicked on it are served. Polling is
+/// off, so only a kick can wake the worker.
+#[test]
+fn a_new_kick_fd_for_a_started_ring_is_watched() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    let new_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.frontend.set_vring_kick(0, &new_kick).unwrap();
+    // Handled once this answer comes.
+    fe.frontend.get_features().unwrap();
+    fe.queues[0].as_mut().unwrap().1 = new_kick;
+    // Let the worker go back to sleep after the ring's restart.
+    thread::sleep(Duration::from_millis(50));
+    for n in 2..=4 {
+        let status = fe.submit(0);
+        fe.wait_used(0, n);
+        assert_eq!(fe.status(status), 0);
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The ring still stops and drains normally.
+    let (fe, base) = fe.stop_ring_promptly(0);
+    assert_eq!(base, 4);
+    drop(fe);
+    served.stop();
+}
+
+/// Proto P2: SET_VRING_KICK with the invalid-FD flag (bit 8, "poll the ring instead") is
+/// refused at once (error ack, then the connection ends, as for every message the crate
+/// refuses) rather than acknowledged for a ring that would never start; the daemon serves the
+/// next connection.
+#[test]
+fn a_kick_without_an_fd_is_refused_at_once() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let served = Served::start(1);
+    let stream = UnixStream::connect(&served.socket).unwrap();
+    let mut frontend = Frontend::from_stream(stream.try_clone().unwrap(), 1);
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    assert!(protocol.contains(VhostUserProtocolFeatures::REPLY_ACK));
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    const SET_VRING_KICK: u32 = 12;
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    const NEED_REPLY: u32 = 0x8;
+    const NO_FD: u64 = 0x100;
+    let mut message = Vec::new();
+    message.extend_from_slice(&SET_VRING_KICK.to_le_bytes());
+    message.extend_from_slice(&(VERSION_1 | NEED_REPLY).to_le_bytes());
+    message.extend_from_slice(&8u32.to_le_bytes());
+    message.extend_from_slice(&NO_FD.to_le_bytes());
+    (&stream).write_all(&message).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reply = [0u8; 20];
+    (&stream).read_exact(&mut reply).unwrap();
+    let word = |i: usize| u32::from_le_bytes(reply[i..i + 4].try_into().unwrap());
+    assert_eq!(word(0), SET_VRING_KICK);
+    assert_ne!(word(4) & REPLY, 0);
+    let ack = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    assert_ne!(ack, 0, "a kick without an fd was acknowledged as success");
+    // The connection ends; the daemon serves the next one.
+    let mut rest = [0u8; 1];
+    assert!(matches!((&stream).read(&mut rest), Ok(0) | Err(_)));
+    drop(frontend);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    served.stop();
+}
+
+/// Proto P8: a frontend that disconnects while its device waits for the writer lock (a
+/// migration destination whose QEMU gives up while the source still runs). The worker must stop
+/// waiting at once: the next connection is served promptly, and the gone guest's queued request
+/// is never executed (neither with an I/O error after the wait, nor on the disk once the lock
+/// comes free).
+#[test]
+fn a_disconnect_ends_the_wait_for_the_writer_lock() {
+    let served = Served::start(1);
+    served.device().lock_held.store(true, Ordering::SeqCst);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    wait_for("the resume to wait for the lock", || {
+        served.device().lock_waits.load(Ordering::SeqCst) == 1
+    });
+    drop(fe);
+    // The next frontend is answered while the lock is still held elsewhere.
+    let socket = served.socket.clone();
+    let fe = within(
+        Duration::from_secs(5),
+        "the next connection's set-up",
+        move || TestFrontend::connect(&socket, 1),
+    );
+    assert_eq!(
+        served.device().processed.load(Ordering::SeqCst),
+        0,
+        "the gone frontend's request was executed"
+    );
+    assert!(
+        served.device().events().is_empty(),
+        "resumed for a gone frontend"
+    );
+    // The lock comes free: the new frontend's device resumes and serves it.
+    served.device().lock_held.store(false, Ordering::SeqCst);
+    let mut fe = fe;
+    fe.start_queue(0);
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    assert_eq!(served.device().processed.load(Ordering::SeqCst), 1);
+    served.stop();
+}
+
+/// Proto P8, SIGTERM variant: stopping the daemon (what SIGTERM does) while a connected
+/// frontend's device waits for the writer lock ends at once (vhost-user.rst: a backend ends as
+/// quickly as possible on SIGTERM), without executing the queued request.
+#[test]
+fn stopping_the_daemon_ends_the_wait_for_the_writer_lock() {
+    let served = Served::start(1);
+    served.device().lock_held.store(true, Ordering::SeqCst);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    fe.submit(0);
+    wait_for("the resume to wait for the lock", || {
+        served.device().lock_waits.load(Ordering::SeqCst) == 1
+    });
+    let disk = Arc::clone(&served.disk);
+    within(Duration::from_secs(5), "the daemon's stop", move || {
+        served.stop();
+    });
+    assert_eq!(disk.device().processed.load(Ordering::SeqCst), 0);
+    drop(fe);
+}
+
+/// Proto P6: a ring disabled (SET_VRING_ENABLE 0) and stopped, then RESET_OWNER and the same
+/// connection set up again without PROTOCOL_FEATURES: SET_FEATURES enables every ring then
+/// (vhost-user.rst "Ring states"), so the ring is served again without any SET_VRING_ENABLE.
+#[test]
+fn a_reset_owner_then_a_set_up_without_protocol_features_serves_a_ring_disabled_before() {
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+    let (served, mut fe) = Served::with_frontend(1);
+    fe.start_queue(0);
+    fe.submit(0);
+    fe.wait_used(0, 1);
+    fe.frontend.set_vring_enable(0, false).unwrap();
+    let (mut fe, _) = fe.stop_ring_promptly(0);
+    fe.frontend.reset_owner().unwrap();
+    fe.frontend.set_owner().unwrap();
+    let features = fe.frontend.get_features().unwrap() & !PROTOCOL_FEATURES;
+    fe.frontend.set_features(features).unwrap();
+    fe.frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: 0x7000_0000,
+            mmap_offset: 0,
+            mmap_handle: fe._memfd.as_raw_fd(),
+        }])
+        .unwrap();
+    let vq = fe.set_up_ring(0);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    fe.frontend.set_vring_call(0, &call).unwrap();
+    fe.frontend.set_vring_kick(0, &kick).unwrap();
+    fe.queues[0] = Some((vq, kick, call));
+    let status = fe.submit(0);
+    fe.wait_used(0, 1);
+    assert_eq!(fe.status(status), 0);
+    served.stop();
+}
+
+/// Waits until the frontend's end of the connection is hung up by the backend.
+fn wait_for_hangup(fe: &TestFrontend) {
+    let mut pollfd = libc::pollfd {
+        fd: fe.frontend.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is a valid, live pollfd array of length 1 for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 10_000) };
+    assert_eq!(
+        ready, 1,
+        "the backend did not close the connection within 10 s"
+    );
+}
+
+/// The used ring's entries `0..count` name distinct heads.
+fn assert_no_head_returned_twice(fe: &TestFrontend, count: u16) {
+    let ids = fe.used_ids(0, 0, count);
+    let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a head returned twice: {ids:?}");
+}
+
+/// Proto P10: a stop (SIGTERM: a planned restart) with requests in flight. The frontend must see
+/// every completion before it sees the connection end, and nothing after: QEMU, on the close,
+/// restarts each ring at the used index it reads then, so a request completed later would be
+/// executed and returned a second time. The requests in progress complete; no new one is
+/// taken.
+#[test]
+fn a_stop_completes_the_requests_in_progress_before_closing_and_nothing_after() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    *served.device().delay.lock().unwrap() = Duration::from_millis(20);
+    fe.submit_burst(0, 32);
+    wait_for("a first completion", || fe.used_idx(0) >= 1);
+    let disk = Arc::clone(&served.disk);
+    let stopper = thread::spawn(move || served.stop());
+    wait_for_hangup(&fe);
+    let at_close = fe.used_idx(0);
+    stopper.join().unwrap();
+    let at_end = fe.used_idx(0);
+    assert_eq!(
+        at_end, at_close,
+        "requests completed after the connection closed"
+    );
+    assert!(
+        at_close < 32,
+        "test bug: everything completed before the stop"
+    );
+    assert_eq!(
+        disk.device().processed.load(Ordering::SeqCst),
+        usize::from(at_close),
+        "a request was executed but not completed before the close"
+    );
+    assert_no_head_returned_twice(&fe, at_end);
+}
+
+/// Proto P10, the frontend's side: the frontend closes the connection with requests in flight.
+/// The ring state is the frontend's from that moment: the request in progress is not completed
+/// (the frontend resubmits it), and no other one is taken.
+#[test]
+fn after_the_frontend_closes_nothing_more_is_completed() {
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    *served.device().delay.lock().unwrap() = Duration::from_millis(100);
+    fe.submit_burst(0, 8);
+    wait_for("a first completion", || fe.used_idx(0) >= 1);
+    // SAFETY: shutdown(2) on the frontend's connected socket, owned by `fe` and open.
+    let rc = unsafe { libc::shutdown(fe.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+    assert_eq!(rc, 0);
+    let at_close = fe.used_idx(0);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        fe.used_idx(0),
+        at_close,
+        "completed after the frontend left"
+    );
+    assert_no_head_returned_twice(&fe, at_close);
+    // The daemon serves the next frontend.
+    *served.device().delay.lock().unwrap() = Duration::ZERO;
+    let mut next = TestFrontend::connect(&served.socket, 1);
+    next.start_queue(0);
+    let status = next.submit(0);
+    next.wait_used(0, 1);
+    assert_eq!(next.status(status), 0);
+    drop(fe);
+    served.stop();
+}
+
+/// Proto P9: a frontend that knows the backend's features from an earlier connection and
+/// negotiates REPLY_ACK without sending GET_FEATURES on this one: its NEED_REPLY messages are
+/// acknowledged (vhost-user.rst REPLY_ACK), it does not wait forever.
+#[test]
+fn reply_ack_works_without_get_features_on_the_connection() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use vhost::vhost_user::message::FrontendReq;
+
+    let served = Served::start(1);
+    let features = {
+        let fe = TestFrontend::connect(&served.socket, 1);
+        fe.frontend.get_features().unwrap()
+    };
+    let stream = UnixStream::connect(&served.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    const VERSION_1: u32 = 0x1;
+    const NEED_REPLY: u32 = 0x8;
+    let message = |code: FrontendReq, flags: u32, payload: Option<u64>| -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(code as u32).to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&(if payload.is_some() { 8u32 } else { 0 }).to_le_bytes());
+        if let Some(value) = payload {
+            m.extend_from_slice(&value.to_le_bytes());
+        }
+        m
+    };
+    let reply_ack = VhostUserProtocolFeatures::REPLY_ACK.bits();
+    for m in [
+        message(FrontendReq::SET_OWNER, VERSION_1, None),
+        message(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            VERSION_1,
+            Some(reply_ack),
+        ),
+        message(
+            FrontendReq::SET_FEATURES,
+            VERSION_1 | NEED_REPLY,
+            Some(features),
+        ),
+    ] {
+        (&stream).write_all(&m).unwrap();
+    }
+    let mut reply = [0u8; 20];
+    (&stream)
+        .read_exact(&mut reply)
+        .expect("no acknowledgement of a NEED_REPLY message");
+    assert_eq!(
+        u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        FrontendReq::SET_FEATURES as u32,
+        "the frontend got a reply it did not ask for"
+    );
+    assert_eq!(u64::from_le_bytes(reply[12..20].try_into().unwrap()), 0);
+    // A GET_FEATURES of the frontend's own is answered normally afterwards.
+    (&stream)
+        .write_all(&message(FrontendReq::GET_FEATURES, VERSION_1, None))
+        .unwrap();
+    (&stream).read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(reply[0..4].try_into().unwrap()),
+        FrontendReq::GET_FEATURES as u32
+    );
+    assert_eq!(
+        u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+        features
+    );
+    drop(stream);
     served.stop();
 }

@@ -1,5 +1,7 @@
 //! The ring type served: the crate's `VringMutex` (each ring behind its own mutex, taken only by
-//! its worker and the control thread) plus a check the crate does not make.
+//! its worker and the control thread) plus what the crate does not do: refuse invalid sizes
+//! (below), signal a new call fd once ([`Vring::set_call`]) and watch a new kick fd given to a
+//! started ring ([`Vring::set_kick`]).
 //!
 //! SET_VRING_NUM with a size that is not a power of two passes vhost-user-backend 0.24's range
 //! check, and virtio-queue's `set_size` then only logs and keeps the previous size: frontend and
@@ -14,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::{VringMutex, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::Error as QueueError;
+use virtio_queue::{Error as QueueError, QueueT};
 
 use super::device::GuestMemoryHandle;
 
@@ -131,7 +133,21 @@ impl VringT<GuestMemoryHandle> for Vring {
         self.inner.set_queue_ready(ready)
     }
 
+    /// SET_VRING_KICK. vhost-user-backend 0.24 watches a ring's kick fd only from the moment the
+    /// ring starts (its `set_vring_kick` registers the fd with the worker's epoll only when the
+    /// ring is not started yet), so a new kick fd given to a started ring would replace the
+    /// watched one (closing it drops it from the epoll set) and never be watched itself: the
+    /// ring would be deaf to the driver until stopped. vhost-user.rst puts no "stopped rings
+    /// only" condition on the message. Marking the ring not started before installing the fd
+    /// makes the crate, which checks that right after this call, start it again with the new
+    /// fd: it registers the fd (if the ring is enabled) and runs the worker once, so requests
+    /// kicked on the old fd meanwhile are served too. The worker, seeing the ring not started
+    /// for that instant, ends its current pass after the request in progress.
     fn set_kick(&self, file: Option<File>) {
+        if file.is_some() && self.inner.get_ref().get_queue().ready() {
+            tracing::debug!("new kick fd for a started ring: restarting the ring with it");
+            self.inner.set_queue_ready(false);
+        }
         self.inner.set_kick(file)
     }
 
@@ -139,8 +155,20 @@ impl VringT<GuestMemoryHandle> for Vring {
         self.inner.read_kick()
     }
 
+    /// SET_VRING_CALL. A new call fd is signalled once at once: the worker may have completed
+    /// requests while the ring had no call fd (a frontend that starts a ring with
+    /// SET_VRING_KICK before SET_VRING_CALL: vhost-user.rst mandates no order), and those
+    /// notifications went nowhere; the driver would wait for them forever. A spurious used
+    /// buffer notification is harmless (virtio 1.2 2.7.7.1: the driver MUST handle spurious
+    /// notifications); libvhost-user signals a new call fd for the same reason.
     fn set_call(&self, file: Option<File>) {
-        self.inner.set_call(file)
+        let installed = file.is_some();
+        self.inner.set_call(file);
+        if installed {
+            if let Err(e) = self.inner.signal_used_queue() {
+                tracing::warn!("cannot signal the ring's new call fd: {e}");
+            }
+        }
     }
 
     fn set_err(&self, file: Option<File>) {

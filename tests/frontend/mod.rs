@@ -93,6 +93,7 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 
 /// The features a well-behaved driver of these tests accepts when offered (as Linux does,
 /// EVENT_IDX included: the driver leaves used_event at 0 and polls the used ring).
@@ -802,6 +803,77 @@ impl Device {
                     fe.set_vring_enable(*i, true)
                         .map_err(err("SET_VRING_ENABLE"))?;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Connects again to a backend that was restarted (the old one was killed), as
+    /// cloud-hypervisor does (vu_common_ctrl.rs `reinitialize_vhost_user`): the same guest
+    /// memory, rings and eventfds, the features negotiated before; per ring SET_VRING_NUM, ADDR,
+    /// BASE, CALL, KICK, then ENABLE. The base is the guest's *used* index when
+    /// VIRTIO_F_IN_ORDER was negotiated (the requests after it are made available again) and its
+    /// *available* index otherwise (cloud-hypervisor's rule without inflight tracking).
+    pub fn reconnect_like_cloud_hypervisor(&mut self, socket: &Path) -> Result<(), String> {
+        let stream = connect_socket(socket)?;
+        let guard = stream.try_clone().map_err(err("dup socket"))?;
+        let (fe, _offered, acked, pf, _config) = guarded(&guard, "reconnection", || {
+            Self::negotiate_on(&stream, self.acked_features, 64)
+        })?;
+        if acked != self.acked_features {
+            return Err(format!(
+                "the restarted backend accepts features {acked:#x}, the guest negotiated {:#x}",
+                self.acked_features
+            ));
+        }
+        self.fe = fe;
+        self.stream = stream;
+        self.protocol_features = pf;
+        let in_order = acked & VIRTIO_F_IN_ORDER != 0;
+        let regions = self.gm.region_infos();
+        let rings: Vec<(usize, u16, u16, VringConfigData)> = self
+            .vqs
+            .iter()
+            .map(|vq| {
+                let base = if in_order {
+                    self.used_idx(vq.index)
+                } else {
+                    vq.avail_idx
+                };
+                (
+                    usize::from(vq.index),
+                    vq.size,
+                    base,
+                    VringConfigData {
+                        queue_max_size: vq.size,
+                        queue_size: vq.size,
+                        flags: 0,
+                        desc_table_addr: self.host_addr(vq.desc_gpa),
+                        used_ring_addr: self.host_addr(vq.used_gpa),
+                        avail_ring_addr: self.host_addr(vq.avail_gpa),
+                        log_addr: None,
+                    },
+                )
+            })
+            .collect();
+        let (fe, vqs) = (&mut self.fe, &self.vqs);
+        guarded(&guard, "restarting the rings", || {
+            fe.set_mem_table(&regions).map_err(err("SET_MEM_TABLE"))?;
+            for (i, size, _, _) in &rings {
+                fe.set_vring_num(*i, *size).map_err(err("SET_VRING_NUM"))?;
+            }
+            for ((i, _, base, cfg), vq) in rings.iter().zip(vqs) {
+                fe.set_vring_addr(*i, cfg).map_err(err("SET_VRING_ADDR"))?;
+                fe.set_vring_base(*i, *base)
+                    .map_err(err("SET_VRING_BASE"))?;
+                fe.set_vring_call(*i, &vq.call)
+                    .map_err(err("SET_VRING_CALL"))?;
+                fe.set_vring_kick(*i, &vq.kick)
+                    .map_err(err("SET_VRING_KICK"))?;
+            }
+            for (i, _, _, _) in &rings {
+                fe.set_vring_enable(*i, true)
+                    .map_err(err("SET_VRING_ENABLE"))?;
             }
             Ok(())
         })
