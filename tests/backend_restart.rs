@@ -73,6 +73,8 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
         queue_size: 128,
         driver_features: DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
         ring_base: 0,
+        ring_bases: Vec::new(),
+        leave_disabled: false,
     };
     let mut dev = Device::connect(&backend.socket(), &copts)
         .unwrap_or_else(|e| panic!("connect to the backend: {e}"));

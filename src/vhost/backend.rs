@@ -108,6 +108,9 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set once queue `q`'s start was checked for a restored ring index (cleared when
     /// the frontend stops the ring).
     notice_checked: AtomicU64,
+    /// A SET_VRING_BASE on this connection restored some ring at a non-zero index: the guest
+    /// ran before (a reconnect or a resume), whichever ring's worker starts first.
+    ring_restored_nonzero: AtomicBool,
     /// Bit `q` set from the frontend's SET_VRING_ENABLE 0 of queue `q` (seen by the control
     /// filter before the crate handles it) until its SET_VRING_ENABLE 1: the worker takes no new
     /// request from the ring.
@@ -150,6 +153,7 @@ impl<D: Device> ConnectionBackend<D> {
             acked_features: AtomicU64::new(0),
             started_queues: AtomicU64::new(0),
             notice_checked: AtomicU64::new(0),
+            ring_restored_nonzero: AtomicBool::new(false),
             disabling: AtomicU64::new(0),
             ring_fault_logged: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
@@ -347,10 +351,14 @@ impl<D: Device> ConnectionBackend<D> {
             }
             // A ring restored at a non-zero index belongs to a guest that ran before this device
             // start (QEMU reconnecting after a backend restart): any queue may be the one the
-            // guest used, so each one's first start after a resume asks.
+            // guest used, so each one's first start after a resume asks. The guest's next FLUSH
+            // may come on a queue it never used (restored at 0) and that queue's worker may start
+            // before the used one's: what any SET_VRING_BASE said counts too (QEMU restores
+            // every ring before it enables any).
             if queue < MAX_QUEUES
                 && self.notice_checked.fetch_or(bit, Ordering::AcqRel) & bit == 0
-                && vring.get_ref().get_queue().next_avail() != 0
+                && (vring.get_ref().get_queue().next_avail() != 0
+                    || self.ring_restored_nonzero.load(Ordering::Acquire))
             {
                 self.disk.device().ring_restored_mid_session();
             }
@@ -638,6 +646,12 @@ impl<D: Device> ControlHooks for ConnectionBackend<D> {
             self.disabling.fetch_or(bit, Ordering::AcqRel);
             // The worker gives its gate back after the request in progress.
             drop(self.disk.gate(queue));
+        }
+    }
+
+    fn vring_base_set(&self, base: u32) {
+        if base != 0 {
+            self.ring_restored_nonzero.store(true, Ordering::Release);
         }
     }
 

@@ -205,6 +205,10 @@ pub(crate) trait ControlHooks: Send + Sync + 'static {
     /// connection (e.g. before a RESET_OWNER).
     fn features_set(&self, features: u64);
 
+    /// SET_VRING_BASE with the ring's new index `base` (the crate validates the ring index).
+    /// Runs before the crate handles it, so before the ring can be enabled.
+    fn vring_base_set(&self, base: u32);
+
     /// The frontend closed the connection (or can no longer be written to). From now on the
     /// ring state is the frontend's alone: QEMU, for one, restarts each ring at the used index
     /// it reads at that moment, so the backend must not add anything to a used ring any more
@@ -232,6 +236,15 @@ fn vring_enable(code: u32, payload: &[u8]) -> Option<(u32, bool)> {
         1 => Some((index, true)),
         _ => None,
     }
+}
+
+/// The index of a SET_VRING_BASE payload (`struct vhost_vring_state`); None for another
+/// message or a malformed one (which the crate refuses).
+fn vring_base(code: u32, payload: &[u8]) -> Option<u32> {
+    if code != FrontendReq::SET_VRING_BASE as u32 || payload.len() != 8 {
+        return None;
+    }
+    Some(u32::from_le_bytes(payload[4..8].try_into().ok()?))
 }
 
 /// The two ends the filter joins, and its threads.
@@ -293,6 +306,9 @@ impl FilteredConnection {
                 }
                 if let Some(features) = set_features(code, payload) {
                     in_hooks.features_set(features);
+                }
+                if let Some(base) = vring_base(code, payload) {
+                    in_hooks.vring_base_set(base);
                 }
                 if code == FrontendReq::GET_FEATURES as u32 {
                     get_features_seen = true;

@@ -445,6 +445,11 @@ pub struct ConnectOptions {
     /// The rings' indexes at the start (SET_VRING_BASE, and the avail and used indexes in guest
     /// memory): non-zero for a guest that ran before, e.g. on a migration destination.
     pub ring_base: u16,
+    /// Per-queue overrides of `ring_base` (queue i uses `ring_bases[i]` when present).
+    pub ring_bases: Vec<u16>,
+    /// Set every ring up but enable none (with PROTOCOL_FEATURES): the test enables them with
+    /// [`Device::enable_queues`], after all of them are set up, as QEMU's `vhost_dev_start` does.
+    pub leave_disabled: bool,
 }
 
 impl Default for ConnectOptions {
@@ -454,6 +459,8 @@ impl Default for ConnectOptions {
             queue_size: 128,
             driver_features: DRIVER_FEATURES,
             ring_base: 0,
+            ring_bases: Vec::new(),
+            leave_disabled: false,
         }
     }
 }
@@ -677,7 +684,12 @@ impl Device {
             backend_queues,
         };
         for i in 0..opts.queues {
-            dev.start_queue(i, opts.queue_size, opts.ring_base)?;
+            let base = opts
+                .ring_bases
+                .get(usize::from(i))
+                .copied()
+                .unwrap_or(opts.ring_base);
+            dev.start_queue(i, opts.queue_size, base, !opts.leave_disabled)?;
         }
         Ok(dev)
     }
@@ -686,7 +698,23 @@ impl Device {
         self.gm.host_addr(gpa)
     }
 
-    fn start_queue(&mut self, index: u16, size: u16, ring_base: u16) -> Result<(), String> {
+    /// Enables every ring (SET_VRING_ENABLE 1), in queue order.
+    pub fn enable_queues(&mut self) -> Result<(), String> {
+        for q in 0..self.vqs.len() {
+            self.fe
+                .set_vring_enable(q, true)
+                .map_err(err("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    fn start_queue(
+        &mut self,
+        index: u16,
+        size: u16,
+        ring_base: u16,
+        enable: bool,
+    ) -> Result<(), String> {
         let base = REGION_A_GPA + RING_AREA_SIZE * u64::from(index);
         let vq = Vq {
             index,
@@ -737,7 +765,7 @@ impl Device {
         self.fe
             .set_vring_kick(i, &vq.kick)
             .map_err(err("SET_VRING_KICK"))?;
-        if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+        if enable && self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             self.fe
                 .set_vring_enable(i, true)
                 .map_err(err("SET_VRING_ENABLE"))?;
