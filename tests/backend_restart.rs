@@ -154,3 +154,41 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
     }
     backend.assert_healthy("after the reconnect");
 }
+
+/// A frontend that sends messages and reads no reply (hung, or hostile) must not keep SIGTERM
+/// from ending the backend: the replies still queued for it are given up after a bounded wait,
+/// and the backend closes the image and exits 0 (final review of session 4: it waited for as
+/// long as the frontend stayed connected).
+#[test]
+fn sigterm_ends_the_backend_while_the_frontend_reads_no_reply() {
+    use std::io::Write;
+    let work = Workdir::new();
+    let mut backend = Backend::start(&work, ServeOptions::default());
+    let stream = connect_socket(&backend.socket()).expect("connect");
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("write timeout");
+    // GET_FEATURES (request 1, header flags: version 1, no payload) until the replies fill every
+    // buffer between the crate and this socket and our writes block too.
+    let header: Vec<u8> = [1u32, 1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        match (&stream).write(&header) {
+            Ok(_) => sent += 1,
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent > 1000,
+        "only {sent} messages went out before the socket filled"
+    );
+    backend.signal(libc::SIGTERM);
+    let status = backend.wait_exit(Duration::from_secs(20));
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "SIGTERM with a frontend that reads no reply: {status:?}\n{}",
+        backend.log()
+    );
+    drop(stream);
+}

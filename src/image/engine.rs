@@ -1632,6 +1632,12 @@ impl Core {
         }
     }
 
+    /// True when the storage can list its allocated ranges, so that an opener can find space no
+    /// entry refers to ([`Core::adopt_unreferenced`]); false for a block device.
+    pub fn can_find_unreferenced_space(&self) -> bool {
+        matches!(self.storage.allocated_ranges(0, 0), Ok(Some(_)))
+    }
+
     /// True when freed space still waits to be punched (writer parked): regions pinned as
     /// releasing, clusters' stale units, stale free slots. Exact (it looks at the lists, not at
     /// counters): a quiesce that answers false writes a marker promising that the image stores

@@ -621,7 +621,10 @@ impl Image {
             {
                 let mut ctl = table::lock(&self.core.ctl);
                 ctl.stop = true;
-                ctl.keep_freed = !reclaim;
+                // Only where the next opener can find unreferenced space again: a block device
+                // (or a filesystem without SEEK_DATA) cannot list it, so a quiesce there still
+                // discards it, or a thin volume would keep it allocated for good.
+                ctl.keep_freed = !reclaim && self.core.can_find_unreferenced_space();
             }
             self.core.writer_cv.notify_all();
             if writer.join().is_err() {

@@ -1461,6 +1461,8 @@ fn a_close_after_a_failed_quiesce_never_lets_the_writer_lock_go_while_it_writes(
 struct CountingStorage {
     inner: FileStorage,
     punches: std::sync::atomic::AtomicU64,
+    /// False: `allocated_ranges` answers "cannot tell", as a block device does.
+    lists_ranges: bool,
 }
 
 impl CountingStorage {
@@ -1503,6 +1505,9 @@ impl Storage for CountingStorage {
         self.inner.unlock()
     }
     fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        if !self.lists_ranges {
+            return Ok(None);
+        }
         self.inner.allocated_ranges(offset, len)
     }
     fn preallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -1529,6 +1534,7 @@ fn counting_image(dir: &tempfile::TempDir, grace: Duration) -> (Image, Arc<Count
     let st = Arc::new(CountingStorage {
         inner: FileStorage::open(&path, false).expect("open file"),
         punches: Default::default(),
+        lists_ranges: true,
     });
     let open = OpenOptions {
         test_stale_grace: Some(grace),
@@ -1684,6 +1690,7 @@ fn open_counting(path: &std::path::Path, grace: Duration) -> (Image, Arc<Countin
     let st = Arc::new(CountingStorage {
         inner: FileStorage::open(path, false).expect("open file"),
         punches: Default::default(),
+        lists_ranges: true,
     });
     let open = OpenOptions {
         test_stale_grace: Some(grace),
@@ -1691,6 +1698,42 @@ fn open_counting(path: &std::path::Path, grace: Duration) -> (Image, Arc<Countin
     };
     let img = Image::open_on(st.clone(), &open).expect("open");
     (img, st)
+}
+
+/// On storage that cannot list its allocated ranges (a block device), the next opener could not
+/// find what a quiesce left unpunched: the quiesce discards it as before, and its marker does not
+/// promise a reclaim (final review of session 4: a thin volume would have kept that space
+/// allocated for good).
+#[test]
+fn a_quiesce_on_storage_that_cannot_list_its_ranges_still_punches_the_freed_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img");
+    let mut opts = CreateOptions::new(4 << 20);
+    opts.compression = Compression::Lz4;
+    Image::create(&path, &opts).expect("create");
+    let st = Arc::new(CountingStorage {
+        inner: FileStorage::open(&path, false).expect("open file"),
+        punches: Default::default(),
+        lists_ranges: false,
+    });
+    let open = OpenOptions {
+        test_stale_grace: Some(Duration::from_secs(3600)),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &open).expect("open");
+    let expect = leave_freed_space(&img);
+    let punches = st.punches();
+    img.quiesce().expect("quiesce");
+    assert!(
+        st.punches() > punches,
+        "the quiesce left freed space that no later opener can find"
+    );
+    img.resume().expect("resume");
+    assert_reads(&img, &expect, "after the quiesce");
+    img.close().expect("close");
+    let report = check(&path, false).expect("check");
+    assert!(report.corruptions.is_empty(), "{report:?}");
+    assert_eq!(report.leaked_bytes, 0, "{report:?}");
 }
 
 #[test]

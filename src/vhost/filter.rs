@@ -192,6 +192,9 @@ fn refuse_mapping_past_file_end(code: u32, payload: &mut [u8], files: &[File]) -
     ))
 }
 
+/// How long [`FilteredConnection::close`] lets the crate's last replies reach the frontend.
+const LAST_REPLIES_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the filter tells the backend before the crate handles a message.
 pub(crate) trait ControlHooks: Send + Sync + 'static {
     /// SET_VRING_ENABLE of ring `index` to `enable`. Runs before the message reaches the crate,
@@ -362,9 +365,22 @@ impl FilteredConnection {
     /// is still connected until this call, so the daemon can first let the requests in
     /// progress complete: nothing reaches a used ring after the frontend saw the end.
     pub(crate) fn close(mut self) {
-        // The outbound thread (pushed second) ends at the end of the crate's stream.
+        // The outbound thread (pushed second) ends at the end of the crate's stream, unless it
+        // is stuck writing to a frontend that reads no reply (hung or hostile): after a bounded
+        // wait its connection is shut down, which ends that write, so a stop never hangs on it.
         if self.threads.len() == 2 {
             if let Some(outbound) = self.threads.pop() {
+                let deadline = std::time::Instant::now() + LAST_REPLIES_LIMIT;
+                while !outbound.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                if !outbound.is_finished() {
+                    tracing::warn!(
+                        "the frontend reads no reply: closing its connection without the \
+                         replies still queued for it"
+                    );
+                    let _ = self.frontend.shutdown(std::net::Shutdown::Both);
+                }
                 let _ = outbound.join();
             }
         }
