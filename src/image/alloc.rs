@@ -268,16 +268,12 @@ impl Allocator {
     /// unpunched: the writer punches it after the grace period unless a new version overwrites
     /// it first). Returns false, changing nothing, when the slot is not free and clean.
     pub fn mark_stale(&self, slot: u32, mask: u32, now_ms: u64) -> bool {
-        if u64::from(slot) >= self.slot_count || mask == 0 {
+        if mask == 0 {
             return false;
         }
-        let (k, w, m) = self.split(slot);
-        let mut shard = lock(&self.shards[k].0);
-        if shard.free[w] & m == 0 {
+        let Some(mut shard) = self.take_free_clean(slot) else {
             return false;
-        }
-        shard.free[w] &= !m;
-        shard.free_count -= 1;
+        };
         shard.stale.insert(
             slot,
             Stale {
@@ -299,18 +295,27 @@ impl Allocator {
     /// Claims a specific slot if it is free and clean (loading: stale slots exist only while
     /// running).
     pub fn claim(&self, slot: u32) -> bool {
-        if u64::from(slot) >= self.slot_count {
+        if self.take_free_clean(slot).is_none() {
             return false;
+        }
+        self.free_total.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Takes `slot` out of its shard's free, clean set and returns the shard still locked (the
+    /// caller records what the slot becomes); None, changing nothing, when it is not there.
+    fn take_free_clean(&self, slot: u32) -> Option<std::sync::MutexGuard<'_, Shard>> {
+        if u64::from(slot) >= self.slot_count {
+            return None;
         }
         let (k, w, m) = self.split(slot);
         let mut shard = lock(&self.shards[k].0);
         if shard.free[w] & m == 0 {
-            return false;
+            return None;
         }
         shard.free[w] &= !m;
         shard.free_count -= 1;
-        self.free_total.fetch_sub(1, Ordering::Relaxed);
-        true
+        Some(shard)
     }
 
     /// Claims any clean free slot, starting the search at shard `start`.

@@ -1527,6 +1527,15 @@ fn sized_cluster(random_blocks: usize, seed: u64) -> Vec<u8> {
 }
 
 fn counting_image(dir: &tempfile::TempDir, grace: Duration) -> (Image, Arc<CountingStorage>) {
+    counting_image_listing(dir, grace, true)
+}
+
+/// [`counting_image`] on storage that can (`lists_ranges`) or cannot list its allocated ranges.
+fn counting_image_listing(
+    dir: &tempfile::TempDir,
+    grace: Duration,
+    lists_ranges: bool,
+) -> (Image, Arc<CountingStorage>) {
     let path = dir.path().join("img");
     let mut opts = CreateOptions::new(4 << 20);
     opts.compression = Compression::Lz4;
@@ -1534,7 +1543,7 @@ fn counting_image(dir: &tempfile::TempDir, grace: Duration) -> (Image, Arc<Count
     let st = Arc::new(CountingStorage {
         inner: FileStorage::open(&path, false).expect("open file"),
         punches: Default::default(),
-        lists_ranges: true,
+        lists_ranges,
     });
     let open = OpenOptions {
         test_stale_grace: Some(grace),
@@ -1708,19 +1717,7 @@ fn open_counting(path: &std::path::Path, grace: Duration) -> (Image, Arc<Countin
 fn a_quiesce_on_storage_that_cannot_list_its_ranges_still_punches_the_freed_space() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("img");
-    let mut opts = CreateOptions::new(4 << 20);
-    opts.compression = Compression::Lz4;
-    Image::create(&path, &opts).expect("create");
-    let st = Arc::new(CountingStorage {
-        inner: FileStorage::open(&path, false).expect("open file"),
-        punches: Default::default(),
-        lists_ranges: false,
-    });
-    let open = OpenOptions {
-        test_stale_grace: Some(Duration::from_secs(3600)),
-        ..OpenOptions::default()
-    };
-    let img = Image::open_on(st.clone(), &open).expect("open");
+    let (img, st) = counting_image_listing(&dir, Duration::from_secs(3600), false);
     let expect = leave_freed_space(&img);
     let punches = st.punches();
     img.quiesce().expect("quiesce");

@@ -698,6 +698,19 @@ impl Device {
         self.gm.host_addr(gpa)
     }
 
+    /// SET_VRING_ADDR's payload for `vq`: its whole size, its rings' host addresses.
+    fn vring_config(&self, vq: &Vq) -> VringConfigData {
+        VringConfigData {
+            queue_max_size: vq.size,
+            queue_size: vq.size,
+            flags: 0,
+            desc_table_addr: self.host_addr(vq.desc_gpa),
+            used_ring_addr: self.host_addr(vq.used_gpa),
+            avail_ring_addr: self.host_addr(vq.avail_gpa),
+            log_addr: None,
+        }
+    }
+
     /// Enables every ring (SET_VRING_ENABLE 1), in queue order.
     pub fn enable_queues(&mut self) -> Result<(), String> {
         for q in 0..self.vqs.len() {
@@ -747,15 +760,7 @@ impl Device {
         self.fe
             .set_vring_base(i, ring_base)
             .map_err(err("SET_VRING_BASE"))?;
-        let cfg = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: self.host_addr(vq.desc_gpa),
-            used_ring_addr: self.host_addr(vq.used_gpa),
-            avail_ring_addr: self.host_addr(vq.avail_gpa),
-            log_addr: None,
-        };
+        let cfg = self.vring_config(&vq);
         self.fe
             .set_vring_addr(i, &cfg)
             .map_err(err("SET_VRING_ADDR"))?;
@@ -803,15 +808,7 @@ impl Device {
                     usize::from(vq.index),
                     vq.size,
                     vq.avail_idx,
-                    VringConfigData {
-                        queue_max_size: vq.size,
-                        queue_size: vq.size,
-                        flags: 0,
-                        desc_table_addr: self.host_addr(vq.desc_gpa),
-                        used_ring_addr: self.host_addr(vq.used_gpa),
-                        avail_ring_addr: self.host_addr(vq.avail_gpa),
-                        log_addr: None,
-                    },
+                    self.vring_config(vq),
                 )
             })
             .collect();
@@ -868,20 +865,7 @@ impl Device {
                 } else {
                     vq.avail_idx
                 };
-                (
-                    usize::from(vq.index),
-                    vq.size,
-                    base,
-                    VringConfigData {
-                        queue_max_size: vq.size,
-                        queue_size: vq.size,
-                        flags: 0,
-                        desc_table_addr: self.host_addr(vq.desc_gpa),
-                        used_ring_addr: self.host_addr(vq.used_gpa),
-                        avail_ring_addr: self.host_addr(vq.avail_gpa),
-                        log_addr: None,
-                    },
-                )
+                (usize::from(vq.index), vq.size, base, self.vring_config(vq))
             })
             .collect();
         let (fe, vqs) = (&mut self.fe, &self.vqs);
