@@ -89,14 +89,17 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
     let data_gpa = dev.gm.alloc(WRITE_LEN as u64);
     dev.gm.write(data_gpa, &data);
     let sector_of = |k: u64| 1024 + k * SECTORS_PER_WRITE;
+    // Counted from before the first write is made available: the backend may complete some
+    // of them before this thread looks again (a count started later took writes the killed
+    // backend completed, without a FLUSH, for ones the restarted backend must have stored).
+    let used_idx = |dev: &mut Device| dev.used_idx_after(0, Duration::ZERO);
+    let start = used_idx(&mut dev);
     let mut requests = Vec::new();
     for k in 0..BEFORE_KILL {
         requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
     }
     // Kill the backend once it has completed a few of them.
     let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let used_idx = |dev: &mut Device| dev.used_idx_after(0, Duration::ZERO);
-    let start = used_idx(&mut dev);
     while used_idx(&mut dev).wrapping_sub(start) < 2 {
         assert!(Instant::now() < deadline, "no write completed in time");
         std::thread::sleep(Duration::from_micros(200));
