@@ -619,7 +619,7 @@ fn crash_uncompressed_images_with_4k_and_8k_clusters() {
         let mut spec = Spec::random(seed, profile, 1 + i % 3);
         spec.compression = Compression::None;
         spec.cluster_size = sizes[i % sizes.len()];
-        spec.clusters = if i % 2 == 0 { 32 } else { 200 };
+        spec.clusters = if i.is_multiple_of(2) { 32 } else { 200 };
         spec
     });
     expect_coverage(name, &total, seeds.len(), 80);
