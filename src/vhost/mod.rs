@@ -47,6 +47,7 @@ mod daemon;
 mod device;
 mod disk;
 mod filter;
+mod inflight;
 mod stats;
 mod vring;
 
