@@ -59,6 +59,34 @@ fn make_write_available(dev: &mut Device, data_gpa: u64, sector: u64, kick: bool
 
 #[test]
 fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
+    restart_with_writes_in_flight(
+        DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
+        false,
+        RingBase::CloudHypervisor,
+    );
+}
+
+/// Most guests do not accept VIRTIO_F_IN_ORDER (Linux before 6.19): cloud-hypervisor then
+/// restarts each ring at the guest's *available* index and counts on the inflight buffer
+/// (INFLIGHT_SHMFD) for the requests the dead backend had taken: the restarted backend must
+/// execute those again, and go on with the ones never taken.
+#[test]
+fn a_cloud_hypervisor_reconnect_without_in_order_resubmits_the_requests_in_flight() {
+    restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::CloudHypervisor);
+}
+
+/// QEMU restarts a ring at the guest's used index after its backend went away; with an inflight
+/// buffer the requests in flight are found there too: each must still complete once.
+#[test]
+fn a_reconnect_at_the_used_index_with_an_inflight_buffer_completes_each_request_once() {
+    restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::UsedIndex);
+}
+
+/// Kills the backend while it executes a queue of large writes, makes more available while it
+/// is dead, restarts it and reconnects as `rule` says: every write must complete exactly once,
+/// with status OK, and be on the disk (those the killed backend completed without a FLUSH
+/// excepted), and the flushed ones from before too.
+fn restart_with_writes_in_flight(driver_features: u64, inflight: bool, rule: RingBase) {
     let work = Workdir::new();
     let mut backend = Backend::start(
         &work,
@@ -71,13 +99,18 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
     let copts = ConnectOptions {
         queues: 1,
         queue_size: 128,
-        driver_features: DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
-        ring_base: 0,
-        ring_bases: Vec::new(),
-        leave_disabled: false,
+        driver_features,
+        inflight,
+        ..ConnectOptions::default()
     };
     let mut dev = Device::connect(&backend.socket(), &copts)
         .unwrap_or_else(|e| panic!("connect to the backend: {e}"));
+    assert_eq!(
+        dev.inflight.is_some(),
+        inflight,
+        "inflight buffer wanted: {inflight}; protocol features {:?}",
+        dev.protocol_features
+    );
     // Completed and flushed I/O first: the ring's indexes are past 0 when the backend dies.
     for k in 0..3u64 {
         let status = dev.write(0, k * 8, &pattern(k, 4096)).expect("write");
@@ -106,14 +139,34 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
     }
     backend.kill9();
     let completed_before_kill = used_idx(&mut dev).wrapping_sub(start);
+    if let Some((info, file)) = &dev.inflight {
+        // The backend was executing a write (each takes milliseconds, the gap between two a
+        // few µs): it is recorded in flight, so the restarted backend has one to execute again.
+        let in_flight = inflight_heads(info, file, 0);
+        eprintln!("in flight at the kill: heads {in_flight:?}");
+        assert_eq!(
+            in_flight.len(),
+            1,
+            "heads in flight at the kill: {in_flight:?}"
+        );
+        let taken_not_used = requests[usize::from(completed_before_kill)].0;
+        assert_eq!(
+            in_flight,
+            [taken_not_used],
+            "the oldest write not completed"
+        );
+    }
     // The guest keeps submitting: its kicks go to an eventfd nobody reads now.
     for k in BEFORE_KILL..BEFORE_KILL + WHILE_DEAD {
         requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
     }
 
     backend.restart();
-    dev.reconnect_like_cloud_hypervisor(&backend.socket())
-        .unwrap_or_else(|e| panic!("reconnect: {e}"));
+    let reconnected = match rule {
+        RingBase::CloudHypervisor => dev.reconnect_like_cloud_hypervisor(&backend.socket()),
+        RingBase::UsedIndex => dev.reconnect_at_used_index(&backend.socket()),
+    };
+    reconnected.unwrap_or_else(|e| panic!("reconnect: {e}"));
     let in_order = dev.acked_features & VIRTIO_F_IN_ORDER != 0;
     eprintln!("{completed_before_kill} of {BEFORE_KILL} writes completed before the kill");
     for (k, (head, status_gpa)) in requests.iter().enumerate() {
@@ -122,7 +175,7 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
             .unwrap_or_else(|e| {
                 panic!(
                     "write {k} of {}: {e} ({completed_before_kill} had completed before the kill; \
-                 IN_ORDER negotiated: {in_order})",
+                 IN_ORDER negotiated: {in_order}, inflight buffer: {inflight}, {rule:?})",
                     requests.len()
                 )
             });
@@ -139,7 +192,10 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
         unclaimed.is_empty(),
         "unexpected used entries: {unclaimed:?}"
     );
-    assert!(in_order, "completed although IN_ORDER was not negotiated");
+    assert!(
+        in_order || inflight,
+        "completed without IN_ORDER or an inflight buffer"
+    );
     // Every write served by the restarted backend is on the disk, and the flushed ones from
     // before. (Those the killed backend completed without a later FLUSH may be lost, which the
     // guest's next FLUSH reports: see docs/ARCHITECTURE.md; in order, they are the first ones.)
@@ -154,6 +210,13 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
         let (status, got) = dev.read(0, k * 8, 4096).expect("read back");
         assert_eq!(status, VIRTIO_BLK_S_OK);
         assert!(got == pattern(k, 4096), "early write {k} lost");
+    }
+    if let Some((info, file)) = &dev.inflight {
+        let left = inflight_heads(info, file, 0);
+        assert!(
+            left.is_empty(),
+            "still recorded in flight after completing: {left:?}"
+        );
     }
     backend.assert_healthy("after the reconnect");
 }
