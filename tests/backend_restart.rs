@@ -82,6 +82,29 @@ fn a_reconnect_at_the_used_index_with_an_inflight_buffer_completes_each_request_
     restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::UsedIndex);
 }
 
+/// Sends SIGSTOP to the backend and returns once every one of its threads is stopped.
+fn stop_every_thread(backend: &Backend) {
+    let pid = backend.pid().expect("backend runs");
+    backend.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+        let all_stopped = tasks.filter_map(Result::ok).all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rfind(')')
+                .and_then(|at| stat[at + 1..].trim_start().chars().next());
+            matches!(state, Some('T' | 't') | None)
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the backend does not stop");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 /// Kills the backend while it executes a queue of large writes, makes more available while it
 /// is dead, restarts it and reconnects as `rule` says: every write must complete exactly once,
 /// with status OK, and be on the disk (those the killed backend completed without a FLUSH
@@ -131,30 +154,35 @@ fn restart_with_writes_in_flight(driver_features: u64, inflight: bool, rule: Rin
     for k in 0..BEFORE_KILL {
         requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
     }
-    // Kill the backend once it has completed a few of them.
+    // Kill the backend once it has completed a few of them, and (with an inflight buffer)
+    // while it executes one: the process is stopped (every thread), looked at, and killed or
+    // let go on. Stopped, its buffer and rings are what a kill leaves.
     let deadline = Instant::now() + REQUEST_TIMEOUT;
-    while used_idx(&mut dev).wrapping_sub(start) < 2 {
-        assert!(Instant::now() < deadline, "no write completed in time");
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the backend was never seen executing a write after completing two"
+        );
+        stop_every_thread(&backend);
+        let completed = used_idx(&mut dev).wrapping_sub(start);
+        let executing = match &dev.inflight {
+            Some((info, file)) => inflight_heads(info, file, 0).len() == 1,
+            None => true,
+        };
+        if completed >= 2 && executing {
+            break;
+        }
+        backend.signal(libc::SIGCONT);
         std::thread::sleep(Duration::from_micros(200));
     }
     backend.kill9();
     let completed_before_kill = used_idx(&mut dev).wrapping_sub(start);
     if let Some((info, file)) = &dev.inflight {
-        // The backend was executing a write (each takes milliseconds, the gap between two a
-        // few µs): it is recorded in flight, so the restarted backend has one to execute again.
+        // The oldest write not completed is the one recorded in flight: the restarted backend
+        // must execute it again.
         let in_flight = inflight_heads(info, file, 0);
-        eprintln!("in flight at the kill: heads {in_flight:?}");
-        assert_eq!(
-            in_flight.len(),
-            1,
-            "heads in flight at the kill: {in_flight:?}"
-        );
         let taken_not_used = requests[usize::from(completed_before_kill)].0;
-        assert_eq!(
-            in_flight,
-            [taken_not_used],
-            "the oldest write not completed"
-        );
+        assert_eq!(in_flight, [taken_not_used], "heads in flight at the kill");
     }
     // The guest keeps submitting: its kicks go to an eventfd nobody reads now.
     for k in BEFORE_KILL..BEFORE_KILL + WHILE_DEAD {
