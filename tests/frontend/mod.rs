@@ -624,9 +624,19 @@ impl Device {
         driver_features: u64,
         max_queues: u64,
     ) -> Result<Negotiated, String> {
+        Self::negotiate_wanting_inflight(socket, driver_features, max_queues, false)
+    }
+
+    /// [`Device::negotiate`], acking INFLIGHT_SHMFD too when `inflight` and offered.
+    pub fn negotiate_wanting_inflight(
+        socket: &Path,
+        driver_features: u64,
+        max_queues: u64,
+        inflight: bool,
+    ) -> Result<Negotiated, String> {
         let stream = connect_socket(socket)?;
         let (fe, offered, acked, pf, config) = guarded(&stream, "negotiation", || {
-            Self::negotiate_on(&stream, driver_features, max_queues, false)
+            Self::negotiate_on(&stream, driver_features, max_queues, inflight)
         })?;
         Ok(Negotiated {
             fe,
