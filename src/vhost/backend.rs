@@ -1155,11 +1155,11 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     /// nothing is completed later or from another thread (no deferred completion, no
     /// completion by the control thread; a write-through or lost-write FLUSH completes in its
     /// turn like any request). Offering it matters beyond the guest's optimisations:
-    /// cloud-hypervisor, reconnecting to a restarted backend, sets each ring's base to the
-    /// guest's *used* index only when IN_ORDER (or inflight tracking, which vhost-user-backend
-    /// lacks) was negotiated, and to the *available* index otherwise, skipping every request
-    /// the killed backend had not completed. Only split rings are offered
-    /// (VIRTIO_F_RING_PACKED is not), the layout virtio-queue serves.
+    /// cloud-hypervisor, reconnecting to a restarted backend without an inflight buffer, sets
+    /// each ring's base to the guest's *used* index only when IN_ORDER was negotiated, and to
+    /// the *available* index otherwise (guests without IN_ORDER are served by the inflight
+    /// buffer: see `inflight.rs`). Only split rings are offered (VIRTIO_F_RING_PACKED is not),
+    /// the layout virtio-queue serves.
     fn features(&self) -> u64 {
         self.disk.device().features()
             | (1u64 << VIRTIO_F_IN_ORDER)
@@ -1172,6 +1172,8 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         self.acked_features.store(features, Ordering::Release);
     }
 
+    /// INFLIGHT_SHMFD: GET/SET_INFLIGHT_FD are answered by the control filter through the
+    /// [`ControlHooks`] below (the crate refuses them); see `inflight.rs`.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG

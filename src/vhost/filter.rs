@@ -27,6 +27,12 @@
 //! hook for it): a ring being disabled takes no new request and its request in progress completes
 //! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
 //!
+//! GET_INFLIGHT_FD and SET_INFLIGHT_FD (INFLIGHT_SHMFD negotiated), which the crate refuses, are
+//! answered by the backend ([`ControlHooks::get_inflight_fd`], [`ControlHooks::set_inflight_fd`]):
+//! the crate gets a GET_FEATURES in the message's place, and its reply is replaced by the
+//! backend's (or dropped when no reply is due), so the frontend's replies keep the order of its
+//! requests. A message the backend refuses is forwarded unchanged for the crate to refuse.
+//!
 //! Only the control connection passes through the filter (a few messages per ring start or
 //! stop); the data path (kick/call eventfds, shared guest memory) never does.
 //!
