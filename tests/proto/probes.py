@@ -327,14 +327,14 @@ def ch_reinitialize(c, mem, rings, acked, pf, base_from="avail", inflight=None):
         c.msg(SET_VRING_ENABLE, struct.pack("<II", r.index, 1))
 
 
-def ch_backend_restart(label, features_mask):
+def ch_backend_restart(label, features_mask, need_reply=True):
     """Backend killed (SIGKILL) with requests available but not completed; restarted; cloud-hypervisor
     reconnects (with the inflight buffer when INFLIGHT_SHMFD is offered, as cloud-hypervisor then
     does). Every request the guest made available must eventually complete, once."""
     b = Backend(size="256M", extra=("--write-buffer", "0"))
     try:
         c, mem = b.connect(), Mem(size=96 << 20)
-        offered, acked, pf, nq, cfg = handshake(c, mem, features=features_mask)
+        offered, acked, pf, nq, cfg = handshake(c, mem, features=features_mask, need_reply=need_reply)
         r = Ring(mem, 0, size=128)
         inflight = get_and_set_inflight(c, 1, r.size) if pf & PF["INFLIGHT_SHMFD"] else None
         r.setup(c)
@@ -356,7 +356,7 @@ def ch_backend_restart(label, features_mask):
         b.start()
         c2 = b.connect()
         in_order = bool(acked & F_IN_ORDER)
-        ch_reinitialize(c2, mem, [r], acked, pf,
+        ch_reinitialize(c2, mem, [r], acked, pf if need_reply else pf & ~PF["REPLY_ACK"],
                         base_from="used" if in_order and inflight is None else "avail", inflight=inflight)
         deadline = time.time() + 20
         while ((r.used_idx() - r.last_used) & 0xFFFF) < N and time.time() < deadline:
@@ -381,6 +381,13 @@ def probe_ch_backend_restart_without_in_order():
     """A guest that does not accept VIRTIO_F_IN_ORDER (most): only the inflight buffer
     (INFLIGHT_SHMFD) lets the restarted backend find the requests the dead one had taken."""
     ch_backend_restart("without_in_order", ~F_IN_ORDER & ((1 << 64) - 1))
+
+
+def probe_ch_backend_restart_without_in_order_or_acks():
+    """As probe_ch_backend_restart_without_in_order, without NEED_REPLY on the messages that have no
+    reply of their own: SET_INFLIGHT_FD then gets no answer, and the next replies must still be the
+    ones their requests expect."""
+    ch_backend_restart("without_in_order_or_acks", ~F_IN_ORDER & ((1 << 64) - 1), need_reply=False)
 
 
 def probe_hostile_inflight_messages():
