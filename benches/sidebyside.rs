@@ -179,6 +179,10 @@ struct Sample {
     server_cpu_s: f64,
     client_cpu_s: f64,
     host_bytes: u64,
+    /// Bytes the host's block device under the image wrote during the workload (its
+    /// `/sys/dev/block/MAJ:MIN/stat`): the data and metadata a server made durable, or that the
+    /// kernel wrote back for it. A server that leaves its writes in the page cache writes none.
+    device_written: u64,
 }
 
 fn repo_root() -> PathBuf {
@@ -344,7 +348,7 @@ fn run(args: &Args) -> Result<()> {
                 let load1 = load.split_whitespace().next().unwrap_or("?");
                 for (name, sample) in session? {
                     eprintln!(
-                        "  [{} rep {} {:>6}] {:<24} {}  server_cpu_s={:.2} client_cpu_s={:.2} host={} load1={load1}",
+                        "  [{} rep {} {:>6}] {:<24} {}  server_cpu_s={:.2} client_cpu_s={:.2} host={} device_written={} load1={load1}",
                         mode,
                         rep,
                         server.label(),
@@ -352,7 +356,8 @@ fn run(args: &Args) -> Result<()> {
                         sample.report,
                         sample.server_cpu_s,
                         sample.client_cpu_s,
-                        human(sample.host_bytes)
+                        human(sample.host_bytes),
+                        human(sample.device_written)
                     );
                     samples
                         .entry((mode_tag(*mode), name, server))
@@ -562,6 +567,17 @@ fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sectors written so far by the block device holding `path` (the partition's own counters),
+/// in bytes; `None` when the kernel does not say (e.g. a filesystem without a block device).
+fn device_written_bytes(path: &Path) -> Option<u64> {
+    let dev = fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let stat = fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    // Field 7 (from 1) is "sectors written", in 512-byte units whatever the device's block size.
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
 fn host_bytes(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path)
         .with_context(|| format!("stat {}", path.display()))?
@@ -715,9 +731,14 @@ fn run_session(
         };
         let server_before = process_cpu_seconds(&pid.to_string())?;
         let client_before = process_cpu_seconds("self")?;
+        let device_before = device_written_bytes(image);
         let report = loadgen::run(&spec).with_context(|| format!("workload {}", w.name))?;
         let server_cpu_s = process_cpu_seconds(&pid.to_string())? - server_before;
         let client_cpu_s = process_cpu_seconds("self")? - client_before;
+        let device_written = match (device_before, device_written_bytes(image)) {
+            (Some(before), Some(after)) => after.saturating_sub(before),
+            _ => 0,
+        };
         if report.errors > 0 {
             bail!(
                 "workload {}: {} requests failed (first: {})",
@@ -733,6 +754,7 @@ fn run_session(
                 server_cpu_s,
                 client_cpu_s,
                 host_bytes: host_bytes(image)?,
+                device_written,
             },
         ));
     }
@@ -774,10 +796,10 @@ fn summary_table(
     t.push_str(
         "| workload | IOPS qsd | IOPS ours | ratio | MB/s qsd | MB/s ours | avg µs qsd | avg µs ours | \
          lat ratio | p99 µs qsd | p99 µs ours | flush µs qsd | flush µs ours | CPU s qsd | CPU s ours | \
-         host bytes qsd | host bytes ours |\n",
+         host bytes qsd | host bytes ours | device writes qsd | device writes ours |\n",
     );
     t.push_str(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for w in workloads {
         let get = |server: Server| samples.get(&(mode_tag(mode), w.name, server));
@@ -792,9 +814,10 @@ fn summary_table(
         let cpu = |s: &Sample| s.server_cpu_s;
         let flush = |s: &Sample| s.report.avg_flush_lat_us;
         let bytes = |s: &Sample| s.host_bytes as f64;
+        let device = |s: &Sample| s.device_written as f64;
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
             w.name,
             m(qsd, &iops),
             m(ours, &iops),
@@ -812,6 +835,8 @@ fn summary_table(
             m(ours, &cpu),
             human(m(qsd, &bytes) as u64),
             human(m(ours, &bytes) as u64),
+            human(m(qsd, &device) as u64),
+            human(m(ours, &device) as u64),
         );
     }
     t

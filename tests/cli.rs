@@ -209,8 +209,25 @@ fn bad_command_lines_fail_with_one_line_and_create_nothing() {
         ),
         (&["create", image], "--size"),
         (
-            &["create", image, "--size", "1G", "--cluster-size", "8K"],
+            &["create", image, "--size", "1G", "--cluster-size", "2K"],
             "power of two",
+        ),
+        (
+            &["create", image, "--size", "1G", "--cluster-size", "8K"],
+            "at least 16 KiB",
+        ),
+        (
+            &[
+                "create",
+                image,
+                "-s",
+                "1G",
+                "--cluster-size",
+                "4K",
+                "-c",
+                "zstd",
+            ],
+            "at least 16 KiB",
         ),
         (
             &["create", image, "--size", "1G", "--cluster-size", "48K"],
@@ -501,6 +518,52 @@ fn uncompressed_images_default_to_16k_clusters_and_compressed_ones_to_64k() {
             assert_eq!(info["cluster_size"], cluster, "{}", image.display());
             assert_eq!(info["compression"], compression, "{}", image.display());
         }
+        fs::remove_file(&converted).unwrap();
+    }
+}
+
+/// 4 and 8 KiB clusters exist for uncompressed images (a 4 KiB write then copies nothing):
+/// `create` and `convert` make them, the data round-trips, `check` passes.
+#[test]
+fn uncompressed_images_take_4k_and_8k_clusters() {
+    let dir = tempdir();
+    let disk = sample_disk(4 << 20, 11);
+    for cluster in ["4K", "8K"] {
+        let bytes = if cluster == "4K" { 4096 } else { 8192 };
+        let created = dir.path().join(format!("created-{cluster}.img"));
+        ok([
+            "create",
+            path_str(&created),
+            "-s",
+            "4M",
+            "-c",
+            "none",
+            "--cluster-size",
+            cluster,
+        ]);
+        let converted = converted_image(
+            dir.path(),
+            &disk,
+            &["-c", "none", "--cluster-size", cluster],
+        );
+        for image in [&created, &converted] {
+            let info = json(&ok(["info", "--json", path_str(image)]));
+            assert_eq!(info["cluster_size"], bytes, "{}", image.display());
+            ok(["check", path_str(image)]);
+        }
+        let nonzero_blocks = disk
+            .chunks(bytes)
+            .filter(|c| c.iter().any(|&b| b != 0))
+            .count() as u64;
+        let info = json(&ok(["info", "--json", path_str(&converted)]));
+        assert_eq!(info["clusters"]["raw"], nonzero_blocks, "{info:#}");
+        let back = dir.path().join(format!("back-{cluster}.raw"));
+        ok(["convert", path_str(&converted), path_str(&back)]);
+        assert_eq!(
+            fs::read(&back).unwrap(),
+            disk,
+            "{cluster}: insitu -> raw lost bytes"
+        );
         fs::remove_file(&converted).unwrap();
     }
 }

@@ -604,6 +604,27 @@ fn crash_every_codec_and_cluster_size() {
     expect_coverage(name, &total, seeds.len(), 80);
 }
 
+/// Uncompressed images with the 4 and 8 KiB clusters only they may have: one storage unit per
+/// slot (no room beside a version in its home slot, every rewrite moves), sub-cluster writes of
+/// 512 B, free-slot pressure and journal wraps.
+#[test]
+fn crash_uncompressed_images_with_4k_and_8k_clusters() {
+    let name = "crash_uncompressed_images_with_4k_and_8k_clusters";
+    let sizes = [4 * 1024, 8 * 1024];
+    let profiles = [Profile::Mixed, Profile::Pressure, Profile::Journal];
+    let seeds = seeds(14, (sizes.len() * profiles.len()) as u64);
+    let total = run_seeds(name, &seeds, |seed| {
+        let i = seed as usize;
+        let profile = profiles[(i / sizes.len()) % profiles.len()];
+        let mut spec = Spec::random(seed, profile, 1 + i % 3);
+        spec.compression = Compression::None;
+        spec.cluster_size = sizes[i % sizes.len()];
+        spec.clusters = if i.is_multiple_of(2) { 32 } else { 200 };
+        spec
+    });
+    expect_coverage(name, &total, seeds.len(), 80);
+}
+
 #[test]
 fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
     let name = "crash_while_the_journal_wraps_and_checkpoints_are_written";

@@ -74,7 +74,8 @@ pub struct ConvertArgs {
     #[arg(short = 'O', long = "output-format", value_name = "FMT", value_enum)]
     pub output_format: Option<Format>,
 
-    /// Cluster size of an insitu DST (default: SRC's when it is an insitu image, else 64K).
+    /// Cluster size of an insitu DST (default: SRC's when it is an insitu image, else 64K, or
+    /// 16K with -c none; 4K and 8K only with -c none).
     #[arg(long, value_name = "SIZE")]
     pub cluster_size: Option<ByteSize>,
 

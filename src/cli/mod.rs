@@ -315,7 +315,8 @@ pub fn validate_disk_size(flag: &str, size: ByteSize) -> anyhow::Result<u64> {
     Ok(bytes)
 }
 
-/// Validates a cluster size: a power of two from 16 KiB to 128 KiB.
+/// Validates a cluster size: a power of two from 4 KiB to 128 KiB (whether the image's codec
+/// allows a size below 16 KiB is the engine's check).
 pub fn validate_cluster_size(size: ByteSize) -> anyhow::Result<u32> {
     let valid = u32::try_from(size.0)
         .ok()
@@ -324,7 +325,7 @@ pub fn validate_cluster_size(size: ByteSize) -> anyhow::Result<u32> {
         Some(cluster_size) => Ok(cluster_size),
         None => bail!(
             "--cluster-size {} is not allowed: it must be a power of two from {}K to {}K \
-             (16K, 32K, 64K or 128K)",
+             (4K or 8K for an uncompressed image; 16K, 32K, 64K or 128K)",
             size.0,
             MIN_CLUSTER_SIZE / 1024,
             MAX_CLUSTER_SIZE / 1024
@@ -405,11 +406,20 @@ mod tests {
     }
 
     #[test]
-    fn cluster_sizes_are_powers_of_two_between_16k_and_128k() {
-        for ok in [16 << 10, 32 << 10, 64 << 10, 128 << 10] {
+    fn cluster_sizes_are_powers_of_two_between_4k_and_128k() {
+        for ok in [4 << 10, 8 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10] {
             assert_eq!(validate_cluster_size(ByteSize(ok)).ok(), Some(ok as u32));
         }
-        for bad in [0, 512, 8 << 10, 48 << 10, 256 << 10, 1 << 40, u64::MAX] {
+        for bad in [
+            0,
+            512,
+            2 << 10,
+            12 << 10,
+            48 << 10,
+            256 << 10,
+            1 << 40,
+            u64::MAX,
+        ] {
             let err = validate_cluster_size(ByteSize(bad))
                 .unwrap_err()
                 .to_string();

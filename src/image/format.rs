@@ -104,7 +104,7 @@ impl Layout {
             || !(super::MIN_CLUSTER_SIZE..=super::MAX_CLUSTER_SIZE).contains(&cluster_size)
         {
             return Err(format!(
-                "cluster size {cluster_size} is not a power of two between 16 KiB and 128 KiB"
+                "cluster size {cluster_size} is not a power of two between 4 KiB and 128 KiB"
             ));
         }
         if size == 0 || !size.is_multiple_of(super::SECTOR_SIZE) {
@@ -631,7 +631,7 @@ mod tests {
         assert!(Layout::new(0, 65536).is_err());
         assert!(Layout::new(1000, 65536).is_err());
         assert!(Layout::new(1 << 30, 65536 + 4096).is_err());
-        assert!(Layout::new(1 << 30, 8192).is_err());
+        assert!(Layout::new(1 << 30, 2048).is_err());
         assert!(Layout::new(u64::MAX - 511, 16384).is_err());
     }
 

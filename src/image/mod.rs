@@ -35,7 +35,12 @@ pub use storage::{FileStorage, MemStorage, Storage};
 /// Logical sector size: every offset and length handed to the engine is a multiple of this.
 pub const SECTOR_SIZE: u64 = 512;
 /// Smallest and largest cluster sizes the format allows.
-pub const MIN_CLUSTER_SIZE: u32 = 16 * 1024;
+pub const MIN_CLUSTER_SIZE: u32 = 4 * 1024;
+/// Smallest cluster size of an image that compresses its writes: a smaller cluster could not save
+/// a single 4 KiB storage unit (and 8 KiB clusters would only at 2:1), so every cluster would be
+/// stored raw. 4 and 8 KiB clusters are for uncompressed images, where they spare 4 KiB writes
+/// the copy of the rest of their cluster (docs/PERFORMANCE.md, session 5).
+pub const MIN_COMPRESSED_CLUSTER_SIZE: u32 = 16 * 1024;
 /// See [`MIN_CLUSTER_SIZE`].
 pub const MAX_CLUSTER_SIZE: u32 = 128 * 1024;
 /// Cluster size used when none is given, for an image that compresses its writes.
@@ -460,6 +465,15 @@ pub fn open_block_device_exclusively(path: &Path) -> std::io::Result<FileStorage
 fn validate_create_options(opts: &CreateOptions) -> Result<format::Layout> {
     let layout =
         format::Layout::new(opts.size, opts.cluster_size).map_err(ImageError::InvalidOption)?;
+    if opts.compression != Compression::None && opts.cluster_size < MIN_COMPRESSED_CLUSTER_SIZE {
+        return Err(ImageError::InvalidOption(format!(
+            "{} KiB clusters cannot be compressed (a cluster must save at least one 4 KiB unit): \
+             a compressed image needs clusters of at least {} KiB; smaller ones are for \
+             uncompressed images",
+            opts.cluster_size / 1024,
+            MIN_COMPRESSED_CLUSTER_SIZE / 1024
+        )));
+    }
     if let Compression::Zstd { level } = opts.compression {
         if !(-7..=22).contains(&level) || level == 0 {
             return Err(ImageError::InvalidOption(format!(
