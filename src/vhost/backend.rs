@@ -641,7 +641,8 @@ impl<D: Device> ConnectionBackend<D> {
     }
 
     /// Records a step of a request in the queue's inflight region (a no-op without one). A
-    /// failure (not expected: heads are checked against the ring) ends the queue's tracking.
+    /// failure (not expected: the region was mapped whole) ends the queue's tracking and marks
+    /// the region unused.
     fn track(
         &self,
         queue: usize,
@@ -655,6 +656,7 @@ impl<D: Device> ConnectionBackend<D> {
             return;
         };
         if let Err(e) = step(tracker) {
+            tracker.abandon();
             state.tracker = None;
             self.ring_fault(queue, format_args!("inflight tracking stopped: {e}"));
         }

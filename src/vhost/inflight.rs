@@ -467,9 +467,12 @@ impl QueueInflight {
         })
     }
 
-    /// Head `head` was taken from the ring and is about to be executed.
+    /// Head `head` was taken from the ring and is about to be executed. A head outside the ring
+    /// (a broken driver's: its request fails) is not recorded.
     pub fn taken(&mut self, head: u16) -> Result<(), InflightError> {
-        self.check(head)?;
+        if head >= self.ring_size {
+            return Ok(());
+        }
         self.store(Self::desc_at(head, DESC_COUNTER_AT), self.counter)?;
         self.counter = self.counter.wrapping_add(1);
         self.store(Self::desc_at(head, DESC_INFLIGHT_AT), 1u8)
@@ -477,7 +480,9 @@ impl QueueInflight {
 
     /// Head `head` is about to be added to the used ring (a batch of one).
     pub fn completing(&mut self, head: u16) -> Result<(), InflightError> {
-        self.check(head)?;
+        if head >= self.ring_size {
+            return Ok(());
+        }
         let last: u16 = self.load(LAST_BATCH_HEAD_AT)?;
         self.store(Self::desc_at(head, DESC_NEXT_AT), last)?;
         self.store(LAST_BATCH_HEAD_AT, head)
@@ -485,20 +490,16 @@ impl QueueInflight {
 
     /// Head `head` was added to the used ring, whose index is now `used_idx`.
     pub fn completed(&mut self, head: u16, used_idx: u16) -> Result<(), InflightError> {
-        self.check(head)?;
-        self.store(Self::desc_at(head, DESC_INFLIGHT_AT), 0u8)?;
+        if head < self.ring_size {
+            self.store(Self::desc_at(head, DESC_INFLIGHT_AT), 0u8)?;
+        }
         self.store(USED_IDX_AT, used_idx)
     }
 
-    fn check(&self, head: u16) -> Result<(), InflightError> {
-        if head < self.ring_size {
-            Ok(())
-        } else {
-            Err(InflightError::Access(format!(
-                "head {head} outside the ring of {}",
-                self.ring_size
-            )))
-        }
+    /// Tracking of this queue stops (an access failed): the region is marked unused, so that a
+    /// later backend starts it afresh rather than executing what it may half record.
+    pub fn abandon(&mut self) {
+        let _ = self.store(VERSION_AT, 0u16);
     }
 }
 
@@ -715,6 +716,24 @@ mod tests {
             .unwrap();
         assert_eq!(recovery.resubmit, vec![6]);
         assert_eq!(recovery.next_avail, Some(1));
+    }
+
+    #[test]
+    fn a_head_outside_the_ring_is_not_recorded_and_tracking_goes_on() {
+        let (reply, file) = buffer(1, 16);
+        let map = mapped(&reply, &file);
+        let mut q = map.queue(0).unwrap();
+        q.start(0, 8).unwrap();
+        // A broken driver's head 12 (the ring has 8 entries): its request fails, completes.
+        q.taken(12).unwrap();
+        q.completing(12).unwrap();
+        q.completed(12, 1).unwrap();
+        // Then a good one is taken, and the backend dies.
+        q.taken(3).unwrap();
+        let recovery = mapped(&reply, &file).queue(0).unwrap().start(1, 8).unwrap();
+        assert_eq!(recovery.resubmit, vec![3]);
+        assert_eq!(recovery.next_avail, Some(2));
+        assert_eq!(recovery.discarded, 0);
     }
 
     #[test]
