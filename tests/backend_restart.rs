@@ -63,6 +63,7 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
         DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
         false,
         RingBase::CloudHypervisor,
+        Outage::Kill,
     );
 }
 
@@ -72,14 +73,42 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
 /// execute those again, and go on with the ones never taken.
 #[test]
 fn a_cloud_hypervisor_reconnect_without_in_order_resubmits_the_requests_in_flight() {
-    restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::CloudHypervisor);
+    restart_with_writes_in_flight(
+        DRIVER_FEATURES,
+        true,
+        RingBase::CloudHypervisor,
+        Outage::Kill,
+    );
 }
 
 /// QEMU restarts a ring at the guest's used index after its backend went away; with an inflight
 /// buffer the requests in flight are found there too: each must still complete once.
 #[test]
 fn a_reconnect_at_the_used_index_with_an_inflight_buffer_completes_each_request_once() {
-    restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::UsedIndex);
+    restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::UsedIndex, Outage::Kill);
+}
+
+/// The frontend leaves (its connection closes) while the backend executes a write, and comes
+/// back to the same backend process with its inflight buffer, as cloud-hypervisor does: the
+/// write the backend left uncompleted when it saw the frontend go is recorded in flight, and
+/// executed again; every write completes once and is on the disk.
+#[test]
+fn a_frontend_that_left_mid_request_and_reconnects_gets_every_request_completed_once() {
+    restart_with_writes_in_flight(
+        DRIVER_FEATURES,
+        true,
+        RingBase::CloudHypervisor,
+        Outage::Disconnect,
+    );
+}
+
+/// How the backend goes away with writes in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outage {
+    /// SIGKILL, then a new process.
+    Kill,
+    /// The frontend closes its connection; the same process serves its next one.
+    Disconnect,
 }
 
 /// Sends SIGSTOP to the backend and returns once every one of its threads is stopped.
@@ -109,7 +138,12 @@ fn stop_every_thread(backend: &Backend) {
 /// is dead, restarts it and reconnects as `rule` says: every write must complete exactly once,
 /// with status OK, and be on the disk (those the killed backend completed without a FLUSH
 /// excepted), and the flushed ones from before too.
-fn restart_with_writes_in_flight(driver_features: u64, inflight: bool, rule: RingBase) {
+fn restart_with_writes_in_flight(
+    driver_features: u64,
+    inflight: bool,
+    rule: RingBase,
+    outage: Outage,
+) {
     let work = Workdir::new();
     let mut backend = Backend::start(
         &work,
@@ -174,6 +208,45 @@ fn restart_with_writes_in_flight(driver_features: u64, inflight: bool, rule: Rin
         }
         backend.signal(libc::SIGCONT);
         std::thread::sleep(Duration::from_micros(200));
+    }
+    if outage == Outage::Disconnect {
+        // The backend sees the end once it runs again, after or during the write in progress.
+        dev.disconnect();
+        backend.signal(libc::SIGCONT);
+        let requests_before = requests.len();
+        for k in BEFORE_KILL..BEFORE_KILL + WHILE_DEAD {
+            requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
+        }
+        assert_eq!(requests.len(), requests_before + WHILE_DEAD as usize);
+        let reconnected = match rule {
+            RingBase::CloudHypervisor => dev.reconnect_like_cloud_hypervisor(&backend.socket()),
+            RingBase::UsedIndex => dev.reconnect_at_used_index(&backend.socket()),
+        };
+        reconnected.unwrap_or_else(|e| panic!("reconnect: {e}"));
+        for (k, (head, status_gpa)) in requests.iter().enumerate() {
+            let len = dev
+                .wait_head(0, *head, REQUEST_TIMEOUT)
+                .unwrap_or_else(|e| panic!("write {k} of {}: {e}", requests.len()));
+            assert_eq!(len, 1, "write {k}: used length");
+            assert_eq!(dev.gm.read(*status_gpa, 1)[0], VIRTIO_BLK_S_OK, "write {k}");
+        }
+        let unclaimed = dev.take_unclaimed(0);
+        assert!(
+            unclaimed.is_empty(),
+            "unexpected used entries: {unclaimed:?}"
+        );
+        // The same process committed everything at the disconnect: every write is on disk.
+        for k in 0..BEFORE_KILL + WHILE_DEAD {
+            let (status, got) = dev.read(0, sector_of(k), WRITE_LEN).expect("read back");
+            assert_eq!(status, VIRTIO_BLK_S_OK);
+            assert!(got == data, "write {k} not on the disk");
+        }
+        if let Some((info, file)) = &dev.inflight {
+            let left = inflight_heads(info, file, 0);
+            assert!(left.is_empty(), "still recorded in flight: {left:?}");
+        }
+        backend.assert_healthy("after the reconnect");
+        return;
     }
     backend.kill9();
     let completed_before_kill = used_idx(&mut dev).wrapping_sub(start);
