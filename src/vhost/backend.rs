@@ -1175,7 +1175,7 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     }
 
     /// INFLIGHT_SHMFD: GET/SET_INFLIGHT_FD are answered by the control filter through the
-    /// [`ControlHooks`] below (the crate refuses them); see `inflight.rs`.
+    /// `ControlHooks` below (the crate refuses them); see `inflight.rs`.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
