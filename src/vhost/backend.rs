@@ -570,7 +570,7 @@ impl<D: Device> ConnectionBackend<D> {
                     self.notify_guest(queue, vring);
                     unsignalled = 0;
                 }
-                let used_len = match work {
+                let (head, used_len) = match work {
                     Work::Chain(chain) => {
                         let head = chain.head_index();
                         // Recorded before anything of it is done (a resubmitted one already is).
@@ -585,7 +585,6 @@ impl<D: Device> ConnectionBackend<D> {
                         )
                     }
                 };
-                let (head, used_len) = used_len;
                 if self.connection_ended.load(Ordering::Acquire) {
                     // The frontend left while the request executed and may already have read
                     // the used index to restart the ring from (QEMU does at once): completing
