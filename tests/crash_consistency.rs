@@ -628,7 +628,7 @@ fn crash_uncompressed_images_with_4k_and_8k_clusters() {
 #[test]
 fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
     let name = "crash_while_the_journal_wraps_and_checkpoints_are_written";
-    let seeds = seeds(6, 2);
+    let seeds = seeds(6, 4);
     let total = run_seeds(name, &seeds, |seed| {
         let mut spec = Spec::random(seed, Profile::Journal, 1);
         spec.cluster_size = 16 * 1024;
@@ -637,11 +637,18 @@ fn crash_while_the_journal_wraps_and_checkpoints_are_written() {
         spec.crash_points = 300;
         spec.crashes_per_point = 1;
         spec.rounds = 1;
+        // Every other seed writes its checkpoints ahead of need, between commits, over a table
+        // of one chunk or (every fourth seed) of three, written again as commits change them.
+        spec.checkpoint_ahead = seed % 2 == 1;
+        if seed % 4 == 3 {
+            spec.clusters = 700;
+        }
         spec
     });
     expect_coverage(name, &total, seeds.len(), 300);
     if env_u64("INSITU_CRASH_SEED").is_none() {
         assert!(total.checkpoints >= seeds.len() as u64, "{name}: {total}");
+        assert!(total.checkpoints_ahead > 0, "{name}: {total}");
         assert!(total.points_in_checkpoint > 0, "{name}: {total}");
     }
 }

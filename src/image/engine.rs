@@ -47,6 +47,12 @@ const STALE_GRACE: Duration = Duration::from_secs(10);
 /// they hold (at most this many slots' worth) and the punching a close must do before it parks
 /// the writer (~1.5 s at ~90 µs per punch on a `discard` mount; a quiesce leaves them listed).
 const STALE_BACKLOG_MAX: usize = 16384;
+/// Checkpoints of a table this large (in 4 KiB chunks: 1 MiB, 65,280 clusters) or larger are
+/// written ahead of need; a smaller one costs a commit a few milliseconds at most.
+const AHEAD_MIN_CHUNKS: u64 = 256;
+/// A checkpoint written ahead is finished by the next commit once at most this many chunks are
+/// left to write (256 KiB: well under a millisecond of writing).
+const AHEAD_FINISH_MAX_CHUNKS: u64 = 64;
 /// Most slots whose unreferenced space an open after a quiesce hands to the writer's deferred
 /// reclaim (`adopt_unreferenced`); a quiesce leaves at most about `STALE_BACKLOG_MAX` of them.
 /// Beyond it the open punches the rest itself, like after a crash.
@@ -253,6 +259,8 @@ pub struct Meta {
     pub clean_marked: bool,
     /// That marker carries [`format::RECORD_SPACE_UNRECLAIMED`].
     pub marked_unreclaimed: bool,
+    /// The checkpoint being written ahead of need, if any (see [`Core::checkpoint_ahead_step`]).
+    pub ahead: Option<recovery::CheckpointAhead>,
     records: Vec<(u32, DiskEntry)>,
     buf: Vec<u8>,
 }
@@ -293,6 +301,15 @@ pub struct Core {
     dirty_count: AtomicU64,
     pub commits: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Checkpoints written ahead of need (a subset of `checkpoints`).
+    pub checkpoints_ahead: AtomicU64,
+    /// Smallest table (in checkpoint chunks) whose checkpoints are written ahead of need; 0:
+    /// always, whatever the table holds (tests).
+    pub ahead_min_chunks: u64,
+    /// A checkpoint written ahead is finished by the next commit once at most this many chunks
+    /// are left to write ([`AHEAD_FINISH_MAX_CHUNKS`]; 0 in tests, so that small tables go
+    /// through the writing of changed chunks again too).
+    pub ahead_finish_max: u64,
     generation: AtomicU64,
     low_water: u64,
     dirty_limit: u64,
@@ -419,6 +436,14 @@ impl Core {
             dirty_count: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            checkpoints_ahead: AtomicU64::new(0),
+            ahead_min_chunks: opts
+                .test_checkpoint_ahead_min_chunks
+                .unwrap_or(AHEAD_MIN_CHUNKS),
+            ahead_finish_max: match opts.test_checkpoint_ahead_min_chunks {
+                Some(0) => 0,
+                _ => AHEAD_FINISH_MAX_CHUNKS,
+            },
             generation: AtomicU64::new(0),
             low_water,
             dirty_limit,
@@ -1405,9 +1430,23 @@ impl Core {
             st.flush().map_err(Self::io("flush data", 0))?;
         }
         let bytes = format::record_blocks(records.len()) * BLOCK;
-        let checkpoint = force_checkpoint || meta.journal_head + bytes > self.layout.journal_size;
+        let journal_full = meta.journal_head + bytes > self.layout.journal_size;
+        if let Some(ahead) = meta.ahead.as_mut() {
+            for (c, _) in &records {
+                ahead.changed(*c);
+            }
+        }
+        // A checkpoint written ahead is finished by the first commit after its last batch, or
+        // by the commit that finds the journal full (then with whatever is left to write).
+        let finish_ahead = !force_checkpoint
+            && meta.ahead.as_ref().is_some_and(|a| {
+                journal_full || a.remaining(&self.layout) <= self.ahead_finish_max
+            });
+        let checkpoint = force_checkpoint || journal_full;
         let mut buf = std::mem::take(&mut meta.buf);
-        if checkpoint {
+        if finish_ahead {
+            self.finish_checkpoint_ahead(&mut meta, &mut buf)?;
+        } else if checkpoint {
             // Never "clean" here, not even for the checkpoint `close` asks for: only `mark_clean`
             // says so, once everything is stored and committed, in one record that also carries
             // a pending lost-write notice. A close whose buffered writes could not be stored, or
@@ -1422,6 +1461,9 @@ impl Core {
             meta.last_seq = seq;
             meta.journal_head += bytes;
             meta.clean_marked = false;
+            if meta.ahead.is_none() && meta.journal_head > self.layout.journal_size / 2 {
+                self.start_checkpoint_ahead(&mut meta);
+            }
         }
         meta.buf = buf;
         if self.break_order {
@@ -1531,7 +1573,23 @@ impl Core {
     ) -> Result<()> {
         let st = self.storage.as_ref();
         let area = 1 - meta.active_area;
+        // Written over by this one (same area), and no longer needed.
+        meta.ahead = None;
         recovery::write_checkpoint(st, &self.sb, &self.table, seq, area, true)?;
+        self.complete_checkpoint(meta, buf, seq, area, flags)
+    }
+
+    /// Makes the checkpoint just written into `area` as commit `seq` durable, then restarts the
+    /// journal with a marker record `seq + 1` carrying `flags`.
+    fn complete_checkpoint(
+        &self,
+        meta: &mut Meta,
+        buf: &mut Vec<u8>,
+        seq: u64,
+        area: usize,
+        flags: u32,
+    ) -> Result<()> {
+        let st = self.storage.as_ref();
         st.flush().map_err(Self::io("flush checkpoint", 0))?;
         format::encode_record_flags(buf, seq + 1, &self.sb.uuid, &[], flags);
         let off = self.layout.journal_offset;
@@ -1546,6 +1604,75 @@ impl Core {
         meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Starts writing a checkpoint ahead of need (the journal is half full), when the table is
+    /// large enough for one written in a single commit to keep FLUSHes waiting, and full enough
+    /// for a dense checkpoint (every chunk written, see [`recovery::CheckpointAhead`]) not to
+    /// cost much more than the sparse one.
+    fn start_checkpoint_ahead(&self, meta: &mut Meta) {
+        let chunks = self.layout.chunk_count();
+        if chunks < self.ahead_min_chunks {
+            return;
+        }
+        if self.ahead_min_chunks > 0 {
+            let stored: u64 = self
+                .table
+                .cells
+                .iter()
+                .map(|cell| {
+                    let st = lock(&cell.stripe);
+                    st.compressed + st.raw
+                })
+                .sum();
+            if stored * 4 < self.layout.cluster_count {
+                return;
+            }
+        }
+        // Beyond every record the rest of the journal can hold (each takes a block at least).
+        let seq = meta.last_seq + self.layout.journal_size / BLOCK + 2;
+        meta.ahead = Some(recovery::CheckpointAhead::new(
+            &self.layout,
+            seq,
+            1 - meta.active_area,
+        ));
+    }
+
+    /// True when a checkpoint written ahead has chunks to write (the writer does it between
+    /// commits, a batch at a time).
+    pub fn checkpoint_ahead_pending(&self) -> bool {
+        lock(&self.meta)
+            .ahead
+            .as_ref()
+            .is_some_and(|a| a.remaining(&self.layout) > self.ahead_finish_max)
+    }
+
+    /// Writes the next batch of the checkpoint written ahead. A failure abandons it (the commit
+    /// that finds the journal full then writes one in one go, and reports what fails there).
+    pub fn checkpoint_ahead_step(&self) {
+        let mut meta = lock(&self.meta);
+        let Some(ahead) = meta.ahead.as_mut() else {
+            return;
+        };
+        if let Err(e) = ahead.step(self.storage.as_ref(), &self.sb, &self.table) {
+            log::warn!("writing a checkpoint ahead failed, left for the next full journal: {e}");
+            meta.ahead = None;
+        }
+    }
+
+    /// Inside a commit: writes what is left of the checkpoint written ahead (this commit's
+    /// changes included: they are marked, and the committed view holds them), makes the chunks
+    /// durable, writes its header and completes it as commit `ahead.seq`.
+    fn finish_checkpoint_ahead(&self, meta: &mut Meta, buf: &mut Vec<u8>) -> Result<()> {
+        let Some(mut ahead) = meta.ahead.take() else {
+            return Ok(());
+        };
+        let st = self.storage.as_ref();
+        ahead.write_remaining(st, &self.sb, &self.table)?;
+        st.flush().map_err(Self::io("flush checkpoint chunks", 0))?;
+        ahead.write_header(st, &self.sb)?;
+        self.checkpoints_ahead.fetch_add(1, Ordering::Relaxed);
+        self.complete_checkpoint(meta, buf, ahead.seq, ahead.area, 0)
     }
 
     /// Read-write open of a cleanly closed image: append an empty record so that the journal no
@@ -1780,6 +1907,9 @@ impl Core {
                     if ctl.stop {
                         let keep = ctl.keep_freed;
                         drop(ctl);
+                        // A checkpoint half written ahead is dropped: the next writer may run
+                        // after another process changed the image.
+                        lock(&core.meta).ahead = None;
                         // A close punches everything freed by durable commits, so that a closed
                         // image stores nothing its table does not refer to. A quiesce leaves it
                         // listed (pinned as releasing, stale units, stale slots): the resumed
@@ -1838,6 +1968,12 @@ impl Core {
                             continue;
                         }
                     }
+                    if healthy && core.checkpoint_ahead_pending() {
+                        drop(ctl);
+                        core.checkpoint_ahead_step();
+                        ctl = lock(&core.ctl);
+                        continue;
+                    }
                     let wait = if healthy {
                         // Wake for the timer commit, and in time to punch stale slots whose
                         // grace period ends.
@@ -1894,6 +2030,7 @@ impl Core {
         }
         s.commits = self.commits.load(Ordering::Relaxed);
         s.checkpoints = self.checkpoints.load(Ordering::Relaxed);
+        s.checkpoints_ahead = self.checkpoints_ahead.load(Ordering::Relaxed);
         s.table_ram_bytes = ram;
         s.quiesced = self.state.load(Ordering::SeqCst) != RUNNING;
         s

@@ -192,6 +192,11 @@ pub struct OpenOptions {
     /// Exists so the crash simulator can show that its oracle catches a broken commit order.
     #[doc(hidden)]
     pub test_break_commit_order: bool,
+    /// TEST ONLY: the smallest table (in checkpoint chunks of 255 clusters) whose checkpoints
+    /// are written ahead of need, between commits; `Some(0)`: every table's, however empty, so
+    /// that small test images exercise it (default: 256 chunks, tables at least a quarter full).
+    #[doc(hidden)]
+    pub test_checkpoint_ahead_min_chunks: Option<u64>,
     /// TEST ONLY: how long freed, unreferenced space may wait for reuse before the metadata
     /// writer punches it (default: two commit intervals, at least 200 ms). Lets the crash
     /// simulator reach the deferred punches within a short workload.
@@ -209,6 +214,7 @@ impl Default for OpenOptions {
             start_quiesced: false,
             write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
             test_break_commit_order: false,
+            test_checkpoint_ahead_min_chunks: None,
             test_stale_grace: None,
         }
     }
@@ -250,6 +256,8 @@ pub struct Stats {
     pub commits: u64,
     /// Checkpoints written since open.
     pub checkpoints: u64,
+    /// Of those, checkpoints written ahead of need, between commits (R16).
+    pub checkpoints_ahead: u64,
     /// Read requests served since open.
     pub reads: u64,
     /// Write requests (including write-zeroes/discard) served since open.

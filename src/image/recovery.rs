@@ -601,27 +601,38 @@ pub fn load(st: &dyn Storage, sb: &Superblock, mode: RecoveryMode) -> Result<Loa
     })
 }
 
-/// Writes a checkpoint of `view` (the committed entry of each cluster) into `area`: chunks that
-/// hold a non-zero entry, then the header. Does not flush.
-pub fn write_checkpoint(
-    st: &dyn Storage,
-    sb: &Superblock,
-    table: &Table,
+/// Chunks written per batch (1 MiB).
+const CHUNK_BATCH: u64 = 256;
+
+/// How the chunks of one checkpoint are made.
+struct ChunkSealer<'a> {
+    table: &'a Table,
+    layout: &'a Layout,
+    /// The checkpoint's seq, sealed into every chunk.
     seq: u64,
-    area: usize,
+    /// Each cluster's committed entry (else its current one).
     committed: bool,
-) -> Result<(), ImageError> {
-    let layout: &Layout = &sb.layout;
-    let base = layout.checkpoint_offsets[area];
-    let total_chunks = layout.chunk_count();
-    const BATCH: u64 = 256;
-    let per_batch = (BATCH * ENTRIES_PER_CHUNK) as usize;
-    let mut entries = vec![Entry::ZERO; per_batch];
-    let mut buf = vec![0u8; (BATCH * BLOCK) as usize];
-    let mut written = 0u64;
-    let mut first_chunk = 0u64;
-    while first_chunk < total_chunks {
-        let n_chunks = (total_chunks - first_chunk).min(BATCH);
+    /// All-zero chunks are left out.
+    sparse: bool,
+}
+
+impl ChunkSealer<'_> {
+    /// The entries of chunks `first_chunk .. first_chunk + n_chunks`, sealed into `buf` (one
+    /// block each, in index order). Returns how many chunks `buf` holds.
+    fn seal(
+        &self,
+        first_chunk: u64,
+        n_chunks: u64,
+        entries: &mut [Entry],
+        buf: &mut [u8],
+    ) -> usize {
+        let (table, layout, seq, committed, sparse) = (
+            self.table,
+            self.layout,
+            self.seq,
+            self.committed,
+            self.sparse,
+        );
         let first = first_chunk * ENTRIES_PER_CHUNK;
         let last = ((first_chunk + n_chunks) * ENTRIES_PER_CHUNK).min(layout.cluster_count);
         entries.fill(Entry::ZERO);
@@ -642,7 +653,7 @@ pub fn write_checkpoint(
         let mut p = 0usize;
         for k in 0..n_chunks as usize {
             let es = &entries[k * ENTRIES_PER_CHUNK as usize..(k + 1) * ENTRIES_PER_CHUNK as usize];
-            if es.iter().all(|e| e.is_zero()) {
+            if sparse && es.iter().all(|e| e.is_zero()) {
                 continue;
             }
             let chunk = &mut buf[p * BLOCK_USIZE..(p + 1) * BLOCK_USIZE];
@@ -654,6 +665,50 @@ pub fn write_checkpoint(
             format::seal_chunk(chunk, seq, (first_chunk + k as u64) as u32);
             p += 1;
         }
+        p
+    }
+}
+
+fn write_checkpoint_header(
+    st: &dyn Storage,
+    sb: &Superblock,
+    area: usize,
+    seq: u64,
+    chunk_count: u64,
+) -> Result<(), ImageError> {
+    let base = sb.layout.checkpoint_offsets[area];
+    let header = CheckpointHeader { seq, chunk_count }.encode(&sb.layout, &sb.uuid);
+    st.write_at(base, &header)
+        .map_err(io_err("write checkpoint header", base))
+}
+
+/// Writes a checkpoint of `view` (the committed entry of each cluster) into `area`: chunks that
+/// hold a non-zero entry, then the header. Does not flush.
+pub fn write_checkpoint(
+    st: &dyn Storage,
+    sb: &Superblock,
+    table: &Table,
+    seq: u64,
+    area: usize,
+    committed: bool,
+) -> Result<(), ImageError> {
+    let layout: &Layout = &sb.layout;
+    let base = layout.checkpoint_offsets[area];
+    let total_chunks = layout.chunk_count();
+    let mut entries = vec![Entry::ZERO; (CHUNK_BATCH * ENTRIES_PER_CHUNK) as usize];
+    let mut buf = vec![0u8; (CHUNK_BATCH * BLOCK) as usize];
+    let mut written = 0u64;
+    let mut first_chunk = 0u64;
+    while first_chunk < total_chunks {
+        let n_chunks = (total_chunks - first_chunk).min(CHUNK_BATCH);
+        let sealer = ChunkSealer {
+            table,
+            layout,
+            seq,
+            committed,
+            sparse: true,
+        };
+        let p = sealer.seal(first_chunk, n_chunks, &mut entries, &mut buf);
         if p > 0 {
             let off = base + BLOCK + written * BLOCK;
             st.write_at(off, &buf[..p * BLOCK_USIZE])
@@ -662,14 +717,158 @@ pub fn write_checkpoint(
         }
         first_chunk += n_chunks;
     }
-    let header = CheckpointHeader {
-        seq,
-        chunk_count: written,
+    write_checkpoint_header(st, sb, area, seq, written)
+}
+
+/// A checkpoint written ahead of need, a few chunks at a time between commits, so that a full
+/// journal does not make a commit write the whole table while FLUSHes wait (known limit R16).
+///
+/// It is *dense*: every chunk is written, at the position of its index, so that any chunk can be
+/// written again after a commit changed it (a sparse checkpoint's positions shift when a chunk
+/// turns zero or non-zero). Its chunks carry a seq reserved beyond every record the journal can
+/// take meanwhile; the commit that finishes it takes that seq (sequence numbers only have to
+/// grow: recovery follows the journal from the checkpoint's seq on). Until its header is written,
+/// the area's old header names an older seq than its new chunks, so a crash meanwhile leaves
+/// that area invalid and recovery uses the other one, exactly as during a checkpoint written in
+/// one go.
+#[derive(Debug)]
+pub struct CheckpointAhead {
+    /// The seq the checkpoint will carry.
+    pub seq: u64,
+    /// The area it is written into (the one not holding the newest checkpoint).
+    pub area: usize,
+    /// Chunks `0 .. next` were written once.
+    next: u64,
+    /// Chunks written, then changed by a commit: to write again.
+    dirty: Vec<u64>,
+    dirty_count: u64,
+}
+
+impl CheckpointAhead {
+    pub fn new(layout: &Layout, seq: u64, area: usize) -> Self {
+        let chunks = layout.chunk_count();
+        Self {
+            seq,
+            area,
+            next: 0,
+            dirty: vec![0; chunks.div_ceil(64) as usize],
+            dirty_count: 0,
+        }
     }
-    .encode(layout, &sb.uuid);
-    st.write_at(base, &header)
-        .map_err(io_err("write checkpoint header", base))?;
-    Ok(())
+
+    /// A commit changed cluster `c`: its chunk is written again if it was written already.
+    pub fn changed(&mut self, c: u32) {
+        let chunk = u64::from(c) / ENTRIES_PER_CHUNK;
+        if chunk >= self.next {
+            return;
+        }
+        if let Some(word) = self.dirty.get_mut((chunk / 64) as usize) {
+            let bit = 1u64 << (chunk % 64);
+            if *word & bit == 0 {
+                *word |= bit;
+                self.dirty_count += 1;
+            }
+        }
+    }
+
+    /// Chunks still to write (never written, or written and changed since).
+    pub fn remaining(&self, layout: &Layout) -> u64 {
+        layout.chunk_count() - self.next + self.dirty_count
+    }
+
+    /// Writes the next batch: chunks never written first, then changed ones. Does not flush.
+    /// Returns the chunks written.
+    pub fn step(
+        &mut self,
+        st: &dyn Storage,
+        sb: &Superblock,
+        table: &Table,
+    ) -> Result<u64, ImageError> {
+        let layout = &sb.layout;
+        let total = layout.chunk_count();
+        if self.next < total {
+            let n = (total - self.next).min(CHUNK_BATCH);
+            self.write_run(st, sb, table, self.next, n)?;
+            self.next += n;
+            return Ok(n);
+        }
+        let mut written = 0;
+        while written < CHUNK_BATCH && self.dirty_count > 0 {
+            let Some((start, len)) = self.take_dirty_run(CHUNK_BATCH - written) else {
+                break;
+            };
+            self.write_run(st, sb, table, start, len)?;
+            written += len;
+        }
+        Ok(written)
+    }
+
+    /// Writes every chunk still to write. The caller makes them durable *before* it writes the
+    /// header ([`Self::write_header`]): a chunk written again carries the same seq as its earlier
+    /// version, so a header that reached the disk without it would validate a stale chunk (a
+    /// checkpoint written in one go needs no such flush: the chunks it replaces carry another
+    /// seq, and a torn one is refused).
+    pub fn write_remaining(
+        &mut self,
+        st: &dyn Storage,
+        sb: &Superblock,
+        table: &Table,
+    ) -> Result<(), ImageError> {
+        while self.remaining(&sb.layout) > 0 {
+            self.step(st, sb, table)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the header naming every chunk (see [`Self::write_remaining`]). Does not flush.
+    pub fn write_header(&self, st: &dyn Storage, sb: &Superblock) -> Result<(), ImageError> {
+        write_checkpoint_header(st, sb, self.area, self.seq, sb.layout.chunk_count())
+    }
+
+    /// The first run of consecutive changed chunks (at most `max`), cleared from the set.
+    fn take_dirty_run(&mut self, max: u64) -> Option<(u64, u64)> {
+        let word = self.dirty.iter().position(|&w| w != 0)?;
+        let start = word as u64 * 64 + u64::from(self.dirty[word].trailing_zeros());
+        let mut len = 0;
+        while len < max {
+            let chunk = start + len;
+            let Some(w) = self.dirty.get_mut((chunk / 64) as usize) else {
+                break;
+            };
+            let bit = 1u64 << (chunk % 64);
+            if *w & bit == 0 {
+                break;
+            }
+            *w &= !bit;
+            self.dirty_count -= 1;
+            len += 1;
+        }
+        Some((start, len))
+    }
+
+    fn write_run(
+        &self,
+        st: &dyn Storage,
+        sb: &Superblock,
+        table: &Table,
+        first_chunk: u64,
+        n_chunks: u64,
+    ) -> Result<(), ImageError> {
+        let layout = &sb.layout;
+        let mut entries = vec![Entry::ZERO; (n_chunks * ENTRIES_PER_CHUNK) as usize];
+        let mut buf = vec![0u8; (n_chunks * BLOCK) as usize];
+        let sealer = ChunkSealer {
+            table,
+            layout,
+            seq: self.seq,
+            committed: true,
+            sparse: false,
+        };
+        let p = sealer.seal(first_chunk, n_chunks, &mut entries, &mut buf);
+        let off = layout.checkpoint_offsets[self.area] + BLOCK + first_chunk * BLOCK;
+        st.write_at(off, &buf[..p * BLOCK_USIZE])
+            .map_err(io_err("write checkpoint", off))
+    }
 }
 
 /// Ranges of the data area that hold allocated host space no entry of `table` refers to (4 KiB

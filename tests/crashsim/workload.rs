@@ -124,6 +124,10 @@ pub struct Spec {
     /// `OpenOptions::test_stale_grace`: how long freed space waits for reuse before the engine
     /// punches it (`None`: the engine's default).
     pub stale_grace: Option<Duration>,
+    /// Checkpoints are written ahead of need, between commits, whatever the table's size
+    /// (`OpenOptions::test_checkpoint_ahead_min_chunks` = 0); otherwise the engine's default,
+    /// under which these small tables are checkpointed in one commit.
+    pub checkpoint_ahead: bool,
 }
 
 impl Spec {
@@ -166,6 +170,8 @@ impl Spec {
                 _ => 2 * u64::from(cluster_size),
             },
             stale_grace: None,
+            // From the seed too: half the runs write their checkpoints ahead.
+            checkpoint_ahead: (seed / 3) % 2 == 1,
         }
     }
 }
@@ -197,6 +203,8 @@ pub struct Outcome {
     pub commits: u64,
     /// See `commits`.
     pub checkpoints: u64,
+    /// Of those, written ahead of need.
+    pub checkpoints_ahead: u64,
     /// Wall time.
     pub elapsed: Duration,
     /// Injected storage faults that fired.
@@ -224,6 +232,7 @@ impl Outcome {
         self.commits += other.commits;
         self.punches += other.punches;
         self.checkpoints += other.checkpoints;
+        self.checkpoints_ahead += other.checkpoints_ahead;
         self.elapsed += other.elapsed;
         self.faults_injected += other.faults_injected;
         self.requests_failed_by_fault += other.requests_failed_by_fault;
@@ -236,7 +245,7 @@ impl fmt::Display for Outcome {
             f,
             "{} crash points ({} re-crashed after recovery, {} repaired first, {} with unflushed \
              operations, {} with torn ones, {} inside a checkpoint); clusters recovered with unflushed data {} / without \
-             {}; {} leaked bytes found; engine: {} commits, {} checkpoints, {} punches; {} faults \
+             {}; {} leaked bytes found; engine: {} commits, {} checkpoints ({} ahead), {} punches; {} faults \
              injected, {} requests failed by them; {} violations; {:.1?}",
             self.crash_points,
             self.double_crashes,
@@ -249,6 +258,7 @@ impl fmt::Display for Outcome {
             self.leaked_bytes,
             self.commits,
             self.checkpoints,
+            self.checkpoints_ahead,
             self.punches,
             self.faults_injected,
             self.requests_failed_by_fault,
@@ -721,6 +731,7 @@ fn open_options(spec: &Spec) -> OpenOptions {
         test_break_commit_order: spec.break_commit_order,
         write_buffer_bytes: spec.write_buffer_bytes,
         test_stale_grace: spec.stale_grace,
+        test_checkpoint_ahead_min_chunks: spec.checkpoint_ahead.then_some(0),
         ..OpenOptions::default()
     }
 }
@@ -992,6 +1003,7 @@ pub fn run(spec: &Spec) -> Outcome {
         let stats = current.image.stats();
         outcome.commits += stats.commits;
         outcome.checkpoints += stats.checkpoints;
+        outcome.checkpoints_ahead += stats.checkpoints_ahead;
         if !errors.is_empty() {
             outcome.violations.push(format!(
                 "engine request failed during the workload (no crash involved), seed {}:\n{}\n\
