@@ -34,14 +34,16 @@
 //! tests/crash_consistency.rs simulates lost and torn device writes).
 //!
 //! Environment:
-//! - `INSITU_KILL_ITERS=N`: N cases (default 4; each case has several kills).
+//! - `INSITU_KILL_ITERS=N`: N cases (default 12; each case has 2-4 kills).
 //! - `INSITU_KILL_SEED=S`: replay case S alone (the seed is printed with every failure; the
 //!   timing of the kill relative to the backend's progress is not reproducible, the workload is).
 //! - `INSITU_KILL_BASE=B`: the first case's seed (default fixed).
 //! - `INSITU_KILL_SECS=T`: stop starting new cases after T seconds (for long campaigns).
 //! - `INSITU_KILL_SCALE=K`: K times more requests per round (default 1).
-//! - `INSITU_KILL_CORRUPT=1`: flip one byte of a stored cluster between a kill and the restart
-//!   (the campaign must then fail: shows that the checks bite).
+//! - `INSITU_KILL_CORRUPT=1`: flip bits of the image between a kill and the restart, and
+//!   `INSITU_KILL_SABOTAGE=1`: the oracle wrongly takes every completed write for flushed. The
+//!   campaign must fail under either (it shows that its checks bite); the oracle's own tests
+//!   below show the same for lost flushed data and torn writes on made-up disk states.
 mod frontend;
 mod support;
 
@@ -209,6 +211,9 @@ impl fmt::Display for Op {
     }
 }
 
+/// What the oracle records of a request: kind, write id, sector ranges.
+type Record = (Kind, u64, Vec<(u64, u64)>);
+
 struct Oracle {
     sectors: u64,
     cluster_sectors: u64,
@@ -225,6 +230,9 @@ struct Oracle {
     /// Set when the process died uncleanly: a FLUSH made available before this moment and
     /// completed by the restarted process vouches for nothing the dead one completed.
     unclean_restart_at: Option<u64>,
+    /// INSITU_KILL_SABOTAGE: wrongly take every completed op for durable (as if each were
+    /// followed by a FLUSH), so that a kill losing unflushed writes fails the campaign.
+    sabotage: bool,
 }
 
 impl Oracle {
@@ -238,6 +246,7 @@ impl Oracle {
             seq: 0,
             durable_before: 0,
             unclean_restart_at: None,
+            sabotage: false,
         }
     }
 
@@ -299,7 +308,25 @@ impl Oracle {
     }
 
     fn is_durable(&self, op: &Op) -> bool {
-        op.status == Some(VIRTIO_BLK_S_OK) && op.completed.is_some_and(|c| c < self.durable_before)
+        op.status == Some(VIRTIO_BLK_S_OK)
+            && op
+                .completed
+                .is_some_and(|c| self.sabotage || c < self.durable_before)
+    }
+
+    /// Sectors whose value is none of the completed ops that touched them: completed writes the
+    /// kill took away (allowed when no FLUSH covered them).
+    fn rolled_back(&self, observed: &[Value]) -> u64 {
+        (0..self.sectors as usize)
+            .filter(|&s| {
+                let mut completed = self.touching[s]
+                    .iter()
+                    .map(|&i| &self.ops[i as usize])
+                    .filter(|op| op.status == Some(VIRTIO_BLK_S_OK))
+                    .peekable();
+                completed.peek().is_some() && !completed.any(|op| op.value() == observed[s])
+            })
+            .count() as u64
     }
 
     /// The latest moment a durable op touching `sector` was made available (0: none): every
@@ -378,6 +405,7 @@ impl Oracle {
         for op in self.ops.iter().filter(|op| op.kind == Kind::Write) {
             self.check_atomic(op, observed)?;
         }
+        self.check_no_interleaving(observed)?;
         Ok(self.touching.iter().filter(|t| !t.is_empty()).count() as u64)
     }
 
@@ -422,6 +450,49 @@ impl Oracle {
                     }
                 }
                 start = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// I3 between two writes: where writes W and X overlap inside one cluster, the overlap shows
+    /// one of them in full (whichever the cluster's version applied last) or later values; one
+    /// sector of it showing W and another showing X is a mix of two versions.
+    fn check_no_interleaving(&self, observed: &[Value]) -> Result<(), String> {
+        let by_id: HashMap<u64, &Op> = self
+            .ops
+            .iter()
+            .filter(|op| op.kind == Kind::Write)
+            .map(|op| (op.id, op))
+            .collect();
+        let covers = |op: &Op, s: u64| op.ranges.iter().any(|&(f, n)| (f..f + n).contains(&s));
+        let cs = self.cluster_sectors;
+        let mut cluster = 0;
+        while cluster * cs < self.sectors {
+            let part = cluster * cs..((cluster + 1) * cs).min(self.sectors);
+            cluster += 1;
+            for s in part.clone() {
+                let Value::Data(x) = observed[s as usize] else {
+                    continue;
+                };
+                let Some(&x_op) = by_id.get(&x) else { continue };
+                for &wi in &self.touching[s as usize] {
+                    let w_op = &self.ops[wi as usize];
+                    if w_op.kind != Kind::Write || w_op.id == x {
+                        continue;
+                    }
+                    let w = Value::Data(w_op.id);
+                    if let Some(s2) = part
+                        .clone()
+                        .find(|&s2| observed[s2 as usize] == w && covers(x_op, s2))
+                    {
+                        return Err(format!(
+                            "two writes interleaved inside cluster {} (I3): where both wrote,                              sector {s} shows #{x} and sector {s2} shows #{}:\n  {x_op}\n  {w_op}",
+                            cluster - 1,
+                            w_op.id
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -770,6 +841,7 @@ struct Totals {
     bytes_written: u64,
     bytes_verified: u64,
     sectors_checked_against_window: u64,
+    sectors_rolled_back: u64,
     replayed_after_restart: u64,
     notices: u64,
     cloud_hypervisor_reconnects: u64,
@@ -908,7 +980,7 @@ impl Case<'_> {
     }
 
     /// Submits `req` on queue `q` (waiting for room), recording it in the oracle as `kind`.
-    fn issue(&mut self, q: u16, req: Request, record: Option<(Kind, u64, Vec<(u64, u64)>)>) {
+    fn issue(&mut self, q: u16, req: Request, record: Option<Record>) {
         let mut reservation = None;
         if self.backend_stopped {
             // Nothing completes while the process is stopped: no room, no request.
@@ -1017,6 +1089,7 @@ impl Case<'_> {
             );
         }
         let observed = self.read_disk();
+        self.totals.sectors_rolled_back += self.oracle.rolled_back(&observed);
         match self.oracle.verify(&observed) {
             Ok(n) => self.totals.sectors_checked_against_window += n,
             Err(e) => panic!("{}: after {last_death:?} restart: {e}", self.ctx()),
@@ -1150,12 +1223,20 @@ impl Case<'_> {
         for _ in 0..signal_after {
             self.random_request();
         }
-        // Sometimes let the backend run on for a moment (up to ~2 commit intervals' worth of
-        // progress is not needed: the moment only has to vary).
-        match self.rng.gen_range(0..4) {
-            0 => {}
-            1 => std::thread::sleep(Duration::from_micros(self.rng.gen_range(0..3000))),
-            2 => {
+        // The moment of the signal: at once, after a short pause, once a few requests completed,
+        // or after the traffic went on slowly across a timer commit (1 s by default), so that
+        // some kills hit a commit in progress.
+        match self.rng.gen_range(0..9) {
+            0 | 4 => {}
+            5 | 6 => {
+                let until = Instant::now() + Duration::from_millis(self.rng.gen_range(700..1600));
+                while Instant::now() < until {
+                    self.random_request();
+                    std::thread::sleep(Duration::from_millis(self.rng.gen_range(1..15)));
+                }
+            }
+            1 | 7 => std::thread::sleep(Duration::from_micros(self.rng.gen_range(0..3000))),
+            2 | 8 => {
                 // Until a few requests complete.
                 let target = self.driver().in_flight().saturating_sub(3);
                 self.wait_until("some completions", |c| c.driver().in_flight() <= target);
@@ -1257,7 +1338,7 @@ impl Case<'_> {
     }
 }
 
-fn run_case(seed: u64, scale: u64, corrupt: bool, totals: &mut Totals) {
+fn run_case(seed: u64, scale: u64, corrupt: bool, sabotage: bool, totals: &mut Totals) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let cfg = CaseConfig::random(&mut rng);
     eprintln!("kill campaign: case seed {seed}: {cfg:?}");
@@ -1296,11 +1377,13 @@ fn run_case(seed: u64, scale: u64, corrupt: bool, totals: &mut Totals) {
     let sectors = cfg.size / SECTOR;
     let clusters = cfg.size / cluster;
     let hot = (0..4).map(|_| rng.gen_range(0..clusters)).collect();
+    let mut oracle = Oracle::new(sectors, cluster / SECTOR);
+    oracle.sabotage = sabotage;
     let mut case = Case {
         seed,
         rng,
         backend,
-        oracle: Oracle::new(sectors, cluster / SECTOR),
+        oracle,
         driver: None,
         next_id: 1,
         cluster,
@@ -1353,11 +1436,12 @@ fn random_kills_of_the_serving_process_keep_i2_and_i3() {
     }
     let scale = env_u64("INSITU_KILL_SCALE").unwrap_or(1).max(1);
     let corrupt = env_u64("INSITU_KILL_CORRUPT").unwrap_or(0) != 0;
+    let sabotage = env_u64("INSITU_KILL_SABOTAGE").unwrap_or(0) != 0;
     let seeds: Vec<u64> = match env_u64("INSITU_KILL_SEED") {
         Some(seed) => vec![seed],
         None => {
             let base = env_u64("INSITU_KILL_BASE").unwrap_or(0x4B11_0000);
-            let iters = env_u64("INSITU_KILL_ITERS").unwrap_or(4).max(1);
+            let iters = env_u64("INSITU_KILL_ITERS").unwrap_or(12).max(1);
             (0..iters).map(|i| base + i).collect()
         }
     };
@@ -1369,7 +1453,7 @@ fn random_kills_of_the_serving_process_keep_i2_and_i3() {
             break;
         }
         let result = catch_unwind(AssertUnwindSafe(|| {
-            run_case(seed, scale, corrupt, &mut totals)
+            run_case(seed, scale, corrupt, sabotage, &mut totals)
         }));
         if let Err(panic) = result {
             eprintln!(
@@ -1391,4 +1475,181 @@ fn random_kills_of_the_serving_process_keep_i2_and_i3() {
         totals.kills + totals.terms > 0 && totals.bytes_verified > 0,
         "nothing was killed or verified: {totals:?}"
     );
+}
+
+// -----------------------------------------------------------------------------------------------
+// The oracle on made-up disk states: it accepts what a crash may leave and rejects the rest.
+
+/// A 32-sector disk of 8-sector clusters.
+fn small_oracle() -> Oracle {
+    Oracle::new(32, 8)
+}
+
+fn record(o: &mut Oracle, kind: Kind, id: u64, range: (u64, u64)) -> usize {
+    let ranges = if kind == Kind::Flush {
+        Vec::new()
+    } else {
+        vec![range]
+    };
+    o.submit(kind, id, ranges, 0)
+}
+
+fn state(base: Value, parts: &[(u64, u64, Value)]) -> Vec<Value> {
+    let mut v = vec![base; 32];
+    for &(first, n, value) in parts {
+        v[first as usize..(first + n) as usize].fill(value);
+    }
+    v
+}
+
+#[test]
+fn oracle_rejects_a_flushed_write_that_is_gone_and_accepts_losing_an_unflushed_one() {
+    let mut o = small_oracle();
+    let w1 = record(&mut o, Kind::Write, 1, (0, 8));
+    o.complete(w1, VIRTIO_BLK_S_OK);
+    let f = record(&mut o, Kind::Flush, 0, (0, 0));
+    let w2 = record(&mut o, Kind::Write, 2, (8, 8));
+    o.complete(w2, VIRTIO_BLK_S_OK);
+    o.complete(f, VIRTIO_BLK_S_OK);
+    // w1 completed before the FLUSH was made available: it must be there; w2 need not be.
+    assert!(o
+        .verify(&state(Value::Zero, &[(0, 8, Value::Data(1))]))
+        .is_ok());
+    assert!(o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 8, Value::Data(1)), (8, 8, Value::Data(2))]
+        ))
+        .is_ok());
+    let err = o.verify(&state(Value::Zero, &[])).unwrap_err();
+    assert!(err.contains("8 sectors hold a value"), "{err}");
+    // A FLUSH that failed (the lost-write notice) vouches for nothing.
+    let mut o = small_oracle();
+    let w1 = record(&mut o, Kind::Write, 1, (0, 8));
+    o.complete(w1, VIRTIO_BLK_S_OK);
+    let f = record(&mut o, Kind::Flush, 0, (0, 0));
+    o.complete(f, VIRTIO_BLK_S_IOERR);
+    assert!(o.verify(&state(Value::Zero, &[])).is_ok());
+    // A clean stop makes everything completed durable, not what was still in flight.
+    let mut o = small_oracle();
+    let w1 = record(&mut o, Kind::Write, 1, (0, 8));
+    o.complete(w1, VIRTIO_BLK_S_OK);
+    record(&mut o, Kind::Write, 2, (8, 8));
+    o.all_completed_durable();
+    assert!(o
+        .verify(&state(Value::Zero, &[(0, 8, Value::Data(1))]))
+        .is_ok());
+    assert!(o
+        .verify(&state(Value::Zero, &[(8, 8, Value::Data(2))]))
+        .is_err());
+}
+
+#[test]
+fn oracle_rejects_stale_misplaced_and_garbage_sectors() {
+    let mut o = small_oracle();
+    let w1 = record(&mut o, Kind::Write, 1, (0, 8));
+    o.complete(w1, VIRTIO_BLK_S_OK);
+    let w2 = record(&mut o, Kind::Write, 2, (0, 8));
+    o.complete(w2, VIRTIO_BLK_S_OK);
+    let f = record(&mut o, Kind::Flush, 0, (0, 0));
+    o.complete(f, VIRTIO_BLK_S_OK);
+    // w1 was superseded by w2 before the FLUSH: only w2 may be there.
+    assert!(o
+        .verify(&state(Value::Zero, &[(0, 8, Value::Data(2))]))
+        .is_ok());
+    assert!(o
+        .verify(&state(Value::Zero, &[(0, 8, Value::Data(1))]))
+        .is_err());
+    assert!(o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 8, Value::Data(2)), (9, 1, Value::Data(2))]
+        ))
+        .is_err());
+    assert!(o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 8, Value::Data(2)), (3, 1, Value::Garbage)]
+        ))
+        .is_err());
+    // The bytes are recognised: a sector of write 2 read back at another place is garbage.
+    let mut bytes = [0u8; SECTOR as usize];
+    sector_data(2, 5, &mut bytes);
+    assert_eq!(classify(5, &bytes), Value::Data(2));
+    assert_eq!(classify(6, &bytes), Value::Garbage);
+    bytes[100] ^= 1;
+    assert_eq!(classify(5, &bytes), Value::Garbage);
+}
+
+#[test]
+fn oracle_rejects_torn_writes_and_accepts_whole_versions() {
+    // w2 rewrites cluster 0 (sectors 0..8) over a flushed w1 and is in flight at the crash.
+    let mut o = small_oracle();
+    let w1 = record(&mut o, Kind::Write, 1, (0, 8));
+    o.complete(w1, VIRTIO_BLK_S_OK);
+    let f = record(&mut o, Kind::Flush, 0, (0, 0));
+    o.complete(f, VIRTIO_BLK_S_OK);
+    record(&mut o, Kind::Write, 2, (0, 12));
+    assert!(o
+        .verify(&state(Value::Zero, &[(0, 8, Value::Data(1))]))
+        .is_ok());
+    assert!(o
+        .verify(&state(Value::Zero, &[(0, 12, Value::Data(2))]))
+        .is_ok());
+    // Per cluster: cluster 0 old and cluster 1 new is allowed (I3 is per cluster)...
+    assert!(o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 8, Value::Data(1)), (8, 4, Value::Data(2))]
+        ))
+        .is_ok());
+    // ... half of cluster 0 new and half old is not.
+    let err = o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 4, Value::Data(2)), (4, 4, Value::Data(1))],
+        ))
+        .unwrap_err();
+    assert!(err.contains("torn write"), "{err}");
+    // Inside cluster 1, w2 half landed over zeros: torn too.
+    let err = o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 8, Value::Data(1)), (8, 2, Value::Data(2))],
+        ))
+        .unwrap_err();
+    assert!(err.contains("torn write"), "{err}");
+}
+
+#[test]
+fn oracle_accepts_concurrent_writes_in_either_order_but_not_interleaved() {
+    let mut o = small_oracle();
+    // Both in flight together over sectors 2..6, then both completed.
+    let a = record(&mut o, Kind::Write, 1, (0, 6));
+    let b = record(&mut o, Kind::Write, 2, (2, 6));
+    o.complete(a, VIRTIO_BLK_S_OK);
+    o.complete(b, VIRTIO_BLK_S_OK);
+    let f = record(&mut o, Kind::Flush, 0, (0, 0));
+    o.complete(f, VIRTIO_BLK_S_OK);
+    // a then b, b then a: both fine.
+    assert!(o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 6, Value::Data(1)), (6, 2, Value::Data(2))]
+        ))
+        .is_ok());
+    assert!(o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 2, Value::Data(1)), (2, 6, Value::Data(2))]
+        ))
+        .is_ok());
+    // Where they overlap, half a and half b: two versions mixed in one cluster.
+    let err = o
+        .verify(&state(
+            Value::Zero,
+            &[(0, 4, Value::Data(1)), (4, 4, Value::Data(2))],
+        ))
+        .unwrap_err();
+    assert!(err.contains("interleaved"), "{err}");
 }
