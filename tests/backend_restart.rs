@@ -59,6 +59,91 @@ fn make_write_available(dev: &mut Device, data_gpa: u64, sector: u64, kick: bool
 
 #[test]
 fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
+    restart_with_writes_in_flight(
+        DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
+        false,
+        RingBase::CloudHypervisor,
+        Outage::Kill,
+    );
+}
+
+/// Most guests do not accept VIRTIO_F_IN_ORDER (Linux before 6.19): cloud-hypervisor then
+/// restarts each ring at the guest's *available* index and counts on the inflight buffer
+/// (INFLIGHT_SHMFD) for the requests the dead backend had taken: the restarted backend must
+/// execute those again, and go on with the ones never taken.
+#[test]
+fn a_cloud_hypervisor_reconnect_without_in_order_resubmits_the_requests_in_flight() {
+    restart_with_writes_in_flight(
+        DRIVER_FEATURES,
+        true,
+        RingBase::CloudHypervisor,
+        Outage::Kill,
+    );
+}
+
+/// QEMU restarts a ring at the guest's used index after its backend went away; with an inflight
+/// buffer the requests in flight are found there too: each must still complete once.
+#[test]
+fn a_reconnect_at_the_used_index_with_an_inflight_buffer_completes_each_request_once() {
+    restart_with_writes_in_flight(DRIVER_FEATURES, true, RingBase::UsedIndex, Outage::Kill);
+}
+
+/// The frontend leaves (its connection closes) while the backend executes a write, and comes
+/// back to the same backend process with its inflight buffer, as cloud-hypervisor does: the
+/// write the backend left uncompleted when it saw the frontend go is recorded in flight, and
+/// executed again; every write completes once and is on the disk.
+#[test]
+fn a_frontend_that_left_mid_request_and_reconnects_gets_every_request_completed_once() {
+    restart_with_writes_in_flight(
+        DRIVER_FEATURES,
+        true,
+        RingBase::CloudHypervisor,
+        Outage::Disconnect,
+    );
+}
+
+/// How the backend goes away with writes in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outage {
+    /// SIGKILL, then a new process.
+    Kill,
+    /// The frontend closes its connection; the same process serves its next one.
+    Disconnect,
+}
+
+/// Sends SIGSTOP to the backend and returns once every one of its threads is stopped.
+fn stop_every_thread(backend: &Backend) {
+    let pid = backend.pid().expect("backend runs");
+    backend.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+        let all_stopped = tasks.filter_map(Result::ok).all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rfind(')')
+                .and_then(|at| stat[at + 1..].trim_start().chars().next());
+            matches!(state, Some('T' | 't') | None)
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the backend does not stop");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Kills the backend while it executes a queue of large writes, makes more available while it
+/// is dead, restarts it and reconnects as `rule` says: every write must complete exactly once,
+/// with status OK, and be on the disk (those the killed backend completed without a FLUSH
+/// excepted), and the flushed ones from before too.
+fn restart_with_writes_in_flight(
+    driver_features: u64,
+    inflight: bool,
+    rule: RingBase,
+    outage: Outage,
+) {
     let work = Workdir::new();
     let mut backend = Backend::start(
         &work,
@@ -71,13 +156,18 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
     let copts = ConnectOptions {
         queues: 1,
         queue_size: 128,
-        driver_features: DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
-        ring_base: 0,
-        ring_bases: Vec::new(),
-        leave_disabled: false,
+        driver_features,
+        inflight,
+        ..ConnectOptions::default()
     };
     let mut dev = Device::connect(&backend.socket(), &copts)
         .unwrap_or_else(|e| panic!("connect to the backend: {e}"));
+    assert_eq!(
+        dev.inflight.is_some(),
+        inflight,
+        "inflight buffer wanted: {inflight}; protocol features {:?}",
+        dev.protocol_features
+    );
     // Completed and flushed I/O first: the ring's indexes are past 0 when the backend dies.
     for k in 0..3u64 {
         let status = dev.write(0, k * 8, &pattern(k, 4096)).expect("write");
@@ -98,22 +188,86 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
     for k in 0..BEFORE_KILL {
         requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
     }
-    // Kill the backend once it has completed a few of them.
+    // Kill the backend once it has completed a few of them, and (with an inflight buffer)
+    // while it executes one: the process is stopped (every thread), looked at, and killed or
+    // let go on. Stopped, its buffer and rings are what a kill leaves.
     let deadline = Instant::now() + REQUEST_TIMEOUT;
-    while used_idx(&mut dev).wrapping_sub(start) < 2 {
-        assert!(Instant::now() < deadline, "no write completed in time");
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the backend was never seen executing a write after completing two"
+        );
+        stop_every_thread(&backend);
+        let completed = used_idx(&mut dev).wrapping_sub(start);
+        let executing = match &dev.inflight {
+            Some((info, file)) => inflight_heads(info, file, 0).len() == 1,
+            None => true,
+        };
+        if completed >= 2 && executing {
+            break;
+        }
+        backend.signal(libc::SIGCONT);
         std::thread::sleep(Duration::from_micros(200));
+    }
+    if outage == Outage::Disconnect {
+        // The backend sees the end once it runs again, after or during the write in progress.
+        dev.disconnect();
+        backend.signal(libc::SIGCONT);
+        let requests_before = requests.len();
+        for k in BEFORE_KILL..BEFORE_KILL + WHILE_DEAD {
+            requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
+        }
+        assert_eq!(requests.len(), requests_before + WHILE_DEAD as usize);
+        let reconnected = match rule {
+            RingBase::CloudHypervisor => dev.reconnect_like_cloud_hypervisor(&backend.socket()),
+            RingBase::UsedIndex => dev.reconnect_at_used_index(&backend.socket()),
+        };
+        reconnected.unwrap_or_else(|e| panic!("reconnect: {e}"));
+        for (k, (head, status_gpa)) in requests.iter().enumerate() {
+            let len = dev
+                .wait_head(0, *head, REQUEST_TIMEOUT)
+                .unwrap_or_else(|e| panic!("write {k} of {}: {e}", requests.len()));
+            assert_eq!(len, 1, "write {k}: used length");
+            assert_eq!(dev.gm.read(*status_gpa, 1)[0], VIRTIO_BLK_S_OK, "write {k}");
+        }
+        let unclaimed = dev.take_unclaimed(0);
+        assert!(
+            unclaimed.is_empty(),
+            "unexpected used entries: {unclaimed:?}"
+        );
+        // The same process committed everything at the disconnect: every write is on disk.
+        for k in 0..BEFORE_KILL + WHILE_DEAD {
+            let (status, got) = dev.read(0, sector_of(k), WRITE_LEN).expect("read back");
+            assert_eq!(status, VIRTIO_BLK_S_OK);
+            assert!(got == data, "write {k} not on the disk");
+        }
+        if let Some((info, file)) = &dev.inflight {
+            let left = inflight_heads(info, file, 0);
+            assert!(left.is_empty(), "still recorded in flight: {left:?}");
+        }
+        backend.assert_healthy("after the reconnect");
+        return;
     }
     backend.kill9();
     let completed_before_kill = used_idx(&mut dev).wrapping_sub(start);
+    if let Some((info, file)) = &dev.inflight {
+        // The oldest write not completed is the one recorded in flight: the restarted backend
+        // must execute it again.
+        let in_flight = inflight_heads(info, file, 0);
+        let taken_not_used = requests[usize::from(completed_before_kill)].0;
+        assert_eq!(in_flight, [taken_not_used], "heads in flight at the kill");
+    }
     // The guest keeps submitting: its kicks go to an eventfd nobody reads now.
     for k in BEFORE_KILL..BEFORE_KILL + WHILE_DEAD {
         requests.push(make_write_available(&mut dev, data_gpa, sector_of(k), true));
     }
 
     backend.restart();
-    dev.reconnect_like_cloud_hypervisor(&backend.socket())
-        .unwrap_or_else(|e| panic!("reconnect: {e}"));
+    let reconnected = match rule {
+        RingBase::CloudHypervisor => dev.reconnect_like_cloud_hypervisor(&backend.socket()),
+        RingBase::UsedIndex => dev.reconnect_at_used_index(&backend.socket()),
+    };
+    reconnected.unwrap_or_else(|e| panic!("reconnect: {e}"));
     let in_order = dev.acked_features & VIRTIO_F_IN_ORDER != 0;
     eprintln!("{completed_before_kill} of {BEFORE_KILL} writes completed before the kill");
     for (k, (head, status_gpa)) in requests.iter().enumerate() {
@@ -122,7 +276,7 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
             .unwrap_or_else(|e| {
                 panic!(
                     "write {k} of {}: {e} ({completed_before_kill} had completed before the kill; \
-                 IN_ORDER negotiated: {in_order})",
+                 IN_ORDER negotiated: {in_order}, inflight buffer: {inflight}, {rule:?})",
                     requests.len()
                 )
             });
@@ -139,7 +293,10 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
         unclaimed.is_empty(),
         "unexpected used entries: {unclaimed:?}"
     );
-    assert!(in_order, "completed although IN_ORDER was not negotiated");
+    assert!(
+        in_order || inflight,
+        "completed without IN_ORDER or an inflight buffer"
+    );
     // Every write served by the restarted backend is on the disk, and the flushed ones from
     // before. (Those the killed backend completed without a later FLUSH may be lost, which the
     // guest's next FLUSH reports: see docs/ARCHITECTURE.md; in order, they are the first ones.)
@@ -154,6 +311,13 @@ fn a_cloud_hypervisor_reconnect_after_a_sigkill_completes_every_request() {
         let (status, got) = dev.read(0, k * 8, 4096).expect("read back");
         assert_eq!(status, VIRTIO_BLK_S_OK);
         assert!(got == pattern(k, 4096), "early write {k} lost");
+    }
+    if let Some((info, file)) = &dev.inflight {
+        let left = inflight_heads(info, file, 0);
+        assert!(
+            left.is_empty(),
+            "still recorded in flight after completing: {left:?}"
+        );
     }
     backend.assert_healthy("after the reconnect");
 }

@@ -13,11 +13,14 @@
 mod frontend;
 mod support;
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
 
 use frontend::*;
 use support::*;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VringConfigData};
 use vm_memory::Bytes;
 
@@ -2766,6 +2769,191 @@ fn a_write_through_guest_loses_nothing_when_the_restarted_backend_is_killed_agai
     // committed every write before completing it, so it gives the lost-write notice anyway.)
     fx.after(0, "write-through writes across two backend kills");
     fx.finish();
+}
+
+/// An inflight buffer request or hand-over (INFLIGHT_SHMFD) that is absurd, does not match
+/// the backend's layout, or names a file that is too small, not a file, or not sealed against
+/// shrinking (the backend would be killed with SIGBUS by a frontend shrinking it later) is
+/// refused by that message, and only its connection suffers: the next one works, inflight
+/// buffer included.
+#[test]
+fn case20e_hostile_inflight_buffer_messages_fail_alone() {
+    if BackendKind::from_env() == BackendKind::Qsd {
+        return; // qemu-storage-daemon offers no INFLIGHT_SHMFD
+    }
+    let work = Workdir::new();
+    let opts = ServeOptions {
+        size: DISK,
+        ..ServeOptions::default()
+    };
+    let mut backend = Backend::start(&work, opts.clone());
+    let nq = opts.num_queues;
+    let max_size = opts.max_queue_size;
+    let memfd = |len: u64, sealed: bool| -> File {
+        let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        // SAFETY: the name is a valid C string; the result is checked and owned once below.
+        let fd = unsafe { libc::memfd_create(c"case20e".as_ptr(), flags) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        if sealed {
+            // SAFETY: F_ADD_SEALS on a memfd we own; the result is checked.
+            let r = unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+            assert_eq!(r, 0, "seal");
+        }
+        file
+    };
+    let ask = |num_queues: u16, queue_size: u16| VhostUserInflight {
+        num_queues,
+        queue_size,
+        ..Default::default()
+    };
+    type Bad = Box<dyn Fn(&mut Frontend) -> Result<(), String>>;
+    let get = move |num_queues: u16, queue_size: u16| -> Bad {
+        Box::new(move |fe| {
+            fe.get_inflight_fd(&ask(num_queues, queue_size))
+                .map(|_| ())
+                .map_err(vhost_err("GET_INFLIGHT_FD"))
+        })
+    };
+    // A valid GET_INFLIGHT_FD, then SET_INFLIGHT_FD of what `bad` makes of its answer.
+    let set = move |bad: Box<dyn Fn(VhostUserInflight, File) -> (VhostUserInflight, File)>| -> Bad {
+        Box::new(move |fe| {
+            let (info, file) = fe
+                .get_inflight_fd(&ask(2, 128))
+                .map_err(vhost_err("the valid GET_INFLIGHT_FD"))?;
+            let (info, file) = bad(info, file);
+            fe.set_inflight_fd(&info, file.as_raw_fd())
+                .map_err(vhost_err("SET_INFLIGHT_FD"))
+        })
+    };
+    let cases: Vec<(String, Bad)> = vec![
+        (
+            format!("GET_INFLIGHT_FD for {} queues ({nq} served)", nq + 1),
+            get(nq + 1, 128),
+        ),
+        ("GET_INFLIGHT_FD for 0 queues".into(), get(0, 128)),
+        (
+            "GET_INFLIGHT_FD for 65535 queues of 32768".into(),
+            get(u16::MAX, 32768),
+        ),
+        (
+            "GET_INFLIGHT_FD for queues of 100 (not a power of two)".into(),
+            get(1, 100),
+        ),
+        (
+            format!(
+                "GET_INFLIGHT_FD for queues of {} (largest served: {max_size})",
+                max_size * 2
+            ),
+            get(1, max_size * 2),
+        ),
+        (
+            "SET_INFLIGHT_FD with a size larger than the layout's".into(),
+            set(Box::new(|mut info, file| {
+                info.mmap_size += 4096;
+                (info, file)
+            })),
+        ),
+        (
+            "SET_INFLIGHT_FD with a queue count that does not match the buffer".into(),
+            set(Box::new(|mut info, file| {
+                info.num_queues = 1;
+                (info, file)
+            })),
+        ),
+        (
+            format!("SET_INFLIGHT_FD for {} queues ({nq} served)", nq + 1),
+            set(Box::new(move |mut info, file| {
+                info.num_queues = nq + 1;
+                info.mmap_size = info.mmap_size / 2 * u64::from(nq + 1);
+                (info, file)
+            })),
+        ),
+        (
+            "SET_INFLIGHT_FD at an offset past the buffer".into(),
+            set(Box::new(|mut info, file| {
+                info.mmap_offset = 4096;
+                (info, file)
+            })),
+        ),
+        (
+            "SET_INFLIGHT_FD of a sealed file too small for it".into(),
+            set(Box::new(move |mut info, _| {
+                info.queue_size = max_size;
+                info.mmap_size = 2 * inflight_region_size(max_size);
+                (info, memfd(4096, true))
+            })),
+        ),
+        (
+            "SET_INFLIGHT_FD of a file the frontend can shrink (not sealed)".into(),
+            set(Box::new(move |info, _| {
+                let len = info.mmap_size;
+                (info, memfd(len, false))
+            })),
+        ),
+        (
+            "SET_INFLIGHT_FD of an eventfd".into(),
+            set(Box::new(|info, _| {
+                let eventfd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+                // SAFETY: the eventfd's descriptor is handed over to the File, which owns it
+                // from now on (the EventFd is forgotten, so it is closed once).
+                let file = unsafe { File::from_raw_fd(eventfd.as_raw_fd()) };
+                std::mem::forget(eventfd);
+                (info, file)
+            })),
+        ),
+    ];
+    let mut accepted = Vec::new();
+    let mut seed = 20_500;
+    for (ctx, bad) in cases {
+        let ctx = format!("case 20e, {ctx}");
+        {
+            let Negotiated {
+                mut fe,
+                stream,
+                protocol_features,
+                ..
+            } = Device::negotiate_wanting_inflight(&backend.socket(), DRIVER_FEATURES, 64, true)
+                .unwrap_or_else(|e| panic!("{ctx}: negotiate: {e}"));
+            assert!(
+                protocol_features.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+                "{ctx}: INFLIGHT_SHMFD not offered"
+            );
+            let result = frontend::guarded(&stream, &ctx, || bad(&mut fe));
+            if result.is_ok() {
+                accepted.push(ctx.clone());
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        backend.assert_healthy(&ctx);
+        // A new, good connection works, with an inflight buffer.
+        let mut dev = Device::connect(
+            &backend.socket(),
+            &ConnectOptions {
+                inflight: true,
+                ..ConnectOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{ctx}: a good connection afterwards: {e}"));
+        assert!(
+            dev.inflight.is_some(),
+            "{ctx}: no inflight buffer afterwards"
+        );
+        seed += 1;
+        let data = pattern(seed, 8192);
+        assert_eq!(dev.write(0, 64, &data).unwrap(), VIRTIO_BLK_S_OK, "{ctx}");
+        let (st, back) = dev.read(1, 64, 8192).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK, "{ctx}");
+        assert!(back == data, "{ctx}: read back");
+        backend.assert_healthy(&ctx);
+    }
+    assert!(
+        accepted.is_empty(),
+        "the backend accepted these bad inflight messages:\n  {}",
+        accepted.join("\n  ")
+    );
 }
 
 /// hostile-guest.md #20 literally: SET_VRING_NUM with a size that is not a power of two is refused

@@ -21,12 +21,14 @@ Environment:
 """
 
 import argparse
+import glob
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -151,6 +153,14 @@ class Backend:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def kill_with_a_request_in_flight(self, timeout):
+        """SIGKILL, at a moment the backend has a guest request recorded in its inflight buffer
+        (INFLIGHT_SHMFD): it is stopped (SIGSTOP) and looked at until one is, for up to `timeout`
+        seconds. Returns the (queue, head) pairs recorded at the kill ([] if none was seen), or
+        None for a backend without such a buffer."""
+        self.kill()
+        return None
+
     def log_text(self):
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
@@ -215,6 +225,40 @@ class InsituBackend(Backend):
     def info(cls, image):
         out = run([INSITU_BIN, "info", image, "--json"])
         return json.loads(out)
+
+    def inflight_heads(self):
+        """The (queue, head) pairs the backend's inflight buffer records in flight (read through
+        the buffer's fd in /proc; the spec's split layout, 64-byte aligned queue regions)."""
+        heads = []
+        for fd in glob.glob(f"/proc/{self.proc.pid}/fd/*"):
+            try:
+                if "insitu-blk-inflight" not in os.readlink(fd):
+                    continue
+                with open(fd, "rb") as f:
+                    buf = f.read()
+            except OSError:
+                continue
+            desc_num = struct.unpack_from("<H", buf, 10)[0] if len(buf) >= 16 else 0
+            if desc_num == 0:
+                continue
+            region = (16 + 16 * desc_num + 63) // 64 * 64
+            heads += [(q, h) for q in range(len(buf) // region) for h in range(desc_num)
+                      if buf[q * region + 16 + 16 * h] == 1]
+        return heads
+
+    def kill_with_a_request_in_flight(self, timeout):
+        caught = []
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            self.proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.005)  # every thread stopped (a group stop takes microseconds)
+            caught = self.inflight_heads()
+            if caught:
+                break
+            self.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+        self.kill()
+        return caught
 
 
 class QsdBackend(Backend):
@@ -872,8 +916,11 @@ set -e
                           "the lost-writes error must be reported once, then the disk works")
     # Phase 2: kill while the guest writes (fsynced files + an O_DIRECT stream).
     g.wait_for(r"^INSITU-SYNCED 5 ", scaled(120))
-    b1.kill()
-    t.note("backend SIGKILLed while the guest writes")
+    # Killed while it executes a guest request, so the restarted backend has one to execute again
+    # from the inflight buffer (QEMU restarts the ring at the used index; the request must
+    # complete once: a second completion is a "not a head" error in the guest's kernel).
+    caught = b1.kill_with_a_request_in_flight(scaled(20))
+    t.note(f"backend SIGKILLed while the guest writes (requests recorded in flight: {caught})")
     before = dict(re.findall(r"^INSITU-SYNCED (\d+) (\w+)\s*$", g.text(), re.M))
     time.sleep(2)
     stalled = dict(re.findall(r"^INSITU-SYNCED (\d+) (\w+)\s*$", g.text(), re.M))
@@ -888,6 +935,9 @@ set -e
     # The guest goes on: either its fsyncs succeed again, or it was told that writes were lost.
     g.wait_for(rf"^(INSITU-SYNCED {len(stalled) + 3} |INSITU-SYNC-FAILED )", scaled(120))
     t.note("QEMU reconnected and the guest's requests are answered again")
+    if caught and "executed again" not in b2.log_text():
+        raise TestFailure(f"the backend was killed with requests {caught} recorded in flight, and the "
+                          "restarted one did not execute them again")
     g.wait_host_point("restarted", scaled(30))
     g.answer("restarted")
     text = g.wait_result(scaled(300))
@@ -896,6 +946,9 @@ set -e
     stream = re.search(r"^INSITU-STREAM (.*)$", text, re.M).group(1)
     failed_syncs = len(re.findall(r"^INSITU-SYNC-FAILED ", text, re.M))
     qemu_said = [line for line in open(g.stderr_path).read().splitlines() if not line.startswith("###")]
+    if re.search(r"not a head|out of range|larger than in buflen", text):
+        raise TestFailure("the guest's virtio driver found its used ring broken after the restart "
+                          "(a request completed twice?)")
     t.note(f"what the guest saw across the kill: file writer exit status {writer_rc}, {failed_syncs} "
            f"failed fsyncs, O_DIRECT stream writer {stream}, {kerr} kernel I/O error lines; "
            f"QEMU said: {qemu_said}")

@@ -361,6 +361,25 @@ impl BlkDevice {
         self.serve(mem, bufs, head, status, acked_features)
     }
 
+    /// [`BlkDevice::process_ring_chain`] for the chain at descriptor `head` of `ring`, without a
+    /// virtio-queue `DescriptorChain`: how a request taken by an earlier backend and recorded in
+    /// the inflight buffer is executed again (virtio-queue builds chains only from the available
+    /// ring). The same strict walk of the descriptor table, so every check is the same.
+    pub fn process_ring_head<G: GuestMemory + ?Sized>(
+        &self,
+        mem: &G,
+        head: u16,
+        ring: SplitRing,
+        acked_features: u64,
+    ) -> u32 {
+        with_thread_buffers(|bufs| {
+            let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+            let status =
+                request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
+            self.serve(mem, bufs, head, status, acked_features)
+        })
+    }
+
     /// Like [`BlkDevice::process_ring_chain`], following virtio-queue's own chain iterator
     /// instead of reading the descriptor table: every check is the same except that a descriptor
     /// with INDIRECT and NEXT is served (the iterator hides it and ignores its NEXT). Prefer

@@ -2025,3 +2025,55 @@ fn repair_of_a_quiesced_image_punches_the_space_it_left_unreclaimed() {
     assert_reads(&img, &expect, "after repair");
     img.close().expect("close");
 }
+
+/// A measurement, not a check (`cargo test --release --lib checkpoint_stall -- --ignored
+/// --nocapture`): how long a FLUSH waits when its commit is the one that writes a checkpoint
+/// (a full journal does that inside the commit: known limit R16), against an ordinary commit,
+/// for a disk whose every cluster is stored. `INSITU_CKPT_BENCH_GIB` (default 16) sets the disk
+/// size; each 64 KiB cluster compresses to one 4 KiB unit, so the host needs 1/16 of it.
+#[test]
+#[ignore]
+fn checkpoint_stall_of_a_fully_stored_table() {
+    let gib: u64 = std::env::var("INSITU_CKPT_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let dir = tempfile::tempdir_in(std::env::var("INSITU_BENCH_DIR").unwrap_or("/tmp".into()))
+        .expect("tempdir");
+    let path = dir.path().join("img");
+    let size = gib << 30;
+    Image::create(&path, &CreateOptions::new(size)).expect("create");
+    let img = Image::open(&path, &OpenOptions::default()).expect("open");
+    let clusters = size / 65536;
+    let data = sized_cluster(1, 3);
+    let started = std::time::Instant::now();
+    for c in 0..clusters {
+        img.write(c * 65536, &data).expect("write");
+    }
+    img.flush().expect("flush");
+    eprintln!(
+        "{gib} GiB: {clusters} clusters stored in {:.1} s; table {} KiB",
+        started.elapsed().as_secs_f64(),
+        clusters * 10 / 1024
+    );
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    for round in 0..5 {
+        // One changed entry, so both commits have a record to write.
+        img.write(((round * 7919) % clusters) * 65536, &data)
+            .expect("write");
+        let t = std::time::Instant::now();
+        img.core.sync(false).expect("commit");
+        let ordinary = t.elapsed();
+        img.write(((round * 104_729) % clusters) * 65536, &data)
+            .expect("write");
+        let t = std::time::Instant::now();
+        img.core.sync(true).expect("checkpoint");
+        let checkpoint = t.elapsed();
+        eprintln!(
+            "round {round}: commit {:.2} ms, commit with checkpoint {:.1} ms; load {}",
+            ordinary.as_secs_f64() * 1e3,
+            checkpoint.as_secs_f64() * 1e3,
+            load().trim()
+        );
+    }
+}

@@ -20,10 +20,11 @@
 //! reply. The daemon's pause detector (`daemon.rs`) sees every started ring disabled within
 //! 200 ms and quiesces the engine (commit, park, release the lock); re-enabling a ring resumes it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -42,6 +43,9 @@ use vmm_sys_util::event::{
 
 use super::device::{lock, Chain, Device, GuestMemoryHandle, SharedDisk};
 use super::filter::ControlHooks;
+use super::inflight::{
+    self, InflightBuffer, InflightDescription, InflightError, InflightLimits, QueueInflight,
+};
 use super::vring::Vring;
 use crate::blk::SplitRing;
 
@@ -139,6 +143,23 @@ pub struct ConnectionBackend<D: Device> {
     /// workers take no new request, so the requests in progress can be waited for and completed
     /// before the frontend sees the connection end ([`ConnectionBackend::drain`]).
     draining: AtomicBool,
+    /// The inflight buffer the frontend handed over (SET_INFLIGHT_FD), if any.
+    inflight: Mutex<Option<Arc<InflightBuffer>>>,
+    /// Set from the first SET_INFLIGHT_FD on: until then no worker takes its tracking lock.
+    inflight_set: AtomicBool,
+    /// Bit `q` set once queue `q`'s start looked at the inflight buffer (cleared when the
+    /// frontend stops the ring or hands over a buffer).
+    inflight_checked: AtomicU64,
+    /// Each queue's inflight tracking (locked by its worker only).
+    tracking: Vec<Mutex<QueueTracking>>,
+}
+
+/// One queue's inflight tracking: its region of the buffer, and the requests an earlier backend
+/// took and never completed, to execute before any new one.
+#[derive(Debug, Default)]
+struct QueueTracking {
+    tracker: Option<QueueInflight>,
+    resubmit: VecDeque<u16>,
 }
 
 impl<D: Device> ConnectionBackend<D> {
@@ -147,6 +168,9 @@ impl<D: Device> ConnectionBackend<D> {
     pub fn new(disk: Arc<SharedDisk<D>>, mem: GuestMemoryHandle, queue_size: usize) -> Self {
         Self {
             rings: (0..disk.num_queues()).map(|_| OnceLock::new()).collect(),
+            tracking: (0..disk.num_queues())
+                .map(|_| Mutex::new(QueueTracking::default()))
+                .collect(),
             disk,
             mem,
             queue_size,
@@ -161,6 +185,9 @@ impl<D: Device> ConnectionBackend<D> {
             poll: Vec::new(),
             connection_ended: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            inflight: Mutex::new(None),
+            inflight_set: AtomicBool::new(false),
+            inflight_checked: AtomicU64::new(0),
         }
     }
 
@@ -362,6 +389,12 @@ impl<D: Device> ConnectionBackend<D> {
             {
                 self.disk.device().ring_restored_mid_session();
             }
+            if queue < MAX_QUEUES
+                && self.inflight_set.load(Ordering::Acquire)
+                && self.inflight_checked.fetch_or(bit, Ordering::AcqRel) & bit == 0
+            {
+                self.start_inflight_tracking(queue, vring);
+            }
             let outcome = self.process_available(queue, vring, &mut budget);
             drop(gate);
             match outcome {
@@ -492,6 +525,13 @@ impl<D: Device> ConnectionBackend<D> {
         let acked = self.acked_features.load(Ordering::Acquire);
         let mut unsignalled = 0usize;
         let mut oldest_unsignalled = Instant::now();
+        // Only this queue's worker takes it: uncontended, once per batch, and only once the
+        // frontend handed over an inflight buffer.
+        let mut tracking = if self.inflight_set.load(Ordering::Acquire) {
+            self.tracking.get(queue).map(lock)
+        } else {
+            None
+        };
         let outcome = 'batch: {
             if let Err(e) = vring.disable_notification() {
                 self.ring_fault(queue, format_args!("cannot disable notifications: {e}"));
@@ -506,23 +546,45 @@ impl<D: Device> ConnectionBackend<D> {
                     // The connection ends: the rest of the ring is the frontend's to resubmit.
                     break 'batch Batch::Stopped;
                 }
-                let (chain, ring) = match self.pop_chain(queue, vring) {
-                    Pop::Chain(chain, ring) => (chain, ring),
-                    Pop::Empty => break,
-                    // Stopped by the frontend, or a broken ring: nothing to do until it is set
-                    // up again (the frontend kicks after a restart).
-                    Pop::Stop => break 'batch Batch::Stopped,
+                // Requests an earlier backend took and never completed come first.
+                let resubmitted = tracking.as_mut().and_then(|t| t.resubmit.pop_front());
+                let (work, ring) = match resubmitted {
+                    Some(head) => (Work::Resubmitted(head), ring_layout(vring)),
+                    None => match self.pop_chain(queue, vring) {
+                        Pop::Chain(chain, ring) => (Work::Chain(chain), ring),
+                        Pop::Empty => break,
+                        // Stopped by the frontend, or a broken ring: nothing to do until it is
+                        // set up again (the frontend kicks after a restart).
+                        Pop::Stop => break 'batch Batch::Stopped,
+                    },
                 };
                 popped_any = true;
                 budget.executed += 1;
-                if unsignalled > 0 && !self.disk.device().completes_quickly(&chain) {
+                let quick = match &work {
+                    Work::Chain(chain) => self.disk.device().completes_quickly(chain),
+                    Work::Resubmitted(_) => false,
+                };
+                if unsignalled > 0 && !quick {
                     // This request may take long (a write waiting for space, a FLUSH's commit):
                     // the completions held back for batching must not wait for it.
                     self.notify_guest(queue, vring);
                     unsignalled = 0;
                 }
-                let head = chain.head_index();
-                let used_len = self.disk.device().process_chain(chain, ring, acked);
+                let (head, used_len) = match work {
+                    Work::Chain(chain) => {
+                        let head = chain.head_index();
+                        // Recorded before anything of it is done (a resubmitted one already is).
+                        self.track(queue, &mut tracking, |t| t.taken(head));
+                        (head, self.disk.device().process_chain(chain, ring, acked))
+                    }
+                    Work::Resubmitted(head) => {
+                        let mem = self.mem.memory();
+                        (
+                            head,
+                            self.disk.device().process_head(&mem, head, ring, acked),
+                        )
+                    }
+                };
                 if self.connection_ended.load(Ordering::Acquire) {
                     // The frontend left while the request executed and may already have read
                     // the used index to restart the ring from (QEMU does at once): completing
@@ -533,11 +595,16 @@ impl<D: Device> ConnectionBackend<D> {
                     );
                     break 'batch Batch::Stopped;
                 }
+                self.track(queue, &mut tracking, |t| t.completing(head));
                 if let Err(e) = vring.add_used(head, used_len) {
                     // The used ring is unreachable (bad address from the frontend): nothing more
                     // can be completed on this ring until the frontend sets it up again.
                     self.ring_fault(queue, format_args!("cannot complete request {head}: {e}"));
                     break 'batch Batch::Stopped;
+                }
+                if tracking.is_some() {
+                    let used_idx = vring.get_ref().get_queue().next_used();
+                    self.track(queue, &mut tracking, |t| t.completed(head, used_idx));
                 }
                 let done = Instant::now();
                 if unsignalled == 0 {
@@ -570,6 +637,93 @@ impl<D: Device> ConnectionBackend<D> {
             self.notify_guest(queue, vring);
         }
         outcome
+    }
+
+    /// Records a step of a request in the queue's inflight region (a no-op without one). A
+    /// failure (not expected: the region was mapped whole) ends the queue's tracking and marks
+    /// the region unused.
+    fn track(
+        &self,
+        queue: usize,
+        tracking: &mut Option<MutexGuard<'_, QueueTracking>>,
+        step: impl FnOnce(&mut QueueInflight) -> Result<(), InflightError>,
+    ) {
+        let Some(state) = tracking.as_mut() else {
+            return;
+        };
+        let Some(tracker) = state.tracker.as_mut() else {
+            return;
+        };
+        if let Err(e) = step(tracker) {
+            tracker.abandon();
+            state.tracker = None;
+            self.ring_fault(queue, format_args!("inflight tracking stopped: {e}"));
+        }
+    }
+
+    /// The ring starts with an inflight buffer handed over: the queue's region is set up, or,
+    /// when it records requests taken by an earlier backend (killed, or disconnected with a
+    /// request in progress) and never completed, those are queued for execution before any new
+    /// one and the ring goes on after them: from its used index plus their number, whatever
+    /// SET_VRING_BASE said (cloud-hypervisor sends the available index, which skips the
+    /// requests made available and not yet taken; QEMU the used index, which would take the
+    /// ones in flight a second time). Every request taken is either used or in flight, and a
+    /// queue takes and completes its requests in order, so that is where the next one is.
+    fn start_inflight_tracking(&self, queue: usize, vring: &Vring) {
+        let Some(slot) = self.tracking.get(queue) else {
+            return;
+        };
+        let mut tracking = lock(slot);
+        tracking.tracker = None;
+        tracking.resubmit.clear();
+        let Some(buffer) = lock(&self.inflight).clone() else {
+            return;
+        };
+        let Some(mut tracker) = buffer.queue(queue) else {
+            tracing::debug!("queue {queue}: not in the inflight buffer: not tracked");
+            return;
+        };
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        let ring = state.get_queue_mut();
+        let used_idx = match ring.used_idx(&*mem, Ordering::Acquire) {
+            Ok(idx) => idx.0,
+            Err(e) => {
+                drop(state);
+                self.ring_fault(queue, format_args!("cannot read the used index: {e}"));
+                return;
+            }
+        };
+        let recovery = match tracker.start(used_idx, ring.size()) {
+            Ok(recovery) => recovery,
+            Err(e) => {
+                drop(state);
+                tracing::warn!("queue {queue}: inflight buffer not usable, not tracked: {e}");
+                return;
+            }
+        };
+        if let Some(next_avail) = recovery.next_avail {
+            let base = ring.next_avail();
+            ring.set_next_avail(next_avail);
+            ring.set_next_used(used_idx);
+            if base != next_avail || !recovery.resubmit.is_empty() {
+                tracing::info!(
+                    "queue {queue}: {} requests taken by the previous backend and not \
+                     completed are executed again; the ring goes on at {next_avail} (used \
+                     index {used_idx}, the frontend said {base})",
+                    recovery.resubmit.len()
+                );
+            }
+        }
+        drop(state);
+        if recovery.discarded > 0 {
+            tracing::warn!(
+                "queue {queue}: {} inflight entries named descriptors outside the ring: ignored",
+                recovery.discarded
+            );
+        }
+        tracking.resubmit = recovery.resubmit.into();
+        tracking.tracker = Some(tracker);
     }
 
     /// Pops the next available chain.
@@ -616,6 +770,14 @@ impl<D: Device> ConnectionBackend<D> {
 }
 
 impl<D: Device> ConnectionBackend<D> {
+    /// What a frontend may ask of an inflight buffer: the queues and ring size served.
+    fn inflight_limits(&self) -> InflightLimits {
+        InflightLimits {
+            max_queues: self.disk.num_queues().min(MAX_QUEUES),
+            max_queue_size: self.queue_size,
+        }
+    }
+
     /// Without EVENT_IDX, virtio-queue asks for a notification after every batch; the driver's
     /// VRING_AVAIL_F_NO_INTERRUPT (avail->flags bit 0) says it does not want one (a polling
     /// driver), and the device SHOULD NOT send it then (virtio 1.2, 2.7.7.2). The used index
@@ -657,6 +819,39 @@ impl<D: Device> ControlHooks for ConnectionBackend<D> {
 
     fn frontend_gone(&self) {
         self.connection_ended.store(true, Ordering::Release);
+    }
+
+    fn get_inflight_fd(
+        &self,
+        request: &InflightDescription,
+    ) -> Result<(InflightDescription, std::fs::File), InflightError> {
+        let (reply, file) = inflight::create_buffer(request, self.inflight_limits())?;
+        tracing::debug!(
+            "inflight buffer of {} bytes created for {} queues of {}",
+            reply.mmap_size,
+            reply.num_queues,
+            reply.queue_size
+        );
+        Ok((reply, file))
+    }
+
+    /// The buffer is used from each ring's next start on (where the requests it records are
+    /// executed again).
+    fn set_inflight_fd(
+        &self,
+        description: &InflightDescription,
+        file: std::fs::File,
+    ) -> Result<(), InflightError> {
+        let buffer = InflightBuffer::map(description, file, self.inflight_limits())?;
+        tracing::info!(
+            "inflight tracking on: {} queues of {}",
+            description.num_queues,
+            description.queue_size
+        );
+        *lock(&self.inflight) = Some(Arc::new(buffer));
+        self.inflight_checked.store(0, Ordering::Release);
+        self.inflight_set.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// SET_FEATURES without PROTOCOL_FEATURES enables every ring (the crate does so as it
@@ -884,6 +1079,23 @@ fn thread_cpu_time() -> Option<Duration> {
     ))
 }
 
+/// A request to execute: popped from the ring, or taken by an earlier backend and found in
+/// the inflight buffer (known by its head).
+enum Work {
+    Chain(Chain),
+    Resubmitted(u16),
+}
+
+/// The layout of the ring's descriptor table.
+fn ring_layout(vring: &Vring) -> SplitRing {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    SplitRing {
+        desc_table: GuestAddress(queue.desc_table()),
+        size: queue.size(),
+    }
+}
+
 /// What popping the available ring gave.
 enum Pop {
     /// A request, and the layout of the ring it came from.
@@ -944,11 +1156,11 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
     /// nothing is completed later or from another thread (no deferred completion, no
     /// completion by the control thread; a write-through or lost-write FLUSH completes in its
     /// turn like any request). Offering it matters beyond the guest's optimisations:
-    /// cloud-hypervisor, reconnecting to a restarted backend, sets each ring's base to the
-    /// guest's *used* index only when IN_ORDER (or inflight tracking, which vhost-user-backend
-    /// lacks) was negotiated, and to the *available* index otherwise, skipping every request
-    /// the killed backend had not completed. Only split rings are offered
-    /// (VIRTIO_F_RING_PACKED is not), the layout virtio-queue serves.
+    /// cloud-hypervisor, reconnecting to a restarted backend without an inflight buffer, sets
+    /// each ring's base to the guest's *used* index only when IN_ORDER was negotiated, and to
+    /// the *available* index otherwise (guests without IN_ORDER are served by the inflight
+    /// buffer: see `inflight.rs`). Only split rings are offered (VIRTIO_F_RING_PACKED is not),
+    /// the layout virtio-queue serves.
     fn features(&self) -> u64 {
         self.disk.device().features()
             | (1u64 << VIRTIO_F_IN_ORDER)
@@ -961,12 +1173,15 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
         self.acked_features.store(features, Ordering::Release);
     }
 
+    /// INFLIGHT_SHMFD: GET/SET_INFLIGHT_FD are answered by the control filter through the
+    /// `ControlHooks` below (the crate refuses them); see `inflight.rs`.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -1046,6 +1261,8 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
                     self.started_queues
                         .fetch_and(!(1u64 << queue), Ordering::AcqRel);
                     self.notice_checked
+                        .fetch_and(!(1u64 << queue), Ordering::AcqRel);
+                    self.inflight_checked
                         .fetch_and(!(1u64 << queue), Ordering::AcqRel);
                 }
                 self.started_queues.load(Ordering::Acquire) == 0

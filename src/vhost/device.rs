@@ -51,6 +51,17 @@ pub trait Device: Send + Sync + 'static {
     /// Never panics on guest input: a bad request fails alone.
     fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32;
 
+    /// Executes the request at descriptor `head` of `ring` (one an earlier backend took from
+    /// the available ring and never completed, found in the inflight buffer), as
+    /// [`Device::process_chain`] would: the same checks of guest input, the same used length.
+    fn process_head(
+        &self,
+        mem: &GuestMemory,
+        head: u16,
+        ring: SplitRing,
+        acked_features: u64,
+    ) -> u32;
+
     /// True when executing `chain` cannot take long (it waits for no free space, commit or
     /// other queue). The worker batches the guest's completion notifications only across such
     /// requests: before any other one it notifies the guest of the completions it holds back,

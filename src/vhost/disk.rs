@@ -9,7 +9,7 @@ use crate::blk::config::{check_config_write, WRITEBACK_OFFSET};
 use crate::blk::{BlkConfig, BlkDevice, BlkError, SplitRing};
 use crate::image::{Image, ImageError, LockPolicy, Stats};
 
-use super::device::{Chain, Device};
+use super::device::{Chain, Device, GuestMemory};
 
 /// An image served as a virtio-blk device.
 #[derive(Debug)]
@@ -48,6 +48,32 @@ impl BlkDisk {
     /// The virtio-blk device.
     pub fn blk(&self) -> &BlkDevice {
         &self.blk
+    }
+}
+
+impl BlkDisk {
+    /// Executes one request through `execute`, given the features to serve it with: the
+    /// write-back / write-through choice of the cache mode applied.
+    fn serve_request(&self, acked_features: u64, execute: impl FnOnce(u64) -> u32) -> u32 {
+        // Write-through: served as for a driver without VIRTIO_BLK_F_FLUSH, each change is
+        // flushed before it completes (FLUSH requests themselves are still served).
+        let provisional = self.write_through_until_flush.load(Ordering::Acquire);
+        let acked_features = if self.write_back.load(Ordering::Acquire) && !provisional {
+            acked_features
+        } else {
+            acked_features & !(1 << VIRTIO_BLK_F_FLUSH)
+        };
+        let used = execute(acked_features);
+        if provisional
+            && self.blk.flush_requests() > 0
+            && self.write_through_until_flush.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!(
+                "the guest flushes its disk: it uses the write cache; writes complete before \
+                 they are durable again (write-back)"
+            );
+        }
+        used
     }
 }
 
@@ -113,25 +139,21 @@ impl Device for BlkDisk {
     }
 
     fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32 {
-        // Write-through: served as for a driver without VIRTIO_BLK_F_FLUSH, each change is
-        // flushed before it completes (FLUSH requests themselves are still served).
-        let provisional = self.write_through_until_flush.load(Ordering::Acquire);
-        let acked_features = if self.write_back.load(Ordering::Acquire) && !provisional {
-            acked_features
-        } else {
-            acked_features & !(1 << VIRTIO_BLK_F_FLUSH)
-        };
-        let used = self.blk.process_ring_chain(chain, ring, acked_features);
-        if provisional
-            && self.blk.flush_requests() > 0
-            && self.write_through_until_flush.swap(false, Ordering::AcqRel)
-        {
-            tracing::info!(
-                "the guest flushes its disk: it uses the write cache; writes complete before \
-                 they are durable again (write-back)"
-            );
-        }
-        used
+        self.serve_request(acked_features, |acked| {
+            self.blk.process_ring_chain(chain, ring, acked)
+        })
+    }
+
+    fn process_head(
+        &self,
+        mem: &GuestMemory,
+        head: u16,
+        ring: SplitRing,
+        acked_features: u64,
+    ) -> u32 {
+        self.serve_request(acked_features, |acked| {
+            self.blk.process_ring_head(mem, head, ring, acked)
+        })
     }
 
     fn completes_quickly(&self, chain: &Chain) -> bool {

@@ -27,6 +27,12 @@
 //! hook for it): a ring being disabled takes no new request and its request in progress completes
 //! first, so the frontend's pause (cloud-hypervisor's) means no more guest memory changes.
 //!
+//! GET_INFLIGHT_FD and SET_INFLIGHT_FD (INFLIGHT_SHMFD negotiated), which the crate refuses, are
+//! answered by the backend ([`ControlHooks::get_inflight_fd`], [`ControlHooks::set_inflight_fd`]):
+//! the crate gets a GET_FEATURES in the message's place, and its reply is replaced by the
+//! backend's (or dropped when no reply is due), so the frontend's replies keep the order of its
+//! requests. A message the backend refuses is forwarded unchanged for the crate to refuse.
+//!
 //! Only the control connection passes through the filter (a few messages per ring start or
 //! stop); the data path (kick/call eventfds, shared guest memory) never does.
 //!
@@ -35,18 +41,24 @@
 //! the crate accepts. A connection that is not the filter's (another local process racing for
 //! the random name) is detected (the filter's own connection was never accepted) and refused.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use libc::{c_void, iovec};
-use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserProtocolFeatures, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+};
 use vhost::vhost_user::Listener;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::device::lock;
+use super::inflight::{InflightDescription, InflightError, DESCRIPTION_SIZE};
 
 /// Size of a vhost-user message header (request, flags, size; little-endian u32 each).
 const HEADER_SIZE: usize = 12;
@@ -212,6 +224,23 @@ pub(crate) trait ControlHooks: Send + Sync + 'static {
     /// Runs before the crate handles it, so before the ring can be enabled.
     fn vring_base_set(&self, base: u32);
 
+    /// GET_INFLIGHT_FD (the frontend negotiated INFLIGHT_SHMFD): a new inflight buffer for the
+    /// queue count and size asked for, and the reply's description. An error refuses the
+    /// message (the crate then ends the connection).
+    fn get_inflight_fd(
+        &self,
+        request: &InflightDescription,
+    ) -> Result<(InflightDescription, File), InflightError>;
+
+    /// SET_INFLIGHT_FD: the buffer to track requests in from now on (the one a previous
+    /// backend may have left requests in). An error refuses the message (error ack when asked
+    /// for, then the end of the connection, from the crate).
+    fn set_inflight_fd(
+        &self,
+        description: &InflightDescription,
+        file: File,
+    ) -> Result<(), InflightError>;
+
     /// The frontend closed the connection (or can no longer be written to). From now on the
     /// ring state is the frontend's alone: QEMU, for one, restarts each ring at the used index
     /// it reads at that moment, so the backend must not add anything to a used ring any more
@@ -295,59 +324,97 @@ impl FilteredConnection {
             connection.frontend.try_clone()?,
         );
         let in_hooks = std::sync::Arc::clone(&hooks);
-        // Replies to the filter's own GET_FEATURES not yet dropped (see `Verdict::prepend`).
-        let own_replies = std::sync::Arc::new(AtomicUsize::new(0));
-        let own_replies_out = std::sync::Arc::clone(&own_replies);
+        // What to do with each GET_FEATURES reply the crate sends, in the order of the
+        // GET_FEATURES it was sent (replies come in the order of the requests).
+        let features_replies = std::sync::Arc::new(Mutex::new(VecDeque::new()));
+        let features_replies_out = std::sync::Arc::clone(&features_replies);
         let mut get_features_seen = false;
+        // The protocol features the frontend acknowledged (SET_PROTOCOL_FEATURES).
+        let mut protocol_features = 0u64;
         connection.threads.push(spawn("vhost-filter-in", move || {
-            let (ended, result) = forward(&to_backend.0, &to_backend.1, |code, payload, files| {
-                if let Some(refused) = rules.apply(code, payload, files) {
-                    tracing::warn!("frontend sent {refused}: refused");
-                }
-                if let Some((index, enable)) = vring_enable(code, payload) {
-                    in_hooks.vring_enable(index, enable);
-                }
-                if let Some(features) = set_features(code, payload) {
-                    in_hooks.features_set(features);
-                }
-                if let Some(base) = vring_base(code, payload) {
-                    in_hooks.vring_base_set(base);
-                }
-                if code == FrontendReq::GET_FEATURES as u32 {
-                    get_features_seen = true;
-                } else if code == FrontendReq::SET_PROTOCOL_FEATURES as u32 && !get_features_seen {
-                    // The vhost crate honours REPLY_ACK only once it has answered a
-                    // GET_FEATURES on this connection (it checks the features it *sent*). A
-                    // frontend that knows our features from an earlier connection may skip
-                    // GET_FEATURES; vhost-user.rst makes the protocol features depend on the
-                    // bit being offered, not on the question being asked. Without its acks the
-                    // frontend would wait forever for the first NEED_REPLY answer: ask the
-                    // crate ourselves, and drop its answer.
-                    get_features_seen = true;
-                    own_replies.fetch_add(1, Ordering::AcqRel);
-                    return Verdict {
-                        prepend: Some(get_features_request()),
-                        drop: false,
+            let (ended, result) = forward(
+                &to_backend.0,
+                &to_backend.1,
+                |code, flags, payload, files| {
+                    if let Some(refused) = rules.apply(code, payload, files) {
+                        tracing::warn!("frontend sent {refused}: refused");
+                    }
+                    if let Some((index, enable)) = vring_enable(code, payload) {
+                        in_hooks.vring_enable(index, enable);
+                    }
+                    if let Some(features) = set_features(code, payload) {
+                        in_hooks.features_set(features);
+                    }
+                    if let Some(base) = vring_base(code, payload) {
+                        in_hooks.vring_base_set(base);
+                    }
+                    if code == FrontendReq::SET_PROTOCOL_FEATURES as u32 {
+                        if let Ok(value) = <[u8; 8]>::try_from(&*payload) {
+                            protocol_features = u64::from_le_bytes(value);
+                        }
+                    }
+                    let negotiated = |feature: VhostUserProtocolFeatures| {
+                        protocol_features & feature.bits() != 0
                     };
-                }
-                Verdict::default()
-            });
+                    if negotiated(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+                        let reply_ack = negotiated(VhostUserProtocolFeatures::REPLY_ACK)
+                            && flags & NEED_REPLY_FLAG != 0;
+                        if let Some(reply) =
+                            answer_inflight(&*in_hooks, code, payload, files, reply_ack)
+                        {
+                            // Answered here: the crate gets a GET_FEATURES in the message's
+                            // place, whose reply becomes this one (or is dropped), so the
+                            // frontend's replies keep the order of its requests.
+                            lock(&features_replies).push_back(reply);
+                            return Verdict {
+                                instead: Some((get_features_request().to_vec(), Vec::new())),
+                                ..Verdict::default()
+                            };
+                        }
+                    }
+                    if code == FrontendReq::GET_FEATURES as u32 {
+                        get_features_seen = true;
+                        lock(&features_replies).push_back(FeaturesReply::Forward);
+                    } else if code == FrontendReq::SET_PROTOCOL_FEATURES as u32
+                        && !get_features_seen
+                    {
+                        // The vhost crate honours REPLY_ACK only once it has answered a
+                        // GET_FEATURES on this connection (it checks the features it *sent*). A
+                        // frontend that knows our features from an earlier connection may skip
+                        // GET_FEATURES; vhost-user.rst makes the protocol features depend on the
+                        // bit being offered, not on the question being asked. Without its acks
+                        // the frontend would wait forever for the first NEED_REPLY answer: ask
+                        // the crate ourselves, and drop its answer.
+                        get_features_seen = true;
+                        lock(&features_replies).push_back(FeaturesReply::Drop);
+                        return Verdict {
+                            prepend: Some(get_features_request()),
+                            ..Verdict::default()
+                        };
+                    }
+                    Verdict::default()
+                },
+            );
             if ended == Ended::Source {
                 frontend_left(&*in_hooks, &to_backend.0, &to_backend.1);
             }
             result
         })?);
         connection.threads.push(spawn("vhost-filter-out", move || {
-            let (ended, result) = forward(&to_frontend.0, &to_frontend.1, |code, _, _| {
-                // Replies come in the order of the requests: the first GET_FEATURES reply after
-                // the filter asked is the answer to its own question.
-                let own = code == FrontendReq::GET_FEATURES as u32
-                    && own_replies_out
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                        .is_ok();
-                Verdict {
-                    prepend: None,
-                    drop: own,
+            let (ended, result) = forward(&to_frontend.0, &to_frontend.1, |code, _, _, _| {
+                if code != FrontendReq::GET_FEATURES as u32 {
+                    return Verdict::default();
+                }
+                match lock(&features_replies_out).pop_front() {
+                    None | Some(FeaturesReply::Forward) => Verdict::default(),
+                    Some(FeaturesReply::Drop) => Verdict {
+                        drop: true,
+                        ..Verdict::default()
+                    },
+                    Some(FeaturesReply::Instead(message, files)) => Verdict {
+                        instead: Some((message, files)),
+                        ..Verdict::default()
+                    },
                 }
             });
             if ended == Ended::Destination {
@@ -449,6 +516,101 @@ struct Verdict {
     prepend: Option<[u8; HEADER_SIZE]>,
     /// Drop the message instead of forwarding it (a reply to the filter's own message).
     drop: bool,
+    /// Send this whole message (header and payload) with these files instead of the one
+    /// received (whose files are closed).
+    instead: Option<(Vec<u8>, Vec<File>)>,
+}
+
+/// What the outbound direction does with a GET_FEATURES reply of the crate's.
+#[derive(Debug)]
+enum FeaturesReply {
+    /// The frontend asked: forward it.
+    Forward,
+    /// The filter asked for its own purposes: drop it.
+    Drop,
+    /// It stands in for a message the filter answered itself: send this reply instead.
+    Instead(Vec<u8>, Vec<File>),
+}
+
+/// The NEED_REPLY flag of a request header.
+const NEED_REPLY_FLAG: u32 = 0x8;
+/// Flags of a reply header: protocol version 1, REPLY.
+const REPLY_FLAGS: u32 = 0x1 | 0x4;
+
+/// A reply message to request `code` with `payload`.
+fn reply(code: FrontendReq, payload: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(HEADER_SIZE + payload.len());
+    message.extend_from_slice(&(code as u32).to_le_bytes());
+    message.extend_from_slice(&REPLY_FLAGS.to_le_bytes());
+    // Payloads built here are a few bytes long.
+    message.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    message.extend_from_slice(payload);
+    message
+}
+
+/// GET_INFLIGHT_FD and SET_INFLIGHT_FD, which vhost-user-backend 0.24 refuses (it has no
+/// inflight tracking), are answered by the backend through `hooks` here. Returns what the
+/// frontend gets in reply, or None for another message or one the backend refuses (forwarded
+/// unchanged: the crate refuses it in turn, with an error ack when asked for, and ends the
+/// connection, as for every message refused). `reply_ack`: the frontend asked for an ack and
+/// negotiated REPLY_ACK.
+fn answer_inflight(
+    hooks: &dyn ControlHooks,
+    code: u32,
+    payload: &[u8],
+    files: &[File],
+    reply_ack: bool,
+) -> Option<FeaturesReply> {
+    if code == FrontendReq::GET_INFLIGHT_FD as u32 {
+        let Some(request) = InflightDescription::parse(payload) else {
+            tracing::warn!(
+                "frontend sent GET_INFLIGHT_FD with {} bytes of payload ({DESCRIPTION_SIZE} \
+                 expected): refused",
+                payload.len()
+            );
+            return None;
+        };
+        return match hooks.get_inflight_fd(&request) {
+            Ok((answer, file)) => Some(FeaturesReply::Instead(
+                reply(FrontendReq::GET_INFLIGHT_FD, &answer.encode()),
+                vec![file],
+            )),
+            Err(e) => {
+                tracing::warn!("frontend sent GET_INFLIGHT_FD: refused: {e}");
+                None
+            }
+        };
+    }
+    if code != FrontendReq::SET_INFLIGHT_FD as u32 {
+        return None;
+    }
+    let (Some(description), [file]) = (InflightDescription::parse(payload), files) else {
+        tracing::warn!(
+            "frontend sent SET_INFLIGHT_FD with {} bytes of payload and {} fds \
+             ({DESCRIPTION_SIZE} bytes and 1 fd expected): refused",
+            payload.len(),
+            files.len()
+        );
+        return None;
+    };
+    let file = match file.try_clone() {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!("SET_INFLIGHT_FD: cannot keep the buffer's fd: {e}: refused");
+            return None;
+        }
+    };
+    match hooks.set_inflight_fd(&description, file) {
+        Ok(()) if reply_ack => Some(FeaturesReply::Instead(
+            reply(FrontendReq::SET_INFLIGHT_FD, &0u64.to_le_bytes()),
+            Vec::new(),
+        )),
+        Ok(()) => Some(FeaturesReply::Drop),
+        Err(e) => {
+            tracing::warn!("frontend sent SET_INFLIGHT_FD: refused: {e}");
+            None
+        }
+    }
 }
 
 /// Flags of a request header: protocol version 1.
@@ -480,7 +642,7 @@ enum Ended {
 fn forward(
     from: &UnixStream,
     to: &UnixStream,
-    mut inspect: impl FnMut(u32, &mut [u8], &[File]) -> Verdict,
+    mut inspect: impl FnMut(u32, u32, &mut [u8], &[File]) -> Verdict,
 ) -> (Ended, io::Result<()>) {
     let mut payload = vec![0u8; MAX_MSG_SIZE];
     loop {
@@ -499,13 +661,20 @@ fn forward(
         if let Err(e) = (&*from).read_exact(body) {
             return (Ended::Source, Err(e));
         }
-        let verdict = inspect(code, body, &files);
+        let flags = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let verdict = inspect(code, flags, body, &files);
         if let Some(own) = verdict.prepend {
             if let Err(e) = send_all(to, &[&own], &[]) {
                 return (Ended::Destination, Err(e));
             }
         }
         if verdict.drop {
+            continue;
+        }
+        if let Some((message, files)) = verdict.instead {
+            if let Err(e) = send_all(to, &[&message], &files) {
+                return (Ended::Destination, Err(e));
+            }
             continue;
         }
         if let Err(e) = send_all(to, &[&header, body], &files) {

@@ -17,7 +17,10 @@
 //! ([`SharedDisk`]). A queue's requests complete strictly in the order the driver made them
 //! available (one request at a time per queue), which is why VIRTIO_F_IN_ORDER is offered: with
 //! it negotiated, cloud-hypervisor restarts a ring at the guest's used index after a backend
-//! restart, so the requests the dead backend had not completed are served again.
+//! restart, so the requests the dead backend had not completed are served again. Guests without
+//! IN_ORDER are served by inflight I/O tracking (INFLIGHT_SHMFD, `inflight.rs`): each worker
+//! records the request it executes in a buffer the frontend keeps, and a restarted backend
+//! executes the recorded ones again before it takes new ones.
 //!
 //! # Device lifecycle (I7, I8)
 //! | frontend does | backend does |
@@ -47,6 +50,7 @@ mod daemon;
 mod device;
 mod disk;
 mod filter;
+mod inflight;
 mod stats;
 mod vring;
 

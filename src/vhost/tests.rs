@@ -18,7 +18,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -63,6 +65,35 @@ impl FakeDevice {
         device
     }
 
+    /// What every request does: the status byte (the last writable buffer) says whether the
+    /// device was quiesced; the tag (a readable buffer's first u64) and the thread are recorded.
+    fn record(&self, mem: &GuestMemory, descriptors: &[(GuestAddress, bool)]) -> u32 {
+        let mut status_addr = None;
+        let mut queue_tag = 0usize;
+        for &(addr, writable) in descriptors {
+            if writable {
+                status_addr = Some(addr);
+            } else {
+                queue_tag = mem.read_obj::<u64>(addr).unwrap_or(0) as usize;
+            }
+        }
+        let quiesced = self.quiesced.load(Ordering::SeqCst);
+        if quiesced {
+            self.processed_while_quiesced.fetch_add(1, Ordering::SeqCst);
+        }
+        let status: u8 = if quiesced { 1 } else { 0 };
+        if let Some(addr) = status_addr {
+            mem.write_obj(status, addr).unwrap();
+        }
+        self.threads
+            .lock()
+            .unwrap()
+            .push((queue_tag, thread::current().id()));
+        self.processed.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        1
+    }
+
     fn events(&self) -> Vec<&'static str> {
         self.events.lock().unwrap().clone()
     }
@@ -95,30 +126,35 @@ impl Device for FakeDevice {
             }
         }
         let mem = chain.memory().clone();
-        let mut status_addr = None;
-        let mut queue_tag = 0usize;
-        for desc in chain {
-            if desc.is_write_only() {
-                status_addr = Some(desc.addr());
-            } else {
-                queue_tag = mem.read_obj::<u64>(desc.addr()).unwrap_or(0) as usize;
+        let descriptors: Vec<(GuestAddress, bool)> = chain
+            .map(|desc| (desc.addr(), desc.is_write_only()))
+            .collect();
+        self.record(&mem, &descriptors)
+    }
+
+    fn process_head(
+        &self,
+        mem: &GuestMemory,
+        head: u16,
+        ring: SplitRing,
+        _acked_features: u64,
+    ) -> u32 {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        // Direct descriptors only (what these tests build).
+        let mut descriptors = Vec::new();
+        let mut index = head;
+        for _ in 0..ring.size {
+            let at = ring.desc_table.unchecked_add(u64::from(index) * 16);
+            let addr: u64 = mem.read_obj(at).unwrap();
+            let flags: u16 = mem.read_obj(at.unchecked_add(12)).unwrap();
+            let next: u16 = mem.read_obj(at.unchecked_add(14)).unwrap();
+            descriptors.push((GuestAddress(addr), flags & VIRTQ_DESC_F_WRITE != 0));
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                break;
             }
+            index = next;
         }
-        let quiesced = self.quiesced.load(Ordering::SeqCst);
-        if quiesced {
-            self.processed_while_quiesced.fetch_add(1, Ordering::SeqCst);
-        }
-        let status: u8 = if quiesced { 1 } else { 0 };
-        if let Some(addr) = status_addr {
-            mem.write_obj(status, addr).unwrap();
-        }
-        self.threads
-            .lock()
-            .unwrap()
-            .push((queue_tag, thread::current().id()));
-        self.processed.fetch_add(1, Ordering::SeqCst);
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        1
+        self.record(mem, &descriptors)
     }
 
     fn quiesce(&self) -> Result<(), ImageError> {

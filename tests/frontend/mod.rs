@@ -18,13 +18,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
@@ -450,6 +450,9 @@ pub struct ConnectOptions {
     /// Set every ring up but enable none (with PROTOCOL_FEATURES): the test enables them with
     /// [`Device::enable_queues`], after all of them are set up, as QEMU's `vhost_dev_start` does.
     pub leave_disabled: bool,
+    /// Negotiate INFLIGHT_SHMFD when offered and hand the backend an inflight buffer
+    /// (GET_INFLIGHT_FD, then SET_INFLIGHT_FD), as cloud-hypervisor and QEMU do.
+    pub inflight: bool,
 }
 
 impl Default for ConnectOptions {
@@ -461,8 +464,18 @@ impl Default for ConnectOptions {
             ring_base: 0,
             ring_bases: Vec::new(),
             leave_disabled: false,
+            inflight: false,
         }
     }
+}
+
+/// Where a reconnecting frontend restarts each ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingBase {
+    /// cloud-hypervisor's rule (see [`Device::reconnect_like_cloud_hypervisor`]).
+    CloudHypervisor,
+    /// The guest's used index (QEMU's).
+    UsedIndex,
 }
 
 /// A connected and started vhost-user-blk device.
@@ -477,6 +490,9 @@ pub struct Device {
     pub protocol_features: VhostUserProtocolFeatures,
     pub config: BlkConfig,
     pub backend_queues: u64,
+    /// The inflight buffer the backend gave (GET_INFLIGHT_FD), kept for every later connection
+    /// (the frontend's copy: it outlives the backend).
+    pub inflight: Option<(VhostUserInflight, File)>,
 }
 
 /// The result of `Device::negotiate`.
@@ -581,6 +597,24 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// Bytes of one queue's region of an inflight buffer for rings of `queue_size` (the backend's
+/// layout: the spec's `QueueRegionSplit`, 16-byte header and 16 bytes per descriptor, rounded
+/// up to 64 bytes).
+pub fn inflight_region_size(queue_size: u16) -> u64 {
+    (16 + 16 * u64::from(queue_size)).div_ceil(64) * 64
+}
+
+/// The heads queue `queue`'s region of the inflight buffer marks in flight.
+pub fn inflight_heads(info: &VhostUserInflight, file: &File, queue: u16) -> Vec<u16> {
+    let region = inflight_region_size(info.queue_size);
+    let mut raw = vec![0u8; region as usize];
+    file.read_exact_at(&mut raw, info.mmap_offset + region * u64::from(queue))
+        .expect("read the inflight buffer");
+    (0..info.queue_size)
+        .filter(|&head| raw[16 + 16 * usize::from(head)] != 0)
+        .collect()
+}
+
 impl Device {
     /// Connects and negotiates, without mapping memory or starting queues (for tests of the
     /// frontend messages). `max_queues` is the frontend's local bound on queue indices: make it
@@ -590,9 +624,19 @@ impl Device {
         driver_features: u64,
         max_queues: u64,
     ) -> Result<Negotiated, String> {
+        Self::negotiate_wanting_inflight(socket, driver_features, max_queues, false)
+    }
+
+    /// [`Device::negotiate`], acking INFLIGHT_SHMFD too when `inflight` and offered.
+    pub fn negotiate_wanting_inflight(
+        socket: &Path,
+        driver_features: u64,
+        max_queues: u64,
+        inflight: bool,
+    ) -> Result<Negotiated, String> {
         let stream = connect_socket(socket)?;
         let (fe, offered, acked, pf, config) = guarded(&stream, "negotiation", || {
-            Self::negotiate_on(&stream, driver_features, max_queues)
+            Self::negotiate_on(&stream, driver_features, max_queues, inflight)
         })?;
         Ok(Negotiated {
             fe,
@@ -609,6 +653,7 @@ impl Device {
         stream: &UnixStream,
         driver_features: u64,
         max_queues: u64,
+        want_inflight: bool,
     ) -> Result<(Frontend, u64, u64, VhostUserProtocolFeatures, BlkConfig), String> {
         let mut fe =
             Frontend::from_stream(stream.try_clone().map_err(err("dup socket"))?, max_queues);
@@ -620,7 +665,12 @@ impl Device {
         let pf = fe
             .get_protocol_features()
             .map_err(err("GET_PROTOCOL_FEATURES"))?;
-        let pf = pf & wanted_protocol_features();
+        let wanted = if want_inflight {
+            wanted_protocol_features() | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            wanted_protocol_features()
+        };
+        let pf = pf & wanted;
         fe.set_protocol_features(pf)
             .map_err(err("SET_PROTOCOL_FEATURES"))?;
         if pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -657,7 +707,7 @@ impl Device {
 
     fn connect_on(stream: UnixStream, opts: &ConnectOptions) -> Result<Device, String> {
         let (mut fe, offered, acked, pf, config) =
-            Self::negotiate_on(&stream, opts.driver_features, 64)?;
+            Self::negotiate_on(&stream, opts.driver_features, 64, opts.inflight)?;
         let backend_queues = if pf.contains(VhostUserProtocolFeatures::MQ) {
             fe.get_queue_num().map_err(err("GET_QUEUE_NUM"))?
         } else {
@@ -672,6 +722,21 @@ impl Device {
         let gm = GuestMem::new();
         fe.set_mem_table(&gm.region_infos())
             .map_err(err("SET_MEM_TABLE"))?;
+        let inflight = if opts.inflight && pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            let request = VhostUserInflight {
+                num_queues: opts.queues,
+                queue_size: opts.queue_size,
+                ..Default::default()
+            };
+            let (info, file) = fe
+                .get_inflight_fd(&request)
+                .map_err(err("GET_INFLIGHT_FD"))?;
+            fe.set_inflight_fd(&info, file.as_raw_fd())
+                .map_err(err("SET_INFLIGHT_FD"))?;
+            Some((info, file))
+        } else {
+            None
+        };
         let mut dev = Device {
             fe,
             stream,
@@ -682,6 +747,7 @@ impl Device {
             protocol_features: pf,
             config,
             backend_queues,
+            inflight,
         };
         for i in 0..opts.queues {
             let base = opts
@@ -835,15 +901,28 @@ impl Device {
 
     /// Connects again to a backend that was restarted (the old one was killed), as
     /// cloud-hypervisor does (vu_common_ctrl.rs `reinitialize_vhost_user`): the same guest
-    /// memory, rings and eventfds, the features negotiated before; per ring SET_VRING_NUM, ADDR,
-    /// BASE, CALL, KICK, then ENABLE. The base is the guest's *used* index when
-    /// VIRTIO_F_IN_ORDER was negotiated (the requests after it are made available again) and its
-    /// *available* index otherwise (cloud-hypervisor's rule without inflight tracking).
+    /// memory, rings and eventfds, the features negotiated before; SET_MEM_TABLE, every
+    /// SET_VRING_NUM, SET_INFLIGHT_FD with the buffer kept (when there is one), then per ring
+    /// SET_VRING_ADDR, BASE, CALL, KICK, then ENABLE, and no kick. The base is the guest's *used*
+    /// index when VIRTIO_F_IN_ORDER was negotiated and there is no inflight buffer (the requests
+    /// after it are made available again), and its *available* index otherwise (the backend
+    /// finds the requests it had taken in the inflight buffer).
     pub fn reconnect_like_cloud_hypervisor(&mut self, socket: &Path) -> Result<(), String> {
+        self.reconnect(socket, RingBase::CloudHypervisor)
+    }
+
+    /// [`Device::reconnect_like_cloud_hypervisor`] with each ring's base at the guest's used
+    /// index, as QEMU sets it after its backend disconnected (it restores the last available
+    /// index from the used index).
+    pub fn reconnect_at_used_index(&mut self, socket: &Path) -> Result<(), String> {
+        self.reconnect(socket, RingBase::UsedIndex)
+    }
+
+    fn reconnect(&mut self, socket: &Path, rule: RingBase) -> Result<(), String> {
         let stream = connect_socket(socket)?;
         let guard = stream.try_clone().map_err(err("dup socket"))?;
         let (fe, _offered, acked, pf, _config) = guarded(&guard, "reconnection", || {
-            Self::negotiate_on(&stream, self.acked_features, 64)
+            Self::negotiate_on(&stream, self.acked_features, 64, self.inflight.is_some())
         })?;
         if acked != self.acked_features {
             return Err(format!(
@@ -855,12 +934,15 @@ impl Device {
         self.stream = stream;
         self.protocol_features = pf;
         let in_order = acked & VIRTIO_F_IN_ORDER != 0;
+        if self.inflight.is_some() && !pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            return Err("the restarted backend does not offer INFLIGHT_SHMFD".into());
+        }
         let regions = self.gm.region_infos();
         let rings: Vec<(usize, u16, u16, VringConfigData)> = self
             .vqs
             .iter()
             .map(|vq| {
-                let base = if in_order {
+                let base = if rule == RingBase::UsedIndex || (in_order && self.inflight.is_none()) {
                     self.used_idx(vq.index)
                 } else {
                     vq.avail_idx
@@ -868,11 +950,15 @@ impl Device {
                 (usize::from(vq.index), vq.size, base, self.vring_config(vq))
             })
             .collect();
-        let (fe, vqs) = (&mut self.fe, &self.vqs);
+        let (fe, vqs, inflight) = (&mut self.fe, &self.vqs, &self.inflight);
         guarded(&guard, "restarting the rings", || {
             fe.set_mem_table(&regions).map_err(err("SET_MEM_TABLE"))?;
             for (i, size, _, _) in &rings {
                 fe.set_vring_num(*i, *size).map_err(err("SET_VRING_NUM"))?;
+            }
+            if let Some((info, file)) = inflight {
+                fe.set_inflight_fd(info, file.as_raw_fd())
+                    .map_err(err("SET_INFLIGHT_FD"))?;
             }
             for ((i, _, base, cfg), vq) in rings.iter().zip(vqs) {
                 fe.set_vring_addr(*i, cfg).map_err(err("SET_VRING_ADDR"))?;

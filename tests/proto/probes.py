@@ -299,10 +299,12 @@ def probe_prequeued_interrupt_running():
             b.stop()
 
 
-def ch_reinitialize(c, mem, rings, acked, pf, base_from="avail"):
+def ch_reinitialize(c, mem, rings, acked, pf, base_from="avail", inflight=None):
     """cloud-hypervisor's reconnect (vu_common_ctrl.rs reinitialize_vhost_user + setup_vhost_user):
     SET_OWNER, GET_FEATURES, SET_PROTOCOL_FEATURES, SET_FEATURES, SET_MEM_TABLE, all SET_VRING_NUM,
-    per ring ADDR, BASE (= guest avail idx, or used idx with IN_ORDER), CALL, KICK; then ENABLE."""
+    SET_INFLIGHT_FD with the buffer kept (when INFLIGHT_SHMFD was negotiated), per ring ADDR,
+    BASE (= guest avail idx, or used idx with IN_ORDER and no inflight buffer), CALL, KICK; then
+    ENABLE."""
     c.msg(SET_OWNER, ack=False)
     c.u64(GET_FEATURES)
     c.msg(SET_PROTOCOL_FEATURES, struct.pack("<Q", pf), ack=False)
@@ -311,6 +313,8 @@ def ch_reinitialize(c, mem, rings, acked, pf, base_from="avail"):
     assert c.msg(SET_MEM_TABLE, mem.mem_table(), fds=[mem.fd]) in (None, 0)
     for r in rings:
         c.msg(SET_VRING_NUM, struct.pack("<II", r.index, r.size))
+    if inflight is not None:
+        assert c.msg(SET_INFLIGHT_FD, inflight[0], fds=[inflight[1]]) in (None, 0), "SET_INFLIGHT_FD refused"
     for r in rings:
         avail = struct.unpack("<H", mem.r(r.avail + 2, 2))[0]
         used = r.used_idx()
@@ -323,14 +327,16 @@ def ch_reinitialize(c, mem, rings, acked, pf, base_from="avail"):
         c.msg(SET_VRING_ENABLE, struct.pack("<II", r.index, 1))
 
 
-def probe_ch_backend_restart():
+def ch_backend_restart(label, features_mask, need_reply=True):
     """Backend killed (SIGKILL) with requests available but not completed; restarted; cloud-hypervisor
-    reconnects. Every request the guest made available must eventually complete."""
+    reconnects (with the inflight buffer when INFLIGHT_SHMFD is offered, as cloud-hypervisor then
+    does). Every request the guest made available must eventually complete, once."""
     b = Backend(size="256M", extra=("--write-buffer", "0"))
     try:
         c, mem = b.connect(), Mem(size=96 << 20)
-        offered, acked, pf, nq, cfg = handshake(c, mem)
+        offered, acked, pf, nq, cfg = handshake(c, mem, features=features_mask, need_reply=need_reply)
         r = Ring(mem, 0, size=128)
+        inflight = get_and_set_inflight(c, 1, r.size) if pf & PF["INFLIGHT_SHMFD"] else None
         r.setup(c)
         assert not io_round(c, mem, r)
         # 100 writes of 512 KiB of incompressible data: takes a while to serve
@@ -349,16 +355,80 @@ def probe_ch_backend_restart():
         c.close()
         b.start()
         c2 = b.connect()
-        ch_reinitialize(c2, mem, [r], acked, pf, base_from="used" if acked & F_IN_ORDER else "avail")
+        in_order = bool(acked & F_IN_ORDER)
+        ch_reinitialize(c2, mem, [r], acked, pf if need_reply else pf & ~PF["REPLY_ACK"],
+                        base_from="used" if in_order and inflight is None else "avail", inflight=inflight)
         deadline = time.time() + 20
         while ((r.used_idx() - r.last_used) & 0xFFFF) < N and time.time() < deadline:
             time.sleep(0.01)
+        time.sleep(0.2)  # a request completed twice would show up by now
         done = (r.used_idx() - r.last_used) & 0xFFFF
-        report("ch_backend_restart_completes_everything", done == N,
-               f"{done_before} of {N} completed before SIGKILL; after cloud-hypervisor's reconnect {done} of {N} ever complete "
-               f"(IN_ORDER offered: {bool(offered & F_IN_ORDER)}, INFLIGHT_SHMFD offered: {bool(pf & PF['INFLIGHT_SHMFD'])})",
-               "every request made available completes (else the guest waits forever)")
+        report(f"ch_backend_restart_completes_everything_{label}", done == N,
+               f"{done_before} of {N} completed before SIGKILL; after cloud-hypervisor's reconnect {done} of {N} used entries "
+               f"(IN_ORDER negotiated: {in_order}, INFLIGHT_SHMFD negotiated: {inflight is not None})",
+               "every request made available completes exactly once (else the guest waits forever, or sees one twice)")
         c2.close()
+    finally:
+        b.stop()
+
+
+def probe_ch_backend_restart():
+    """A guest that accepts VIRTIO_F_IN_ORDER (Linux 6.19+)."""
+    ch_backend_restart("in_order", None)
+
+
+def probe_ch_backend_restart_without_in_order():
+    """A guest that does not accept VIRTIO_F_IN_ORDER (most): only the inflight buffer
+    (INFLIGHT_SHMFD) lets the restarted backend find the requests the dead one had taken."""
+    ch_backend_restart("without_in_order", ~F_IN_ORDER & ((1 << 64) - 1))
+
+
+def probe_ch_backend_restart_without_in_order_or_acks():
+    """As probe_ch_backend_restart_without_in_order, without NEED_REPLY on the messages that have no
+    reply of their own: SET_INFLIGHT_FD then gets no answer, and the next replies must still be the
+    ones their requests expect."""
+    ch_backend_restart("without_in_order_or_acks", ~F_IN_ORDER & ((1 << 64) - 1), need_reply=False)
+
+
+def probe_hostile_inflight_messages():
+    """GET_INFLIGHT_FD for absurd sizes, SET_INFLIGHT_FD of a file too small or not sealed: each is
+    refused (error ack or the end of its connection) and the backend serves the next connection."""
+    b = Backend()
+    try:
+        cases = [
+            ("get_65535_queues", GET_INFLIGHT_FD, inflight_description(0, 0, 0xFFFF, 0x8000), None),
+            ("get_queue_size_100", GET_INFLIGHT_FD, inflight_description(0, 0, 1, 100), None),
+            ("get_short_payload", GET_INFLIGHT_FD, inflight_description(0, 0, 1, 128)[:20], None),
+            ("set_file_too_small", SET_INFLIGHT_FD, inflight_description(2 * 2112, 0, 2, 128), 4096),
+            ("set_unsealed_file", SET_INFLIGHT_FD, inflight_description(2 * 2112, 0, 2, 128), 2 * 2112),
+        ]
+        for label, code, payload, file_len in cases:
+            c, mem = b.connect(), Mem()
+            offered, acked, pf, nq, cfg = handshake(c, mem)
+            refused = False
+            try:
+                if code == GET_INFLIGHT_FD:
+                    c.call_fd(code, payload)
+                else:
+                    fd = os.memfd_create("probe-inflight")
+                    os.ftruncate(fd, file_len)
+                    refused = c.msg(code, payload, fds=[fd], ack=True) != 0
+                    os.close(fd)
+                    # A refused message ends the connection: the next request gets no answer.
+                    c.u64(GET_FEATURES)
+            except (Closed, OSError, AssertionError, socket.timeout):
+                refused = True
+            c.close()
+            c2, mem2 = b.connect(), Mem()
+            handshake(c2, mem2)
+            r = Ring(mem2, 0, size=64)
+            r.setup(c2)
+            healthy = b.p.poll() is None and not io_round(c2, mem2, r)
+            c2.close()
+            report(f"hostile_inflight_{label}", refused and healthy,
+                   f"INFLIGHT_SHMFD offered: {bool(pf & PF['INFLIGHT_SHMFD'])}; refused: {refused}; "
+                   f"next connection served: {healthy}",
+                   "the bad inflight message is refused, alone; the backend keeps serving")
     finally:
         b.stop()
 

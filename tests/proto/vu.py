@@ -106,6 +106,19 @@ class Conn:
             return struct.unpack("<Q", p)[0]
         return None
 
+    def call_fd(self, code, payload=b""):
+        """A message whose reply carries a file descriptor (GET_INFLIGHT_FD): (payload, fd)."""
+        self.send(code, payload)
+        hdr, fds, _, _ = socket.recv_fds(self.s, 12, 1)
+        if not hdr:
+            raise Closed("backend closed the connection")
+        hdr += self.recv_exact(12 - len(hdr))
+        rc, flags, size = struct.unpack("<III", hdr)
+        assert rc == code, f"reply code {rc} to {code}"
+        assert flags & REPLY, f"reply flags {flags:#x}"
+        p = self.recv_exact(size) if size else b""
+        return p, (fds[0] if fds else None)
+
     def u64(self, code):
         return struct.unpack("<Q", self.call(code))[0]
 
@@ -347,3 +360,17 @@ def get_config(c, offset, size, flags=0):
     p = c.call(GET_CONFIG, struct.pack("<III", offset, size, flags) + bytes(size))
     off, sz, fl = struct.unpack("<III", p[:12])
     return (off, sz, fl, p[12:])
+
+
+def inflight_description(mmap_size, mmap_offset, num_queues, queue_size):
+    """The VhostUserInflight payload of GET/SET_INFLIGHT_FD (24 bytes)."""
+    return struct.pack("<QQHHI", mmap_size, mmap_offset, num_queues, queue_size, 0)
+
+
+def get_and_set_inflight(c, num_queues, queue_size):
+    """cloud-hypervisor's (and QEMU's) first start with INFLIGHT_SHMFD: GET_INFLIGHT_FD, then
+    SET_INFLIGHT_FD with the answer and its fd. Returns (payload, fd) to hand to later backends."""
+    p, fd = c.call_fd(GET_INFLIGHT_FD, inflight_description(0, 0, num_queues, queue_size))
+    assert fd is not None, "GET_INFLIGHT_FD reply without an fd"
+    assert c.msg(SET_INFLIGHT_FD, p, fds=[fd]) in (None, 0), "SET_INFLIGHT_FD refused"
+    return p, fd
