@@ -4,9 +4,11 @@
 //! sometimes through `serve --create-size`, which uses the defaults), then runs rounds of:
 //!
 //! 1. start `serve` (1-4 queues offered) and connect the test frontend (`tests/frontend`): either
-//!    as a new guest (rings at 0), or as cloud-hypervisor reconnects a running guest to a
-//!    restarted backend (same guest memory, rings restored at the used index with
-//!    VIRTIO_F_IN_ORDER, so the requests the dead process had not completed are served again);
+//!    as a new guest (rings at 0, half of the time with an inflight buffer, INFLIGHT_SHMFD), or
+//!    reconnecting the running guest to the restarted backend with the same guest memory and
+//!    rings restored at the used index: as cloud-hypervisor does with VIRTIO_F_IN_ORDER and no
+//!    inflight buffer, or as QEMU does with its inflight buffer; either way the requests the dead
+//!    process had not completed must be served, each exactly once;
 //! 2. wait for every replayed request, read the whole disk and check it against the oracle
 //!    (below), then FLUSH and check the lost-write notice (docs/ARCHITECTURE.md, I2: a backend
 //!    that restarts after an unclean death and sees rings restored mid-session fails the guest's
@@ -621,13 +623,15 @@ struct Driver {
 }
 
 impl Driver {
-    fn connect(socket: &Path, queues: u16) -> Result<Driver, String> {
+    /// `inflight`: hand the backend an inflight buffer (INFLIGHT_SHMFD) when it offers one.
+    fn connect(socket: &Path, queues: u16, inflight: bool) -> Result<Driver, String> {
         let dev = Device::connect(
             socket,
             &ConnectOptions {
                 queues,
                 queue_size: QUEUE_SIZE,
                 driver_features: DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
+                inflight,
                 ..ConnectOptions::default()
             },
         )?;
@@ -845,6 +849,7 @@ struct Totals {
     replayed_after_restart: u64,
     notices: u64,
     cloud_hypervisor_reconnects: u64,
+    qemu_inflight_reconnects: u64,
     new_guest_connects: u64,
     checks: u64,
 }
@@ -1058,7 +1063,12 @@ impl Case<'_> {
         self.notices_seen = 0;
         self.notice_expected = false;
         if reconnect {
-            self.totals.cloud_hypervisor_reconnects += 1;
+            let with_inflight = self.driver().dev.inflight.is_some();
+            if with_inflight {
+                self.totals.qemu_inflight_reconnects += 1;
+            } else {
+                self.totals.cloud_hypervisor_reconnects += 1;
+            }
             let bases = self.driver().used_indexes();
             // docs/ARCHITECTURE.md: a backend restarted after an unclean death fails the next
             // FLUSH of a guest whose rings it restores mid-session (a ring at a non-zero index;
@@ -1068,12 +1078,19 @@ impl Case<'_> {
             let replayed = self.driver().in_flight() as u64;
             self.totals.replayed_after_restart += replayed;
             let ctx = self.ctx();
-            self.driver()
-                .dev
-                .reconnect_like_cloud_hypervisor(&socket)
-                .unwrap_or_else(|e| panic!("{ctx}: reconnect like cloud-hypervisor: {e}"));
-            // With IN_ORDER the rings restart at the used index: every request the dead process
-            // had not completed is served now.
+            let dev = &mut self.driver().dev;
+            let reconnected = if with_inflight {
+                // As QEMU does: rings at the used index, the inflight buffer handed over again
+                // (the restarted backend must complete what it marks exactly once).
+                dev.reconnect_at_used_index(&socket)
+            } else {
+                // As cloud-hypervisor does with IN_ORDER and no inflight buffer: rings at the
+                // used index.
+                dev.reconnect_like_cloud_hypervisor(&socket)
+            };
+            reconnected.unwrap_or_else(|e| panic!("{ctx}: reconnect: {e}"));
+            // Every request the dead process had not completed is served now (a head returned
+            // twice fails the poll).
             self.wait_until("the requests replayed after the restart", |c| {
                 c.driver().in_flight() == 0
             });
@@ -1083,9 +1100,11 @@ impl Case<'_> {
             // complete it any more): those requests may or may not have landed.
             self.driver = None;
             let queues = self.rng.gen_range(1..=self.backend.opts.num_queues);
+            let inflight = self.rng.gen_bool(0.5);
             let ctx = self.ctx();
             self.driver = Some(
-                Driver::connect(&socket, queues).unwrap_or_else(|e| panic!("{ctx}: connect: {e}")),
+                Driver::connect(&socket, queues, inflight)
+                    .unwrap_or_else(|e| panic!("{ctx}: connect: {e}")),
             );
         }
         let observed = self.read_disk();
