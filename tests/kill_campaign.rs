@@ -21,7 +21,9 @@
 //!    goes on slowly across the backend's 1 s timer commit;
 //! 4. at a random moment, with requests in flight: SIGKILL, SIGTERM (must exit 0), or SIGSTOP,
 //!    more requests, then SIGKILL;
-//! 5. `insitu-blk check` on the image as the process left it (must exit 0).
+//! 5. `insitu-blk check` on the image as the process left it (must exit 0); sometimes the
+//!    restarted process is killed again at once, while it recovers and serves what the guest
+//!    replays (then back to 5).
 //!
 //! The oracle keeps, per 512-byte sector, the value it had at the last verified point (which a
 //! FLUSH then made durable) and every request after that which touched it, with the moments it
@@ -843,6 +845,7 @@ struct Totals {
     cases: u64,
     kills: u64,
     stop_kills: u64,
+    kills_while_recovering: u64,
     terms: u64,
     in_flight_at_signal: u64,
     signals_with_requests_in_flight: u64,
@@ -1066,6 +1069,13 @@ impl Case<'_> {
     /// Connects (as a new guest, or reconnecting the running guest like cloud-hypervisor),
     /// completes what was replayed, verifies the disk, flushes and makes that the new base.
     fn connect_and_verify(&mut self, reconnect: bool, last_death: Option<Death>) {
+        self.connect(reconnect, last_death);
+        self.settle_and_verify(last_death);
+    }
+
+    /// Connects as a new guest, or reconnects the running guest (its rings restart; what the
+    /// dead process left in flight is served again from now on).
+    fn connect(&mut self, reconnect: bool, last_death: Option<Death>) {
         let socket = self.backend.socket();
         self.notices_seen = 0;
         self.notice_expected = false;
@@ -1096,11 +1106,6 @@ impl Case<'_> {
                 dev.reconnect_like_cloud_hypervisor(&socket)
             };
             reconnected.unwrap_or_else(|e| panic!("{ctx}: reconnect: {e}"));
-            // Every request the dead process had not completed is served now (a head returned
-            // twice fails the poll).
-            self.wait_until("the requests replayed after the restart", |c| {
-                c.driver().in_flight() == 0
-            });
         } else {
             self.totals.new_guest_connects += 1;
             // The old guest is gone with whatever it had in flight (the dead process cannot
@@ -1114,6 +1119,14 @@ impl Case<'_> {
                     .unwrap_or_else(|e| panic!("{ctx}: connect: {e}")),
             );
         }
+    }
+
+    /// Waits for every request the dead process left (served again after a reconnect: a head
+    /// returned twice fails the poll), verifies the disk, flushes and makes that the new base.
+    fn settle_and_verify(&mut self, last_death: Option<Death>) {
+        self.wait_until("the requests replayed after the restart", |c| {
+            c.driver().in_flight() == 0
+        });
         let observed = self.read_disk();
         self.totals.sectors_rolled_back += self.oracle.rolled_back(&observed);
         match self.oracle.verify(&observed) {
@@ -1443,24 +1456,40 @@ fn run_case(seed: u64, scale: u64, corrupt: bool, sabotage: bool, totals: &mut T
     case.totals.cases += 1;
     case.connect_and_verify(false, None);
     for round in 1..=cfg.rounds {
-        let death = case.workload_and_signal();
+        let mut death = case.workload_and_signal();
         case.round = round;
-        case.check_image(&format!("after {death:?} death"));
-        if case.corrupt {
-            case.corrupt_image();
+        loop {
+            case.check_image(&format!("after {death:?} death"));
+            if case.corrupt {
+                case.corrupt_image();
+            }
+            let reconnect = case.driver().in_order && case.rng.gen_bool(0.6);
+            let min_queues = if reconnect { case.driver().queues } else { 1 };
+            let num_queues = case.rng.gen_range(min_queues..=MAX_QUEUES);
+            if death == Death::Unclean {
+                case.oracle.unclean_restart();
+            }
+            let opts = ServeOptions {
+                num_queues,
+                ..case.backend.opts.clone()
+            };
+            case.backend.restart_with(opts);
+            case.connect(reconnect, Some(death));
+            if !case.rng.gen_bool(0.2) {
+                break;
+            }
+            // Killed again while it recovers: loading and reclaiming after the previous crash,
+            // serving the requests the guest replays, maybe failing its FLUSH for the notice.
+            std::thread::sleep(Duration::from_micros(case.rng.gen_range(0..4000)));
+            case.poll();
+            case.backend.kill9();
+            case.poll();
+            case.scan_log();
+            case.totals.kills += 1;
+            case.totals.kills_while_recovering += 1;
+            death = Death::Unclean;
         }
-        let reconnect = case.driver().in_order && case.rng.gen_bool(0.6);
-        let min_queues = if reconnect { case.driver().queues } else { 1 };
-        let num_queues = case.rng.gen_range(min_queues..=MAX_QUEUES);
-        if death == Death::Unclean {
-            case.oracle.unclean_restart();
-        }
-        let opts = ServeOptions {
-            num_queues,
-            ..case.backend.opts.clone()
-        };
-        case.backend.restart_with(opts);
-        case.connect_and_verify(reconnect, Some(death));
+        case.settle_and_verify(Some(death));
         case.backend
             .assert_healthy(&format!("seed {seed} round {round}"));
     }
