@@ -856,6 +856,7 @@ struct Totals {
     sectors_rolled_back: u64,
     replayed_after_restart: u64,
     notices: u64,
+    notices_required: u64,
     cloud_hypervisor_reconnects: u64,
     qemu_inflight_reconnects: u64,
     new_guest_connects: u64,
@@ -878,9 +879,20 @@ struct Case<'a> {
     corrupt: bool,
     totals: &'a mut Totals,
     round: usize,
-    /// Whether the restarted process must fail one FLUSH (lost-write notice), and whether it has.
-    notice_expected: bool,
+    /// The lost-write notice (docs/ARCHITECTURE.md, I2). `loss_pending`: a process died uncleanly
+    /// after completing a write, discard or write-zeroes that no FLUSH covered, and the guest has
+    /// not been told yet (no FLUSH failed since). `unclean_since_flush`: a process died
+    /// uncleanly since the last successful FLUSH (it may have lost nothing: one killed before
+    /// it accepted a request leaves the image as clean as it found it).
+    loss_pending: bool,
+    unclean_since_flush: bool,
+    /// For the current process: the guest must be told (`loss_pending` and a ring restored
+    /// mid-session) / may be told (a FLUSH may fail once); the failed FLUSHes seen.
+    notice_required: bool,
+    notice_allowed: bool,
     notices_seen: u64,
+    /// The oracle's sequence when the current process started.
+    process_started: u64,
     /// The process is SIGSTOPped: requests are made available without waiting for room.
     backend_stopped: bool,
     /// While the disk is read for verification: the reads' (first sector, data).
@@ -941,16 +953,18 @@ impl Case<'_> {
             self.oracle.complete(idx, d.status);
             let op = &self.oracle.ops[idx];
             if op.kind == Kind::Flush {
-                if d.status == VIRTIO_BLK_S_IOERR && self.notice_expected && self.notices_seen == 0
-                {
+                if d.status == VIRTIO_BLK_S_IOERR && self.notice_allowed && self.notices_seen == 0 {
+                    // The guest is told.
                     self.notices_seen += 1;
+                    self.loss_pending = false;
                     self.totals.notices += 1;
                     continue;
                 }
                 assert_eq!(
                     d.status, VIRTIO_BLK_S_OK,
-                    "{ctx}: FLUSH on queue {} failed (notice expected: {}, notices seen: {})",
-                    d.queue, self.notice_expected, self.notices_seen
+                    "{ctx}: FLUSH on queue {} failed (lost-write notice required: {}, allowed: \
+                     {}, failed FLUSHes seen from this process: {})",
+                    d.queue, self.notice_required, self.notice_allowed, self.notices_seen
                 );
             } else {
                 assert_eq!(d.status, VIRTIO_BLK_S_OK, "{ctx}: {op} failed");
@@ -1069,16 +1083,17 @@ impl Case<'_> {
     /// Connects (as a new guest, or reconnecting the running guest like cloud-hypervisor),
     /// completes what was replayed, verifies the disk, flushes and makes that the new base.
     fn connect_and_verify(&mut self, reconnect: bool, last_death: Option<Death>) {
-        self.connect(reconnect, last_death);
+        self.connect(reconnect);
         self.settle_and_verify(last_death);
     }
 
     /// Connects as a new guest, or reconnects the running guest (its rings restart; what the
     /// dead process left in flight is served again from now on).
-    fn connect(&mut self, reconnect: bool, last_death: Option<Death>) {
+    fn connect(&mut self, reconnect: bool) {
         let socket = self.backend.socket();
         self.notices_seen = 0;
-        self.notice_expected = false;
+        self.notice_required = false;
+        self.notice_allowed = false;
         if reconnect {
             let with_inflight = self.driver().dev.inflight.is_some();
             if with_inflight {
@@ -1089,9 +1104,10 @@ impl Case<'_> {
             let bases = self.driver().used_indexes();
             // docs/ARCHITECTURE.md: a backend restarted after an unclean death fails the next
             // FLUSH of a guest whose rings it restores mid-session (a ring at a non-zero index;
-            // one whose every ring is at 0 is not told: a documented limit).
-            self.notice_expected =
-                last_death == Some(Death::Unclean) && bases.iter().any(|&b| b != 0);
+            // one whose every ring is at 0 is not told: a documented limit). A new guest (rings
+            // at 0) is never told.
+            self.notice_required = self.loss_pending && bases.iter().any(|&b| b != 0);
+            self.notice_allowed = self.unclean_since_flush || self.loss_pending;
             let replayed = self.driver().in_flight() as u64;
             self.totals.replayed_after_restart += replayed;
             let ctx = self.ctx();
@@ -1137,7 +1153,7 @@ impl Case<'_> {
         let queues = self.driver().queues;
         let q = self.rng.gen_range(0..queues);
         let status = self.flush_and_wait(q);
-        if self.notice_expected && status == VIRTIO_BLK_S_IOERR {
+        if status == VIRTIO_BLK_S_IOERR {
             // (absorb counted it)
             let q = self.rng.gen_range(0..queues);
             assert_eq!(
@@ -1147,15 +1163,20 @@ impl Case<'_> {
                 self.ctx()
             );
         }
-        if self.notice_expected {
+        if self.notice_required {
+            self.totals.notices_required += 1;
             assert_eq!(
                 self.notices_seen,
                 1,
-                "{}: after a SIGKILL and a cloud-hypervisor reconnect (rings restored mid-session) \
-                 the guest's first FLUSH must fail once (lost-write notice, docs/ARCHITECTURE.md)",
+                "{}: a killed process had completed writes no FLUSH covered and the guest was \
+                 reconnected with its rings restored mid-session: its first FLUSH must fail once \
+                 (lost-write notice, docs/ARCHITECTURE.md)",
                 self.ctx()
             );
         }
+        // A FLUSH succeeded: nothing is pending any more.
+        self.loss_pending = false;
+        self.unclean_since_flush = false;
         // Guest memory outside the buffers the device may write is untouched.
         let ctx = self.ctx();
         self.driver()
@@ -1164,6 +1185,25 @@ impl Case<'_> {
             .check_untouched()
             .unwrap_or_else(|e| panic!("{ctx}: {e}"));
         self.oracle.reset(&observed);
+        self.process_started = 0;
+    }
+
+    /// Records how the current process ended (before its successor starts).
+    fn died(&mut self, death: Death) {
+        if death == Death::Unclean {
+            let started = self.process_started;
+            let oracle = &self.oracle;
+            let exposed = oracle.ops.iter().any(|op| {
+                op.kind != Kind::Flush
+                    && op.status == Some(VIRTIO_BLK_S_OK)
+                    && op.completed.is_some_and(|c| c > started)
+                    && !oracle.is_durable(op)
+            });
+            self.loss_pending |= exposed;
+            self.unclean_since_flush = true;
+            self.oracle.unclean_restart();
+        }
+        self.process_started = self.oracle.seq;
     }
 
     fn random_range(&mut self, max_sectors: u64) -> (u64, u64) {
@@ -1448,8 +1488,12 @@ fn run_case(seed: u64, scale: u64, corrupt: bool, sabotage: bool, totals: &mut T
         corrupt,
         totals,
         round: 0,
-        notice_expected: false,
+        loss_pending: false,
+        unclean_since_flush: false,
+        notice_required: false,
+        notice_allowed: false,
         notices_seen: 0,
+        process_started: 0,
         backend_stopped: false,
         collected_reads: None,
     };
@@ -1466,15 +1510,13 @@ fn run_case(seed: u64, scale: u64, corrupt: bool, sabotage: bool, totals: &mut T
             let reconnect = case.driver().in_order && case.rng.gen_bool(0.6);
             let min_queues = if reconnect { case.driver().queues } else { 1 };
             let num_queues = case.rng.gen_range(min_queues..=MAX_QUEUES);
-            if death == Death::Unclean {
-                case.oracle.unclean_restart();
-            }
+            case.died(death);
             let opts = ServeOptions {
                 num_queues,
                 ..case.backend.opts.clone()
             };
             case.backend.restart_with(opts);
-            case.connect(reconnect, Some(death));
+            case.connect(reconnect);
             if !case.rng.gen_bool(0.2) {
                 break;
             }
