@@ -547,7 +547,18 @@ impl Oracle {
         let latest = *self.replayed_ok_flushes.iter().max()?;
         let mut strict = self.clone();
         strict.durable_before = strict.durable_before.max(latest);
-        strict.verify(observed).err()
+        let lost = strict.verify(observed).err()?;
+        let flushes: Vec<String> = self
+            .ops
+            .iter()
+            .filter(|op| op.kind == Kind::Flush)
+            .map(|op| format!("  {op}"))
+            .collect();
+        Some(format!(
+            "{lost}\nFLUSHes since the last verified point (the process restarted at {:?}):\n{}",
+            self.unclean_restart_at,
+            flushes.join("\n")
+        ))
     }
 }
 
