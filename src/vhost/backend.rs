@@ -150,6 +150,9 @@ pub struct ConnectionBackend<D: Device> {
     /// Bit `q` set once queue `q`'s start looked at the inflight buffer (cleared when the
     /// frontend stops the ring or hands over a buffer).
     inflight_checked: AtomicU64,
+    /// Bit `q` set once queue `q`'s start initialised a fresh region of the inflight buffer (see
+    /// [`Self::claim_fresh_inflight_region`]; cleared with `inflight_checked`).
+    inflight_claimed: AtomicU64,
     /// Each queue's inflight tracking (locked by its worker only).
     tracking: Vec<Mutex<QueueTracking>>,
 }
@@ -188,6 +191,7 @@ impl<D: Device> ConnectionBackend<D> {
             inflight: Mutex::new(None),
             inflight_set: AtomicBool::new(false),
             inflight_checked: AtomicU64::new(0),
+            inflight_claimed: AtomicU64::new(0),
         }
     }
 
@@ -364,6 +368,12 @@ impl<D: Device> ConnectionBackend<D> {
                 if let Some(slot) = self.rings.get(queue) {
                     slot.get_or_init(|| vring.clone());
                 }
+            }
+            if queue < MAX_QUEUES
+                && self.inflight_set.load(Ordering::Acquire)
+                && self.inflight_claimed.fetch_or(bit, Ordering::AcqRel) & bit == 0
+            {
+                self.claim_fresh_inflight_region(queue, vring);
             }
             if !self.disk.is_running() && !resume_given_up {
                 // Never wait for the lifecycle lock while holding a gate (see SharedDisk). If a
@@ -669,6 +679,33 @@ impl<D: Device> ConnectionBackend<D> {
     /// requests made available and not yet taken; QEMU the used index, which would take the
     /// ones in flight a second time). Every request taken is either used or in flight, and a
     /// queue takes and completes its requests in order, so that is where the next one is.
+    /// A fresh region (the frontend's new buffer) starts recording at the ring's used index the
+    /// moment the ring starts, before the worker may wait for the image: see
+    /// `QueueInflight::initialise_if_fresh`. A region in use is left alone here: its requests
+    /// are executed again only once the image runs ([`Self::start_inflight_tracking`]), so that
+    /// a GET_VRING_BASE meanwhile never reports a request taken that was not executed.
+    fn claim_fresh_inflight_region(&self, queue: usize, vring: &Vring) {
+        let Some(buffer) = lock(&self.inflight).clone() else {
+            return;
+        };
+        let Some(mut region) = buffer.queue(queue) else {
+            return;
+        };
+        let mem = self.mem.memory();
+        let used_idx = match vring
+            .get_ref()
+            .get_queue()
+            .used_idx(&*mem, Ordering::Acquire)
+        {
+            Ok(idx) => idx.0,
+            // The worker's ring start reports it (start_inflight_tracking).
+            Err(_) => return,
+        };
+        if let Err(e) = region.initialise_if_fresh(used_idx) {
+            tracing::warn!("queue {queue}: inflight buffer not usable: {e}");
+        }
+    }
+
     fn start_inflight_tracking(&self, queue: usize, vring: &Vring) {
         let Some(slot) = self.tracking.get(queue) else {
             return;
@@ -850,6 +887,7 @@ impl<D: Device> ControlHooks for ConnectionBackend<D> {
         );
         *lock(&self.inflight) = Some(Arc::new(buffer));
         self.inflight_checked.store(0, Ordering::Release);
+        self.inflight_claimed.store(0, Ordering::Release);
         self.inflight_set.store(true, Ordering::Release);
         Ok(())
     }
@@ -1263,6 +1301,8 @@ impl<D: Device> VhostUserBackend for ConnectionBackend<D> {
                     self.notice_checked
                         .fetch_and(!(1u64 << queue), Ordering::AcqRel);
                     self.inflight_checked
+                        .fetch_and(!(1u64 << queue), Ordering::AcqRel);
+                    self.inflight_claimed
                         .fetch_and(!(1u64 << queue), Ordering::AcqRel);
                 }
                 self.started_queues.load(Ordering::Acquire) == 0

@@ -395,8 +395,17 @@ impl FilteredConnection {
                     Verdict::default()
                 },
             );
-            if ended == Ended::Source {
-                frontend_left(&*in_hooks, &to_backend.0, &to_backend.1);
+            match ended {
+                Ended::Source => frontend_left(&*in_hooks, &to_backend.0, &to_backend.1),
+                Ended::Destination => {
+                    // The crate ended its side (it refused a message) while the frontend may
+                    // still be connected: the daemon now lets the requests in progress
+                    // complete. Whatever the frontend sends has nowhere to go, but its hang-up
+                    // must still be seen, or one of those requests could reach the used ring
+                    // of a frontend that has left (and restarts the ring without it).
+                    read_until_end(&to_backend.0);
+                    in_hooks.frontend_gone();
+                }
             }
             result
         })?);
@@ -507,6 +516,21 @@ fn frontend_left(hooks: &dyn ControlHooks, frontend: &UnixStream, backend: &Unix
     hooks.frontend_gone();
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = backend.shutdown(std::net::Shutdown::Both);
+}
+
+/// Reads `from` to its end and drops what it reads: plain reads, so the kernel closes any file
+/// descriptors sent along. Returns at the end of the stream, or when the connection is shut down
+/// ([`FilteredConnection::close`]) or breaks.
+fn read_until_end(from: &UnixStream) {
+    let mut sink = [0u8; 4096];
+    loop {
+        match (&*from).read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// What [`forward`] does with a message besides forwarding it.

@@ -293,24 +293,32 @@ impl InflightBuffer {
             size: description.mmap_size,
             offset: description.mmap_offset,
         };
+        let kind = file.metadata().map_err(|source| InflightError::System {
+            what: "looking at the inflight buffer's file",
+            source,
+        })?;
+        if !kind.file_type().is_file() {
+            return Err(does_not_fit("not a regular file".into()));
+        }
+        // The seal first, the size after: once the file cannot shrink, the size seen is a floor
+        // for as long as the mapping lives. In the other order the frontend, which holds the
+        // same file, could shrink it between the two looks and seal it then, and the first
+        // access past its new end would kill the process (SIGBUS).
+        // SAFETY: F_GET_SEALS on a descriptor we own, no argument; the result is checked.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(InflightError::NotSealed);
+        }
         let metadata = file.metadata().map_err(|source| InflightError::System {
             what: "looking at the inflight buffer's file",
             source,
         })?;
-        if !metadata.file_type().is_file() {
-            return Err(does_not_fit("not a regular file".into()));
-        }
         let fits = description
             .mmap_offset
             .checked_add(description.mmap_size)
             .is_some_and(|end| end <= metadata.len());
         if !fits {
             return Err(does_not_fit(format!("{} bytes", metadata.len())));
-        }
-        // SAFETY: F_GET_SEALS on a descriptor we own, no argument; the result is checked.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(InflightError::NotSealed);
         }
         let map =
             MmapRegion::<()>::from_file(FileOffset::new(file, description.mmap_offset), expected)
@@ -407,20 +415,14 @@ impl QueueInflight {
             });
         }
         self.ring_size = ring_size;
-        let version: u16 = self.load(VERSION_AT)?;
-        if version == 0 {
-            self.store(0, 0u64)?;
-            self.store(DESC_NUM_AT, self.desc_num)?;
-            self.store(LAST_BATCH_HEAD_AT, 0u16)?;
-            self.store(USED_IDX_AT, used_idx)?;
-            self.store(VERSION_AT, VERSION)?;
-            self.counter = 0;
+        if self.initialise_if_fresh(used_idx)? {
             return Ok(Recovery {
                 resubmit: Vec::new(),
                 next_avail: None,
                 discarded: 0,
             });
         }
+        let version: u16 = self.load(VERSION_AT)?;
         if version != VERSION {
             return Err(InflightError::UnknownVersion(version));
         }
@@ -465,6 +467,31 @@ impl QueueInflight {
             next_avail: Some(used_idx.wrapping_add(count)),
             discarded,
         })
+    }
+
+    /// A region the frontend has just created (version 0: not in use yet) starts recording
+    /// now, at the ring's current used index, with no request in flight; returns whether it was
+    /// fresh. Called as soon as the ring starts, before the worker may wait for the image
+    /// (writer lock, resume): a backend killed during that wait then leaves a region that says
+    /// "nothing taken from `used_idx` on", so its successor continues there whatever index the
+    /// frontend restores (cloud-hypervisor restores its available index, past requests nobody
+    /// took). Every entry is cleared too: version 0 means "uninitialised", whatever `desc[]`
+    /// holds (a recycled buffer, or one whose tracking was abandoned).
+    pub fn initialise_if_fresh(&mut self, used_idx: u16) -> Result<bool, InflightError> {
+        let version: u16 = self.load(VERSION_AT)?;
+        if version != 0 {
+            return Ok(false);
+        }
+        for head in 0..self.desc_num {
+            self.store(Self::desc_at(head, DESC_INFLIGHT_AT), 0u8)?;
+        }
+        self.store(0, 0u64)?;
+        self.store(DESC_NUM_AT, self.desc_num)?;
+        self.store(LAST_BATCH_HEAD_AT, 0u16)?;
+        self.store(USED_IDX_AT, used_idx)?;
+        self.store(VERSION_AT, VERSION)?;
+        self.counter = 0;
+        Ok(true)
     }
 
     /// Head `head` was taken from the ring and is about to be executed. A head outside the ring
@@ -663,6 +690,34 @@ mod tests {
             q0.start(0, 256),
             Err(InflightError::RingTooLarge { .. })
         ));
+    }
+
+    /// Version 0 means "not in use yet" whatever the entries say (a recycled buffer, or one
+    /// whose tracking was abandoned): stale flags are cleared, never executed again. And a fresh
+    /// region claimed at a ring's start (before the worker waits for the image) tells the next
+    /// backend to go on at the used index, not at the frontend's base.
+    #[test]
+    fn a_fresh_region_forgets_stale_entries_and_once_claimed_sets_where_the_ring_goes_on() {
+        let (reply, file) = buffer(1, 16);
+        let map = mapped(&reply, &file);
+        let mut q = map.queue(0).unwrap();
+        q.start(0, 16).unwrap();
+        for head in [4, 6] {
+            q.taken(head).unwrap();
+        }
+        q.abandon();
+        drop(q);
+        let mut claimed = mapped(&reply, &file).queue(0).unwrap();
+        assert!(claimed.initialise_if_fresh(5).unwrap());
+        assert!(!claimed.initialise_if_fresh(9).unwrap(), "claimed twice");
+        drop(claimed);
+        let recovery = mapped(&reply, &file)
+            .queue(0)
+            .unwrap()
+            .start(5, 16)
+            .unwrap();
+        assert_eq!(recovery.resubmit, Vec::<u16>::new());
+        assert_eq!(recovery.next_avail, Some(5));
     }
 
     #[test]

@@ -1864,6 +1864,69 @@ fn after_the_frontend_closes_nothing_more_is_completed() {
     served.stop();
 }
 
+/// Final review of session 4 (low): a frontend sends a message the backend refuses, pipelines
+/// another one behind it (which the filter can no longer pass on: the crate ended its side) and
+/// hangs up while a request is still in progress. The hang-up must be seen: the request that
+/// completes during the drain is not added to the used ring of a frontend that has left (QEMU
+/// restarts each ring at the used index it read at the close, so it would run twice).
+#[test]
+fn a_hang_up_after_a_refused_and_a_pipelined_message_is_seen_during_the_drain() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use vhost::vhost_user::message::FrontendReq;
+
+    let served = Served::start_polling(1, Duration::ZERO);
+    let mut fe = TestFrontend::connect(&served.socket, 1);
+    fe.start_queue(0);
+    wait_for("resume at ring start", || {
+        served.device().events() == ["resume"]
+    });
+    *served.device().delay.lock().unwrap() = Duration::from_millis(300);
+    fe.submit_burst(0, 4);
+    wait_for("a first completion", || fe.used_idx(0) >= 1);
+    // SAFETY: dup(2) of the frontend's connected socket, owned by `fe` and open; the new fd is
+    // owned by `stream` alone.
+    let fd = unsafe { libc::dup(fe.frontend.as_raw_fd()) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a fresh descriptor of a connected unix stream socket, owned by nobody else.
+    let mut stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let message = |code: FrontendReq, payload: &[u8]| -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(code as u32).to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    };
+    // Ring 0, size 3: not a power of two, so the crate refuses it and ends its side.
+    let refused: Vec<u8> = [0u32, 3].iter().flat_map(|v| v.to_le_bytes()).collect();
+    stream
+        .write_all(&message(FrontendReq::SET_VRING_NUM, &refused))
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    stream
+        .write_all(&message(FrontendReq::GET_FEATURES, &[]))
+        .unwrap();
+    thread::sleep(Duration::from_millis(50));
+    stream.shutdown(std::net::Shutdown::Both).unwrap();
+    let at_close = fe.used_idx(0);
+    thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        fe.used_idx(0),
+        at_close,
+        "completed after the frontend left"
+    );
+    // The daemon serves the next frontend.
+    *served.device().delay.lock().unwrap() = Duration::ZERO;
+    let mut next = TestFrontend::connect(&served.socket, 1);
+    next.start_queue(0);
+    let status = next.submit(0);
+    next.wait_used(0, 1);
+    assert_eq!(next.status(status), 0);
+    drop(fe);
+    served.stop();
+}
+
 /// Proto P9: a frontend that knows the backend's features from an earlier connection and
 /// negotiates REPLY_ACK without sending GET_FEATURES on this one: its NEED_REPLY messages are
 /// acknowledged (vhost-user.rst REPLY_ACK), it does not wait forever.

@@ -605,6 +605,16 @@ pub fn inflight_region_size(queue_size: u16) -> u64 {
 }
 
 /// The heads queue `queue`'s region of the inflight buffer marks in flight.
+/// The used index queue `queue`'s region of an inflight buffer last recorded (its header's
+/// `used_idx`): behind the ring's when the backend stopped between a completion and its clear.
+pub fn inflight_used_idx(info: &VhostUserInflight, file: &File, queue: u16) -> u16 {
+    let region = inflight_region_size(info.queue_size);
+    let mut raw = [0u8; 2];
+    file.read_exact_at(&mut raw, info.mmap_offset + region * u64::from(queue) + 14)
+        .expect("read the inflight buffer");
+    u16::from_le_bytes(raw)
+}
+
 pub fn inflight_heads(info: &VhostUserInflight, file: &File, queue: u16) -> Vec<u16> {
     let region = inflight_region_size(info.queue_size);
     let mut raw = vec![0u8; region as usize];
