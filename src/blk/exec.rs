@@ -26,7 +26,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::GuestMemory;
 
 use super::request::{self, checked_byte_range, data_len, DataCursor, RequestBuffers};
-use super::{BlkDevice, RequestError};
+use super::{BlkDevice, RequestError, Submitted};
 use crate::image::SECTOR_SIZE;
 
 /// Status byte of a successful request.
@@ -50,6 +50,7 @@ impl BlkDevice {
         mem: &G,
         bufs: &mut RequestBuffers,
         acked_features: u64,
+        submitted: Submitted,
     ) -> Result<u32, RequestError> {
         let header = request::parse_request(mem, bufs)?;
         let write_through = acked_features & (1 << VIRTIO_BLK_F_FLUSH) == 0;
@@ -62,7 +63,10 @@ impl BlkDevice {
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.flush_requests.fetch_add(1, Ordering::AcqRel);
-                if self.lost_writes.swap(false, Ordering::SeqCst) {
+                // The notice goes to the first FLUSH either way; one made available before the
+                // restart fails whether or not the notice went to another.
+                let notice = self.lost_writes.swap(false, Ordering::SeqCst);
+                if notice || submitted == Submitted::BeforeRestart {
                     return Err(RequestError::LostWrites);
                 }
                 self.flush_if(true)?;

@@ -67,6 +67,20 @@ where
     }
 }
 
+/// When a request was made available, relative to the start of this backend's service of its
+/// ring after a previous backend died with writes it had completed and not committed
+/// ([`BlkDevice::report_lost_writes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Submitted {
+    /// While this backend serves the ring (or no loss was reported): the usual rules.
+    #[default]
+    Now,
+    /// Before: a FLUSH fails, since writes completed before it was made available may be gone
+    /// (I2). Every such FLUSH fails, not only the first: each waits for its own writes (two
+    /// fsyncs in flight at the kill, found by the kill campaign).
+    BeforeRestart,
+}
+
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
@@ -339,7 +353,27 @@ impl BlkDevice {
         M: Deref,
         M::Target: GuestMemory,
     {
-        with_thread_buffers(|bufs| self.process_ring_chain_with(bufs, chain, ring, acked_features))
+        with_thread_buffers(|bufs| {
+            self.process_ring_chain_with(bufs, chain, ring, acked_features, Submitted::Now)
+        })
+    }
+
+    /// [`BlkDevice::process_ring_chain`] for a request made available at the moment `submitted`
+    /// says.
+    pub fn process_ring_chain_submitted<M>(
+        &self,
+        chain: virtio_queue::DescriptorChain<M>,
+        ring: SplitRing,
+        acked_features: u64,
+        submitted: Submitted,
+    ) -> u32
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        with_thread_buffers(|bufs| {
+            self.process_ring_chain_with(bufs, chain, ring, acked_features, submitted)
+        })
     }
 
     /// [`BlkDevice::process_ring_chain`] with explicit per-queue scratch buffers.
@@ -349,6 +383,7 @@ impl BlkDevice {
         chain: virtio_queue::DescriptorChain<M>,
         ring: SplitRing,
         acked_features: u64,
+        submitted: Submitted,
     ) -> u32
     where
         M: Deref,
@@ -358,7 +393,7 @@ impl BlkDevice {
         let mem = chain.memory();
         let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
         let status = request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
-        self.serve(mem, bufs, head, status, acked_features)
+        self.serve(mem, bufs, head, status, acked_features, submitted)
     }
 
     /// [`BlkDevice::process_ring_chain`] for the chain at descriptor `head` of `ring`, without a
@@ -371,12 +406,13 @@ impl BlkDevice {
         head: u16,
         ring: SplitRing,
         acked_features: u64,
+        submitted: Submitted,
     ) -> u32 {
         with_thread_buffers(|bufs| {
             let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
             let status =
                 request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
-            self.serve(mem, bufs, head, status, acked_features)
+            self.serve(mem, bufs, head, status, acked_features, submitted)
         })
     }
 
@@ -409,7 +445,14 @@ impl BlkDevice {
     {
         let head = chain.head_index();
         let status = request::collect_chain(&mut chain, self.cfg.queue_size, bufs);
-        self.serve(chain.memory(), bufs, head, status, acked_features)
+        self.serve(
+            chain.memory(),
+            bufs,
+            head,
+            status,
+            acked_features,
+            Submitted::Now,
+        )
     }
 
     /// Executes the collected request and writes its status; returns the used length.
@@ -420,6 +463,7 @@ impl BlkDevice {
         head: u16,
         status_byte: Result<request::StatusByte, request::Unanswerable>,
         acked_features: u64,
+        submitted: Submitted,
     ) -> u32 {
         let status_byte = match status_byte {
             Ok(status) => status,
@@ -428,7 +472,7 @@ impl BlkDevice {
                 return 0;
             }
         };
-        let (status, data_written) = match self.execute(mem, bufs, acked_features) {
+        let (status, data_written) = match self.execute(mem, bufs, acked_features, submitted) {
             Ok(written) => (exec::STATUS_OK, written),
             Err(err) => {
                 if err.is_host_failure() {

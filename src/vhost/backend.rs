@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,7 @@ use super::inflight::{
     self, InflightBuffer, InflightDescription, InflightError, InflightLimits, QueueInflight,
 };
 use super::vring::Vring;
-use crate::blk::SplitRing;
+use crate::blk::{SplitRing, Submitted};
 
 /// Most requests a worker executes per event before it lets its event loop run again (it
 /// re-arms its own kick so the rest is not lost). Keeps exit events and ring stops responsive
@@ -155,7 +155,14 @@ pub struct ConnectionBackend<D: Device> {
     inflight_claimed: AtomicU64,
     /// Each queue's inflight tracking (locked by its worker only).
     tracking: Vec<Mutex<QueueTracking>>,
+    /// Per queue: the available index at its first start after lost writes were reported
+    /// ([`NO_RESTART_MARK`] otherwise). The requests before it were made available before this
+    /// backend served the ring, and a FLUSH among them fails (see [`Submitted`]).
+    made_available_before_restart: Vec<AtomicU32>,
 }
+
+/// [`ConnectionBackend::made_available_before_restart`]: nothing was lost.
+const NO_RESTART_MARK: u32 = u32::MAX;
 
 /// One queue's inflight tracking: its region of the buffer, and the requests an earlier backend
 /// took and never completed, to execute before any new one.
@@ -173,6 +180,9 @@ impl<D: Device> ConnectionBackend<D> {
             rings: (0..disk.num_queues()).map(|_| OnceLock::new()).collect(),
             tracking: (0..disk.num_queues())
                 .map(|_| Mutex::new(QueueTracking::default()))
+                .collect(),
+            made_available_before_restart: (0..disk.num_queues())
+                .map(|_| AtomicU32::new(NO_RESTART_MARK))
                 .collect(),
             disk,
             mem,
@@ -398,6 +408,7 @@ impl<D: Device> ConnectionBackend<D> {
                     || self.ring_restored_nonzero.load(Ordering::Acquire))
             {
                 self.disk.device().ring_restored_mid_session();
+                self.note_requests_made_available_before_the_restart(queue, vring);
             }
             if queue < MAX_QUEUES
                 && self.inflight_set.load(Ordering::Acquire)
@@ -561,7 +572,7 @@ impl<D: Device> ConnectionBackend<D> {
                 let (work, ring) = match resubmitted {
                     Some(head) => (Work::Resubmitted(head), ring_layout(vring)),
                     None => match self.pop_chain(queue, vring) {
-                        Pop::Chain(chain, ring) => (Work::Chain(chain), ring),
+                        Pop::Chain(chain, ring, position) => (Work::Chain(chain, position), ring),
                         Pop::Empty => break,
                         // Stopped by the frontend, or a broken ring: nothing to do until it is
                         // set up again (the frontend kicks after a restart).
@@ -571,7 +582,7 @@ impl<D: Device> ConnectionBackend<D> {
                 popped_any = true;
                 budget.executed += 1;
                 let quick = match &work {
-                    Work::Chain(chain) => self.disk.device().completes_quickly(chain),
+                    Work::Chain(chain, _) => self.disk.device().completes_quickly(chain),
                     Work::Resubmitted(_) => false,
                 };
                 if unsignalled > 0 && !quick {
@@ -581,17 +592,26 @@ impl<D: Device> ConnectionBackend<D> {
                     unsignalled = 0;
                 }
                 let (head, used_len) = match work {
-                    Work::Chain(chain) => {
+                    Work::Chain(chain, position) => {
                         let head = chain.head_index();
                         // Recorded before anything of it is done (a resubmitted one already is).
                         self.track(queue, &mut tracking, |t| t.taken(head));
-                        (head, self.disk.device().process_chain(chain, ring, acked))
+                        let submitted = self.submitted(queue, Some(position));
+                        (
+                            head,
+                            self.disk
+                                .device()
+                                .process_chain(chain, ring, acked, submitted),
+                        )
                     }
                     Work::Resubmitted(head) => {
                         let mem = self.mem.memory();
+                        let submitted = self.submitted(queue, None);
                         (
                             head,
-                            self.disk.device().process_head(&mem, head, ring, acked),
+                            self.disk
+                                .device()
+                                .process_head(&mem, head, ring, acked, submitted),
                         )
                     }
                 };
@@ -679,6 +699,51 @@ impl<D: Device> ConnectionBackend<D> {
     /// requests made available and not yet taken; QEMU the used index, which would take the
     /// ones in flight a second time). Every request taken is either used or in flight, and a
     /// queue takes and completes its requests in order, so that is where the next one is.
+    /// After the device reported lost writes at this ring's start: notes the ring's available
+    /// index, so that the requests made available before it count as [`Submitted::BeforeRestart`].
+    fn note_requests_made_available_before_the_restart(&self, queue: usize, vring: &Vring) {
+        if !self.disk.device().lost_writes_reported() {
+            return;
+        }
+        let Some(mark) = self.made_available_before_restart.get(queue) else {
+            return;
+        };
+        let mem = self.mem.memory();
+        // Unreadable: the pop fails on it too and reports it.
+        if let Ok(avail) = vring
+            .get_ref()
+            .get_queue()
+            .avail_idx(&*mem, Ordering::Acquire)
+        {
+            mark.store(u32::from(avail.0), Ordering::Release);
+        }
+    }
+
+    /// When the request at available-ring `position` (`None`: resubmitted from the inflight
+    /// buffer, i.e. taken by an earlier backend) was made available, relative to the restart.
+    fn submitted(&self, queue: usize, position: Option<u16>) -> Submitted {
+        let mark = self
+            .made_available_before_restart
+            .get(queue)
+            .map_or(NO_RESTART_MARK, |m| m.load(Ordering::Acquire));
+        let Ok(end) = u16::try_from(mark) else {
+            return Submitted::Now;
+        };
+        let before = match position {
+            None => true,
+            // Positions wrap at 2^16; a ring holds at most 2^15 requests.
+            Some(p) => {
+                let distance = end.wrapping_sub(p);
+                distance != 0 && distance <= 1 << 15
+            }
+        };
+        if before {
+            Submitted::BeforeRestart
+        } else {
+            Submitted::Now
+        }
+    }
+
     /// A fresh region (the frontend's new buffer) starts recording at the ring's used index the
     /// moment the ring starts, before the worker may wait for the image: see
     /// `QueueInflight::initialise_if_fresh`. A region in use is left alone here: its requests
@@ -772,9 +837,10 @@ impl<D: Device> ConnectionBackend<D> {
             desc_table: GuestAddress(queue_state.desc_table()),
             size: queue_state.size(),
         };
+        let position = queue_state.next_avail();
         match queue_state.iter(mem) {
             Ok(mut available) => match available.next() {
-                Some(chain) => Pop::Chain(chain, ring),
+                Some(chain) => Pop::Chain(chain, ring, position),
                 // Empty, or the entry could not be read (then `expect_more` catches it).
                 None => Pop::Empty,
             },
@@ -1120,7 +1186,9 @@ fn thread_cpu_time() -> Option<Duration> {
 /// A request to execute: popped from the ring, or taken by an earlier backend and found in
 /// the inflight buffer (known by its head).
 enum Work {
-    Chain(Chain),
+    /// Taken from the available ring at this position.
+    Chain(Chain, u16),
+    /// Taken by an earlier backend (in the inflight buffer).
     Resubmitted(u16),
 }
 
@@ -1136,8 +1204,9 @@ fn ring_layout(vring: &Vring) -> SplitRing {
 
 /// What popping the available ring gave.
 enum Pop {
-    /// A request, and the layout of the ring it came from.
-    Chain(Chain, SplitRing),
+    /// A request, the layout of the ring it came from, and its position in the available ring
+    /// (the ring's available index when it was taken).
+    Chain(Chain, SplitRing, u16),
     /// No request available.
     Empty,
     /// The ring is stopped or broken: stop serving it for this event.

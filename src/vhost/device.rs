@@ -11,7 +11,7 @@ use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
-use crate::blk::SplitRing;
+use crate::blk::{SplitRing, Submitted};
 use crate::image::{ImageError, Stats};
 
 /// Guest memory as the vhost-user layer maps it: every region carries a dirty-page bitmap that
@@ -49,7 +49,15 @@ pub trait Device: Send + Sync + 'static {
     /// popped from, so the device can walk the descriptor table itself and refuse what
     /// virtio-queue's iterator would silently accept (e.g. INDIRECT together with NEXT).
     /// Never panics on guest input: a bad request fails alone.
-    fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32;
+    /// `submitted`: whether the request was made available before this backend served the ring
+    /// after lost writes were reported (a FLUSH among those fails).
+    fn process_chain(
+        &self,
+        chain: Chain,
+        ring: SplitRing,
+        acked_features: u64,
+        submitted: Submitted,
+    ) -> u32;
 
     /// Executes the request at descriptor `head` of `ring` (one an earlier backend took from
     /// the available ring and never completed, found in the inflight buffer), as
@@ -60,6 +68,7 @@ pub trait Device: Send + Sync + 'static {
         head: u16,
         ring: SplitRing,
         acked_features: u64,
+        submitted: Submitted,
     ) -> u32;
 
     /// True when executing `chain` cannot take long (it waits for no free space, commit or
@@ -87,6 +96,14 @@ pub trait Device: Send + Sync + 'static {
     /// The frontend started a ring at a non-zero index: the guest ran before this device start
     /// and may hold completed writes that a crashed earlier backend never committed.
     fn ring_restored_mid_session(&self) {}
+
+    /// True from the ring start that reported lost writes to the guest (an earlier backend died
+    /// with writes it had completed and not committed) until the device is quiesced: the
+    /// requests made available before each ring's start then count as
+    /// [`Submitted::BeforeRestart`].
+    fn lost_writes_reported(&self) -> bool {
+        false
+    }
 
     /// Returns once the image's writer lock could be taken, the device's lock policy gives up,
     /// or `keep_waiting` says no. Called without any lifecycle lock held; `resume` then takes

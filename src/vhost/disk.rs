@@ -6,7 +6,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 
 use crate::blk::config::{check_config_write, WRITEBACK_OFFSET};
-use crate::blk::{BlkConfig, BlkDevice, BlkError, SplitRing};
+use crate::blk::{BlkConfig, BlkDevice, BlkError, SplitRing, Submitted};
 use crate::image::{Image, ImageError, LockPolicy, Stats};
 
 use super::device::{Chain, Device, GuestMemory};
@@ -31,6 +31,8 @@ pub struct BlkDisk {
     /// its writes from the next kill.
     /// (Set only while no FLUSH has been seen, so any FLUSH request ends it.)
     write_through_until_flush: AtomicBool,
+    /// See [`Device::lost_writes_reported`].
+    lost_writes_reported: AtomicBool,
 }
 
 impl BlkDisk {
@@ -42,6 +44,7 @@ impl BlkDisk {
             write_back: AtomicBool::new(true),
             mode_set_by_driver: AtomicBool::new(false),
             write_through_until_flush: AtomicBool::new(false),
+            lost_writes_reported: AtomicBool::new(false),
         })
     }
 
@@ -138,9 +141,16 @@ impl Device for BlkDisk {
         Ok(())
     }
 
-    fn process_chain(&self, chain: Chain, ring: SplitRing, acked_features: u64) -> u32 {
+    fn process_chain(
+        &self,
+        chain: Chain,
+        ring: SplitRing,
+        acked_features: u64,
+        submitted: Submitted,
+    ) -> u32 {
         self.serve_request(acked_features, |acked| {
-            self.blk.process_ring_chain(chain, ring, acked)
+            self.blk
+                .process_ring_chain_submitted(chain, ring, acked, submitted)
         })
     }
 
@@ -150,9 +160,11 @@ impl Device for BlkDisk {
         head: u16,
         ring: SplitRing,
         acked_features: u64,
+        submitted: Submitted,
     ) -> u32 {
         self.serve_request(acked_features, |acked| {
-            self.blk.process_ring_head(mem, head, ring, acked)
+            self.blk
+                .process_ring_head(mem, head, ring, acked, submitted)
         })
     }
 
@@ -165,6 +177,7 @@ impl Device for BlkDisk {
     }
 
     fn quiesce(&self) -> Result<(), ImageError> {
+        self.lost_writes_reported.store(false, Ordering::Release);
         self.blk.image().quiesce()
     }
 
@@ -205,7 +218,12 @@ impl Device for BlkDisk {
                  without a later flush are lost; failing the guest's next FLUSH to tell it"
             );
             self.blk.report_lost_writes();
+            self.lost_writes_reported.store(true, Ordering::Release);
         }
+    }
+
+    fn lost_writes_reported(&self) -> bool {
+        self.lost_writes_reported.load(Ordering::Acquire)
     }
 
     fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {

@@ -115,7 +115,13 @@ impl Device for FakeDevice {
         }
     }
 
-    fn process_chain(&self, chain: Chain, _ring: SplitRing, _acked_features: u64) -> u32 {
+    fn process_chain(
+        &self,
+        chain: Chain,
+        _ring: SplitRing,
+        _acked_features: u64,
+        _submitted: crate::blk::Submitted,
+    ) -> u32 {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let delay = *self.delay.lock().unwrap();
         thread::sleep(delay);
@@ -138,6 +144,7 @@ impl Device for FakeDevice {
         head: u16,
         ring: SplitRing,
         _acked_features: u64,
+        _submitted: crate::blk::Submitted,
     ) -> u32 {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         // Direct descriptors only (what these tests build).
