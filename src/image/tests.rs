@@ -2057,6 +2057,56 @@ fn checkpoint_stall_of_a_fully_stored_table() {
         clusters * 10 / 1024
     );
     let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // A FLUSH after every write until the journal has wrapped a few times: the slowest FLUSHes
+    // are the ones whose commit wrote a checkpoint, written ahead (the default) or in one go.
+    drop(img);
+    for ahead in [true, false] {
+        let opts = OpenOptions {
+            test_checkpoint_ahead_min_chunks: (!ahead).then_some(u64::MAX),
+            ..OpenOptions::default()
+        };
+        let img = Image::open(&path, &opts).expect("open");
+        let mut latencies = Vec::new();
+        let started = std::time::Instant::now();
+        let mut k = 0u64;
+        while img.stats().checkpoints < 3 && started.elapsed() < Duration::from_secs(120) {
+            img.write(((k * 7919) % clusters) * 65536, &data)
+                .expect("write");
+            let before = img.stats().checkpoints;
+            let t = std::time::Instant::now();
+            img.flush().expect("flush");
+            let took = t.elapsed();
+            if took > Duration::from_millis(10) {
+                eprintln!(
+                    "  slow FLUSH #{k}: {took:?}{}",
+                    if img.stats().checkpoints != before {
+                        " (its commit wrote a checkpoint)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            latencies.push(took);
+            k += 1;
+        }
+        latencies.sort();
+        let stats = img.stats();
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        eprintln!(
+            "checkpoints {}: {} FLUSHes, {} checkpoints ({} ahead); FLUSH median {:?}, p99.9 {:?}, \
+             max {:?}; load {}",
+            if ahead { "ahead" } else { "in one commit" },
+            latencies.len(),
+            stats.checkpoints,
+            stats.checkpoints_ahead,
+            at(0.5),
+            at(0.999),
+            latencies[latencies.len() - 1],
+            load().trim()
+        );
+        img.close().expect("close");
+    }
+    let img = Image::open(&path, &OpenOptions::default()).expect("open");
     for round in 0..5 {
         // One changed entry, so both commits have a record to write.
         img.write(((round * 7919) % clusters) * 65536, &data)
