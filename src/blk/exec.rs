@@ -70,6 +70,7 @@ impl BlkDevice {
                     return Err(RequestError::LostWrites);
                 }
                 self.flush_if(true)?;
+                self.flushed_since_lost_writes.store(true, Ordering::SeqCst);
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => self.get_id(mem, bufs),

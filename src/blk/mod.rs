@@ -236,6 +236,8 @@ pub struct BlkDevice {
     id: [u8; config::ID_BYTES],
     /// Set by [`BlkDevice::report_lost_writes`]; the next FLUSH fails and clears it.
     lost_writes: AtomicBool,
+    /// See [`BlkDevice::flushed_since_lost_writes`].
+    flushed_since_lost_writes: AtomicBool,
     /// Requests failed by the host (I/O errors, corrupt payloads) so far: logged at error level
     /// a few times, then at debug with a periodic summary, so a guest re-reading a bad cluster
     /// or a full disk cannot flood the log.
@@ -283,6 +285,7 @@ impl BlkDevice {
             capacity_sectors: size / SECTOR_SIZE,
             id,
             lost_writes: AtomicBool::new(false),
+            flushed_since_lost_writes: AtomicBool::new(true),
             host_failures: AtomicU64::new(0),
             flush_requests: AtomicU64::new(0),
         })
@@ -293,7 +296,15 @@ impl BlkDevice {
     /// once, instead of claiming durability for them (I2); a guest filesystem reports the error
     /// to its fsync callers like any failed cache flush.
     pub fn report_lost_writes(&self) {
+        self.flushed_since_lost_writes
+            .store(false, Ordering::SeqCst);
         self.lost_writes.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a FLUSH succeeded after the last [`BlkDevice::report_lost_writes`] (or when
+    /// none was reported).
+    pub fn flushed_since_lost_writes(&self) -> bool {
+        self.flushed_since_lost_writes.load(Ordering::SeqCst)
     }
 
     /// FLUSH requests the driver has sent so far (a driver that sends them uses the disk's

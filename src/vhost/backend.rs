@@ -734,7 +734,17 @@ impl<D: Device> ConnectionBackend<D> {
             // Positions wrap at 2^16; a ring holds at most 2^15 requests.
             Some(p) => {
                 let distance = end.wrapping_sub(p);
-                distance != 0 && distance <= 1 << 15
+                if distance == 0 || distance > 1 << 15 {
+                    // Requests are taken in order: this is the first one made available after
+                    // the restart, and so is every later one. The mark goes, or 32,768 requests
+                    // on the positions would wrap into looking "before" again.
+                    if let Some(m) = self.made_available_before_restart.get(queue) {
+                        m.store(NO_RESTART_MARK, Ordering::Release);
+                    }
+                    false
+                } else {
+                    true
+                }
             }
         };
         if before {

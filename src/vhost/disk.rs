@@ -1,7 +1,7 @@
 //! The production [`Device`]: the virtio-blk request layer on the image engine.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 
@@ -9,7 +9,7 @@ use crate::blk::config::{check_config_write, WRITEBACK_OFFSET};
 use crate::blk::{BlkConfig, BlkDevice, BlkError, SplitRing, Submitted};
 use crate::image::{Image, ImageError, LockPolicy, Stats};
 
-use super::device::{Chain, Device, GuestMemory};
+use super::device::{lock, Chain, Device, GuestMemory};
 
 /// An image served as a virtio-blk device.
 #[derive(Debug)]
@@ -31,8 +31,8 @@ pub struct BlkDisk {
     /// its writes from the next kill.
     /// (Set only while no FLUSH has been seen, so any FLUSH request ends it.)
     write_through_until_flush: AtomicBool,
-    /// See [`Device::lost_writes_reported`].
-    lost_writes_reported: AtomicBool,
+    /// The lost-write notice was taken by this process (see [`Device::lost_writes_reported`]).
+    lost_writes_reported: Mutex<bool>,
 }
 
 impl BlkDisk {
@@ -44,7 +44,7 @@ impl BlkDisk {
             write_back: AtomicBool::new(true),
             mode_set_by_driver: AtomicBool::new(false),
             write_through_until_flush: AtomicBool::new(false),
-            lost_writes_reported: AtomicBool::new(false),
+            lost_writes_reported: Mutex::new(false),
         })
     }
 
@@ -177,7 +177,6 @@ impl Device for BlkDisk {
     }
 
     fn quiesce(&self) -> Result<(), ImageError> {
-        self.lost_writes_reported.store(false, Ordering::Release);
         self.blk.image().quiesce()
     }
 
@@ -209,6 +208,9 @@ impl Device for BlkDisk {
                  first FLUSH shows it uses the write cache"
             );
         }
+        // Held from the notice's taking to `lost_writes_reported` set: a queue starting at the
+        // same moment, whose own take finds the notice gone, must still see it reported.
+        let mut reported = lock(&self.lost_writes_reported);
         if self.blk.image().take_unclean_shutdown_notice() {
             // The previous backend died with writes it had completed but not committed; the
             // guest still believes they are in the disk's cache. Its next FLUSH must fail
@@ -218,12 +220,15 @@ impl Device for BlkDisk {
                  without a later flush are lost; failing the guest's next FLUSH to tell it"
             );
             self.blk.report_lost_writes();
-            self.lost_writes_reported.store(true, Ordering::Release);
+            *reported = true;
         }
     }
 
+    /// Until a FLUSH succeeds after the report (then the guest knows, and what it makes
+    /// available later is covered by that FLUSH's success): a reconnection in between, before
+    /// any FLUSH was served, still fails those it made available before.
     fn lost_writes_reported(&self) -> bool {
-        self.lost_writes_reported.load(Ordering::Acquire)
+        *lock(&self.lost_writes_reported) && !self.blk.flushed_since_lost_writes()
     }
 
     fn wait_until_lockable(&self, keep_waiting: &dyn Fn() -> bool) {
