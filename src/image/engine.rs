@@ -261,6 +261,9 @@ pub struct Meta {
     pub marked_unreclaimed: bool,
     /// The checkpoint being written ahead of need, if any (see [`Core::checkpoint_ahead_step`]).
     pub ahead: Option<recovery::CheckpointAhead>,
+    /// Writing one ahead failed in this journal cycle: the next checkpoint is written in one go
+    /// (and reports what fails there), not started again and again.
+    ahead_failed: bool,
     records: Vec<(u32, DiskEntry)>,
     buf: Vec<u8>,
 }
@@ -484,6 +487,9 @@ impl Core {
         let mut meta = lock(&self.meta);
         meta.last_seq = loaded.last_seq;
         meta.journal_head = loaded.journal_head;
+        // Another process may have written since: nothing written ahead for the old state holds.
+        meta.ahead = None;
+        meta.ahead_failed = false;
         meta.active_area = loaded.base_area;
         meta.area_seqs = loaded.area_seqs;
         meta.loaded = true;
@@ -1445,7 +1451,7 @@ impl Core {
         let checkpoint = force_checkpoint || journal_full;
         let mut buf = std::mem::take(&mut meta.buf);
         if finish_ahead {
-            self.finish_checkpoint_ahead(&mut meta, &mut buf)?;
+            self.finish_checkpoint_ahead(&mut meta, &mut buf, seq)?;
         } else if checkpoint {
             // Never "clean" here, not even for the checkpoint `close` asks for: only `mark_clean`
             // says so, once everything is stored and committed, in one record that also carries
@@ -1591,6 +1597,7 @@ impl Core {
     ) -> Result<()> {
         let st = self.storage.as_ref();
         st.flush().map_err(Self::io("flush checkpoint", 0))?;
+        meta.ahead_failed = false;
         format::encode_record_flags(buf, seq + 1, &self.sb.uuid, &[], flags);
         let off = self.layout.journal_offset;
         st.write_at(off, buf)
@@ -1612,7 +1619,7 @@ impl Core {
     /// cost much more than the sparse one.
     fn start_checkpoint_ahead(&self, meta: &mut Meta) {
         let chunks = self.layout.chunk_count();
-        if chunks < self.ahead_min_chunks {
+        if chunks < self.ahead_min_chunks || meta.ahead_failed {
             return;
         }
         if self.ahead_min_chunks > 0 {
@@ -1657,18 +1664,26 @@ impl Core {
         if let Err(e) = ahead.step(self.storage.as_ref(), &self.sb, &self.table) {
             log::warn!("writing a checkpoint ahead failed, left for the next full journal: {e}");
             meta.ahead = None;
+            meta.ahead_failed = true;
         }
     }
 
     /// Inside a commit: writes what is left of the checkpoint written ahead (this commit's
     /// changes included: they are marked, and the committed view holds them), makes the chunks
-    /// durable, writes its header and completes it as commit `ahead.seq`.
-    fn finish_checkpoint_ahead(&self, meta: &mut Meta, buf: &mut Vec<u8>) -> Result<()> {
+    /// durable, writes its header and completes it as commit `ahead.seq`. When its chunks cannot
+    /// all be written (a dense checkpoint needs more host space than a sparse one, and the
+    /// checkpoint areas are not reserved), the commit writes a sparse one in one go as commit
+    /// `seq` instead: a failed commit would be final for the image.
+    fn finish_checkpoint_ahead(&self, meta: &mut Meta, buf: &mut Vec<u8>, seq: u64) -> Result<()> {
         let Some(mut ahead) = meta.ahead.take() else {
             return Ok(());
         };
         let st = self.storage.as_ref();
-        ahead.write_remaining(st, &self.sb, &self.table)?;
+        if let Err(e) = ahead.write_remaining(st, &self.sb, &self.table) {
+            log::warn!("writing a checkpoint ahead failed, writing it in one go instead: {e}");
+            meta.ahead_failed = true;
+            return self.checkpoint_and_marker(meta, buf, seq, 0);
+        }
         st.flush().map_err(Self::io("flush checkpoint chunks", 0))?;
         ahead.write_header(st, &self.sb)?;
         self.checkpoints_ahead.fetch_add(1, Ordering::Relaxed);
