@@ -182,7 +182,8 @@ struct Sample {
     /// Bytes the host's block device under the image wrote during the workload (its
     /// `/sys/dev/block/MAJ:MIN/stat`): the data and metadata a server made durable, or that the
     /// kernel wrote back for it. A server that leaves its writes in the page cache writes none.
-    device_written: u64,
+    /// `None` when the kernel does not say.
+    device_written: Option<u64>,
 }
 
 fn repo_root() -> PathBuf {
@@ -357,7 +358,7 @@ fn run(args: &Args) -> Result<()> {
                         sample.server_cpu_s,
                         sample.client_cpu_s,
                         human(sample.host_bytes),
-                        human(sample.device_written)
+                        sample.device_written.map_or("n/a".into(), human)
                     );
                     samples
                         .entry((mode_tag(*mode), name, server))
@@ -742,8 +743,8 @@ fn run_session(
         let server_cpu_s = process_cpu_seconds(&pid.to_string())? - server_before;
         let client_cpu_s = process_cpu_seconds("self")? - client_before;
         let device_written = match (device_before, device_written_bytes(image)) {
-            (Some(before), Some(after)) => after.saturating_sub(before),
-            _ => 0,
+            (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+            _ => None,
         };
         if report.errors > 0 {
             bail!(
@@ -820,7 +821,15 @@ fn summary_table(
         let cpu = |s: &Sample| s.server_cpu_s;
         let flush = |s: &Sample| s.report.avg_flush_lat_us;
         let bytes = |s: &Sample| s.host_bytes as f64;
-        let device = |s: &Sample| s.device_written as f64;
+        let device = |s: &Sample| s.device_written.map_or(f64::NAN, |b| b as f64);
+        let device_cell = |samples: &[Sample]| {
+            let v = m(samples, &device);
+            if v.is_nan() {
+                "n/a".to_string()
+            } else {
+                human(v as u64)
+            }
+        };
         let _ = writeln!(
             t,
             "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
@@ -841,8 +850,8 @@ fn summary_table(
             m(ours, &cpu),
             human(m(qsd, &bytes) as u64),
             human(m(ours, &bytes) as u64),
-            human(m(qsd, &device) as u64),
-            human(m(ours, &device) as u64),
+            device_cell(qsd),
+            device_cell(ours),
         );
     }
     t
