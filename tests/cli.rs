@@ -564,6 +564,19 @@ fn uncompressed_images_take_4k_and_8k_clusters() {
             disk,
             "{cluster}: insitu -> raw lost bytes"
         );
+        // Recompressed, it gets the codec's default cluster size, not one it cannot use.
+        let recompressed = dir.path().join(format!("lz4-{cluster}.img"));
+        ok([
+            "convert",
+            path_str(&converted),
+            path_str(&recompressed),
+            "-c",
+            "lz4",
+        ]);
+        let info = json(&ok(["info", "--json", path_str(&recompressed)]));
+        assert_eq!(info["cluster_size"], 65536, "{cluster}");
+        ok(["check", path_str(&recompressed)]);
+        fs::remove_file(&recompressed).unwrap();
         fs::remove_file(&converted).unwrap();
     }
 }

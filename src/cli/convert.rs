@@ -17,7 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use insitu_blk::image::format::{BLOCK, SB_OFFSETS};
 use insitu_blk::image::{
     default_cluster_size, open_block_device_exclusively, Compression, CreateOptions, FileStorage,
-    Image, ImageError, NewFile, OpenOptions, Storage, DEFAULT_CLUSTER_SIZE, SECTOR_SIZE,
+    Image, ImageError, NewFile, OpenOptions, Storage, DEFAULT_CLUSTER_SIZE,
+    MIN_COMPRESSED_CLUSTER_SIZE, SECTOR_SIZE,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -663,7 +664,11 @@ fn create_sink(
                 size: len,
                 cluster_size: config
                     .cluster_size
-                    .or(inherited_cluster)
+                    // A 4 or 8 KiB uncompressed source recompressed keeps no cluster size a
+                    // codec cannot use: the codec's default instead.
+                    .or(inherited_cluster.filter(|&c| {
+                        compression == Compression::None || c >= MIN_COMPRESSED_CLUSTER_SIZE
+                    }))
                     .unwrap_or_else(|| default_cluster_size(compression)),
                 compression,
             };
