@@ -570,6 +570,8 @@ fn uncompressed_images_take_4k_and_8k_clusters() {
             "convert",
             path_str(&converted),
             path_str(&recompressed),
+            "-O",
+            "insitu",
             "-c",
             "lz4",
         ]);
