@@ -364,9 +364,7 @@ impl BlkDevice {
         M: Deref,
         M::Target: GuestMemory,
     {
-        with_thread_buffers(|bufs| {
-            self.process_ring_chain_with(bufs, chain, ring, acked_features, Submitted::Now)
-        })
+        self.process_ring_chain_submitted(chain, ring, acked_features, Submitted::Now)
     }
 
     /// [`BlkDevice::process_ring_chain`] for a request made available at the moment `submitted`
