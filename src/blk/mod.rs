@@ -399,10 +399,7 @@ impl BlkDevice {
         M::Target: GuestMemory,
     {
         let head = chain.head_index();
-        let mem = chain.memory();
-        let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
-        let status = request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
-        self.serve(mem, bufs, head, status, acked_features, submitted)
+        self.walk_and_serve(chain.memory(), bufs, head, ring, acked_features, submitted)
     }
 
     /// [`BlkDevice::process_ring_chain`] for the chain at descriptor `head` of `ring`, without a
@@ -418,11 +415,23 @@ impl BlkDevice {
         submitted: Submitted,
     ) -> u32 {
         with_thread_buffers(|bufs| {
-            let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
-            let status =
-                request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
-            self.serve(mem, bufs, head, status, acked_features, submitted)
+            self.walk_and_serve(mem, bufs, head, ring, acked_features, submitted)
         })
+    }
+
+    /// The strict walk of the descriptor table from `head`, then the request served.
+    fn walk_and_serve<G: GuestMemory + ?Sized>(
+        &self,
+        mem: &G,
+        bufs: &mut RequestBuffers,
+        head: u16,
+        ring: SplitRing,
+        acked_features: u64,
+        submitted: Submitted,
+    ) -> u32 {
+        let indirect = acked_features & (1 << VIRTIO_RING_F_INDIRECT_DESC) != 0;
+        let status = request::walk_chain_with(mem, ring, head, self.cfg.queue_size, indirect, bufs);
+        self.serve(mem, bufs, head, status, acked_features, submitted)
     }
 
     /// Like [`BlkDevice::process_ring_chain`], following virtio-queue's own chain iterator
