@@ -332,6 +332,14 @@ pub struct Core {
     wb_limit: usize,
     /// Clusters in the write-back buffer.
     wb_entries: std::sync::atomic::AtomicUsize,
+    /// A loss found at load (see `Image::recovered_after_unclean_shutdown`) that no successful
+    /// FLUSH has followed yet: the guest may not know. Every clean-close marker (quiesce, close,
+    /// idle) records it, so a backend restarted before the guest's next FLUSH still reports it.
+    pub loss_unreported: AtomicBool,
+    /// Raised by the writer while it decides to end the journal with an idle marker
+    /// ([`Core::mark_idle_if_quiet`]); a write, WRITE_ZEROES or DISCARD that completes while it
+    /// is raised reopens the journal before it returns.
+    idle_marking: AtomicBool,
 }
 
 impl std::fmt::Debug for Core {
@@ -459,6 +467,8 @@ impl Core {
             stale_entries: AtomicUsize::new(0),
             wb_limit,
             wb_entries: std::sync::atomic::AtomicUsize::new(0),
+            loss_unreported: AtomicBool::new(false),
+            idle_marking: AtomicBool::new(false),
         }
     }
 
@@ -824,6 +834,12 @@ impl Core {
         self.check_range(offset, data.len() as u64)?;
         let _op = self.enter()?;
         self.shard().writes.fetch_add(1, Ordering::Relaxed);
+        let stored = self.write_clusters(offset, data);
+        let reopened = self.reopen_after_idle_marker();
+        stored.and(reopened)
+    }
+
+    fn write_clusters(&self, offset: u64, data: &[u8]) -> Result<()> {
         let cs = u64::from(self.layout.cluster_size);
         let mut pos = 0usize;
         while pos < data.len() {
@@ -848,6 +864,12 @@ impl Core {
         self.check_range(offset, len)?;
         let _op = self.enter()?;
         self.shard().writes.fetch_add(1, Ordering::Relaxed);
+        let stored = self.zero_clusters(offset, len);
+        let reopened = self.reopen_after_idle_marker();
+        stored.and(reopened)
+    }
+
+    fn zero_clusters(&self, offset: u64, len: u64) -> Result<()> {
         let cs = u64::from(self.layout.cluster_size);
         let mut pos = 0u64;
         while pos < len {
@@ -1694,7 +1716,8 @@ impl Core {
     /// longer ends with the clean-close marker before any data is written (a crash from here on
     /// makes the next open look for leaked space).
     pub fn mark_open(&self) -> Result<()> {
-        self.append_marker(0)
+        let mut meta = lock(&self.meta);
+        self.append_marker(&mut meta, 0, true)
     }
 
     /// True when the journal ends with a clean-close marker (see `mark_open`).
@@ -1722,24 +1745,31 @@ impl Core {
         if space_unreclaimed {
             flags |= format::RECORD_SPACE_UNRECLAIMED;
         }
-        self.append_marker(flags)
+        let mut meta = lock(&self.meta);
+        self.append_marker(&mut meta, flags, true)
     }
 
-    /// Appends an empty record with `flags` and makes it durable (a checkpoint first when the
-    /// journal is full).
-    fn append_marker(&self, flags: u32) -> Result<()> {
-        let mut meta = lock(&self.meta);
+    /// Appends an empty record with `flags` (a checkpoint first when the journal is full), and
+    /// makes it durable when `durable` (otherwise it reaches the page cache: enough for the next
+    /// process after a kill, and the next commit's flush makes it durable with its own record).
+    fn append_marker(&self, meta: &mut Meta, flags: u32, durable: bool) -> Result<()> {
         let mut buf = std::mem::take(&mut meta.buf);
         let seq = meta.last_seq + 1;
         let r = if meta.journal_head + BLOCK > self.layout.journal_size {
-            self.checkpoint_and_marker(&mut meta, &mut buf, seq, flags)
+            self.checkpoint_and_marker(meta, &mut buf, seq, flags)
         } else {
             format::encode_record_flags(&mut buf, seq, &self.sb.uuid, &[], flags);
             let off = self.layout.journal_offset + meta.journal_head;
             let st = self.storage.as_ref();
             st.write_at(off, &buf)
                 .map_err(Self::io("write journal", off))
-                .and_then(|()| st.flush().map_err(Self::io("flush journal", off)))
+                .and_then(|()| {
+                    if durable {
+                        st.flush().map_err(Self::io("flush journal", off))
+                    } else {
+                        Ok(())
+                    }
+                })
                 .map(|()| {
                     meta.last_seq = seq;
                     meta.journal_head += BLOCK;
@@ -1749,6 +1779,78 @@ impl Core {
         };
         meta.buf = buf;
         r
+    }
+
+    /// Writer thread, after a commit: when nothing the guest completed is left uncommitted and no
+    /// request runs, ends the journal with a clean-close marker (once per idle spell). A backend
+    /// killed from here on loses nothing, and the next one tells the guest nothing: its next
+    /// FLUSH succeeds instead of failing for writes that are not lost (an ext4 guest aborts its
+    /// journal on a failed FLUSH). The marker says the space may hold unreferenced regions
+    /// ([`format::RECORD_SPACE_UNRECLAIMED`]): freed space may still wait for its punch, and
+    /// writes after it leave some if a power cut takes the record that reopens the journal.
+    ///
+    /// Against a request completing meanwhile (Dekker-style, all `SeqCst`): the writer raises
+    /// `idle_marking`, then looks at the requests running, the write-back buffer and the dirty
+    /// entries; a completing mutation publishes its entries, then reads the flag (before it
+    /// leaves `active`). Either the writer sees that mutation (running, buffered or dirty), or
+    /// the mutation sees the flag and reopens the journal under the `meta` lock, after the
+    /// marker or making the writer give up ([`Core::reopen_after_idle_marker`]).
+    pub fn mark_idle_if_quiet(&self) {
+        if self.read_only || self.failed.load(Ordering::SeqCst) || lock(&self.meta).clean_marked {
+            return;
+        }
+        self.idle_marking.store(true, Ordering::SeqCst);
+        let running = self
+            .shards
+            .iter()
+            .any(|s| s.active.load(Ordering::SeqCst) > 0);
+        let quiet = !running
+            && self.wb_entries.load(Ordering::SeqCst) == 0
+            && self
+                .table
+                .cells
+                .iter()
+                .all(|cell| lock(&cell.stripe).dirty.is_empty());
+        if !quiet {
+            self.idle_marking.store(false, Ordering::SeqCst);
+            return;
+        }
+        let mut meta = lock(&self.meta);
+        // Lowered by a mutation that completed since the flag went up.
+        if !self.idle_marking.load(Ordering::SeqCst) || meta.clean_marked {
+            return;
+        }
+        let mut flags = format::RECORD_CLEAN_CLOSE | format::RECORD_SPACE_UNRECLAIMED;
+        if self.loss_unreported.load(Ordering::SeqCst) {
+            flags |= format::RECORD_LOSS_UNREPORTED;
+        }
+        match self.append_marker(&mut meta, flags, true) {
+            Ok(()) => log::debug!("idle: journal ends with a clean-close marker"),
+            Err(e) => {
+                // Nothing is lost by not having the marker; a journal that cannot be written
+                // fails the next commit, which reports it.
+                self.idle_marking.store(false, Ordering::SeqCst);
+                log::warn!("writing the idle marker failed: {e}");
+            }
+        }
+    }
+
+    /// End of every write, WRITE_ZEROES and DISCARD (while its request still counts as running):
+    /// when the writer has ended, or is ending, the journal with an idle marker, appends a record
+    /// after it before the request completes, so that a backend killed later does not take the
+    /// image for cleanly closed and the next one tells the guest about the writes it lost. The
+    /// flag goes down only after that record is written: a mutation that finds it down knows the
+    /// journal is open.
+    fn reopen_after_idle_marker(&self) -> Result<()> {
+        if !self.idle_marking.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut meta = lock(&self.meta);
+        if meta.clean_marked {
+            self.append_marker(&mut meta, 0, false)?;
+        }
+        self.idle_marking.store(false, Ordering::SeqCst);
+        Ok(())
     }
 
     /// After an unclean shutdown: punch space that writes which never committed left behind.
@@ -1916,7 +2018,7 @@ impl Core {
         // Since when the write-back buffer holds something (roughly: reset while it is empty).
         let mut buffered_since = Instant::now();
         loop {
-            let (ticket, checkpoint) = {
+            let (ticket, checkpoint, timer) = {
                 let mut ctl = lock(&core.ctl);
                 loop {
                     if ctl.stop {
@@ -1989,6 +2091,14 @@ impl Core {
                         ctl = lock(&core.ctl);
                         continue;
                     }
+                    // The steps above drop the lock: a FLUSH (or a stop) that came meanwhile
+                    // notified nobody, and the wait below would sleep through it (up to the
+                    // commit interval).
+                    if ctl.stop
+                        || (healthy && (ctl.flush_waiting || ctl.pressure || ctl.checkpoint))
+                    {
+                        continue;
+                    }
                     let wait = if healthy {
                         // Wake for the timer commit, and in time to punch stale slots whose
                         // grace period ends.
@@ -2002,14 +2112,23 @@ impl Core {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .0;
                 }
+                // A timer commit: nobody waits for it.
+                let timer = !(ctl.flush_waiting || ctl.pressure || ctl.checkpoint);
                 ctl.begun += 1;
                 ctl.flush_waiting = false;
                 ctl.pressure = false;
                 core.pressure.store(false, Ordering::Release);
-                (ctl.begun, std::mem::take(&mut ctl.checkpoint))
+                (ctl.begun, std::mem::take(&mut ctl.checkpoint), timer)
             };
-            if let Err(e) = core.commit(ticket, checkpoint) {
-                core.fail(e.to_string());
+            let commits = core.commits.load(Ordering::Relaxed);
+            match core.commit(ticket, checkpoint) {
+                // A whole commit interval without a change: idle (not merely between a FLUSH
+                // and the next write, which would pay for a marker and a record per FLUSH).
+                Ok(()) if timer && core.commits.load(Ordering::Relaxed) == commits => {
+                    core.mark_idle_if_quiet();
+                }
+                Ok(()) => {}
+                Err(e) => core.fail(e.to_string()),
             }
             last = Instant::now();
         }

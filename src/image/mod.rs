@@ -380,10 +380,6 @@ pub struct Image {
     life: Mutex<Life>,
     /// [`OpenOptions::shared_lock`] (read-only images only).
     shared_lock: bool,
-    /// A loss found at load (see `Life::unclean_load`) that no successful FLUSH has followed
-    /// yet: the guest may not know. Quiesce and close record it in the clean-close marker, so a
-    /// backend restarted before the guest's next FLUSH still reports it.
-    loss_unreported: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -549,7 +545,6 @@ impl Image {
             core: Arc::new(core),
             life: Mutex::new(Life::default()),
             shared_lock: opts.read_only && opts.shared_lock,
-            loss_unreported: std::sync::atomic::AtomicBool::new(false),
         };
         if !opts.start_quiesced {
             image.resume()?;
@@ -601,8 +596,8 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         use std::sync::atomic::Ordering;
         self.core.flush()?;
-        if self.loss_unreported.load(Ordering::Relaxed) {
-            self.loss_unreported.store(false, Ordering::SeqCst);
+        if self.core.loss_unreported.load(Ordering::Relaxed) {
+            self.core.loss_unreported.store(false, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -658,9 +653,10 @@ impl Image {
             // image's quiesce leaves none, and its next opener then scans nothing).
             if result.is_ok() {
                 let unreclaimed = !reclaim && self.core.holds_unreferenced_space();
-                result = self
-                    .core
-                    .mark_clean(self.loss_unreported.load(Ordering::SeqCst), unreclaimed);
+                result = self.core.mark_clean(
+                    self.core.loss_unreported.load(Ordering::SeqCst),
+                    unreclaimed,
+                );
             }
         }
         // A failed final commit keeps the lock: handing the image to another process (a
@@ -713,7 +709,8 @@ impl Image {
                 // been closed cleanly (and that loss recorded) since, or this is the first load.
                 life.unclean_load = !clean || loss_unreported;
                 life.notice_given = false;
-                self.loss_unreported
+                self.core
+                    .loss_unreported
                     .store(life.unclean_load, Ordering::SeqCst);
                 if !clean {
                     core.reclaim_leaks();
@@ -800,7 +797,7 @@ impl Image {
     pub fn take_unclean_shutdown_notice(&self) -> bool {
         use std::sync::atomic::Ordering;
         let mut life = table::lock(&self.life);
-        let notice = self.loss_unreported.load(Ordering::SeqCst)
+        let notice = self.core.loss_unreported.load(Ordering::SeqCst)
             && !life.notice_given
             && !self.core.read_only;
         if notice {
