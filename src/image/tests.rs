@@ -1602,7 +1602,9 @@ fn writes_racing_the_idle_marker_always_leave_the_journal_open() {
         marks >= 10,
         "the marker went down {marks} times: the race was hardly exercised"
     );
-    let img = Arc::try_unwrap(img).ok().expect("sole owner");
+    let Ok(img) = Arc::try_unwrap(img) else {
+        panic!("the image is still shared");
+    };
     img.close().expect("close");
 }
 
