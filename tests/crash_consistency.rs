@@ -12,8 +12,9 @@
 //! Variants: single writer, 3 writers on their own clusters, 3 writers racing on the same
 //! clusters, free-slot pressure, journal wrap + checkpoints, every codec x cluster size, injected
 //! EIO, a block device whose discards do not read as zeros, crash during create, a commit held in
-//! flight while its cluster is rewritten (both group-commit traps). The oracle is shown to bite
-//! on the engine's `test_break_commit_order` and on a storage whose flush lies.
+//! flight while its cluster is rewritten (both group-commit traps), a write racing the commit that
+//! writes a checkpoint (ahead or in one go: only committed entries go in). The oracle is shown to
+//! bite on the engine's `test_break_commit_order` and on a storage whose flush lies.
 //!
 //! A default run checks about 26,000 crash points (each test prints its numbers with
 //! `--nocapture`). Failures print the seed, the crash (what survived, what was torn), the
