@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crashsim::model::{Model, Verdict};
-use crashsim::sim::{CrashMode, Pages, SimStorage, PAGE, SECTOR};
+use crashsim::sim::{CrashMode, Pages, PendingOp, SimStorage, PAGE, SECTOR};
 use crashsim::workload::{self, Profile, Spec};
 use insitu_blk::image::{Compression, Storage};
 use rand::rngs::SmallRng;
@@ -929,7 +929,7 @@ fn a_checkpoint_holds_the_committed_entries_not_a_write_racing_its_commit() {
         let mut snaps = Vec::new();
         let mut tag = 1000;
         let mut cycles = 0;
-        loop {
+        let b_region = loop {
             cycles += 1;
             assert!(
                 cycles <= 600,
@@ -940,7 +940,7 @@ fn a_checkpoint_holds_the_committed_entries_not_a_write_racing_its_commit() {
             write(a, tag);
             sim.start_capture(clock.clone(), 64, tag);
             let gate = sim.arm_flush_gate();
-            let b_in_window = std::thread::scope(|scope| {
+            let (b_in_window, b_region) = std::thread::scope(|scope| {
                 let flusher = scope.spawn(flush);
                 assert!(
                     gate.wait_entered(Duration::from_secs(10)),
@@ -954,10 +954,18 @@ fn a_checkpoint_holds_the_committed_entries_not_a_write_racing_its_commit() {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 let done = writer.is_finished();
+                // Where that version's payload went: the storage's last write (the metadata
+                // writer is held), to see below that a later version overwrites it.
+                let region = match sim.snapshot(&clock).pending.last() {
+                    Some(PendingOp::Write { offset, data }) if done => {
+                        Some(*offset..*offset + data.len() as u64)
+                    }
+                    _ => None,
+                };
                 gate.release();
                 writer.join().expect("writer");
                 flusher.join().expect("flusher");
-                done
+                (done, region)
             });
             let cycle_snaps = sim.take_captured();
             let stats = image.stats();
@@ -972,17 +980,28 @@ fn a_checkpoint_holds_the_committed_entries_not_a_write_racing_its_commit() {
                     "the write of cluster {b} did not complete while the commit was held"
                 );
                 snaps.extend(cycle_snaps);
-                break;
+                break b_region;
             }
-        }
+        };
         snaps.push(sim.snapshot(&clock));
         // B's version from the held commit is current but not committed: rewritten, never
-        // flushed. The second rewrite goes where the first one's predecessor was (freed, never
-        // committed); the third makes sure.
+        // flushed. The first rewrite frees it (no commit names it); a later one is placed over
+        // its units (the most stale ones beside B's committed version in its home slot).
         for k in 2..5 {
             write(b, tag + k);
         }
-        snaps.push(sim.snapshot(&clock));
+        let rewritten = sim.snapshot(&clock);
+        // Premise: without that reuse, a checkpoint naming the uncommitted version would still
+        // read back intact (an allowed version), and this test would catch nothing.
+        let region = b_region.expect("the payload write of cluster B during the held commit");
+        assert!(
+            rewritten.pending.iter().any(|op| matches!(op,
+                PendingOp::Write { offset, data }
+                    if *offset < region.end && region.start < *offset + data.len() as u64)),
+            "no rewrite of cluster {b} overwrote its version from the held commit at {region:?}: \
+             {rewritten:?}"
+        );
+        snaps.push(rewritten);
         flush();
         snaps.push(sim.snapshot(&clock));
         let model = model.into_inner().unwrap();
