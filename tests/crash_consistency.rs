@@ -12,8 +12,9 @@
 //! Variants: single writer, 3 writers on their own clusters, 3 writers racing on the same
 //! clusters, free-slot pressure, journal wrap + checkpoints, every codec x cluster size, injected
 //! EIO, a block device whose discards do not read as zeros, crash during create, a commit held in
-//! flight while its cluster is rewritten (both group-commit traps). The oracle is shown to bite
-//! on the engine's `test_break_commit_order` and on a storage whose flush lies.
+//! flight while its cluster is rewritten (both group-commit traps), a write racing the commit that
+//! writes a checkpoint (ahead or in one go: only committed entries go in). The oracle is shown to
+//! bite on the engine's `test_break_commit_order` and on a storage whose flush lies.
 //!
 //! A default run checks about 26,000 crash points (each test prints its numbers with
 //! `--nocapture`). Failures print the seed, the crash (what survived, what was torn), the
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crashsim::model::{Model, Verdict};
-use crashsim::sim::{CrashMode, Pages, SimStorage, PAGE, SECTOR};
+use crashsim::sim::{CrashMode, Pages, PendingOp, SimStorage, PAGE, SECTOR};
 use crashsim::workload::{self, Profile, Spec};
 use insitu_blk::image::{Compression, Storage};
 use rand::rngs::SmallRng;
@@ -850,6 +851,192 @@ fn writes_during_an_in_flight_commit_never_touch_what_it_commits() {
          commit was held"
     );
     assert!(overlapped > 0, "no write ever ran during a held commit");
+}
+
+/// A checkpoint holds each cluster's *committed* entry, never a newer one that a write published
+/// while the commit writing the checkpoint ran (docs/FORMAT.md, "Checkpoints written ahead of
+/// need"; docs/ARCHITECTURE.md, known limits). Made to happen deterministically: every commit is
+/// held in its data flush (after its snapshot) while cluster B is rewritten, cycle after cycle,
+/// until the held commit is the one that writes a checkpoint: the one that finishes a checkpoint
+/// written ahead (it seals the chunks still to write after its snapshot), or, without
+/// checkpoints ahead, the one that writes it in one go. B's version written meanwhile is not
+/// committed by it; B is then rewritten three times without a FLUSH, so a later version reuses
+/// the units that uncommitted version freed. A checkpoint naming it would recover B from units
+/// holding another version's bytes (I3; `check` finds a corrupt payload). Crash points: every
+/// storage operation of the cycle whose commit wrote the checkpoint, right after it, after the
+/// rewrites, and after a final FLUSH; several crashes each (all, none, random pending writes).
+#[test]
+fn a_checkpoint_holds_the_committed_entries_not_a_write_racing_its_commit() {
+    use insitu_blk::image::{CreateOptions, Image};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use workload::{fill, Pattern};
+
+    let cs = 16 * 1024usize;
+    // One checkpoint chunk (255 clusters); a 1 MiB journal: ~250 one-block commits to fill it.
+    let clusters = 32usize;
+    let (a, b) = (3u64, 17u64);
+    let mut rng = SmallRng::seed_from_u64(0xC4EC);
+    let mut checked = 0;
+    for ahead in [true, false] {
+        let started = Instant::now();
+        let mut spec = Spec::random(0xC4EC, Profile::Journal, 1);
+        spec.cluster_size = cs as u32;
+        spec.clusters = clusters as u64;
+        spec.compression = Compression::Lz4;
+        // Only the FLUSHes below commit.
+        spec.commit_interval = Duration::from_secs(3600);
+        spec.write_buffer_bytes = 0;
+        spec.stale_grace = None;
+        // `test_checkpoint_ahead_min_chunks` = 0: written ahead from half a journal on, a step
+        // after every commit, finished by the commit that finds the journal full. Otherwise
+        // (this table is far below the default threshold) that commit writes it in one go.
+        spec.checkpoint_ahead = ahead;
+        let sim = Arc::new(SimStorage::new());
+        let mut create = CreateOptions::new((cs * clusters) as u64);
+        create.cluster_size = cs as u32;
+        create.compression = spec.compression;
+        Image::create_on(sim.clone(), &create).expect("create");
+        let image = Image::open_on(sim.clone(), &workload::spec_open_options(&spec)).expect("open");
+        let clock = Arc::new(AtomicU64::new(1));
+        let tick = || clock.fetch_add(1, Ordering::SeqCst);
+        let model = std::sync::Mutex::new(Model::zeroed(cs, clusters));
+        let write = |c: u64, tag: u64| {
+            // Compressible: one storage unit, so versions sit side by side in the home slot
+            // and a new one overwrites the units an uncommitted one freed.
+            let data = fill(Pattern::Compressible, tag, c * cs as u64, cs);
+            let start = tick();
+            image.write(c * cs as u64, &data).expect("write");
+            let end = tick();
+            let mut m = model.lock().unwrap();
+            let op = m.record_op(0, start, end, format!("write cluster {c} tag {tag}"));
+            m.record_version(c as usize, op, Arc::from(data));
+        };
+        let flush = || {
+            let start = tick();
+            image.flush().expect("flush");
+            let end = tick();
+            let mut m = model.lock().unwrap();
+            m.record_op(0, start, end, "flush".into());
+            m.record_flush(start, end);
+        };
+        // Every cluster stored (a checkpoint of zero entries would prove little).
+        for c in 0..clusters as u64 {
+            write(c, 1 + c);
+        }
+        flush();
+        let before = image.stats();
+        let mut snaps = Vec::new();
+        let mut tag = 1000;
+        let mut cycles = 0;
+        let b_region = loop {
+            cycles += 1;
+            assert!(
+                cycles <= 600,
+                "ahead {ahead}: no checkpoint after {cycles} commits: {:?}",
+                image.stats()
+            );
+            tag += 2;
+            write(a, tag);
+            sim.start_capture(clock.clone(), 64, tag);
+            let gate = sim.arm_flush_gate();
+            let (b_in_window, b_region) = std::thread::scope(|scope| {
+                let flusher = scope.spawn(flush);
+                assert!(
+                    gate.wait_entered(Duration::from_secs(10)),
+                    "the commit never reached its data flush"
+                );
+                // The commit has snapshotted A (and B's version of the previous cycle) and is
+                // held in its data flush: B's next version is published after its snapshot.
+                let writer = scope.spawn(|| write(b, tag + 1));
+                let waited = Instant::now();
+                while !writer.is_finished() && waited.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let done = writer.is_finished();
+                // Where that version's payload went: the storage's last write (the metadata
+                // writer is held), to see below that a later version overwrites it.
+                let region = match sim.snapshot(&clock).pending.last() {
+                    Some(PendingOp::Write { offset, data }) if done => {
+                        Some(*offset..*offset + data.len() as u64)
+                    }
+                    _ => None,
+                };
+                gate.release();
+                writer.join().expect("writer");
+                flusher.join().expect("flusher");
+                (done, region)
+            });
+            let cycle_snaps = sim.take_captured();
+            let stats = image.stats();
+            if stats.checkpoints > before.checkpoints {
+                // The scenario's premise: the held commit wrote the checkpoint (ahead: finished
+                // the one written ahead), with B's version published after its snapshot.
+                assert_eq!(stats.checkpoints, before.checkpoints + 1, "{stats:?}");
+                let written_ahead = stats.checkpoints_ahead - before.checkpoints_ahead;
+                assert_eq!(written_ahead, u64::from(ahead), "ahead {ahead}: {stats:?}");
+                assert!(
+                    b_in_window,
+                    "the write of cluster {b} did not complete while the commit was held"
+                );
+                snaps.extend(cycle_snaps);
+                break b_region;
+            }
+        };
+        snaps.push(sim.snapshot(&clock));
+        // B's version from the held commit is current but not committed: rewritten, never
+        // flushed. The first rewrite frees it (no commit names it); a later one is placed over
+        // its units (the most stale ones beside B's committed version in its home slot).
+        for k in 2..5 {
+            write(b, tag + k);
+        }
+        let rewritten = sim.snapshot(&clock);
+        // Premise: without that reuse, a checkpoint naming the uncommitted version would still
+        // read back intact (an allowed version), and this test would catch nothing.
+        let region = b_region.expect("the payload write of cluster B during the held commit");
+        assert!(
+            rewritten.pending.iter().any(|op| matches!(op,
+                PendingOp::Write { offset, data }
+                    if *offset < region.end && region.start < *offset + data.len() as u64)),
+            "no rewrite of cluster {b} overwrote its version from the held commit at {region:?}: \
+             {rewritten:?}"
+        );
+        snaps.push(rewritten);
+        flush();
+        snaps.push(sim.snapshot(&clock));
+        let model = model.into_inner().unwrap();
+        for snap in &snaps {
+            for draw in 0..5 {
+                let mode = match draw {
+                    0 => CrashMode::KeepAll,
+                    1 => CrashMode::KeepNone,
+                    _ => CrashMode::random(&mut rng),
+                };
+                let (pages, desc) = snap.materialize(mode, &mut rng);
+                checked += 1;
+                if let Err(problem) = workload::verify_crash(&spec, pages, &model, snap.clock) {
+                    panic!(
+                        "checkpoint {}, written after {cycles} held commits: {desc}\n{problem}\n\
+                         history:\n{}",
+                        if ahead {
+                            "written ahead"
+                        } else {
+                            "written in one go"
+                        },
+                        model.history_text(12)
+                    );
+                }
+            }
+        }
+        image.abandon();
+        eprintln!(
+            "checkpoint {} by the commit held #{cycles}: {} crash points, {:.1} s",
+            if ahead { "written ahead" } else { "in one go" },
+            snaps.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!("checkpoint with a racing write: {checked} crashes checked");
 }
 
 /// A crash at any point of `create_on` leaves storage that either is refused clearly (not an

@@ -864,6 +864,9 @@ impl CheckpointAhead {
             table,
             layout,
             seq: self.seq,
+            // Never the current entries: a version published after the snapshot of the commit
+            // that finishes this checkpoint is covered by no commit, and a rewrite frees and
+            // reuses its units at once (docs/FORMAT.md, "Checkpoints written ahead of need").
             committed: true,
             sparse: false,
         };
