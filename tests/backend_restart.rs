@@ -416,6 +416,76 @@ fn restart_with_writes_in_flight(
     backend.assert_healthy("after the reconnect");
 }
 
+/// A backend killed while idle lost nothing: it had committed every completed write and ended
+/// its journal with the idle marker (two timer commits of 1 s after the last write), so the
+/// restarted backend owes the guest no lost-write notice. The guest's next FLUSH succeeds (an
+/// ext4 guest would abort its journal on a failed one) and every write is there, although
+/// the guest never sent a FLUSH for them. A kill right after writes, before any idle spell,
+/// still fails the next FLUSH once.
+#[test]
+fn a_backend_killed_while_idle_owes_no_notice_and_a_busy_one_does() {
+    let work = Workdir::new();
+    let mut backend = Backend::start(
+        &work,
+        ServeOptions {
+            size: DISK,
+            num_queues: 1,
+            ..ServeOptions::default()
+        },
+    );
+    let copts = ConnectOptions {
+        queues: 1,
+        queue_size: 128,
+        driver_features: DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
+        ..ConnectOptions::default()
+    };
+    let mut dev = Device::connect(&backend.socket(), &copts)
+        .unwrap_or_else(|e| panic!("connect to the backend: {e}"));
+    let write_all = |dev: &mut Device, seed: u64| {
+        for k in 0..8u64 {
+            let status = dev
+                .write(0, k * 64, &pattern(seed + k, 16384))
+                .expect("write");
+            assert_eq!(status, VIRTIO_BLK_S_OK);
+        }
+    };
+    let read_all = |dev: &mut Device, seed: u64, what: &str| {
+        for k in 0..8u64 {
+            let (status, got) = dev.read(0, k * 64, 16384).expect("read");
+            assert_eq!(status, VIRTIO_BLK_S_OK);
+            assert!(got == pattern(seed + k, 16384), "{what}: write {k} lost");
+        }
+    };
+    write_all(&mut dev, 100);
+    // Idle over two timer commits: the first commits the writes, the second finds nothing and
+    // ends the journal with the idle marker.
+    std::thread::sleep(Duration::from_millis(2600));
+    backend.kill9();
+    backend.restart();
+    dev.reconnect_like_cloud_hypervisor(&backend.socket())
+        .unwrap_or_else(|e| panic!("reconnect: {e}"));
+    assert_eq!(
+        dev.flush(0).expect("flush"),
+        VIRTIO_BLK_S_OK,
+        "the guest was told about a loss after the kill of an idle backend"
+    );
+    read_all(&mut dev, 100, "after the kill of an idle backend");
+
+    // Busy: killed right after its writes completed, none committed.
+    write_all(&mut dev, 200);
+    backend.kill9();
+    backend.restart();
+    dev.reconnect_like_cloud_hypervisor(&backend.socket())
+        .unwrap_or_else(|e| panic!("reconnect: {e}"));
+    assert_eq!(
+        dev.flush(0).expect("flush"),
+        VIRTIO_BLK_S_IOERR,
+        "writes completed without a FLUSH may be lost: the next FLUSH must say so"
+    );
+    assert_eq!(dev.flush(0).expect("flush"), VIRTIO_BLK_S_OK, "told once");
+    backend.assert_healthy("after the reconnects");
+}
+
 /// A frontend that sends messages and reads no reply (hung, or hostile) must not keep SIGTERM
 /// from ending the backend: the replies still queued for it are given up after a bounded wait,
 /// and the backend closes the image and exits 0 (final review of session 4: it waited for as
