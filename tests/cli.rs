@@ -287,6 +287,35 @@ fn missing_and_foreign_files_are_clear_errors() {
     );
 }
 
+/// A FIFO (whose open would wait for a writer forever), or a character device (`/dev/zero`: no
+/// size), is refused at once with what it is, by every command that opens an image or a source.
+#[test]
+fn fifos_and_character_devices_are_refused_not_waited_on() {
+    let dir = tempdir();
+    let fifo = dir.path().join("pipe");
+    let c_path = std::ffi::CString::new(path_str(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let out = dir.path().join("out.img");
+    for args in [
+        vec!["info", path_str(&fifo)],
+        vec!["check", path_str(&fifo)],
+        vec!["convert", path_str(&fifo), path_str(&out)],
+    ] {
+        fails_with(
+            &insitu_blk(&args),
+            1,
+            "is a FIFO, not a regular file or a block device",
+        );
+    }
+    fails_with(
+        &insitu_blk(["convert", "/dev/zero", path_str(&out)]),
+        1,
+        "is a character device",
+    );
+    assert!(!out.exists(), "a refused convert left its output behind");
+}
+
 #[test]
 fn check_help_documents_the_exit_codes() {
     let help = ok(["check", "--help"]).stdout;

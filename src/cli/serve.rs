@@ -435,16 +435,22 @@ fn describe_socket(socket: &SocketSource) -> String {
 /// Opens the image quiesced (superblock only, no lock), creating it first if asked.
 fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
     let path = &config.image;
-    match std::fs::metadata(path) {
-        Ok(_) => {}
+    let existed = match std::fs::metadata(path) {
+        Ok(_) => true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => match config.create_size {
             // The image appears at `path` only once complete: a backend killed while creating
             // it leaves nothing there, so the next start simply creates it again.
             Some(size) => match Image::create(path, &CreateOptions::new(size)) {
-                Ok(()) => tracing::info!("created image {} ({size} bytes)", path.display()),
+                Ok(()) => {
+                    tracing::info!("created image {} ({size} bytes)", path.display());
+                    false
+                }
                 // Another process created it meanwhile: open that one like any existing image.
                 Err(ImageError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                {
+                    true
+                }
                 Err(err) => {
                     return Err(err)
                         .with_context(|| format!("cannot create image {}", path.display()))
@@ -458,25 +464,39 @@ fn open_image(config: &ServeConfig) -> anyhow::Result<Image> {
         Err(e) => {
             return Err(e).with_context(|| format!("cannot access image {}", path.display()))
         }
-    }
+    };
     // The device loads the metadata when the frontend starts it (a migration destination must
     // not load it before the source hands the image over). Validate it now, read-only and
     // without the lock (what `info` does), so that a corrupt image refuses to serve with a clear
     // error instead of listening and failing every guest request.
-    Image::open(
+    let size = Image::open(
         path,
         &OpenOptions {
             read_only: true,
             ..OpenOptions::default()
         },
     )
-    .and_then(Image::close)
+    .and_then(|image| {
+        let size = image.size();
+        image.close().map(|()| size)
+    })
     .with_context(|| {
         format!(
             "cannot serve image {} (`insitu-blk check` explains what is wrong)",
             path.display()
         )
     })?;
+    // --create-size only creates: an existing image keeps its size (say so, not silently).
+    if let Some(wanted) = config
+        .create_size
+        .filter(|&wanted| existed && wanted != size)
+    {
+        tracing::warn!(
+            "image {} exists with a size of {size} bytes; --create-size {wanted} is ignored \
+             (it only creates a missing image)",
+            path.display()
+        );
+    }
     let options = OpenOptions {
         read_only: config.read_only,
         // A read-only server keeps writers out while it serves (they could change data under

@@ -99,8 +99,31 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens an existing file or block device.
+    /// Opens an existing file or block device. Anything else (a FIFO, whose open would block
+    /// until a writer comes, a socket, a character device such as `/dev/zero`) is refused with
+    /// `InvalidInput` before it is opened.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let kind = std::fs::metadata(path)?.file_type();
+        let what = if kind.is_fifo() {
+            Some("a FIFO")
+        } else if kind.is_socket() {
+            Some("a socket")
+        } else if kind.is_char_device() {
+            Some("a character device")
+        } else if kind.is_dir() {
+            Some("a directory")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is {what}, not a regular file or a block device",
+                    path.display()
+                ),
+            ));
+        }
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         Self::from_file(file)
     }
