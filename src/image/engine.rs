@@ -1781,8 +1781,9 @@ impl Core {
         r
     }
 
-    /// Writer thread, after a commit: when nothing the guest completed is left uncommitted and no
-    /// request runs, ends the journal with a clean-close marker (once per idle spell). A backend
+    /// Writer thread, after a timer commit: when nothing the guest completed is left uncommitted
+    /// and no request runs, ends the journal with a clean-close marker (once per idle spell;
+    /// pwritten, not flushed). A backend
     /// killed from here on loses nothing, and the next one tells the guest nothing: its next
     /// FLUSH succeeds instead of failing for writes that are not lost (an ext4 guest aborts its
     /// journal on a failed FLUSH). The marker says the space may hold unreferenced regions
@@ -1824,7 +1825,9 @@ impl Core {
         if self.loss_unreported.load(Ordering::SeqCst) {
             flags |= format::RECORD_LOSS_UNREPORTED;
         }
-        match self.append_marker(&mut meta, flags, true) {
+        // Not flushed: a kill keeps the page cache, and after a power cut the guest is gone too;
+        // a marker that did not reach the disk only makes the next opener more careful.
+        match self.append_marker(&mut meta, flags, false) {
             Ok(()) => log::debug!("idle: journal ends with a clean-close marker"),
             Err(e) => {
                 // Nothing is lost by not having the marker; a journal that cannot be written
@@ -2120,13 +2123,11 @@ impl Core {
                 core.pressure.store(false, Ordering::Release);
                 (ctl.begun, std::mem::take(&mut ctl.checkpoint), timer)
             };
-            let commits = core.commits.load(Ordering::Relaxed);
             match core.commit(ticket, checkpoint) {
-                // A whole commit interval without a change: idle (not merely between a FLUSH
-                // and the next write, which would pay for a marker and a record per FLUSH).
-                Ok(()) if timer && core.commits.load(Ordering::Relaxed) == commits => {
-                    core.mark_idle_if_quiet();
-                }
+                // After a timer commit only (at most once a commit interval): after the commit
+                // of a FLUSH, a guest that fsyncs often would pay for a marker and a reopening
+                // record per FLUSH.
+                Ok(()) if timer => core.mark_idle_if_quiet(),
                 Ok(()) => {}
                 Err(e) => core.fail(e.to_string()),
             }
