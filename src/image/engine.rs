@@ -259,6 +259,15 @@ pub struct Meta {
     pub clean_marked: bool,
     /// That marker carries [`format::RECORD_SPACE_UNRECLAIMED`].
     pub marked_unreclaimed: bool,
+    /// That marker is the writer's idle marker ([`Core::mark_idle_if_quiet`]), written without
+    /// a flush: the next record takes its block instead of following it, so that no record can
+    /// reach the disk after a marker that did not (recovery would find a valid record after a
+    /// damaged one and take it for lost commits).
+    pub idle_marked: bool,
+    /// The last journal record was written without a flush (the idle marker, or the record that
+    /// replaced it): it must reach the disk before any record in a later block is written.
+    /// (A commit flushes the data, and with it that record, before it writes its own.)
+    pub journal_unflushed: bool,
     /// The checkpoint being written ahead of need, if any (see [`Core::checkpoint_ahead_step`]).
     pub ahead: Option<recovery::CheckpointAhead>,
     /// Writing one ahead failed in this journal cycle: the next checkpoint is written in one go
@@ -505,6 +514,8 @@ impl Core {
         meta.loaded = true;
         meta.clean_marked = clean;
         meta.marked_unreclaimed = loaded.space_unreclaimed;
+        meta.idle_marked = false;
+        meta.journal_unflushed = false;
         self.generation.store(
             NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
@@ -1456,6 +1467,7 @@ impl Core {
         let seq = meta.last_seq + 1;
         if !self.break_order {
             st.flush().map_err(Self::io("flush data", 0))?;
+            meta.journal_unflushed = false;
         }
         let bytes = format::record_blocks(records.len()) * BLOCK;
         let journal_full = meta.journal_head + bytes > self.layout.journal_size;
@@ -1489,6 +1501,7 @@ impl Core {
             meta.last_seq = seq;
             meta.journal_head += bytes;
             meta.clean_marked = false;
+            meta.idle_marked = false;
             if meta.ahead.is_none() && meta.journal_head > self.layout.journal_size / 2 {
                 self.start_checkpoint_ahead(&mut meta);
             }
@@ -1631,6 +1644,8 @@ impl Core {
         meta.area_seqs[area] = Some(seq);
         meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
         meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+        meta.idle_marked = false;
+        meta.journal_unflushed = false;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1733,7 +1748,10 @@ impl Core {
     pub fn mark_clean(&self, loss_unreported: bool, space_unreclaimed: bool) -> Result<()> {
         {
             let meta = lock(&self.meta);
-            if !loss_unreported && meta.clean_marked && meta.marked_unreclaimed == space_unreclaimed
+            if !loss_unreported
+                && meta.clean_marked
+                && !meta.idle_marked
+                && meta.marked_unreclaimed == space_unreclaimed
             {
                 return Ok(());
             }
@@ -1749,10 +1767,46 @@ impl Core {
         self.append_marker(&mut meta, flags, true)
     }
 
+    /// Replaces the idle marker that ends the journal (same block, same sequence number) with
+    /// an empty record carrying `flags`. A torn replacement leaves an invalid block where the
+    /// journal ends: the next opener takes it for a crash (no commit is lost).
+    fn replace_idle_marker(&self, meta: &mut Meta, flags: u32, durable: bool) -> Result<()> {
+        let mut buf = std::mem::take(&mut meta.buf);
+        format::encode_record_flags(&mut buf, meta.last_seq, &self.sb.uuid, &[], flags);
+        let off = self.layout.journal_offset + meta.journal_head - BLOCK;
+        let st = self.storage.as_ref();
+        let r = st
+            .write_at(off, &buf)
+            .map_err(Self::io("write journal", off))
+            .and_then(|()| {
+                if durable {
+                    st.flush().map_err(Self::io("flush journal", off))
+                } else {
+                    Ok(())
+                }
+            });
+        meta.buf = buf;
+        r?;
+        meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
+        meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+        meta.idle_marked = false;
+        meta.journal_unflushed = !durable;
+        Ok(())
+    }
+
     /// Appends an empty record with `flags` (a checkpoint first when the journal is full), and
     /// makes it durable when `durable` (otherwise it reaches the page cache: enough for the next
     /// process after a kill, and the next commit's flush makes it durable with its own record).
     fn append_marker(&self, meta: &mut Meta, flags: u32, durable: bool) -> Result<()> {
+        if meta.idle_marked {
+            return self.replace_idle_marker(meta, flags, durable);
+        }
+        if meta.journal_unflushed {
+            self.storage
+                .flush()
+                .map_err(Self::io("flush journal", self.layout.journal_offset))?;
+            meta.journal_unflushed = false;
+        }
         let mut buf = std::mem::take(&mut meta.buf);
         let seq = meta.last_seq + 1;
         let r = if meta.journal_head + BLOCK > self.layout.journal_size {
@@ -1775,6 +1829,8 @@ impl Core {
                     meta.journal_head += BLOCK;
                     meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
                     meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+                    meta.idle_marked = false;
+                    meta.journal_unflushed = !durable;
                 })
         };
         meta.buf = buf;
@@ -1828,7 +1884,10 @@ impl Core {
         // Not flushed: a kill keeps the page cache, and after a power cut the guest is gone too;
         // a marker that did not reach the disk only makes the next opener more careful.
         match self.append_marker(&mut meta, flags, false) {
-            Ok(()) => log::debug!("idle: journal ends with a clean-close marker"),
+            Ok(()) => {
+                meta.idle_marked = true;
+                log::debug!("idle: journal ends with a clean-close marker");
+            }
             Err(e) => {
                 // Nothing is lost by not having the marker; a journal that cannot be written
                 // fails the next commit, which reports it.
