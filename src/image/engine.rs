@@ -264,6 +264,8 @@ pub struct Meta {
     /// reach the disk after a marker that did not (recovery would find a valid record after a
     /// damaged one and take it for lost commits).
     pub idle_marked: bool,
+    /// That marker carries [`format::RECORD_LOSS_UNREPORTED`].
+    pub marked_loss: bool,
     /// The last journal record was written without a flush (the idle marker, or the record that
     /// replaced it): it must reach the disk before any record in a later block is written.
     /// (A commit flushes the data, and with it that record, before it writes its own.)
@@ -349,6 +351,11 @@ pub struct Core {
     /// ([`Core::mark_idle_if_quiet`]); a write, WRITE_ZEROES or DISCARD that completes while it
     /// is raised reopens the journal before it returns.
     idle_marking: AtomicBool,
+    /// Serialises [`Core::mark_idle_if_quiet`] (the writer after a timer commit, a FLUSH that
+    /// reported a loss): the flag protocol assumes one marker at a time (a second one lowering
+    /// the flag between the first one's raise and its last look would let a mutation complete
+    /// unseen).
+    idle_marker_turn: Mutex<()>,
 }
 
 impl std::fmt::Debug for Core {
@@ -478,6 +485,7 @@ impl Core {
             wb_entries: std::sync::atomic::AtomicUsize::new(0),
             loss_unreported: AtomicBool::new(false),
             idle_marking: AtomicBool::new(false),
+            idle_marker_turn: Mutex::new(()),
         }
     }
 
@@ -514,8 +522,11 @@ impl Core {
         meta.loaded = true;
         meta.clean_marked = clean;
         meta.marked_unreclaimed = loaded.space_unreclaimed;
+        meta.marked_loss = loaded.loss_unreported;
         meta.idle_marked = false;
-        meta.journal_unflushed = false;
+        // A killed predecessor's last record (its idle marker, or the record that replaced it)
+        // may be in the page cache only: flush before writing a record after it.
+        meta.journal_unflushed = true;
         self.generation.store(
             NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
@@ -1644,6 +1655,7 @@ impl Core {
         meta.area_seqs[area] = Some(seq);
         meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
         meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+        meta.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
         meta.idle_marked = false;
         meta.journal_unflushed = false;
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -1749,6 +1761,7 @@ impl Core {
         {
             let meta = lock(&self.meta);
             if !loss_unreported
+                && !meta.marked_loss
                 && meta.clean_marked
                 && !meta.idle_marked
                 && meta.marked_unreclaimed == space_unreclaimed
@@ -1789,6 +1802,7 @@ impl Core {
         r?;
         meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
         meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+        meta.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
         meta.idle_marked = false;
         meta.journal_unflushed = !durable;
         Ok(())
@@ -1829,6 +1843,7 @@ impl Core {
                     meta.journal_head += BLOCK;
                     meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
                     meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+                    meta.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
                     meta.idle_marked = false;
                     meta.journal_unflushed = !durable;
                 })
@@ -1853,7 +1868,11 @@ impl Core {
     /// the mutation sees the flag and reopens the journal under the `meta` lock, after the
     /// marker or making the writer give up ([`Core::reopen_after_idle_marker`]).
     pub fn mark_idle_if_quiet(&self) {
-        if self.read_only || self.failed.load(Ordering::SeqCst) || lock(&self.meta).clean_marked {
+        let _turn = lock(&self.idle_marker_turn);
+        if self.read_only
+            || self.failed.load(Ordering::SeqCst)
+            || self.marker_current(&lock(&self.meta))
+        {
             return;
         }
         self.idle_marking.store(true, Ordering::SeqCst);
@@ -1874,7 +1893,7 @@ impl Core {
         }
         let mut meta = lock(&self.meta);
         // Lowered by a mutation that completed since the flag went up.
-        if !self.idle_marking.load(Ordering::SeqCst) || meta.clean_marked {
+        if !self.idle_marking.load(Ordering::SeqCst) || self.marker_current(&meta) {
             return;
         }
         let mut flags = format::RECORD_CLEAN_CLOSE | format::RECORD_SPACE_UNRECLAIMED;
@@ -1894,6 +1913,24 @@ impl Core {
                 self.idle_marking.store(false, Ordering::SeqCst);
                 log::warn!("writing the idle marker failed: {e}");
             }
+        }
+    }
+
+    /// The journal ends with a clean-close marker whose loss bit is still true (a FLUSH that
+    /// succeeded since clears `loss_unreported`; a marker still saying "loss" must be replaced).
+    fn marker_current(&self, meta: &Meta) -> bool {
+        meta.clean_marked && meta.marked_loss == self.loss_unreported.load(Ordering::SeqCst)
+    }
+
+    /// After a FLUSH that reported the loss: an idle marker still carrying it is replaced now
+    /// (a kill before the next timer commit would report the loss again).
+    pub fn remark_if_loss_reported(&self) {
+        let stale = {
+            let meta = lock(&self.meta);
+            meta.clean_marked && meta.marked_loss
+        };
+        if stale {
+            self.mark_idle_if_quiet();
         }
     }
 

@@ -598,6 +598,7 @@ impl Image {
         self.core.flush()?;
         if self.core.loss_unreported.load(Ordering::Relaxed) {
             self.core.loss_unreported.store(false, Ordering::SeqCst);
+            self.core.remark_if_loss_reported();
         }
         Ok(())
     }

@@ -2329,3 +2329,427 @@ fn checkpoint_stall_of_a_fully_stored_table() {
         );
     }
 }
+
+// ----- the idle marker: power cuts, reported losses, quiesce, a full journal ---------------
+
+/// An idle marker written while a loss was unreported keeps the
+/// LOSS_UNREPORTED bit after the guest's FLUSH reported it; nothing rewrites the marker (the
+/// writer skips while `clean_marked`, `mark_clean` skips when `clean_marked` and the space flag
+/// match). A migration (quiesce) or kill before the next write then reports the loss again.
+#[test]
+fn a_loss_reported_after_the_idle_marker_is_not_reported_again() {
+    for kill in [false, true] {
+        let st = mem_image(4 << 20, 65536, Compression::Lz4);
+        let opts = OpenOptions {
+            commit_interval: Duration::from_secs(3600),
+            ..OpenOptions::default()
+        };
+        let img = Image::open_on(st.clone(), &opts).expect("open");
+        img.write(0, &random(65536, 5)).expect("write");
+        img.abandon();
+        let img = Image::open_on(st.clone(), &opts).expect("reopen");
+        assert!(img.take_unclean_shutdown_notice(), "the loss is reported");
+        // The guest idles for a commit interval before its next FLUSH.
+        img.core.mark_idle_if_quiet();
+        assert!(img.core.clean_marked());
+        // The guest's FLUSH succeeds: the loss counts as reported.
+        img.flush().expect("flush");
+        if kill {
+            img.abandon();
+        } else {
+            img.quiesce().expect("quiesce (migration source)");
+            img.abandon();
+        }
+        let img = Image::open_on(st.clone(), &opts).expect("destination / restarted backend");
+        assert!(
+            !img.recovered_after_unclean_shutdown(),
+            "kill={kill}: a loss reported (FLUSH succeeded) is reported again"
+        );
+        img.close().expect("close");
+    }
+}
+
+/// Storage whose next flush fails once (EIO): the write itself reached the "page cache".
+#[derive(Debug)]
+struct FlushFailsOnce {
+    inner: Arc<MemStorage>,
+    fail_next_flush: std::sync::atomic::AtomicBool,
+}
+
+impl Storage for FlushFailsOnce {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        if self
+            .fail_next_flush
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.inner.try_lock_exclusive()
+    }
+    fn unlock(&self) -> std::io::Result<()> {
+        self.inner.unlock()
+    }
+}
+
+/// The idle marker's fdatasync fails after its pwrite reached the page
+/// cache. `mark_idle_if_quiet` only warns and lowers the flag, `clean_marked` stays false, so
+/// the next write appends no reopening record; a kill then leaves a journal that ends with the
+/// clean-close marker over a completed write: lost, and not reported.
+#[test]
+fn a_failed_idle_marker_flush_does_not_hide_a_later_loss() {
+    let mem = mem_image(4 << 20, 65536, Compression::Lz4);
+    let disk = Arc::new(FlushFailsOnce {
+        inner: mem.clone(),
+        fail_next_flush: false.into(),
+    });
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(disk.clone(), &opts).expect("open");
+    img.write(0, &random(65536, 7)).expect("write");
+    img.flush().expect("flush");
+    disk.fail_next_flush
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    img.core.mark_idle_if_quiet();
+    // The engine goes on (or it fails the write, which would be fine too).
+    let written = img.write(65536, &random(4096, 8));
+    img.abandon();
+    let img = Image::open_on(mem.clone(), &opts).expect("reopen after the kill");
+    if written.is_ok() {
+        let mut b = vec![0u8; 4096];
+        img.read(65536, &mut b).expect("read");
+        let lost = b != random(4096, 8);
+        assert!(
+            !lost || img.recovered_after_unclean_shutdown(),
+            "a completed write was lost and the next backend reports no loss"
+        );
+    }
+    img.close().expect("close");
+}
+
+/// Finding A through a quiesce (migration source) that leaves freed space unpunched: its
+/// `mark_clean` sees `clean_marked` and an equal space flag and skips, keeping the stale loss bit.
+#[test]
+fn a_migration_after_the_idle_marker_does_not_report_a_reported_loss_again() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        test_stale_grace: Some(Duration::from_secs(3600)),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &opts).expect("open");
+    img.write(0, &random(65536, 5)).expect("write");
+    img.abandon();
+    let img = Image::open_on(st.clone(), &opts).expect("reopen");
+    assert!(img.take_unclean_shutdown_notice(), "the loss is reported");
+    // Timer commits (not a FLUSH): freed space waiting for its punch.
+    for i in 0..3u64 {
+        img.write(65536, &random(65536, 10 + i)).expect("write");
+        img.write(3 * 65536, &random(4096, 20 + i)).expect("write");
+        img.core
+            .flush()
+            .expect("engine commit, not the guest FLUSH");
+    }
+    img.core.mark_idle_if_quiet();
+    assert!(img.core.clean_marked());
+    img.flush().expect("flush: the loss counts as reported");
+    assert!(
+        img.core.holds_unreferenced_space(),
+        "premise: space left unpunched"
+    );
+    img.quiesce().expect("quiesce");
+    img.abandon();
+    let img = Image::open_on(st.clone(), &opts).expect("migration destination");
+    assert!(
+        !img.recovered_after_unclean_shutdown(),
+        "a loss reported (FLUSH succeeded) is reported again after a clean migration"
+    );
+    img.close().expect("close");
+}
+
+/// Review 6, finding C (fba6398): the idle marker is no longer flushed, but `mark_clean` still
+/// skips when the journal ends with one (same space flag, no loss): the quiesce (VM pause,
+/// migration source) then leaves its clean-close marker volatile. A power cut while paused
+/// makes the next opener take a clean quiesce for a crash (lost-write notice, leak scan).
+#[test]
+fn a_quiesce_after_an_unflushed_idle_marker_leaves_a_durable_clean_close() {
+    let mem = mem_image(4 << 20, 65536, Compression::Lz4);
+    let crash = Arc::new(CrashStorage::new(mem.snapshot()));
+    let st = Arc::new(SparseCrash(crash.clone()));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        test_stale_grace: Some(Duration::from_secs(3600)),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &opts).expect("open");
+    for i in 0..3u64 {
+        img.write(65536, &random(65536, 10 + i)).expect("write");
+        img.flush().expect("flush");
+    }
+    img.core.mark_idle_if_quiet();
+    assert!(img.core.clean_marked(), "premise: the idle marker");
+    assert!(
+        img.core.holds_unreferenced_space(),
+        "premise: space left unpunched"
+    );
+    img.quiesce().expect("quiesce");
+    // Power cut while paused: only what was flushed is there.
+    let durable = crash.inner.lock().expect("lock").durable.clone();
+    img.abandon();
+    let after = Arc::new(MemStorage::from_bytes(durable));
+    let img = Image::open_on(after, &opts).expect("open after the power cut");
+    assert!(
+        !img.recovered_after_unclean_shutdown(),
+        "a completed quiesce is taken for an unclean shutdown after a power cut"
+    );
+    img.close().expect("close");
+}
+
+/// [`CrashStorage`] that can list allocated space like a sparse file (as `FileStorage` can).
+#[derive(Debug)]
+struct SparseCrash(Arc<CrashStorage>);
+
+impl Storage for SparseCrash {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.punch_hole(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.0.try_lock_exclusive()
+    }
+    fn unlock(&self) -> std::io::Result<()> {
+        self.0.unlock()
+    }
+    fn allocated_ranges(&self, offset: u64, len: u64) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        let bytes = self.0.inner.lock().expect("lock").current.clone();
+        MemStorage::from_bytes(bytes).allocated_ranges(offset, len)
+    }
+}
+
+/// When the idle marker takes the journal's last block, the first write
+/// after it appends its reopening record through `checkpoint_and_marker`: a whole checkpoint,
+/// written and flushed inside the guest's write, under the `meta` lock (a FLUSH waits too).
+#[test]
+fn the_first_write_after_an_idle_marker_in_the_last_block_writes_no_checkpoint() {
+    let st = mem_image(4 << 20, 65536, Compression::Lz4);
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(st.clone(), &opts).expect("open");
+    let size = img.core.layout.journal_size;
+    let mut i = 0u64;
+    while img.core.meta.lock().expect("meta").journal_head + BLOCK < size {
+        img.write((i % 8) * 65536, &random(65536, 40 + i))
+            .expect("write");
+        img.core.flush().expect("commit");
+        i += 1;
+    }
+    assert_eq!(
+        img.core.meta.lock().expect("meta").journal_head + BLOCK,
+        size
+    );
+    img.core.mark_idle_if_quiet();
+    assert!(
+        img.core.clean_marked(),
+        "premise: the marker took the last block"
+    );
+    let checkpoints = img
+        .core
+        .checkpoints
+        .load(std::sync::atomic::Ordering::SeqCst);
+    img.write(9 * 65536, &random(4096, 99)).expect("write");
+    assert_eq!(
+        img.core
+            .checkpoints
+            .load(std::sync::atomic::Ordering::SeqCst),
+        checkpoints,
+        "a guest write wrote a whole checkpoint to reopen the journal"
+    );
+    img.close().expect("close");
+}
+
+/// Review 6, finding E (fba6398): the idle marker is pwritten without a flush, and the first
+/// write after it pwrites the reopening record right behind it, also without a flush. A power
+/// cut that keeps the second and not the first leaves a valid record after a damaged one; the
+/// read-write open refuses the image ("committed data would be lost"): the crash simulator's
+/// suite fails the same way (9 tests of tests/crash_consistency.rs at fba6398).
+#[test]
+fn a_power_cut_after_an_unflushed_idle_marker_and_its_reopening_record_opens() {
+    let mem = mem_image(4 << 20, 65536, Compression::Lz4);
+    let crash = Arc::new(CrashStorage::new(mem.snapshot()));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(crash.clone(), &opts).expect("open");
+    img.write(0, &random(65536, 1)).expect("write");
+    img.flush().expect("flush");
+    img.core.mark_idle_if_quiet();
+    assert!(img.core.clean_marked(), "premise: the idle marker");
+    img.write(65536, &random(65536, 2))
+        .expect("write after the marker");
+    let layout = img.core.layout.clone();
+    let journal = layout.journal_offset..layout.journal_offset + layout.journal_size;
+    let (mut bytes, records) = {
+        let s = crash.inner.lock().expect("lock");
+        let records: Vec<(u64, Vec<u8>)> = s
+            .pending
+            .iter()
+            .filter(|(off, _)| journal.contains(off))
+            .cloned()
+            .collect();
+        (s.durable.clone(), records)
+    };
+    img.abandon();
+    // Whatever the engine left unflushed in the journal: the power cut keeps all but the first.
+    assert!(
+        records.len() >= 2,
+        "premise: marker and reopening record unflushed: {records:?}"
+    );
+    for (off, data) in &records[1..] {
+        bytes[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+    }
+    let after = Arc::new(MemStorage::from_bytes(bytes));
+    let img = Image::open_on(after, &opts).expect("read-write open after the power cut");
+    img.close().expect("close");
+}
+
+/// Review 6, finding F (9e6dc5a): `install` takes the journal for flushed
+/// (`journal_unflushed = false`), but after a kill the predecessor's idle marker (or the record
+/// that replaced it) may exist only in the page cache. The restarted backend's first record
+/// (`mark_open` after a clean load, or its own idle marker after an unclean one) goes into the
+/// next block without a flush before it: a power cut that keeps that record and not the
+/// predecessor's leaves a valid record after a damaged one, and the read-write open refuses the
+/// image.
+#[test]
+fn a_power_cut_while_the_restarted_backend_reopens_an_idle_killed_image_opens() {
+    let mem = mem_image(4 << 20, 65536, Compression::Lz4);
+    let crash = Arc::new(CrashStorage::new(mem.snapshot()));
+    let opts = OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    };
+    let img = Image::open_on(crash.clone(), &opts).expect("open");
+    img.write(0, &random(65536, 1)).expect("write");
+    img.flush().expect("flush");
+    img.core.mark_idle_if_quiet();
+    assert!(img.core.clean_marked(), "premise: the idle marker");
+    let layout = img.core.layout.clone();
+    let journal = layout.journal_offset..layout.journal_offset + layout.journal_size;
+    // Killed while idle: the marker is in the page cache only.
+    img.abandon();
+    let (durable, marker_at) = {
+        let s = crash.inner.lock().expect("lock");
+        let at = s
+            .pending
+            .iter()
+            .filter(|(off, _)| journal.contains(off))
+            .map(|(off, _)| *off)
+            .max()
+            .expect("premise: the marker is unflushed");
+        (s.durable.clone(), at)
+    };
+    let _ = durable;
+    // The restarted backend opens it (clean: mark_open appends a record after the marker).
+    // What the disk holds at the moment that record is written:
+    let at = marker_at + BLOCK;
+    let watch = Arc::new(SnapOnWrite {
+        inner: crash.clone(),
+        target: at,
+        snap: std::sync::Mutex::new(None),
+    });
+    let img = Image::open_on(watch.clone(), &opts).expect("restart");
+    let next = {
+        let s = crash.inner.lock().expect("lock");
+        s.current[at as usize..(at + BLOCK) as usize].to_vec()
+    };
+    img.abandon();
+    // Power cut right after that write: the new record reached the disk, nothing unflushed
+    // before it did.
+    let mut bytes = watch
+        .snap
+        .lock()
+        .expect("lock")
+        .take()
+        .expect("premise: a record was written after the marker");
+    bytes[at as usize..(at + BLOCK) as usize].copy_from_slice(&next);
+    let after = Arc::new(MemStorage::from_bytes(bytes));
+    let img = Image::open_on(after, &opts).expect("read-write open after the power cut");
+    img.close().expect("close");
+}
+
+/// Passes everything to a [`CrashStorage`]; at the first write at `target`, keeps a copy of
+/// what is durable at that moment.
+#[derive(Debug)]
+struct SnapOnWrite {
+    inner: Arc<CrashStorage>,
+    target: u64,
+    snap: std::sync::Mutex<Option<Vec<u8>>>,
+}
+
+impl Storage for SnapOnWrite {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if offset == self.target {
+            let mut snap = self.snap.lock().expect("lock");
+            if snap.is_none() {
+                *snap = Some(self.inner.inner.lock().expect("lock").durable.clone());
+            }
+        }
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn try_lock_exclusive(&self) -> std::io::Result<bool> {
+        self.inner.try_lock_exclusive()
+    }
+    fn unlock(&self) -> std::io::Result<()> {
+        self.inner.unlock()
+    }
+}
