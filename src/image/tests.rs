@@ -2486,7 +2486,7 @@ fn a_migration_after_the_idle_marker_does_not_report_a_reported_loss_again() {
     img.close().expect("close");
 }
 
-/// Review 6, finding C (fba6398): the idle marker is no longer flushed, but `mark_clean` still
+/// The idle marker is no longer flushed, but `mark_clean` still
 /// skips when the journal ends with one (same space flag, no loss): the quiesce (VM pause,
 /// migration source) then leaves its clean-close marker volatile. A power cut while paused
 /// makes the next opener take a clean quiesce for a crash (lost-write notice, leak scan).
@@ -2602,7 +2602,7 @@ fn the_first_write_after_an_idle_marker_in_the_last_block_writes_no_checkpoint()
     img.close().expect("close");
 }
 
-/// Review 6, finding E (fba6398): the idle marker is pwritten without a flush, and the first
+/// The idle marker is pwritten without a flush, and the first
 /// write after it pwrites the reopening record right behind it, also without a flush. A power
 /// cut that keeps the second and not the first leaves a valid record after a damaged one; the
 /// read-write open refuses the image ("committed data would be lost"): the crash simulator's
@@ -2648,7 +2648,7 @@ fn a_power_cut_after_an_unflushed_idle_marker_and_its_reopening_record_opens() {
     img.close().expect("close");
 }
 
-/// Review 6, finding F (9e6dc5a): `install` takes the journal for flushed
+/// `install` takes the journal for flushed
 /// (`journal_unflushed = false`), but after a kill the predecessor's idle marker (or the record
 /// that replaced it) may exist only in the page cache. The restarted backend's first record
 /// (`mark_open` after a clean load, or its own idle marker after an unclean one) goes into the
