@@ -417,7 +417,7 @@ fn restart_with_writes_in_flight(
 }
 
 /// A backend killed while idle lost nothing: it had committed every completed write and ended
-/// its journal with the idle marker (at the first timer commit after the last write), so the
+/// its journal with the idle marker (at the first timer commit that finds nothing), so the
 /// restarted backend owes the guest no lost-write notice. The guest's next FLUSH succeeds (an
 /// ext4 guest would abort its journal on a failed one) and every write is there, although
 /// the guest never sent a FLUSH for them. A kill right after writes, before any idle spell,
@@ -457,9 +457,9 @@ fn a_backend_killed_while_idle_owes_no_notice_and_a_busy_one_does() {
         }
     };
     write_all(&mut dev, 100);
-    // Idle over a timer commit (1 s): it commits the writes and ends the journal with the idle
-    // marker. 2.6 s leaves room for a loaded machine.
-    std::thread::sleep(Duration::from_millis(2600));
+    // Idle over two timer commits (1 s apart): the first commits the writes, the second finds
+    // nothing and ends the journal with the idle marker. 4 s leaves room for a loaded machine.
+    std::thread::sleep(Duration::from_millis(4000));
     backend.kill9();
     backend.restart();
     dev.reconnect_like_cloud_hypervisor(&backend.socket())

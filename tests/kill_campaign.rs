@@ -929,8 +929,8 @@ struct Totals {
     notices_required: u64,
     /// Kills whose lost-write notice was not needed: nothing completed was lost.
     notices_waived_nothing_lost: u64,
-    /// Signals sent after every request completed and the backend stayed idle for 2 s, over a
-    /// timer commit (it had time to end its journal with the idle marker).
+    /// Signals sent after every request completed and the backend stayed idle for 3 s, over two
+    /// timer commits (it had time to end its journal with the idle marker).
     idle_signals: u64,
     replayed_ok_flushes_over_unflushed_writes: u64,
     cloud_hypervisor_reconnects: u64,
@@ -1408,12 +1408,13 @@ impl Case<'_> {
         }
         // The moment of the signal: at once, after a short pause, once a few requests completed,
         // after the traffic went on slowly across a timer commit (1 s by default), so that
-        // some kills hit a commit in progress, or once the backend stayed idle over a timer
-        // commit (it then ends its journal with the idle marker, and a kill loses nothing).
+        // some kills hit a commit in progress, or once the backend stayed idle over two timer
+        // commits (the first commits, the second finds nothing and ends the journal with the
+        // idle marker: a kill then loses nothing).
         match self.rng.gen_range(0..10) {
             9 => {
                 self.wait_until("every request completed", |c| c.driver().in_flight() == 0);
-                std::thread::sleep(Duration::from_millis(2000));
+                std::thread::sleep(Duration::from_millis(3000));
                 self.totals.idle_signals += 1;
             }
             0 | 4 => {}

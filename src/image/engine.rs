@@ -1852,9 +1852,10 @@ impl Core {
         r
     }
 
-    /// Writer thread, after a timer commit: when nothing the guest completed is left uncommitted
-    /// and no request runs, ends the journal with a clean-close marker (once per idle spell;
-    /// pwritten, not flushed). A backend
+    /// Writer thread, after a timer commit that found nothing to commit (and a FLUSH that
+    /// reported a loss): when nothing the guest completed is left uncommitted and no request
+    /// runs, ends the journal with a clean-close marker (once per idle spell; pwritten, not
+    /// flushed). A backend
     /// killed from here on loses nothing, and the next one tells the guest nothing: its next
     /// FLUSH succeeds instead of failing for writes that are not lost (an ext4 guest aborts its
     /// journal on a failed FLUSH). The marker says the space may hold unreferenced regions
@@ -2219,11 +2220,16 @@ impl Core {
                 core.pressure.store(false, Ordering::Release);
                 (ctl.begun, std::mem::take(&mut ctl.checkpoint), timer)
             };
+            let commits = core.commits.load(Ordering::Relaxed);
             match core.commit(ticket, checkpoint) {
-                // After a timer commit only (at most once a commit interval): after the commit
-                // of a FLUSH, a guest that fsyncs often would pay for a marker and a reopening
-                // record per FLUSH.
-                Ok(()) if timer => core.mark_idle_if_quiet(),
+                // After a timer commit that found nothing to commit: a whole commit interval
+                // without a change. Not after a FLUSH's commit (a guest that fsyncs often would
+                // pay for a marker and a record per FLUSH), nor after every timer commit (a
+                // guest writing about once a commit interval would spend two journal blocks per
+                // interval, and checkpoint twice as often).
+                Ok(()) if timer && core.commits.load(Ordering::Relaxed) == commits => {
+                    core.mark_idle_if_quiet();
+                }
                 Ok(()) => {}
                 Err(e) => core.fail(e.to_string()),
             }
