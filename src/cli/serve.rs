@@ -6,7 +6,7 @@
 //!
 //! Life of the process: open the image quiesced (superblock only, no lock), listen at once, serve
 //! one frontend connection after another; the device resumes (takes the writer lock) when the
-//! frontend starts a ring and quiesces when it stops them or disconnects. SIGTERM/SIGINT end the
+//! frontend starts a ring and quiesces when it stops them or disconnects. SIGTERM/SIGINT (and SIGHUP, SIGQUIT) end the
 //! current connection, commit, checkpoint and close the image, and exit 0. SIGUSR1 logs live
 //! statistics (so does `--stats-interval`).
 
@@ -26,7 +26,7 @@ use insitu_blk::vhost::{
     bind_listener, BlkDisk, Daemon, DaemonConfig, Device, SharedDisk, SocketSource, StatsReporter,
     MAX_QUEUES,
 };
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use super::size::ByteSize;
@@ -263,7 +263,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("duration '{text}' is too large"))
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
+/// Runs the daemon until SIGTERM/SIGINT/SIGHUP/SIGQUIT.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.print_capabilities {
         println!("{CAPABILITIES}");
@@ -272,8 +272,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig::try_from(args)?;
     // Installed before anything else: a SIGTERM during start-up then leads to a clean shutdown
     // once serving begins, instead of killing the process in the middle of opening the image.
-    let signals =
-        Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("cannot install signal handlers")?;
+    // SIGHUP (the terminal or ssh session that started us went away) and SIGQUIT end the daemon
+    // like SIGTERM: their default action would kill it without committing what the guest wrote.
+    let signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1])
+        .context("cannot install signal handlers")?;
     let image = open_image(&config)?;
     let geometry = image.geometry().clone();
     let mut blk_config = BlkConfig::new(config.num_queues, config.queue_size);

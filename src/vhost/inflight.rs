@@ -78,7 +78,7 @@ pub enum InflightError {
         served: usize,
     },
     /// A queue size that is not a power of two or larger than the largest one served.
-    #[error("queue size {asked} is not a power of two up to {max}")]
+    #[error("queue size {asked} is not a power of two, or is larger than the {max} served (--queue-size)")]
     QueueSize {
         /// Size in the message.
         asked: u16,
