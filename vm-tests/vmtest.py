@@ -356,7 +356,7 @@ class Qmp:
 
 class Guest:
     def __init__(self, test, label, script, sock, smp=2, num_queues=2, incoming=None, reconnect=False,
-                 queue_size=None, no_reboot=True, disk_bus=None, extra_args=()):
+                 queue_size=None, no_reboot=True, disk_bus=None, extra_args=(), disk_props=""):
         self.test = test
         self.label = label
         self.console = os.path.join(test.dir, f"console-{label}.log")
@@ -390,7 +390,8 @@ class Guest:
             *extra_args,  # before the disk: e.g. the PCIe root port it plugs into
             "-chardev", chardev,
             "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={num_queues},id=disk0"
-            + (f",queue-size={queue_size}" if queue_size else "") + (f",bus={disk_bus}" if disk_bus else ""),
+            + (f",queue-size={queue_size}" if queue_size else "") + (f",bus={disk_bus}" if disk_bus else "")
+            + (f",{disk_props}" if disk_props else ""),
         ]
         if incoming:
             self.cmd += ["-incoming", incoming]
@@ -1496,6 +1497,42 @@ sync /dev/vda
     t.backend_cls.check_image(t.image)
 
 
+def test_variants(t):
+    """m. a driver without EVENT_IDX and INDIRECT_DESC (long direct chains), asking for IN_ORDER and packed rings, 4 queues on 2 vCPUs, ring size 256: fio verify with requests up to 512 KiB, a pause/resume in the middle, check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b = t.backend("b1").start(num_queues=4)
+    g = t.guest("boot1", r"""
+echo "INSITU-FEATURES $(cat /sys/bus/virtio/devices/virtio0/features 2>/dev/null)"
+echo "INSITU-MQ $(ls /sys/block/vda/mq | wc -l)"
+fio --name=variants --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-512k \
+    --iodepth=16 --numjobs=2 --size=256M --offset_increment=256M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --verify_state_save=0 --group_reporting > /tmp/fio.out 2>&1 &
+pid=$!
+sleep 1
+echo INSITU-MIDWAY
+wait $pid || { cat /tmp/fio.out; exit 1; }
+cat /tmp/fio.out
+grep -q 'err= 0' /tmp/fio.out
+sync /dev/vda
+""", b.sock, smp=2, num_queues=4, queue_size=256,
+                disk_props="event_idx=off,indirect_desc=off,in_order=on,packed=on").start()
+    g.wait_for(r"^INSITU-MIDWAY\s*$", scaled(200))
+    g.qmp.cmd("stop")
+    time.sleep(1)
+    g.qmp.cmd("cont")
+    text = g.wait_result(scaled(400))
+    if not re.search(r"run=(\d{4,})", text):
+        raise TestFailure("fio took under a second: the pause did not land during the workload")
+    feats = re.search(r"^INSITU-FEATURES (\S*)", text, re.M)
+    t.note(f"guest features {feats.group(1) if feats else '?'}; queues "
+           f"{re.search(r'^INSITU-MQ (.*)$', text, re.M).group(1)}")
+    if b.stop() != 0:
+        raise TestFailure("backend exited non-zero on SIGTERM")
+    if "panicked" in b.log_text():
+        raise TestFailure("backend panicked")
+    t.backend_cls.check_image(t.image)
+
+
 TESTS = {
     "ext4": test_ext4,
     "fio": test_fio,
@@ -1509,6 +1546,7 @@ TESTS = {
     "readonly": test_readonly,
     "reset": test_reset,
     "hotplug": test_hotplug,
+    "variants": test_variants,
 }
 
 
