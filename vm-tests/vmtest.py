@@ -1533,6 +1533,52 @@ sync /dev/vda
     t.backend_cls.check_image(t.image)
 
 
+def test_pausekill(t):
+    """n. backend upgrade while the VM is paused: writes completed but not flushed, QMP stop (quiesce), SIGKILL, new backend, cont: nothing lost, the guest's next FLUSH succeeds (no lost-write error), check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b0 = t.backend("b0").start()
+    g = t.guest("boot1", r"""
+step "writes completed, not flushed"
+dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=1M seek=32 oflag=direct conv=notrunc 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=4096 seek=20000 count=7 oflag=direct conv=notrunc 2>/dev/null
+echo "INSITU-P1MD5 $(md5sum < /tmp/p | cut -d' ' -f1)"
+host_wait written
+set +e
+sync /dev/vda; rc1=$?
+set -e
+echo "INSITU-FLUSH-AFTER rc=$rc1"
+echo "INSITU-P2MD5 $(dd if=/dev/vda bs=1M skip=32 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "INSITU-P3MD5 $(dd if=/dev/vda bs=4096 skip=20000 count=7 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "INSITU-P4MD5 $(head -c 28672 /tmp/p | md5sum | cut -d' ' -f1)"
+""", b0.sock, reconnect=True).start()
+    g.wait_host_point("written", scaled(200))
+    log_offset = len(b0.log_text())
+    g.qmp.cmd("stop")
+    quiesce_log_check(t, b0, log_offset, "quiesced")
+    b0.kill()
+    t.note("VM paused, backend quiesced, then SIGKILLed")
+    time.sleep(1)
+    b1 = t.backend("b1", sock=b0.sock).start()
+    time.sleep(2)  # QEMU reconnects (reconnect-ms)
+    g.qmp.cmd("cont")
+    g.answer("written")
+    text = g.wait_result(scaled(200))
+    rc = re.search(r"^INSITU-FLUSH-AFTER rc=(\d+)", text, re.M).group(1)
+    p1, p2, p3, p4 = (re.search(rf"^INSITU-P{i}MD5 (\w+)", text, re.M).group(1) for i in (1, 2, 3, 4))
+    problems = []
+    if rc != "0":
+        problems.append(f"the guest's FLUSH after the paused restart failed (rc={rc}): a quiesce committed "
+                        "everything, so nothing was lost and nothing should be reported")
+    if p1 != p2 or p3 != p4:
+        problems.append("writes completed before the pause are gone")
+    if b1.stop() != 0:
+        problems.append("backend exited non-zero on SIGTERM")
+    if problems:
+        raise TestFailure("; ".join(problems))
+    t.backend_cls.check_image(t.image)
+
+
 TESTS = {
     "ext4": test_ext4,
     "fio": test_fio,
@@ -1547,6 +1593,7 @@ TESTS = {
     "reset": test_reset,
     "hotplug": test_hotplug,
     "variants": test_variants,
+    "pausekill": test_pausekill,
 }
 
 
