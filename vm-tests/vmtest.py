@@ -98,11 +98,12 @@ class Backend:
 
     name = "?"
 
-    def __init__(self, test, image, sock, label):
+    def __init__(self, test, image, sock, label, extra_args=()):
         self.test = test
         self.image = image
         self.sock = sock
         self.label = label
+        self.extra_args = list(extra_args)  # further `serve` options (our backend only)
         self.log_path = os.path.join(test.dir, f"backend-{label}.log")
         self.proc = None
 
@@ -197,7 +198,7 @@ class InsituBackend(Backend):
                "--num-queues", str(num_queues)]
         if wait_lock:
             cmd.append("--wait-lock")
-        return cmd
+        return cmd + self.extra_args
 
     @classmethod
     def create_image(cls, path, size):
@@ -355,7 +356,7 @@ class Qmp:
 
 class Guest:
     def __init__(self, test, label, script, sock, smp=2, num_queues=2, incoming=None, reconnect=False,
-                 queue_size=None):
+                 queue_size=None, no_reboot=True, disk_bus=None, extra_args=(), disk_props=""):
         self.test = test
         self.label = label
         self.console = os.path.join(test.dir, f"console-{label}.log")
@@ -378,7 +379,7 @@ class Guest:
             "qemu-system-x86_64", "-machine", "q35", *accel, "-smp", str(smp), "-m", GUEST_RAM,
             "-object", f"memory-backend-memfd,id=mem,size={GUEST_RAM},share=on",
             "-numa", "node,memdev=mem",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-display", "none", *(["-no-reboot"] if no_reboot else []),
             "-kernel", os.path.join(GUEST_DIR, "vmlinuz"),
             "-initrd", os.path.join(GUEST_DIR, "initramfs.cpio"),
             "-append", "console=ttyS0 loglevel=6 panic=-1 rdinit=/init",
@@ -386,9 +387,11 @@ class Guest:
             "-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off", "-serial", "chardev:ctl",
             "-fw_cfg", f"name=opt/insitu/test,file={self.script_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            *extra_args,  # before the disk: e.g. the PCIe root port it plugs into
             "-chardev", chardev,
             "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={num_queues},id=disk0"
-            + (f",queue-size={queue_size}" if queue_size else ""),
+            + (f",queue-size={queue_size}" if queue_size else "") + (f",bus={disk_bus}" if disk_bus else "")
+            + (f",{disk_props}" if disk_props else ""),
         ]
         if incoming:
             self.cmd += ["-incoming", incoming]
@@ -543,8 +546,8 @@ class Test:
     def register(self, proc_owner):
         self.processes.append(proc_owner)
 
-    def backend(self, label, image=None, sock=None):
-        return self.backend_cls(self, image or self.image, sock or self.sock(label), label)
+    def backend(self, label, image=None, sock=None, extra_args=()):
+        return self.backend_cls(self, image or self.image, sock or self.sock(label), label, extra_args)
 
     def guest(self, label, script, sock, **kw):
         return Guest(self, label, script, sock, **kw)
@@ -1177,6 +1180,447 @@ e2fsck -fn /dev/vda
                           f"{(a2 - a0) >> 20} MiB after rewriting the same files (limit +10 % + 4 MiB)")
 
 
+# --------------------------------------------------------------------------------------------
+# Evaluator tests (black-box): workloads the tests above do not cover.
+
+ODD_DISK_SIZE = (192 << 20) + 3584  # not a multiple of the cluster size, nor of 4 KiB
+
+
+def host_md5_of_image(t, image, label):
+    """md5 of the image's logical content (exported with `insitu-blk convert`)."""
+    import hashlib
+    raw = os.path.join(t.dir, f"export-{label}.raw")
+    if os.path.exists(raw):
+        os.unlink(raw)
+    t.backend_cls.export_raw(image, raw)
+    h = hashlib.md5()
+    with open(raw, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+    size = os.path.getsize(raw)
+    os.unlink(raw)
+    return h.hexdigest(), size
+
+
+def test_sectors(t):
+    """i. odd-sized disk (192 MiB + 3.5 KiB), 512-byte O_DIRECT I/O unaligned to clusters, discard ranges, write-zeroes, serial."""
+    t.backend_cls.create_image(t.image, ODD_DISK_SIZE)
+    b = t.backend("b1", extra_args=["--serial", "EVAL-SERIAL-0123"]).start()
+    g = t.guest("boot1", r"""
+sz=$(blockdev --getsize64 /dev/vda)
+echo "INSITU-SIZE $sz"
+q=/sys/block/vda/queue
+for f in logical_block_size physical_block_size max_hw_sectors_kb max_segments max_segment_size \
+         discard_granularity discard_max_bytes write_zeroes_max_bytes; do echo "queue $f=$(cat $q/$f)"; done
+echo "INSITU-SERIAL [$(cat /sys/block/vda/serial)]"
+step "fio: 512-byte-aligned random writes of 512 B..16 KiB over the whole disk, verified"
+fio --name=sec --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bsrange=512-16k \
+    --blockalign=512 --iodepth=16 --size=$sz --io_size=12M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --verify_state_save=0 > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+grep -q 'err= 0' /tmp/fio.out
+step "the last sectors of the disk"
+last=$((sz / 512))
+yes "INSITU-TAIL-SECTORS-" | head -c 3584 > /tmp/tail
+dd if=/tmp/tail of=/dev/vda bs=512 seek=$((last - 7)) count=7 oflag=direct conv=notrunc 2>/dev/null
+dd if=/dev/vda of=/tmp/tail2 bs=512 skip=$((last - 7)) count=7 iflag=direct 2>/dev/null
+cmp /tmp/tail /tmp/tail2
+n=$(dd if=/dev/vda bs=512 skip=$last count=1 iflag=direct 2>/dev/null | wc -c)
+[ "$n" = 0 ]
+step "writes straddling cluster boundaries (3 sectors across each of 8 boundaries)"
+for k in 1 2 3 5 8 13 21 34; do
+    yes "STRADDLE-$k-" | head -c 1536 > /tmp/s
+    dd if=/tmp/s of=/dev/vda bs=512 seek=$((k * 128 - 1)) count=3 oflag=direct conv=notrunc 2>/dev/null
+    dd if=/dev/vda of=/tmp/s2 bs=512 skip=$((k * 128 - 1)) count=3 iflag=direct 2>/dev/null
+    cmp /tmp/s /tmp/s2
+done
+step "large requests: max_sectors_kb raised to the device's limit, 24 MiB O_DIRECT write and read"
+cat $q/max_hw_sectors_kb > $q/max_sectors_kb || true
+echo "queue max_sectors_kb=$(cat $q/max_sectors_kb)"
+dd if=/dev/urandom of=/tmp/big bs=1M count=24 2>/dev/null
+dd if=/tmp/big of=/dev/vda bs=24M count=1 seek=5 oflag=direct conv=notrunc 2>/dev/null
+dd if=/dev/vda of=/tmp/big2 bs=24M count=1 skip=5 iflag=direct 2>/dev/null
+cmp /tmp/big /tmp/big2
+rm -f /tmp/big /tmp/big2
+step "discard of ranges unaligned to clusters keeps the bytes around them"
+base=$((96 << 20))
+dd if=/dev/urandom of=/tmp/r bs=1M count=4 2>/dev/null
+dd if=/tmp/r of=/dev/vda bs=1M seek=96 oflag=direct conv=notrunc 2>/dev/null
+sync /dev/vda
+for range in "12800 132096" "1048064 512" "2097152 65536" "2999808 70144"; do
+    set -- $range
+    off=$1; len=$2
+    blkdiscard -o $((base + off)) -l $len /dev/vda
+    dd if=/dev/vda of=/tmp/r2 bs=1M skip=96 count=4 iflag=direct 2>/dev/null
+    # Every byte that differs from what was written lies inside the discarded range and is 0.
+    bad=$(cmp -l /tmp/r /tmp/r2 | awk -v a=$off -v e=$((off + len)) '($1 - 1 < a || $1 - 1 >= e || $3 != 0) {b++} END {print b + 0}')
+    same=$(cmp -l /tmp/r /tmp/r2 | wc -l)
+    echo "INSITU-DISCARD off=$off len=$len differing=$same bad=$bad"
+    [ "$bad" = 0 ]
+    cp /tmp/r2 /tmp/r
+done
+step "mkfs zeroing its inode tables and journal with WRITE_ZEROES over random data, then fsck"
+dd if=/dev/urandom of=/dev/vda bs=1M seek=0 count=48 oflag=direct conv=notrunc 2>/dev/null
+mkfs.ext4 -q -F -b 4096 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/vda 32M
+e2fsck -fn /dev/vda
+step "a mounted ext4 that zeroes its inode tables lazily (ext4lazyinit), files, fsck"
+mkfs.ext4 -q -F -b 4096 -E nodiscard,lazy_itable_init=1 -N 200000 /dev/vda 160M
+mount -t ext4 -o init_itable=0 /dev/vda /mnt
+cp -a /files/. /mnt/
+sync
+sleep 5
+umount /mnt
+e2fsck -fn /dev/vda
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo "INSITU-MD5 $(md5sum < /dev/vda | cut -d' ' -f1)"
+""", b.sock).start()
+    text = g.wait_result(scaled(400))
+    for line in re.findall(r"^(queue .*|INSITU-(?:SIZE|SERIAL|DISCARD).*)$", text, re.M):
+        t.note(line)
+    size = int(re.search(r"^INSITU-SIZE (\d+)", text, re.M).group(1))
+    if size != ODD_DISK_SIZE:
+        raise TestFailure(f"guest sees {size} bytes, image is {ODD_DISK_SIZE}")
+    if t.backend_cls.name == "insitu" and "INSITU-SERIAL [EVAL-SERIAL-0123]" not in text:
+        raise TestFailure("guest does not see the --serial")
+    guest_md5 = re.search(r"^INSITU-MD5 (\w+)", text, re.M).group(1)
+    if b.stop() != 0:
+        raise TestFailure("backend exited non-zero on SIGTERM")
+    t.backend_cls.check_image(t.image)
+    host_md5, host_size = host_md5_of_image(t, t.image, "final")
+    if (host_md5, host_size) != (guest_md5, ODD_DISK_SIZE):
+        raise TestFailure(f"image content {host_md5} ({host_size} bytes) != what the guest read {guest_md5}")
+    t.note("host export matches the guest's md5 of the whole disk")
+
+
+def file_sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_readonly(t):
+    """j. serve --read-only of an immutable image file: the guest sees a read-only disk with the right data; writes, discards forced through (blockdev --setrw) fail; the file is unchanged."""
+    if t.backend_cls.name != "insitu":
+        t.note("insitu backend only")
+        return
+    raw = os.path.join(t.dir, "src.raw")
+    with open(raw, "wb") as f:
+        f.write(os.urandom(8 << 20))
+        f.write(b"INSITU-READ-ONLY-CONTENT\n" * ((8 << 20) // 25))
+        f.truncate(64 << 20)
+    run([INSITU_BIN, "convert", raw, t.image])
+    import hashlib
+    with open(raw, "rb") as f:
+        want_md5 = hashlib.md5(f.read()).hexdigest()
+    os.unlink(raw)
+    before = file_sha256(t.image)
+    immutable = subprocess.run(["chattr", "+i", t.image], stderr=subprocess.DEVNULL).returncode == 0
+    t.note(f"image file immutable (chattr +i): {immutable}")
+    try:
+        b = t.backend("b1", extra_args=["--read-only"]).start()
+        g = t.guest("boot1", r"""
+echo "INSITU-RO $(cat /sys/block/vda/ro)"
+echo "INSITU-MD5A $(dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+step "a write through the kernel's read-only disk fails"
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct conv=notrunc 2>/dev/null; then echo "INSITU-RO-WRITE-ACCEPTED kernel"; fi
+step "forced read-write in the guest: writes and discards reach the backend and fail"
+blockdev --setrw /dev/vda
+for i in 1 2 3; do
+    if dd if=/dev/zero of=/dev/vda bs=65536 seek=$i count=1 oflag=direct conv=notrunc 2>/dev/null; then
+        echo "INSITU-RO-WRITE-ACCEPTED backend $i"
+    fi
+done
+if blkdiscard -o 0 -l 1048576 /dev/vda 2>/dev/null; then echo "INSITU-RO-DISCARD-ACCEPTED"; fi
+sync /dev/vda || echo "INSITU-RO-FLUSH-FAILED"
+step "host looks while the disk is served read-only"
+host_wait served
+echo "INSITU-MD5B $(dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+""", b.sock).start()
+        g.wait_host_point("served", scaled(300))
+        # A writer cannot take the image while a read-only server serves it (I8): the file made
+        # writable again first, so that only the lock can stop it.
+        if immutable:
+            subprocess.run(["chattr", "-i", t.image])
+            immutable = False
+        p = subprocess.run([INSITU_BIN, "check", "--repair", t.image], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=scaled(60))
+        t.note(f"check --repair while served read-only: exit {p.returncode}: "
+               f"{p.stdout.decode(errors='replace').strip()[:200]}")
+        if p.returncode == 0:
+            raise TestFailure("check --repair took the image while a read-only server used it")
+        g.answer("served")
+        text = g.wait_result(scaled(300))
+        rc = b.stop()
+        log_text = b.log_text()
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", t.image])
+    ro = re.search(r"^INSITU-RO (\d)", text, re.M).group(1)
+    md5a = re.search(r"^INSITU-MD5A (\w+)", text, re.M).group(1)
+    md5b = re.search(r"^INSITU-MD5B (\w+)", text, re.M).group(1)
+    accepted = re.findall(r"^INSITU-RO-(?:WRITE|DISCARD)-ACCEPTED.*$", text, re.M)
+    t.note(f"guest: ro={ro}, accepted={accepted}, flush failed={'INSITU-RO-FLUSH-FAILED' in text}, backend exit {rc}")
+    problems = []
+    if ro != "1":
+        problems.append(f"the guest's disk is not read-only (ro={ro})")
+    if md5a != want_md5 or md5b != want_md5:
+        problems.append(f"guest read {md5a} / {md5b}, the image holds {want_md5}")
+    if accepted:
+        problems.append(f"changes accepted on a read-only disk: {accepted}")
+    if rc != 0:
+        problems.append(f"backend exited {rc} on SIGTERM")
+    if "panicked" in log_text:
+        problems.append("backend panicked")
+    if file_sha256(t.image) != before:
+        problems.append("the image file changed while served read-only")
+    if problems:
+        raise TestFailure("; ".join(problems))
+
+
+def test_reset(t):
+    """k. guest reset (QMP system_reset, a virtio reset) while the guest's fio has requests queued: the backend survives, fsynced data is intact after the reboot, the device works (fio verify), check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b = t.backend("b1").start()
+    g = t.guest("boot1", r"""
+if dd if=/dev/vda bs=512 skip=409600 count=1 iflag=direct 2>/dev/null | grep -q INSITU-PHASE-TWO; then
+    step "after the reset"
+    echo "INSITU-P2MD5 $(dd if=/dev/vda bs=1M skip=64 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+    fio --name=after --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
+        --iodepth=8 --offset=512M --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+        --verify_state_save=0 > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+    grep -q 'err= 0' /tmp/fio.out
+    exit 0
+fi
+step "before the reset: fsynced data, then a busy writer"
+dd if=/dev/urandom of=/tmp/p bs=1M count=16 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=1M seek=64 oflag=direct conv=notrunc 2>/dev/null
+sync /dev/vda
+echo "INSITU-P1MD5 $(md5sum < /tmp/p | cut -d' ' -f1)"
+echo INSITU-PHASE-TWO | dd of=/dev/vda bs=512 seek=409600 conv=sync,notrunc oflag=direct 2>/dev/null
+sync /dev/vda
+fio --name=busy --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randrw --bsrange=4k-128k \
+    --iodepth=32 --numjobs=2 --offset=256M --size=200M --time_based --runtime=120 > /dev/null 2>&1 &
+sleep 3
+echo INSITU-BUSY
+wait
+echo "INSITU-NOT-RESET"
+exit 1
+""", b.sock, no_reboot=False).start()
+    g.wait_for(r"^INSITU-BUSY\s*$", scaled(200))
+    time.sleep(2)
+    g.qmp.cmd("system_reset")
+    t.note("system_reset sent while fio ran with iodepth 32 x 2")
+    text = g.wait_result(scaled(400))
+    p1 = re.search(r"^INSITU-P1MD5 (\w+)", text, re.M).group(1)
+    p2 = re.search(r"^INSITU-P2MD5 (\w+)", text, re.M)
+    if not p2:
+        raise TestFailure("the guest did not come back after the reset")
+    if p2.group(1) != p1:
+        raise TestFailure(f"fsynced data changed across the reset: {p1} -> {p2.group(1)}")
+    if not b.alive():
+        raise TestFailure("backend died")
+    if b.stop() != 0:
+        raise TestFailure("backend exited non-zero on SIGTERM")
+    if "panicked" in b.log_text():
+        raise TestFailure("backend panicked")
+    t.backend_cls.check_image(t.image)
+
+
+def wait_device_gone(g, dev_id, seconds):
+    deadline = time.monotonic() + scaled(seconds)
+    while time.monotonic() < deadline:
+        try:
+            g.qmp.cmd("qom-get", path=f"/machine/peripheral/{dev_id}", property="type")
+        except TestFailure:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_hotplug(t):
+    """l. hot-unplug (device_del) of the disk, then device_add on the same chardev: the guest sees the disk again with its fsynced data and can write (fio verify); check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b = t.backend("b1").start()
+    g = t.guest("boot1", r"""
+step "fsynced data on the first device"
+dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=1M seek=32 oflag=direct conv=notrunc 2>/dev/null
+sync /dev/vda
+echo "INSITU-P1MD5 $(md5sum < /tmp/p | cut -d' ' -f1)"
+host_wait unplug
+n=0; while [ -e /sys/block/vda ] && [ $n -lt 100 ]; do sleep 0.2; n=$((n + 1)); done
+echo "INSITU-GONE $([ -e /sys/block/vda ] && echo no || echo yes)"
+host_wait replug
+n=0; while [ ! -b /dev/vda ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n + 1)); done
+[ -b /dev/vda ]
+echo "INSITU-P2MD5 $(dd if=/dev/vda bs=1M skip=32 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+fio --name=after --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
+    --iodepth=8 --offset=128M --size=32M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --verify_state_save=0 > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+grep -q 'err= 0' /tmp/fio.out
+sync /dev/vda
+""", b.sock, disk_bus="rp1",
+                extra_args=["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"]).start()
+    g.wait_host_point("unplug", scaled(200))
+    g.qmp.cmd("device_del", id="disk0")
+    if not wait_device_gone(g, "disk0", 60):
+        raise TestFailure("device_del did not complete within 60 s (guest did not release the device)")
+    t.note("device_del completed")
+    g.answer("unplug")
+    g.wait_for(r"^INSITU-GONE", scaled(60))
+    time.sleep(1)
+    g.qmp.cmd("device_add", driver="vhost-user-blk-pci", chardev="vu0", id="disk1", bus="rp1",
+              **{"num-queues": 2})
+    t.note("device_add on the same chardev accepted")
+    g.wait_host_point("replug", scaled(60))
+    g.answer("replug")
+    text = g.wait_result(scaled(300))
+    p1 = re.search(r"^INSITU-P1MD5 (\w+)", text, re.M).group(1)
+    p2 = re.search(r"^INSITU-P2MD5 (\w+)", text, re.M).group(1)
+    if p1 != p2:
+        raise TestFailure(f"fsynced data differs after re-plug: {p1} -> {p2}")
+    if not b.alive():
+        raise TestFailure("backend died")
+    if b.stop() != 0:
+        raise TestFailure("backend exited non-zero on SIGTERM")
+    if "panicked" in b.log_text():
+        raise TestFailure("backend panicked")
+    t.backend_cls.check_image(t.image)
+
+
+def test_variants(t):
+    """m. a driver without EVENT_IDX and INDIRECT_DESC (long direct chains), asking for IN_ORDER and packed rings, 4 queues on 2 vCPUs, ring size 256: fio verify with requests up to 512 KiB, a pause/resume in the middle, check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b = t.backend("b1").start(num_queues=4)
+    g = t.guest("boot1", r"""
+echo "INSITU-FEATURES $(cat /sys/bus/virtio/devices/virtio0/features 2>/dev/null)"
+echo "INSITU-MQ $(ls /sys/block/vda/mq | wc -l)"
+fio --name=variants --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-512k \
+    --iodepth=16 --numjobs=2 --size=256M --offset_increment=256M --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --verify_state_save=0 --group_reporting > /tmp/fio.out 2>&1 &
+pid=$!
+sleep 1
+echo INSITU-MIDWAY
+wait $pid || { cat /tmp/fio.out; exit 1; }
+cat /tmp/fio.out
+grep -q 'err= 0' /tmp/fio.out
+sync /dev/vda
+""", b.sock, smp=2, num_queues=4, queue_size=256,
+                disk_props="event_idx=off,indirect_desc=off,in_order=on,packed=on").start()
+    g.wait_for(r"^INSITU-MIDWAY\s*$", scaled(200))
+    g.qmp.cmd("stop")
+    time.sleep(1)
+    g.qmp.cmd("cont")
+    text = g.wait_result(scaled(400))
+    if not re.search(r"run=(\d{4,})", text):
+        raise TestFailure("fio took under a second: the pause did not land during the workload")
+    feats = re.search(r"^INSITU-FEATURES (\S*)", text, re.M)
+    t.note(f"guest features {feats.group(1) if feats else '?'}; queues "
+           f"{re.search(r'^INSITU-MQ (.*)$', text, re.M).group(1)}")
+    if b.stop() != 0:
+        raise TestFailure("backend exited non-zero on SIGTERM")
+    if "panicked" in b.log_text():
+        raise TestFailure("backend panicked")
+    t.backend_cls.check_image(t.image)
+
+
+def test_pausekill(t):
+    """n. backend upgrade while the VM is paused: writes completed but not flushed, QMP stop (quiesce), SIGKILL, new backend, cont: nothing lost, the guest's next FLUSH succeeds (no lost-write error), check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b0 = t.backend("b0").start()
+    g = t.guest("boot1", r"""
+step "writes completed, not flushed"
+dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=1M seek=32 oflag=direct conv=notrunc 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=4096 seek=20000 count=7 oflag=direct conv=notrunc 2>/dev/null
+echo "INSITU-P1MD5 $(md5sum < /tmp/p | cut -d' ' -f1)"
+host_wait written
+set +e
+sync /dev/vda; rc1=$?
+set -e
+echo "INSITU-FLUSH-AFTER rc=$rc1"
+echo "INSITU-P2MD5 $(dd if=/dev/vda bs=1M skip=32 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "INSITU-P3MD5 $(dd if=/dev/vda bs=4096 skip=20000 count=7 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "INSITU-P4MD5 $(head -c 28672 /tmp/p | md5sum | cut -d' ' -f1)"
+""", b0.sock, reconnect=True).start()
+    g.wait_host_point("written", scaled(200))
+    log_offset = len(b0.log_text())
+    g.qmp.cmd("stop")
+    quiesce_log_check(t, b0, log_offset, "quiesced")
+    b0.kill()
+    t.note("VM paused, backend quiesced, then SIGKILLed")
+    time.sleep(1)
+    b1 = t.backend("b1", sock=b0.sock).start()
+    time.sleep(2)  # QEMU reconnects (reconnect-ms)
+    g.qmp.cmd("cont")
+    g.answer("written")
+    text = g.wait_result(scaled(200))
+    rc = re.search(r"^INSITU-FLUSH-AFTER rc=(\d+)", text, re.M).group(1)
+    p1, p2, p3, p4 = (re.search(rf"^INSITU-P{i}MD5 (\w+)", text, re.M).group(1) for i in (1, 2, 3, 4))
+    problems = []
+    if rc != "0":
+        problems.append(f"the guest's FLUSH after the paused restart failed (rc={rc}): a quiesce committed "
+                        "everything, so nothing was lost and nothing should be reported")
+    if p1 != p2 or p3 != p4:
+        problems.append("writes completed before the pause are gone")
+    if b1.stop() != 0:
+        problems.append("backend exited non-zero on SIGTERM")
+    if problems:
+        raise TestFailure("; ".join(problems))
+    t.backend_cls.check_image(t.image)
+
+
+def test_qemukill(t):
+    """o. QEMU SIGKILLed (VM crash, host OOM killer) while its fio has requests queued; a new VM on the same running backend: fsynced data intact, fio verify passes, SIGTERM exits 0, check clean."""
+    t.backend_cls.create_image(t.image, DISK_SIZE)
+    b = t.backend("b1").start()
+    g1 = t.guest("boot1", r"""
+dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null
+dd if=/tmp/p of=/dev/vda bs=1M seek=32 oflag=direct conv=notrunc 2>/dev/null
+sync /dev/vda
+echo "INSITU-P1MD5 $(md5sum < /tmp/p | cut -d' ' -f1)"
+fio --name=busy --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randrw --bsrange=4k-128k \
+    --iodepth=32 --numjobs=2 --offset=256M --size=200M --time_based --runtime=120 > /dev/null 2>&1 &
+sleep 3
+echo INSITU-BUSY
+wait
+""", b.sock).start()
+    g1.wait_for(r"^INSITU-BUSY\s*$", scaled(200))
+    time.sleep(1)
+    g1.kill()
+    t.note("QEMU SIGKILLed while fio ran (2 x iodepth 32)")
+    p1 = re.search(r"^INSITU-P1MD5 (\w+)", g1.text(), re.M).group(1)
+    time.sleep(1)
+    if not b.alive():
+        raise TestFailure("the backend died with its frontend")
+    g2 = t.guest("boot2", r"""
+echo "INSITU-P2MD5 $(dd if=/dev/vda bs=1M skip=32 count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+fio --name=after --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
+    --iodepth=8 --offset=512M --size=48M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+    --verify_state_save=0 > /tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+grep -q 'err= 0' /tmp/fio.out
+sync /dev/vda
+""", b.sock).start()
+    text = g2.wait_result(scaled(300))
+    p2 = re.search(r"^INSITU-P2MD5 (\w+)", text, re.M).group(1)
+    if p1 != p2:
+        raise TestFailure(f"fsynced data changed across the VM crash: {p1} -> {p2}")
+    if b.stop() != 0:
+        raise TestFailure("backend exited non-zero on SIGTERM")
+    if "panicked" in b.log_text():
+        raise TestFailure("backend panicked")
+    t.backend_cls.check_image(t.image)
+
+
 TESTS = {
     "ext4": test_ext4,
     "fio": test_fio,
@@ -1186,6 +1630,13 @@ TESTS = {
     "discard": test_discard,
     "space": test_space,
     "rewrite": test_rewrite,
+    "sectors": test_sectors,
+    "readonly": test_readonly,
+    "reset": test_reset,
+    "hotplug": test_hotplug,
+    "variants": test_variants,
+    "pausekill": test_pausekill,
+    "qemukill": test_qemukill,
 }
 
 

@@ -1,0 +1,25 @@
+import os, sys, subprocess, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evlib
+w = "/tmp/ev/wl"; os.makedirs(w + "/a", exist_ok=True); os.makedirs(w + "/b", exist_ok=True)
+img = os.path.join(w, "wl.img")
+if os.path.exists(img): os.unlink(img)
+BIN = evlib.vu.BIN
+subprocess.run([BIN, "create", img, "--size", "8M"], check=True, stdout=subprocess.DEVNULL)
+A = evlib.vu.Backend(image=img, queues=1, workdir=w + "/a")
+ca = evlib.Client(A)
+assert ca.write(0, b"A" * 4096) == 0
+B = evlib.vu.Backend(image=img, queues=1, workdir=w + "/b", extra=("--wait-lock", "2s"))
+t0 = time.time()
+cb = evlib.Client(B)
+h, st, _ = evlib.blk_req(cb.mem, cb.ring, evlib.T_OUT, 8, b"B" * 4096)
+u = cb.ring.wait_used(1, 10)
+print("B write with the lock held elsewhere:", "not completed in 10 s" if u is False else cb.mem.r(st, 1)[0], f"after {time.time() - t0:.1f}s")
+print("A still works:", ca.write(16, b"a" * 4096), ca.flush())
+ca.close(); print("A stop", A.stop())
+time.sleep(0.5)
+h, st, _ = evlib.blk_req(cb.mem, cb.ring, evlib.T_OUT, 8, b"B" * 4096)
+u = cb.ring.wait_used(1, 10)
+print("B write after A released:", "not completed" if u is False else cb.mem.r(st, 1)[0])
+cb.close(); print("B stop", B.stop())
+print("\n".join(l[:200] for l in B.text().splitlines() if "WARN" in l or "ERROR" in l or "lock" in l.lower())[:1500])
