@@ -611,10 +611,9 @@ fn second_backend_on_the_same_image_waits_for_the_writer_lock() {
 
 /// SIGHUP (the terminal or ssh session running `serve` closed; `kill -HUP`) must end the daemon like
 /// SIGTERM: completed, unflushed writes committed, exit 0. Found by the evaluator (session 6): the
-/// default action kills the process uncleanly, the writes are lost and the guest's next FLUSH
-/// fails (an ext4 guest aborts its journal).
+/// default action killed the process uncleanly, the writes were lost and the guest's next FLUSH
+/// failed (an ext4 guest aborts its journal).
 #[test]
-#[ignore = "bug: SIGHUP kills `serve` without committing completed writes (SIGTERM/SIGINT do)"]
 fn sighup_ends_the_daemon_like_sigterm_and_keeps_completed_writes() {
     let mut backend = start(opts());
     let mut c = connect(&backend, 1, false);
