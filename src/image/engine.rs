@@ -279,6 +279,17 @@ pub struct Meta {
     buf: Vec<u8>,
 }
 
+impl Meta {
+    /// The journal now ends with an empty record carrying `flags`, flushed or not.
+    fn ends_with_empty_record(&mut self, flags: u32, flushed: bool) {
+        self.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
+        self.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
+        self.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
+        self.idle_marked = false;
+        self.journal_unflushed = !flushed;
+    }
+}
+
 /// Which part of a cluster a write replaces.
 #[derive(Clone, Copy, Debug)]
 pub enum Change<'a> {
@@ -1644,20 +1655,12 @@ impl Core {
         let st = self.storage.as_ref();
         st.flush().map_err(Self::io("flush checkpoint", 0))?;
         meta.ahead_failed = false;
-        format::encode_record_flags(buf, seq + 1, &self.sb.uuid, &[], flags);
-        let off = self.layout.journal_offset;
-        st.write_at(off, buf)
-            .map_err(Self::io("write journal", off))?;
-        st.flush().map_err(Self::io("flush journal", off))?;
+        self.write_empty_record(buf, seq + 1, self.layout.journal_offset, flags, true)?;
         meta.last_seq = seq + 1;
         meta.journal_head = BLOCK;
         meta.active_area = area;
         meta.area_seqs[area] = Some(seq);
-        meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
-        meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
-        meta.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
-        meta.idle_marked = false;
-        meta.journal_unflushed = false;
+        meta.ends_with_empty_record(flags, true);
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1785,26 +1788,30 @@ impl Core {
     /// journal ends: the next opener takes it for a crash (no commit is lost).
     fn replace_idle_marker(&self, meta: &mut Meta, flags: u32, durable: bool) -> Result<()> {
         let mut buf = std::mem::take(&mut meta.buf);
-        format::encode_record_flags(&mut buf, meta.last_seq, &self.sb.uuid, &[], flags);
         let off = self.layout.journal_offset + meta.journal_head - BLOCK;
-        let st = self.storage.as_ref();
-        let r = st
-            .write_at(off, &buf)
-            .map_err(Self::io("write journal", off))
-            .and_then(|()| {
-                if durable {
-                    st.flush().map_err(Self::io("flush journal", off))
-                } else {
-                    Ok(())
-                }
-            });
+        let r = self.write_empty_record(&mut buf, meta.last_seq, off, flags, durable);
         meta.buf = buf;
         r?;
-        meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
-        meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
-        meta.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
-        meta.idle_marked = false;
-        meta.journal_unflushed = !durable;
+        meta.ends_with_empty_record(flags, durable);
+        Ok(())
+    }
+
+    /// Writes an empty journal record `seq` carrying `flags` at `off` (flushed when `durable`).
+    fn write_empty_record(
+        &self,
+        buf: &mut Vec<u8>,
+        seq: u64,
+        off: u64,
+        flags: u32,
+        durable: bool,
+    ) -> Result<()> {
+        format::encode_record_flags(buf, seq, &self.sb.uuid, &[], flags);
+        let st = self.storage.as_ref();
+        st.write_at(off, buf)
+            .map_err(Self::io("write journal", off))?;
+        if durable {
+            st.flush().map_err(Self::io("flush journal", off))?;
+        }
         Ok(())
     }
 
@@ -1826,26 +1833,12 @@ impl Core {
         let r = if meta.journal_head + BLOCK > self.layout.journal_size {
             self.checkpoint_and_marker(meta, &mut buf, seq, flags)
         } else {
-            format::encode_record_flags(&mut buf, seq, &self.sb.uuid, &[], flags);
             let off = self.layout.journal_offset + meta.journal_head;
-            let st = self.storage.as_ref();
-            st.write_at(off, &buf)
-                .map_err(Self::io("write journal", off))
-                .and_then(|()| {
-                    if durable {
-                        st.flush().map_err(Self::io("flush journal", off))
-                    } else {
-                        Ok(())
-                    }
-                })
+            self.write_empty_record(&mut buf, seq, off, flags, durable)
                 .map(|()| {
                     meta.last_seq = seq;
                     meta.journal_head += BLOCK;
-                    meta.clean_marked = flags & format::RECORD_CLEAN_CLOSE != 0;
-                    meta.marked_unreclaimed = flags & format::RECORD_SPACE_UNRECLAIMED != 0;
-                    meta.marked_loss = flags & format::RECORD_LOSS_UNREPORTED != 0;
-                    meta.idle_marked = false;
-                    meta.journal_unflushed = !durable;
+                    meta.ends_with_empty_record(flags, durable);
                 })
         };
         meta.buf = buf;
