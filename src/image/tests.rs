@@ -2332,10 +2332,10 @@ fn checkpoint_stall_of_a_fully_stored_table() {
 
 // ----- the idle marker: power cuts, reported losses, quiesce, a full journal ---------------
 
-/// An idle marker written while a loss was unreported keeps the
-/// LOSS_UNREPORTED bit after the guest's FLUSH reported it; nothing rewrites the marker (the
-/// writer skips while `clean_marked`, `mark_clean` skips when `clean_marked` and the space flag
-/// match). A migration (quiesce) or kill before the next write then reports the loss again.
+/// An idle marker written while a loss was unreported carries the LOSS_UNREPORTED bit. Once
+/// the guest's FLUSH reported the loss, the marker must be rewritten without it (in review,
+/// nothing did: the writer skipped while `clean_marked`, `mark_clean` when the space flag
+/// matched), or a migration (quiesce) or kill before the next write reports the loss again.
 #[test]
 fn a_loss_reported_after_the_idle_marker_is_not_reported_again() {
     for kill in [false, true] {
@@ -2409,10 +2409,10 @@ impl Storage for FlushFailsOnce {
     }
 }
 
-/// The idle marker's fdatasync fails after its pwrite reached the page
-/// cache. `mark_idle_if_quiet` only warns and lowers the flag, `clean_marked` stays false, so
-/// the next write appends no reopening record; a kill then leaves a journal that ends with the
-/// clean-close marker over a completed write: lost, and not reported.
+/// A flush failing right after the idle marker's pwrite reached the page cache (when the
+/// marker was flushed, at 4a651f1, `mark_idle_if_quiet` only warned, `clean_marked` stayed false
+/// and the next write appended no reopening record): a kill must not leave a journal that ends
+/// with the clean-close marker over a completed write.
 #[test]
 fn a_failed_idle_marker_flush_does_not_hide_a_later_loss() {
     let mem = mem_image(4 << 20, 65536, Compression::Lz4);
@@ -2486,10 +2486,10 @@ fn a_migration_after_the_idle_marker_does_not_report_a_reported_loss_again() {
     img.close().expect("close");
 }
 
-/// The idle marker is no longer flushed, but `mark_clean` still
-/// skips when the journal ends with one (same space flag, no loss): the quiesce (VM pause,
-/// migration source) then leaves its clean-close marker volatile. A power cut while paused
-/// makes the next opener take a clean quiesce for a crash (lost-write notice, leak scan).
+/// The idle marker is not flushed, so a quiesce (VM pause, migration source) must not take it
+/// for its own clean-close marker (at fba6398 `mark_clean` skipped when the space flag
+/// matched): a power cut while paused would make the next opener take a clean quiesce for a
+/// crash (lost-write notice, leak scan).
 #[test]
 fn a_quiesce_after_an_unflushed_idle_marker_leaves_a_durable_clean_close() {
     let mem = mem_image(4 << 20, 65536, Compression::Lz4);
@@ -2559,9 +2559,10 @@ impl Storage for SparseCrash {
     }
 }
 
-/// When the idle marker takes the journal's last block, the first write
-/// after it appends its reopening record through `checkpoint_and_marker`: a whole checkpoint,
-/// written and flushed inside the guest's write, under the `meta` lock (a FLUSH waits too).
+/// When the idle marker takes the journal's last block, the first write after it must not
+/// write a whole checkpoint inside the guest's write, under the `meta` lock (an appended
+/// reopening record went through `checkpoint_and_marker` before it replaced the marker in
+/// place).
 #[test]
 fn the_first_write_after_an_idle_marker_in_the_last_block_writes_no_checkpoint() {
     let st = mem_image(4 << 20, 65536, Compression::Lz4);
@@ -2602,13 +2603,9 @@ fn the_first_write_after_an_idle_marker_in_the_last_block_writes_no_checkpoint()
     img.close().expect("close");
 }
 
-/// The idle marker is pwritten without a flush, and the first
-/// write after it pwrites the reopening record right behind it, also without a flush. A power
-/// cut that keeps the second and not the first leaves a valid record after a damaged one; the
-/// read-write open refuses the image ("committed data would be lost"): the crash simulator's
-/// suite fails the same way (9 tests of tests/crash_consistency.rs at fba6398).
-#[test]
-fn a_power_cut_after_an_unflushed_idle_marker_and_its_reopening_record_opens() {
+/// A 4 MiB lz4 image on crash-simulating storage, one cluster written and flushed, the idle
+/// marker written (unflushed); with its open options and the journal's byte range.
+fn idle_marked_on_crash_storage() -> (Arc<CrashStorage>, Image, OpenOptions, std::ops::Range<u64>) {
     let mem = mem_image(4 << 20, 65536, Compression::Lz4);
     let crash = Arc::new(CrashStorage::new(mem.snapshot()));
     let opts = OpenOptions {
@@ -2620,10 +2617,21 @@ fn a_power_cut_after_an_unflushed_idle_marker_and_its_reopening_record_opens() {
     img.flush().expect("flush");
     img.core.mark_idle_if_quiet();
     assert!(img.core.clean_marked(), "premise: the idle marker");
-    img.write(65536, &random(65536, 2))
-        .expect("write after the marker");
     let layout = img.core.layout.clone();
     let journal = layout.journal_offset..layout.journal_offset + layout.journal_size;
+    (crash, img, opts, journal)
+}
+
+/// The idle marker is pwritten without a flush. When the first write after it pwrote the
+/// reopening record right behind it (fba6398), also without a flush, a power cut that kept the
+/// second and not the first left a valid record after a damaged one, and the read-write open
+/// refused the image ("committed data would be lost"; 9 tests of tests/crash_consistency.rs
+/// failed the same way). The record now replaces the marker in place.
+#[test]
+fn a_power_cut_after_an_unflushed_idle_marker_and_its_reopening_record_opens() {
+    let (crash, img, opts, journal) = idle_marked_on_crash_storage();
+    img.write(65536, &random(65536, 2))
+        .expect("write after the marker");
     let (mut bytes, records) = {
         let s = crash.inner.lock().expect("lock");
         let records: Vec<(u64, Vec<u8>)> = s
@@ -2648,28 +2656,15 @@ fn a_power_cut_after_an_unflushed_idle_marker_and_its_reopening_record_opens() {
     img.close().expect("close");
 }
 
-/// `install` takes the journal for flushed
-/// (`journal_unflushed = false`), but after a kill the predecessor's idle marker (or the record
-/// that replaced it) may exist only in the page cache. The restarted backend's first record
-/// (`mark_open` after a clean load, or its own idle marker after an unclean one) goes into the
-/// next block without a flush before it: a power cut that keeps that record and not the
-/// predecessor's leaves a valid record after a damaged one, and the read-write open refuses the
-/// image.
+/// After a kill the predecessor's idle marker (or the record that replaced it) may exist only
+/// in the page cache. The restarted backend's first record (`mark_open` after a clean load, or
+/// its own idle marker after an unclean one) goes into the next block, so `install` must take
+/// the journal for unflushed and flush first: otherwise a power cut that keeps that record and
+/// not the predecessor's leaves a valid record after a damaged one, and the read-write open
+/// refuses the image (it did, in review).
 #[test]
 fn a_power_cut_while_the_restarted_backend_reopens_an_idle_killed_image_opens() {
-    let mem = mem_image(4 << 20, 65536, Compression::Lz4);
-    let crash = Arc::new(CrashStorage::new(mem.snapshot()));
-    let opts = OpenOptions {
-        commit_interval: Duration::from_secs(3600),
-        ..OpenOptions::default()
-    };
-    let img = Image::open_on(crash.clone(), &opts).expect("open");
-    img.write(0, &random(65536, 1)).expect("write");
-    img.flush().expect("flush");
-    img.core.mark_idle_if_quiet();
-    assert!(img.core.clean_marked(), "premise: the idle marker");
-    let layout = img.core.layout.clone();
-    let journal = layout.journal_offset..layout.journal_offset + layout.journal_size;
+    let (crash, img, opts, journal) = idle_marked_on_crash_storage();
     // Killed while idle: the marker is in the page cache only.
     img.abandon();
     let (durable, marker_at) = {
