@@ -221,19 +221,15 @@ fn stop_every_thread(backend: &Backend) {
     }
 }
 
-/// Kills the backend while it executes a queue of large writes, makes more available while it
-/// is dead, restarts it and reconnects as `rule` says: every write must complete exactly once,
-/// with status OK, and be on the disk (those the killed backend completed without a FLUSH
-/// excepted), and the flushed ones from before too.
-fn restart_with_writes_in_flight(
+/// A backend serving one queue of a `DISK`-sized image, and a frontend connected to it with a
+/// 128-entry ring, `driver_features` and (when `inflight`) an inflight buffer.
+fn one_queue_backend(
+    work: &std::sync::Arc<Workdir>,
     driver_features: u64,
     inflight: bool,
-    rule: RingBase,
-    outage: Outage,
-) {
-    let work = Workdir::new();
-    let mut backend = Backend::start(
-        &work,
+) -> (Backend, Device) {
+    let backend = Backend::start(
+        work,
         ServeOptions {
             size: DISK,
             num_queues: 1,
@@ -247,8 +243,23 @@ fn restart_with_writes_in_flight(
         inflight,
         ..ConnectOptions::default()
     };
-    let mut dev = Device::connect(&backend.socket(), &copts)
+    let dev = Device::connect(&backend.socket(), &copts)
         .unwrap_or_else(|e| panic!("connect to the backend: {e}"));
+    (backend, dev)
+}
+
+/// Kills the backend while it executes a queue of large writes, makes more available while it
+/// is dead, restarts it and reconnects as `rule` says: every write must complete exactly once,
+/// with status OK, and be on the disk (those the killed backend completed without a FLUSH
+/// excepted), and the flushed ones from before too.
+fn restart_with_writes_in_flight(
+    driver_features: u64,
+    inflight: bool,
+    rule: RingBase,
+    outage: Outage,
+) {
+    let work = Workdir::new();
+    let (mut backend, mut dev) = one_queue_backend(&work, driver_features, inflight);
     assert_eq!(
         dev.inflight.is_some(),
         inflight,
@@ -425,22 +436,8 @@ fn restart_with_writes_in_flight(
 #[test]
 fn a_backend_killed_while_idle_owes_no_notice_and_a_busy_one_does() {
     let work = Workdir::new();
-    let mut backend = Backend::start(
-        &work,
-        ServeOptions {
-            size: DISK,
-            num_queues: 1,
-            ..ServeOptions::default()
-        },
-    );
-    let copts = ConnectOptions {
-        queues: 1,
-        queue_size: 128,
-        driver_features: DRIVER_FEATURES | VIRTIO_F_IN_ORDER,
-        ..ConnectOptions::default()
-    };
-    let mut dev = Device::connect(&backend.socket(), &copts)
-        .unwrap_or_else(|e| panic!("connect to the backend: {e}"));
+    let (mut backend, mut dev) =
+        one_queue_backend(&work, DRIVER_FEATURES | VIRTIO_F_IN_ORDER, false);
     let write_all = |dev: &mut Device, seed: u64| {
         for k in 0..8u64 {
             let status = dev
