@@ -1882,7 +1882,12 @@ impl Core {
                 .iter()
                 .all(|cell| lock(&cell.stripe).dirty.is_empty());
         if !quiet {
-            self.idle_marking.store(false, Ordering::SeqCst);
+            // Only when no marker ends the journal: a stale one (replaced for its loss bit) must
+            // keep the flag up, or the next write would not reopen the journal after it. (Only
+            // this function, under `idle_marker_turn`, sets `clean_marked` while running.)
+            if !lock(&self.meta).clean_marked {
+                self.idle_marking.store(false, Ordering::SeqCst);
+            }
             return;
         }
         let mut meta = lock(&self.meta);
@@ -1903,8 +1908,11 @@ impl Core {
             }
             Err(e) => {
                 // Nothing is lost by not having the marker; a journal that cannot be written
-                // fails the next commit, which reports it.
-                self.idle_marking.store(false, Ordering::SeqCst);
+                // fails the next commit, which reports it. (A stale marker still there keeps
+                // the flag up, as above.)
+                if !meta.clean_marked {
+                    self.idle_marking.store(false, Ordering::SeqCst);
+                }
                 log::warn!("writing the idle marker failed: {e}");
             }
         }
@@ -1929,8 +1937,8 @@ impl Core {
     }
 
     /// End of every write, WRITE_ZEROES and DISCARD (while its request still counts as running):
-    /// when the writer has ended, or is ending, the journal with an idle marker, appends a record
-    /// after it before the request completes, so that a backend killed later does not take the
+    /// when the writer has ended, or is ending, the journal with an idle marker, replaces it with
+    /// an empty record without flags before the request completes, so that a backend killed later does not take the
     /// image for cleanly closed and the next one tells the guest about the writes it lost. The
     /// flag goes down only after that record is written: a mutation that finds it down knows the
     /// journal is open.
