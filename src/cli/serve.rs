@@ -314,6 +314,7 @@ fn serve_device<D: Device>(
             num_queues: usize::from(config.num_queues),
             queue_size: usize::from(config.queue_size),
             poll_max: config.poll_max,
+            poll_backoff: true,
         },
     )?;
     tracing::info!(

@@ -205,11 +205,12 @@ impl<D: Device> ConnectionBackend<D> {
         }
     }
 
-    /// Polls each ring for up to `max` after a batch before sleeping (zero: never polls).
-    pub fn with_polling(mut self, max: Duration) -> Self {
+    /// Polls each ring for up to `max` after a batch before sleeping (zero: never polls);
+    /// `backoff`: stop polling for a while after a poll that was kept off its core.
+    pub fn with_polling(mut self, max: Duration, backoff: bool) -> Self {
         self.poll_max = max;
         self.poll = (0..self.disk.num_queues())
-            .map(|_| Mutex::new(PollWindow::new(max)))
+            .map(|_| Mutex::new(PollWindow::new(max, backoff)))
             .collect();
         self
     }
@@ -1049,6 +1050,8 @@ impl Budget {
 struct PollWindow {
     max: Duration,
     window: Duration,
+    /// Whether a contended poll stops polling for a while.
+    backoff: bool,
     /// How long the last poll that found nothing ran (taken when the worker goes to sleep).
     last_idle_poll: Duration,
     /// When the worker last went to sleep, and how long it had polled before.
@@ -1087,10 +1090,11 @@ pub struct PollStats {
 }
 
 impl PollWindow {
-    fn new(max: Duration) -> Self {
+    fn new(max: Duration, backoff: bool) -> Self {
         Self {
             max,
             window: max,
+            backoff,
             last_idle_poll: Duration::ZERO,
             slept: None,
             contended_until: None,
@@ -1126,7 +1130,7 @@ impl PollWindow {
         }
         if let Some(off_cpu) = off_cpu {
             self.stats.off_cpu += off_cpu;
-            if off_cpu > POLL_OFF_CPU_MAX {
+            if self.backoff && off_cpu > POLL_OFF_CPU_MAX {
                 self.stats.backoffs += 1;
                 let now = Instant::now();
                 let backoff = match self.last_backoff {
@@ -1426,7 +1430,7 @@ mod poll_window_tests {
     #[test]
     fn long_gaps_shrink_the_window_to_nothing_and_short_ones_grow_it_back() {
         let max = Duration::from_micros(64);
-        let mut poll = PollWindow::new(max);
+        let mut poll = PollWindow::new(max, true);
         assert_eq!(poll.window(), max);
         poll.polled(
             Polled::Work,
@@ -1471,7 +1475,7 @@ mod poll_window_tests {
         // give up but grow until the window covers the round trip.
         let max = Duration::from_micros(200);
         let round_trip = Duration::from_micros(70);
-        let mut poll = PollWindow::new(max);
+        let mut poll = PollWindow::new(max, true);
         poll.window = max / POLL_MIN_FRACTION;
         for _ in 0..4 {
             let window = poll.window();
@@ -1492,7 +1496,7 @@ mod poll_window_tests {
         // spinning the full maximum after every request.
         let max = Duration::from_micros(100);
         let gap_length = Duration::from_micros(160);
-        let mut poll = PollWindow::new(max);
+        let mut poll = PollWindow::new(max, true);
         let mut windows = Vec::new();
         for _ in 0..8 {
             let window = poll.window();
@@ -1508,7 +1512,7 @@ mod poll_window_tests {
     #[test]
     fn only_a_long_time_off_the_core_backs_polling_off() {
         let max = Duration::from_micros(64);
-        let mut poll = PollWindow::new(max);
+        let mut poll = PollWindow::new(max, true);
         // The client took the core for a few µs while the worker yielded: keep polling.
         poll.polled(Polled::Work, max, Some(Duration::from_micros(8)));
         assert_eq!(poll.window(), max);
@@ -1559,5 +1563,23 @@ mod poll_window_tests {
             Some(Duration::from_millis(3)),
         );
         assert!(poll.contended_until.unwrap() - Instant::now() <= POLL_FIRST_BACKOFF);
+    }
+
+    #[test]
+    fn without_backoff_a_contended_poll_keeps_polling() {
+        let max = Duration::from_micros(64);
+        let mut poll = PollWindow::new(max, false);
+        poll.polled(
+            Polled::Work,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
+        );
+        assert_eq!(poll.window(), max);
+        assert_eq!(poll.stats.backoffs, 0);
+        assert_eq!(
+            poll.stats.off_cpu,
+            Duration::from_millis(3),
+            "still counted"
+        );
     }
 }

@@ -82,6 +82,11 @@ pub struct DaemonConfig {
     /// the driver's next notification (adaptive, see `ConnectionBackend::with_polling`); zero
     /// turns polling off.
     pub poll_max: Duration,
+    /// Whether a worker that was kept off its core while it polled stops polling for a while
+    /// (see `PollWindow`). On: the right choice when workers share cores with vCPUs or other
+    /// work, where spinning costs the guest. Off: for workers with cores of their own (pinned
+    /// to isolated CPUs), and for tests that assert what polling does on a loaded machine.
+    pub poll_backoff: bool,
 }
 
 impl DaemonConfig {
@@ -314,7 +319,7 @@ impl<D: Device> Daemon<D> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(
             ConnectionBackend::new(Arc::clone(&self.disk), mem.clone(), self.config.queue_size)
-                .with_polling(self.config.poll_max),
+                .with_polling(self.config.poll_max, self.config.poll_backoff),
         );
         let mut daemon = VhostUserDaemon::new("insitu-blk".to_string(), Arc::clone(&backend), mem)
             .map_err(|e| DaemonError::Connection(e.to_string()))?;

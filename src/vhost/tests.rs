@@ -224,11 +224,19 @@ struct Served {
 }
 
 impl Served {
+    /// A daemon configured as `serve` configures it (default polling, with back-off).
     fn start(num_queues: usize) -> Self {
-        Self::start_polling(num_queues, DaemonConfig::DEFAULT_POLL_MAX)
+        Self::start_configured(num_queues, DaemonConfig::DEFAULT_POLL_MAX, true)
     }
 
+    /// A daemon whose workers poll for up to `poll_max` after every batch, whatever the load:
+    /// the back-off would stop polling whenever the test machine is busy (cargo runs tests in
+    /// parallel), and these tests assert what polling does. The back-off has its own tests.
     fn start_polling(num_queues: usize, poll_max: Duration) -> Self {
+        Self::start_configured(num_queues, poll_max, false)
+    }
+
+    fn start_configured(num_queues: usize, poll_max: Duration, poll_backoff: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vhost.sock");
         let listener = bind_listener(&SocketSource::Path(socket.clone())).unwrap();
@@ -239,6 +247,7 @@ impl Served {
                 num_queues,
                 queue_size: 256,
                 poll_max,
+                poll_backoff,
             },
         )
         .unwrap();
