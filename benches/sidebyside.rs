@@ -98,6 +98,8 @@ struct Workload {
     pattern: Pattern,
     read_pct: u32,
     flush_every: u64,
+    /// Pause of the client after each completion before its next request (0: none).
+    think_ms: u64,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -109,6 +111,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         read_pct: 100,
         flush_every: 0,
+        think_ms: 0,
     },
     Workload {
         name: "4k-randread-qd32x2",
@@ -118,6 +121,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         read_pct: 100,
         flush_every: 0,
+        think_ms: 0,
     },
     Workload {
         name: "64k-seqread-qd8x2",
@@ -127,6 +131,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Sequential,
         read_pct: 100,
         flush_every: 0,
+        think_ms: 0,
     },
     Workload {
         name: "4k-randwrite-qd32x2",
@@ -136,6 +141,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         read_pct: 0,
         flush_every: 0,
+        think_ms: 0,
     },
     Workload {
         name: "64k-seqwrite-qd8x2",
@@ -145,6 +151,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Sequential,
         read_pct: 0,
         flush_every: 0,
+        think_ms: 0,
     },
     Workload {
         name: "4k-seqwrite-qd1-flush32",
@@ -154,6 +161,19 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Sequential,
         read_pct: 0,
         flush_every: 32,
+        think_ms: 0,
+    },
+    // A connected guest that is almost idle (two reads a second): what a server costs the host
+    // between bursts (its timers, polling, commits), in CPU seconds and resident memory.
+    Workload {
+        name: "idle-qd1-think500ms",
+        queues: 1,
+        iodepth: 1,
+        block_size: 4096,
+        pattern: Pattern::Random,
+        read_pct: 100,
+        flush_every: 0,
+        think_ms: 500,
     },
 ];
 
@@ -184,6 +204,9 @@ struct Sample {
     /// kernel wrote back for it. A server that leaves its writes in the page cache writes none.
     /// `None` when the kernel does not say.
     device_written: Option<u64>,
+    /// The server's peak resident memory during the workload (`VmHWM`, reset before it through
+    /// `/proc/PID/clear_refs`); `None` when the kernel does not say.
+    peak_rss: Option<u64>,
 }
 
 fn repo_root() -> PathBuf {
@@ -707,6 +730,20 @@ fn process_cpu_seconds(pid: &str) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
+/// Resets the peak resident set size the kernel reports for `pid` (`VmHWM`) to the current one;
+/// false if the kernel refused (`/proc/PID/clear_refs` needs the process's owner, Linux 4.0+).
+fn reset_peak_rss(pid: u32) -> bool {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// The peak resident set size of `pid` since the last reset, in bytes.
+fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn run_session(
     args: &Args,
     workloads: &[&Workload],
@@ -734,13 +771,19 @@ fn run_session(
             range_len: 0,
             final_flush: w.read_pct < 100,
             seed: 0x5eed + rep as u64,
-            think: Duration::ZERO,
+            think: Duration::from_millis(w.think_ms),
         };
+        let peak_rss_reset = reset_peak_rss(pid);
         let server_before = process_cpu_seconds(&pid.to_string())?;
         let client_before = process_cpu_seconds("self")?;
         let device_before = device_written_bytes(image);
         let report = loadgen::run(&spec).with_context(|| format!("workload {}", w.name))?;
         let server_cpu_s = process_cpu_seconds(&pid.to_string())? - server_before;
+        let peak_rss = if peak_rss_reset {
+            peak_rss_bytes(pid)
+        } else {
+            None
+        };
         let client_cpu_s = process_cpu_seconds("self")? - client_before;
         let device_written = match (device_before, device_written_bytes(image)) {
             (Some(before), Some(after)) => Some(after.saturating_sub(before)),
@@ -762,6 +805,7 @@ fn run_session(
                 client_cpu_s,
                 host_bytes: host_bytes(image)?,
                 device_written,
+                peak_rss,
             },
         ));
     }
@@ -803,10 +847,11 @@ fn summary_table(
     t.push_str(
         "| workload | IOPS qsd | IOPS ours | ratio | MB/s qsd | MB/s ours | avg µs qsd | avg µs ours | \
          lat ratio | p99 µs qsd | p99 µs ours | flush µs qsd | flush µs ours | CPU s qsd | CPU s ours | \
-         host bytes qsd | host bytes ours | device writes qsd | device writes ours |\n",
+         host bytes qsd | host bytes ours | device writes qsd | device writes ours | \
+         peak RSS qsd | peak RSS ours |\n",
     );
     t.push_str(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for w in workloads {
         let get = |server: Server| samples.get(&(mode_tag(mode), w.name, server));
@@ -822,8 +867,9 @@ fn summary_table(
         let flush = |s: &Sample| s.report.avg_flush_lat_us;
         let bytes = |s: &Sample| s.host_bytes as f64;
         let device = |s: &Sample| s.device_written.map_or(f64::NAN, |b| b as f64);
-        let device_cell = |samples: &[Sample]| {
-            let v = m(samples, &device);
+        let rss = |s: &Sample| s.peak_rss.map_or(f64::NAN, |b| b as f64);
+        let bytes_cell = |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| {
+            let v = m(samples, f);
             if v.is_nan() {
                 "n/a".to_string()
             } else {
@@ -832,7 +878,7 @@ fn summary_table(
         };
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
             w.name,
             m(qsd, &iops),
             m(ours, &iops),
@@ -850,8 +896,10 @@ fn summary_table(
             m(ours, &cpu),
             human(m(qsd, &bytes) as u64),
             human(m(ours, &bytes) as u64),
-            device_cell(qsd),
-            device_cell(ours),
+            bytes_cell(qsd, &device),
+            bytes_cell(ours, &device),
+            bytes_cell(qsd, &rss),
+            bytes_cell(ours, &rss),
         );
     }
     t
