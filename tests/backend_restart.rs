@@ -223,19 +223,25 @@ fn stop_every_thread(backend: &Backend) {
 
 /// A backend serving one queue of a `DISK`-sized image, and a frontend connected to it with a
 /// 128-entry ring, `driver_features` and (when `inflight`) an inflight buffer.
+/// What the engine logs (at debug level) when it ends the journal with the idle marker.
+const IDLE_MARKER_LOGGED: &str = "idle: journal ends with a clean-close marker";
+
+/// One queue, and debug logs from the engine (a test waits for the idle marker's message).
+fn one_queue_serve_options() -> ServeOptions {
+    ServeOptions {
+        size: DISK,
+        num_queues: 1,
+        log_level: Some("insitu_blk::image=debug,info".into()),
+        ..ServeOptions::default()
+    }
+}
+
 fn one_queue_backend(
     work: &std::sync::Arc<Workdir>,
     driver_features: u64,
     inflight: bool,
 ) -> (Backend, Device) {
-    let backend = Backend::start(
-        work,
-        ServeOptions {
-            size: DISK,
-            num_queues: 1,
-            ..ServeOptions::default()
-        },
-    );
+    let backend = Backend::start(work, one_queue_serve_options());
     let copts = ConnectOptions {
         queues: 1,
         queue_size: 128,
@@ -455,10 +461,15 @@ fn a_backend_killed_while_idle_owes_no_notice_and_a_busy_one_does() {
     };
     write_all(&mut dev, 100);
     // Idle over two timer commits (1 s apart): the first commits the writes, the second finds
-    // nothing and ends the journal with the idle marker. 4 s leaves room for a loaded machine.
-    std::thread::sleep(Duration::from_millis(4000));
+    // nothing and ends the journal with the idle marker.
+    backend.wait_for_log(IDLE_MARKER_LOGGED, 1, Duration::from_secs(60));
     backend.kill9();
-    backend.restart();
+    // The busy half must kill before any timer commit, however long a loaded machine stalls
+    // the test: the restarted backend's timer never fires.
+    backend.restart_with(ServeOptions {
+        commit_interval: Some("1h".into()),
+        ..one_queue_serve_options()
+    });
     dev.reconnect_like_cloud_hypervisor(&backend.socket())
         .unwrap_or_else(|e| panic!("reconnect: {e}"));
     assert_eq!(

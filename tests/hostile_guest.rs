@@ -40,6 +40,18 @@ impl Fx {
         Self::with(ServeOptions::default(), ConnectOptions::default())
     }
 
+    /// A backend whose timer never commits: what the test writes stays uncommitted until it
+    /// flushes or kills the backend, however long a loaded machine stalls it.
+    fn without_timer_commits() -> Fx {
+        Self::with(
+            ServeOptions {
+                commit_interval: Some("1h".into()),
+                ..ServeOptions::default()
+            },
+            ConnectOptions::default(),
+        )
+    }
+
     fn with(sopts: ServeOptions, copts: ConnectOptions) -> Fx {
         let work = Workdir::new();
         let sopts = ServeOptions {
@@ -2348,14 +2360,8 @@ fn stopped_or_disabled_rings_commit_completed_writes() {
             // No vhost-user hook sees SET_VRING_ENABLE: the daemon's pause detector quiesces
             // within its polling interval (documented in src/vhost/backend.rs), so wait for it
             // (bounded) instead of requiring it before the ACK.
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while !fx.backend.log().contains("device quiesced") {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{how} of every ring: the device did not quiesce within 5 s"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            fx.backend
+                .wait_for_log("device quiesced", 1, Duration::from_secs(30));
         } else {
             fx.dev
                 .stop_queues()
@@ -2658,7 +2664,7 @@ fn migration_hand_over_loses_nothing_and_fails_no_flush() {
 /// gets the lost-write notice (its first FLUSH fails once), never a silent OK.
 #[test]
 fn a_kill_after_pause_and_resume_is_still_reported_as_a_crash() {
-    let mut fx = Fx::new();
+    let mut fx = Fx::without_timer_commits();
     if fx.backend.kind != BackendKind::Ours {
         return;
     }
@@ -2691,7 +2697,7 @@ fn a_kill_after_pause_and_resume_is_still_reported_as_a_crash() {
 /// the guest's first `sync` after the kill succeeded and the notice failed its second one.
 #[test]
 fn the_lost_write_notice_reaches_a_flush_on_a_queue_restored_at_index_zero() {
-    let mut fx = Fx::new();
+    let mut fx = Fx::without_timer_commits();
     if fx.backend.kind != BackendKind::Ours {
         return;
     }

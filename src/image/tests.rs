@@ -52,6 +52,16 @@ fn open_mem(st: &Arc<MemStorage>) -> Image {
     Image::open_on(st.clone(), &OpenOptions::default()).expect("open")
 }
 
+/// Options whose timer never commits during a test: what a test leaves uncommitted stays so,
+/// however long a loaded machine stalls it (a timer commit, or the idle marker after an empty
+/// one, would change what the journal holds).
+fn without_timer_commits() -> OpenOptions {
+    OpenOptions {
+        commit_interval: Duration::from_secs(3600),
+        ..OpenOptions::default()
+    }
+}
+
 fn read_all(img: &Image) -> Vec<u8> {
     let mut buf = vec![0u8; img.size() as usize];
     img.read(0, &mut buf).expect("read");
@@ -199,7 +209,7 @@ fn an_unclean_shutdown_leaves_no_leak_after_the_next_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("img");
     Image::create(&path, &CreateOptions::new(8 << 20)).expect("create");
-    let img = Image::open(&path, &OpenOptions::default()).expect("open");
+    let img = Image::open(&path, &without_timer_commits()).expect("open");
     img.write(0, &compressible(65536, 1)).expect("write");
     img.flush().expect("flush");
     // Never committed: its space is referenced by nothing after the "crash".
@@ -229,7 +239,7 @@ fn an_unclean_shutdown_leaves_no_leak_after_the_next_open() {
 #[test]
 fn a_damaged_journal_record_with_valid_ones_after_it_refuses_read_write() {
     let st = mem_image(1 << 20, 16384, Compression::Lz4);
-    let img = open_mem(&st);
+    let img = Image::open_on(st.clone(), &without_timer_commits()).expect("open");
     for c in [0u64, 5, 11] {
         img.write(c * 16384, &compressible(16384, c))
             .expect("write");
@@ -1965,7 +1975,8 @@ fn a_quiesce_punches_nothing_and_the_next_opener_reclaims_it_in_the_background()
 
     // Another process (a migration destination): nothing lost, nothing punched by the open
     // itself, then the writer reclaims it all after the grace period.
-    let (b, st_b) = open_counting(&path, Duration::from_millis(1500));
+    // A grace long enough that a stalled test thread still checks and writes within it.
+    let (b, st_b) = open_counting(&path, Duration::from_secs(4));
     assert!(!b.recovered_after_unclean_shutdown());
     assert_eq!(st_b.punches(), 0, "the open punched instead of its writer");
     assert_reads(&b, &expect, "destination");
@@ -2018,7 +2029,8 @@ fn a_quiesce_punches_nothing_and_the_next_opener_reclaims_it_in_the_background()
 fn a_resumed_image_punches_what_its_quiesce_left_after_the_grace_period() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("img");
-    let grace = Duration::from_millis(1500);
+    // Long enough that a stalled test thread still quiesces within it.
+    let grace = Duration::from_secs(4);
     let (img, st) = counting_image(&dir, grace);
     let layout = img.core.layout.clone();
     let expect = leave_freed_space(&img);

@@ -48,6 +48,13 @@ pub struct ServeOptions {
     pub socket_name: Option<String>,
     /// `--wait-lock DUR` (ours only).
     pub wait_lock: Option<String>,
+    /// `--commit-interval DUR` (ours only). A test that needs writes to stay uncommitted until
+    /// it kills the backend sets a long one: a loaded machine may stall it past the default
+    /// 1 s, and the timer commit (or the idle marker after an empty one) would then have made
+    /// them durable.
+    pub commit_interval: Option<String>,
+    /// `--log-level FILTER` (ours only), for a test that waits for a debug message.
+    pub log_level: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -60,6 +67,8 @@ impl Default for ServeOptions {
             serial: None,
             socket_name: None,
             wait_lock: None,
+            commit_interval: None,
+            log_level: None,
         }
     }
 }
@@ -158,6 +167,12 @@ impl Backend {
                 if let Some(wait) = &self.opts.wait_lock {
                     cmd.arg("--wait-lock").arg(wait);
                 }
+                if let Some(interval) = &self.opts.commit_interval {
+                    cmd.arg("--commit-interval").arg(interval);
+                }
+                if let Some(filter) = &self.opts.log_level {
+                    cmd.arg("--log-level").arg(filter);
+                }
                 cmd
             }
             BackendKind::Qsd => {
@@ -243,6 +258,20 @@ impl Backend {
             let _ = f.read_to_string(&mut text);
         }
         text
+    }
+
+    /// Waits until the current process's log holds `needle` `count` times or more; panics after
+    /// `timeout` (a condition that must eventually hold: the timeout only bounds a hang).
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.log().matches(needle).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backend did not log {needle:?} ({count}x) within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Asserts that the process is still running and has not panicked.
