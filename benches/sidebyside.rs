@@ -207,6 +207,8 @@ struct Sample {
     /// The server's peak resident memory during the workload (`VmHWM`, reset before it through
     /// `/proc/PID/clear_refs`); `None` when the kernel does not say.
     peak_rss: Option<u64>,
+    /// The server's resident memory when the workload ended (`VmRSS`).
+    end_rss: Option<u64>,
 }
 
 fn repo_root() -> PathBuf {
@@ -738,8 +740,13 @@ fn reset_peak_rss(pid: u32) -> bool {
 
 /// The peak resident set size of `pid` since the last reset, in bytes.
 fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A memory field of `/proc/PID/status` (given in kB there), in bytes.
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -784,6 +791,7 @@ fn run_session(
         } else {
             None
         };
+        let end_rss = status_bytes(pid, "VmRSS:");
         let client_cpu_s = process_cpu_seconds("self")? - client_before;
         let device_written = match (device_before, device_written_bytes(image)) {
             (Some(before), Some(after)) => Some(after.saturating_sub(before)),
@@ -806,6 +814,7 @@ fn run_session(
                 host_bytes: host_bytes(image)?,
                 device_written,
                 peak_rss,
+                end_rss,
             },
         ));
     }
@@ -848,10 +857,10 @@ fn summary_table(
         "| workload | IOPS qsd | IOPS ours | ratio | MB/s qsd | MB/s ours | avg µs qsd | avg µs ours | \
          lat ratio | p99 µs qsd | p99 µs ours | flush µs qsd | flush µs ours | CPU s qsd | CPU s ours | \
          host bytes qsd | host bytes ours | device writes qsd | device writes ours | \
-         peak RSS qsd | peak RSS ours |\n",
+         peak RSS qsd | peak RSS ours | RSS after qsd | RSS after ours |\n",
     );
     t.push_str(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for w in workloads {
         let get = |server: Server| samples.get(&(mode_tag(mode), w.name, server));
@@ -868,6 +877,7 @@ fn summary_table(
         let bytes = |s: &Sample| s.host_bytes as f64;
         let device = |s: &Sample| s.device_written.map_or(f64::NAN, |b| b as f64);
         let rss = |s: &Sample| s.peak_rss.map_or(f64::NAN, |b| b as f64);
+        let rss_after = |s: &Sample| s.end_rss.map_or(f64::NAN, |b| b as f64);
         let bytes_cell = |samples: &[Sample], f: &dyn Fn(&Sample) -> f64| {
             let v = m(samples, f);
             if v.is_nan() {
@@ -878,7 +888,7 @@ fn summary_table(
         };
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
             w.name,
             m(qsd, &iops),
             m(ours, &iops),
@@ -900,6 +910,8 @@ fn summary_table(
             bytes_cell(ours, &device),
             bytes_cell(qsd, &rss),
             bytes_cell(ours, &rss),
+            bytes_cell(qsd, &rss_after),
+            bytes_cell(ours, &rss_after),
         );
     }
     t

@@ -157,6 +157,21 @@ fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
     })
 }
 
+/// Gives the allocator's free memory back to the kernel; called when the image goes idle or
+/// parks. The write-back buffer's entries (a cluster each, up to `--write-buffer` in all) and
+/// the workers' scratch are freed once used, but glibc keeps freed chunks below its mmap
+/// threshold in its arenas: without this an idle backend stays at its busiest resident size
+/// (measured with the side-by-side bench, 64 KiB clusters: 9 MiB before 4 KiB random writes,
+/// 52 MiB idle after them, with the default 32 MiB write-back buffer).
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions: it takes each arena's lock itself and only
+    // returns whole free pages of the allocator's own free lists to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn is_zero(b: &[u8]) -> bool {
     let (pre, mid, post) = {
         // Compare in u64 words where aligned; the compiler vectorises the fold.
@@ -1861,13 +1876,15 @@ impl Core {
     /// leaves `active`). Either the writer sees that mutation (running, buffered or dirty), or
     /// the mutation sees the flag and reopens the journal under the `meta` lock, after the
     /// marker or making the writer give up ([`Core::reopen_after_idle_marker`]).
-    pub fn mark_idle_if_quiet(&self) {
+    ///
+    /// Returns whether it wrote a marker now.
+    pub fn mark_idle_if_quiet(&self) -> bool {
         let _turn = lock(&self.idle_marker_turn);
         if self.read_only
             || self.failed.load(Ordering::SeqCst)
             || self.marker_current(&lock(&self.meta))
         {
-            return;
+            return false;
         }
         self.idle_marking.store(true, Ordering::SeqCst);
         let running = self
@@ -1888,12 +1905,12 @@ impl Core {
             if !lock(&self.meta).clean_marked {
                 self.idle_marking.store(false, Ordering::SeqCst);
             }
-            return;
+            return false;
         }
         let mut meta = lock(&self.meta);
         // Lowered by a mutation that completed since the flag went up.
         if !self.idle_marking.load(Ordering::SeqCst) || self.marker_current(&meta) {
-            return;
+            return false;
         }
         let mut flags = format::RECORD_CLEAN_CLOSE | format::RECORD_SPACE_UNRECLAIMED;
         if self.loss_unreported.load(Ordering::SeqCst) {
@@ -1905,6 +1922,7 @@ impl Core {
             Ok(()) => {
                 meta.idle_marked = true;
                 log::debug!("idle: journal ends with a clean-close marker");
+                true
             }
             Err(e) => {
                 // Nothing is lost by not having the marker; a journal that cannot be written
@@ -1914,6 +1932,7 @@ impl Core {
                     self.idle_marking.store(false, Ordering::SeqCst);
                 }
                 log::warn!("writing the idle marker failed: {e}");
+                false
             }
         }
     }
@@ -2229,7 +2248,10 @@ impl Core {
                 // guest writing about once a commit interval would spend two journal blocks per
                 // interval, and checkpoint twice as often).
                 Ok(()) if timer && core.commits.load(Ordering::Relaxed) == commits => {
-                    core.mark_idle_if_quiet();
+                    if core.mark_idle_if_quiet() {
+                        // Idle from now on: what the busy spell allocated goes back.
+                        release_free_memory();
+                    }
                 }
                 Ok(()) => {}
                 Err(e) => core.fail(e.to_string()),

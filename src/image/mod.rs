@@ -669,6 +669,8 @@ impl Image {
             life.lock_held = false;
             log::info!("image quiesced, lock released");
         }
+        // A paused or migrated-away guest's backend holds on to nothing it freed.
+        engine::release_free_memory();
         result
     }
 

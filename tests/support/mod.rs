@@ -288,8 +288,19 @@ impl Backend {
 
     /// The process's peak resident memory (VmHWM) in bytes, if it runs.
     pub fn peak_rss(&self) -> Option<u64> {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// The process's resident anonymous memory (RssAnon: its heap and stacks, not the guest
+    /// memory it maps) in bytes, if it runs.
+    pub fn anon_rss(&self) -> Option<u64> {
+        self.status_bytes("RssAnon:")
+    }
+
+    /// A memory field of the process's `/proc/PID/status` (given in kB there), in bytes.
+    fn status_bytes(&self, field: &str) -> Option<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     }
