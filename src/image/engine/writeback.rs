@@ -119,7 +119,7 @@ impl Core {
                 };
                 let complete = b.is_complete();
                 if complete {
-                    content.copy_from_slice(&b.data);
+                    b.overlay(0, &mut content);
                 }
                 complete
             };
@@ -183,7 +183,7 @@ impl Core {
                 return Ok(false);
             };
             if b.covers(at, out.len()) {
-                out.copy_from_slice(&b.data[at..at + out.len()]);
+                b.overlay(at, out);
                 return Ok(true);
             }
         }
