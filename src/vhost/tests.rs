@@ -340,7 +340,7 @@ impl Drop for Served {
 
 fn memfd(size: usize) -> File {
     // SAFETY: the name is a valid C string; the returned descriptor is checked and then owned.
-    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), 0) };
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create failed");
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -446,8 +446,8 @@ impl TestFrontend {
 
     fn start_queue(&mut self, q: usize) {
         let vq = self.set_up_ring(q);
-        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         self.frontend.set_vring_call(q, &call).unwrap();
         self.frontend.set_vring_kick(q, &kick).unwrap();
         self.frontend.set_vring_enable(q, true).unwrap();
@@ -1696,8 +1696,8 @@ fn a_completion_made_before_the_call_fd_arrives_is_signalled_on_it() {
     fe.submit(1);
     fe.wait_used(1, 1);
     let vq = fe.set_up_ring(0);
-    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
     fe.queues[0] = Some((vq, kick.try_clone().unwrap(), call.try_clone().unwrap()));
     let status = fe.submit_with(0, Kick::Never);
     fe.frontend.set_vring_enable(0, true).unwrap();
@@ -1726,7 +1726,7 @@ fn a_new_kick_fd_for_a_started_ring_is_watched() {
     fe.start_queue(0);
     fe.submit(0);
     fe.wait_used(0, 1);
-    let new_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let new_kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
     fe.frontend.set_vring_kick(0, &new_kick).unwrap();
     // Handled once this answer comes.
     fe.frontend.get_features().unwrap();
@@ -1889,8 +1889,8 @@ fn a_reset_owner_then_a_set_up_without_protocol_features_serves_a_ring_disabled_
         }])
         .unwrap();
     let vq = fe.set_up_ring(0);
-    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
     fe.frontend.set_vring_call(0, &call).unwrap();
     fe.frontend.set_vring_kick(0, &kick).unwrap();
     fe.queues[0] = Some((vq, kick, call));
@@ -2007,9 +2007,10 @@ fn after_the_frontend_closes_nothing_more_is_completed() {
         "the backend did not see the frontend leave within 10 s"
     );
     assert_no_head_returned_twice(&fe, at_close);
+    // Those completed, the held one (executed, never completed) and the next frontend's.
     assert_eq!(
         served.device().processed.load(Ordering::SeqCst),
-        usize::from(at_close) + 1 + 1,
+        usize::from(at_close) + 2,
         "a request was taken after the frontend left"
     );
     drop(fe);
@@ -2041,9 +2042,10 @@ fn a_hang_up_after_a_refused_and_a_pipelined_message_is_seen_during_the_drain() 
         served.device().held.load(Ordering::SeqCst) == 1
     });
     assert_eq!(fe.used_idx(0), 1);
-    // SAFETY: dup(2) of the frontend's connected socket, owned by `fe` and open; the new fd is
+    // SAFETY: a duplicate (close-on-exec, like every fd Rust opens: the fd leak test starts a
+    // child process) of the frontend's connected socket, owned by `fe` and open; the new fd is
     // owned by `stream` alone.
-    let fd = unsafe { libc::dup(fe.frontend.as_raw_fd()) };
+    let fd = unsafe { libc::fcntl(fe.frontend.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     assert!(fd >= 0);
     // SAFETY: `fd` is a fresh descriptor of a connected unix stream socket, owned by nobody else.
     let mut stream = unsafe { UnixStream::from_raw_fd(fd) };
@@ -2089,9 +2091,10 @@ fn a_hang_up_after_a_refused_and_a_pipelined_message_is_seen_during_the_drain() 
         seen,
         "the backend did not see the frontend's hang-up within 10 s"
     );
+    // Those completed, the held one (executed, never completed) and the next frontend's.
     assert_eq!(
         served.device().processed.load(Ordering::SeqCst),
-        usize::from(at_close) + 1 + 1,
+        usize::from(at_close) + 2,
         "a request was taken during the drain"
     );
     drop(fe);
