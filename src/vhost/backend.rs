@@ -1105,8 +1105,13 @@ impl PollWindow {
 
     /// How long to poll after the batch that just ended (zero: do not poll).
     fn window(&mut self) -> Duration {
+        self.window_at(Instant::now())
+    }
+
+    /// [`PollWindow::window`] at `now` (the tests pass their own instants).
+    fn window_at(&mut self, now: Instant) -> Duration {
         if let Some(until) = self.contended_until {
-            if Instant::now() < until {
+            if now < until {
                 self.stats.skipped_contended += 1;
                 return Duration::ZERO;
             }
@@ -1121,6 +1126,17 @@ impl PollWindow {
     /// A poll ended after `polled` (wall clock), of which the worker spent `off_cpu` (if known)
     /// runnable but off its core.
     fn polled(&mut self, found: Polled, polled: Duration, off_cpu: Option<Duration>) {
+        self.polled_at(found, polled, off_cpu, Instant::now());
+    }
+
+    /// [`PollWindow::polled`], the poll having ended at `now`.
+    fn polled_at(
+        &mut self,
+        found: Polled,
+        polled: Duration,
+        off_cpu: Option<Duration>,
+        now: Instant,
+    ) {
         self.stats.polls += 1;
         self.stats.polled += polled;
         if found == Polled::Work {
@@ -1132,7 +1148,6 @@ impl PollWindow {
             self.stats.off_cpu += off_cpu;
             if self.backoff && off_cpu > POLL_OFF_CPU_MAX {
                 self.stats.backoffs += 1;
-                let now = Instant::now();
                 let backoff = match self.last_backoff {
                     Some((at, previous)) if now.duration_since(at) < POLL_BACKOFF_MEMORY => {
                         (previous * 2).min(POLL_CONTENDED_BACKOFF)
@@ -1147,20 +1162,30 @@ impl PollWindow {
 
     /// The worker goes to sleep with notifications on.
     fn sleeping(&mut self) {
+        self.sleeping_at(Instant::now());
+    }
+
+    /// [`PollWindow::sleeping`] at `now`.
+    fn sleeping_at(&mut self, now: Instant) {
         self.stats.sleeps += 1;
-        self.slept = Some((Instant::now(), std::mem::take(&mut self.last_idle_poll)));
+        self.slept = Some((now, std::mem::take(&mut self.last_idle_poll)));
     }
 
     /// The worker was woken for the queue (or found requests right after re-enabling
     /// notifications): the driver's gap since the end of the last batch decides the window.
     fn woken(&mut self) {
+        self.woken_at(Instant::now());
+    }
+
+    /// [`PollWindow::woken`] at `now`.
+    fn woken_at(&mut self, now: Instant) {
         let Some((at, polled_before)) = self.slept.take() else {
             return;
         };
         // The gap measured here includes the worker's own wake-up (tens of µs for a halted vCPU
         // in a VM): after a short poll, a gap of up to twice the maximum may still be one the
         // maximum window covers; after a long poll that found nothing, it is not.
-        let gap = at.elapsed() + polled_before;
+        let gap = now.saturating_duration_since(at) + polled_before;
         self.stats.wakes += 1;
         self.stats.gaps += gap;
         let coverable = gap <= self.max || (gap < self.max * 2 && self.window < self.max / 2);
@@ -1418,48 +1443,58 @@ mod poll_window_tests {
     use super::*;
 
     /// The worker polled its whole window without finding anything, slept, and was woken
-    /// `slept` later.
-    fn gap(poll: &mut PollWindow, slept: Duration) {
-        let polled = poll.window();
-        poll.polled(Polled::Idle, polled, Some(Duration::ZERO));
-        poll.sleeping();
-        poll.slept = poll.slept.map(|(at, before)| (at - slept, before));
-        poll.woken();
+    /// `slept` later. `now` is the test's clock: it moves by the poll and the sleep only, so no
+    /// assertion depends on how fast the test itself runs (cargo runs tests in parallel, on a
+    /// loaded machine).
+    fn gap(poll: &mut PollWindow, now: &mut Instant, slept: Duration) {
+        let polled = poll.window_at(*now);
+        *now += polled;
+        poll.polled_at(Polled::Idle, polled, Some(Duration::ZERO), *now);
+        poll.sleeping_at(*now);
+        *now += slept;
+        poll.woken_at(*now);
     }
 
     #[test]
     fn long_gaps_shrink_the_window_to_nothing_and_short_ones_grow_it_back() {
         let max = Duration::from_micros(64);
         let mut poll = PollWindow::new(max, true);
-        assert_eq!(poll.window(), max);
-        poll.polled(
+        let mut now = Instant::now();
+        assert_eq!(poll.window_at(now), max);
+        now += Duration::from_micros(10);
+        poll.polled_at(
             Polled::Work,
             Duration::from_micros(10),
             Some(Duration::ZERO),
+            now,
         );
-        assert_eq!(poll.window(), max, "a successful poll keeps the window");
+        assert_eq!(
+            poll.window_at(now),
+            max,
+            "a successful poll keeps the window"
+        );
         // The guest goes quiet: each gap is far longer than any window.
         let mut windows = Vec::new();
-        while !poll.window().is_zero() {
-            gap(&mut poll, Duration::from_millis(5));
-            windows.push(poll.window().as_micros());
+        while !poll.window_at(now).is_zero() {
+            gap(&mut poll, &mut now, Duration::from_millis(5));
+            windows.push(poll.window_at(now).as_micros());
             assert!(windows.len() <= 8, "never stops polling: {windows:?}");
         }
         assert_eq!(windows, [32, 16, 8, 4, 0]);
         // The driver's next request came right after the worker went to sleep: poll again.
-        gap(&mut poll, Duration::from_micros(5));
-        assert_eq!(poll.window(), max / POLL_START_FRACTION);
-        gap(&mut poll, Duration::from_micros(5));
-        assert_eq!(poll.window(), max / 2);
+        gap(&mut poll, &mut now, Duration::from_micros(5));
+        assert_eq!(poll.window_at(now), max / POLL_START_FRACTION);
+        gap(&mut poll, &mut now, Duration::from_micros(5));
+        assert_eq!(poll.window_at(now), max / 2);
         // Woken without having slept (a re-armed kick after a bounded batch): no change.
-        poll.woken();
-        assert_eq!(poll.window(), max / 2);
-        gap(&mut poll, Duration::from_micros(5));
-        assert_eq!(poll.window(), max, "never above the maximum");
+        poll.woken_at(now);
+        assert_eq!(poll.window_at(now), max / 2);
+        gap(&mut poll, &mut now, Duration::from_micros(5));
+        assert_eq!(poll.window_at(now), max, "never above the maximum");
         // A poll of the whole maximum found nothing and the request came later: no window
         // covers that gap, shrink.
-        gap(&mut poll, Duration::from_micros(5));
-        assert_eq!(poll.window(), max / 2);
+        gap(&mut poll, &mut now, Duration::from_micros(5));
+        assert_eq!(poll.window_at(now), max / 2);
         let stats = poll.stats;
         assert_eq!(stats.polls, 10);
         assert_eq!(stats.found, 1);
@@ -1476,18 +1511,29 @@ mod poll_window_tests {
         let max = Duration::from_micros(200);
         let round_trip = Duration::from_micros(70);
         let mut poll = PollWindow::new(max, true);
+        let mut now = Instant::now();
         poll.window = max / POLL_MIN_FRACTION;
         for _ in 0..4 {
-            let window = poll.window();
+            let window = poll.window_at(now);
             if window >= round_trip {
                 break;
             }
-            gap(&mut poll, round_trip - window);
+            gap(&mut poll, &mut now, round_trip - window);
         }
-        assert!(poll.window() >= round_trip, "window {:?}", poll.window());
+        assert!(
+            poll.window_at(now) >= round_trip,
+            "window {:?}",
+            poll.window_at(now)
+        );
         // Once it covers the round trip, every poll finds the request and the window stays.
-        poll.polled(Polled::Work, round_trip, Some(Duration::from_micros(5)));
-        assert!(poll.window() >= round_trip);
+        now += round_trip;
+        poll.polled_at(
+            Polled::Work,
+            round_trip,
+            Some(Duration::from_micros(5)),
+            now,
+        );
+        assert!(poll.window_at(now) >= round_trip);
     }
 
     #[test]
@@ -1497,11 +1543,12 @@ mod poll_window_tests {
         let max = Duration::from_micros(100);
         let gap_length = Duration::from_micros(160);
         let mut poll = PollWindow::new(max, true);
+        let mut now = Instant::now();
         let mut windows = Vec::new();
         for _ in 0..8 {
-            let window = poll.window();
-            gap(&mut poll, gap_length.saturating_sub(window));
-            windows.push(poll.window().as_micros());
+            let window = poll.window_at(now);
+            gap(&mut poll, &mut now, gap_length.saturating_sub(window));
+            windows.push(poll.window_at(now).as_micros());
         }
         assert!(
             windows[2..].iter().all(|&w| w <= 50),
@@ -1513,68 +1560,63 @@ mod poll_window_tests {
     fn only_a_long_time_off_the_core_backs_polling_off() {
         let max = Duration::from_micros(64);
         let mut poll = PollWindow::new(max, true);
+        let mut now = Instant::now();
+        let slice = Duration::from_millis(3);
         // The client took the core for a few µs while the worker yielded: keep polling.
-        poll.polled(Polled::Work, max, Some(Duration::from_micros(8)));
-        assert_eq!(poll.window(), max);
+        poll.polled_at(Polled::Work, max, Some(Duration::from_micros(8)), now);
+        assert_eq!(poll.window_at(now), max);
         // Unknown CPU time: keep polling.
-        poll.polled(Polled::Work, max, None);
-        assert_eq!(poll.window(), max);
+        poll.polled_at(Polled::Work, max, None, now);
+        assert_eq!(poll.window_at(now), max);
         // A CPU-bound thread held the core for a scheduler slice: no polling for a while, even
         // for a prompt driver.
-        poll.polled(
-            Polled::Work,
-            Duration::from_millis(3),
-            Some(Duration::from_millis(3)),
-        );
-        assert!(poll.window().is_zero());
-        gap(&mut poll, Duration::from_micros(5));
-        assert!(poll.window().is_zero(), "polls again while contended");
+        now += slice;
+        let first_at = now;
+        poll.polled_at(Polled::Work, slice, Some(slice), now);
+        assert!(poll.window_at(now).is_zero());
+        gap(&mut poll, &mut now, Duration::from_micros(5));
+        assert!(poll.window_at(now).is_zero(), "polls again while contended");
         assert_eq!(poll.stats.backoffs, 1);
         assert_eq!(poll.stats.skipped_contended, 3);
         // The first back-off is short; another contended poll soon after doubles it.
-        let first = poll.contended_until.unwrap() - Instant::now();
-        assert!(first <= POLL_FIRST_BACKOFF, "{first:?}");
-        poll.polled(
-            Polled::Work,
-            Duration::from_millis(3),
-            Some(Duration::from_millis(3)),
-        );
-        let second = poll.contended_until.unwrap() - Instant::now();
-        assert!(second > POLL_FIRST_BACKOFF && second <= POLL_FIRST_BACKOFF * 2);
+        assert_eq!(poll.contended_until, Some(first_at + POLL_FIRST_BACKOFF));
+        now += Duration::from_millis(10);
+        poll.polled_at(Polled::Work, slice, Some(slice), now);
+        assert_eq!(poll.contended_until, Some(now + POLL_FIRST_BACKOFF * 2));
         for _ in 0..10 {
-            poll.polled(
-                Polled::Work,
-                Duration::from_millis(3),
-                Some(Duration::from_millis(3)),
-            );
+            now += Duration::from_millis(10);
+            poll.polled_at(Polled::Work, slice, Some(slice), now);
         }
-        let longest = poll.contended_until.unwrap() - Instant::now();
-        assert!(longest > POLL_CONTENDED_BACKOFF / 2 && longest <= POLL_CONTENDED_BACKOFF);
-        // The back-off is over: polling resumes.
-        poll.contended_until = Some(Instant::now() - Duration::from_millis(1));
-        assert!(!poll.window().is_zero());
-        // Long after the last contention, the next back-off is short again.
-        poll.last_backoff = poll
-            .last_backoff
-            .map(|(at, length)| (at - POLL_BACKOFF_MEMORY, length));
-        poll.polled(
-            Polled::Work,
-            Duration::from_millis(3),
-            Some(Duration::from_millis(3)),
+        assert_eq!(
+            poll.contended_until,
+            Some(now + POLL_CONTENDED_BACKOFF),
+            "the back-off doubles up to its longest"
         );
-        assert!(poll.contended_until.unwrap() - Instant::now() <= POLL_FIRST_BACKOFF);
+        assert_eq!(poll.stats.backoffs, 12);
+        // Not before the back-off is over; then polling resumes.
+        assert!(poll
+            .window_at(now + POLL_CONTENDED_BACKOFF - Duration::from_micros(1))
+            .is_zero());
+        now += POLL_CONTENDED_BACKOFF;
+        assert!(!poll.window_at(now).is_zero());
+        // Long after the last contention, the next back-off is short again.
+        now += POLL_BACKOFF_MEMORY;
+        poll.polled_at(Polled::Work, slice, Some(slice), now);
+        assert_eq!(poll.contended_until, Some(now + POLL_FIRST_BACKOFF));
     }
 
     #[test]
     fn without_backoff_a_contended_poll_keeps_polling() {
         let max = Duration::from_micros(64);
         let mut poll = PollWindow::new(max, false);
-        poll.polled(
+        let now = Instant::now();
+        poll.polled_at(
             Polled::Work,
             Duration::from_millis(3),
             Some(Duration::from_millis(3)),
+            now,
         );
-        assert_eq!(poll.window(), max);
+        assert_eq!(poll.window_at(now), max);
         assert_eq!(poll.stats.backoffs, 0);
         assert_eq!(
             poll.stats.off_cpu,

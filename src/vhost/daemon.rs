@@ -178,6 +178,9 @@ struct Control {
     wake: EventNotifier,
     /// The connection being served, to end it on stop.
     current: Mutex<Option<ShutdownHandle>>,
+    /// Tests only: whether the backend of the connection served last has seen its end.
+    #[cfg(test)]
+    last_connection_ended: Mutex<Option<Box<dyn Fn() -> bool + Send>>>,
 }
 
 /// Asks a running [`Daemon::serve`] to end (from a signal handler thread).
@@ -197,6 +200,15 @@ impl StopHandle {
         if let Err(e) = self.control.wake.notify() {
             tracing::warn!("cannot wake the listener loop: {e}");
         }
+    }
+
+    /// Tests only: true once the backend of the connection served last has seen the connection
+    /// end (or is gone); false before any connection.
+    #[cfg(test)]
+    pub(crate) fn last_connection_ended(&self) -> bool {
+        lock(&self.control.last_connection_ended)
+            .as_ref()
+            .is_some_and(|ended| ended())
     }
 }
 
@@ -263,6 +275,8 @@ impl<D: Device> Daemon<D> {
                 stopping: AtomicBool::new(false),
                 wake,
                 current: Mutex::new(None),
+                #[cfg(test)]
+                last_connection_ended: Mutex::new(None),
             }),
             epoll,
             _wake_consumer: wake_consumer,
@@ -321,6 +335,14 @@ impl<D: Device> Daemon<D> {
             ConnectionBackend::new(Arc::clone(&self.disk), mem.clone(), self.config.queue_size)
                 .with_polling(self.config.poll_max, self.config.poll_backoff),
         );
+        #[cfg(test)]
+        {
+            let weak = Arc::downgrade(&backend);
+            *lock(&self.control.last_connection_ended) = Some(Box::new(move || {
+                weak.upgrade()
+                    .is_none_or(|backend| backend.connection_ended())
+            }));
+        }
         let mut daemon = VhostUserDaemon::new("insitu-blk".to_string(), Arc::clone(&backend), mem)
             .map_err(|e| DaemonError::Connection(e.to_string()))?;
         // A connection is pending (epoll said so; the listener does not block). A connection
