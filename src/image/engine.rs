@@ -158,11 +158,10 @@ fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
 }
 
 /// Gives the allocator's free memory back to the kernel; called when the image goes idle or
-/// parks. The write-back buffer's entries (a cluster each, up to `--write-buffer` in all) and
-/// the workers' scratch are freed once used, but glibc keeps freed chunks below its mmap
-/// threshold in its arenas: without this an idle backend stays at its busiest resident size
-/// (measured with the side-by-side bench, 64 KiB clusters: 9 MiB before 4 KiB random writes,
-/// 52 MiB idle after them, with the default 32 MiB write-back buffer).
+/// parks. The write-back buffer's pages (up to `--write-buffer` in all) are freed once their
+/// cluster is stored, but glibc keeps freed chunks below its mmap threshold in its arenas:
+/// without this an idle backend stays at its busiest resident size (measured with the
+/// side-by-side bench, 64 KiB clusters: 51 MiB idle after 4 KiB random writes, 13 MiB with it).
 pub(crate) fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions: it takes each arena's lock itself and only

@@ -669,8 +669,16 @@ impl Image {
             life.lock_held = false;
             log::info!("image quiesced, lock released");
         }
-        // A paused or migrated-away guest's backend holds on to nothing it freed.
-        engine::release_free_memory();
+        // A paused guest's backend (a quiesce: the only park that leaves freed space listed)
+        // holds on to nothing it freed. On a thread of its own: the trim (milliseconds of
+        // madvise after a burst) must not lengthen the pause or the migration hand-over that
+        // waits for this quiesce. No thread, no trim: nothing is lost. A close or drop ends the
+        // image (and usually the process): no trim.
+        if !reclaim {
+            let _ = std::thread::Builder::new()
+                .name("insitu-trim".into())
+                .spawn(engine::release_free_memory);
+        }
         result
     }
 

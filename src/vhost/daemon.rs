@@ -84,8 +84,9 @@ pub struct DaemonConfig {
     pub poll_max: Duration,
     /// Whether a worker that was kept off its core while it polled stops polling for a while
     /// (see `PollWindow`). On: the right choice when workers share cores with vCPUs or other
-    /// work, where spinning costs the guest. Off: for workers with cores of their own (pinned
-    /// to isolated CPUs), and for tests that assert what polling does on a loaded machine.
+    /// work, where spinning costs the guest; `serve` always turns it on. Off: for tests that
+    /// assert what polling does on a loaded machine, and for an embedder whose workers have
+    /// cores of their own (pinned to isolated CPUs).
     pub poll_backoff: bool,
 }
 

@@ -49,15 +49,23 @@ impl Core {
     ) -> Result<bool> {
         let (s, _) = locate(c);
         let cell = &self.table.cells[s];
-        let complete = {
-            let mut st = lock(&cell.stripe);
-            match st.buffered.get_mut(&c) {
-                Some(b) => {
-                    b.merge(at, d);
-                    Some(b.is_complete())
-                }
-                None => None,
+        // Pages the entry lacks are allocated before the lock is taken for the copy (this thread
+        // holds the cluster: the entry cannot gain or lose pages in between; if it did, `merge`
+        // would still allocate what it lacks).
+        let missing = lock(&cell.stripe)
+            .buffered
+            .get(&c)
+            .map(|b| b.pages_missing(at, d.len()));
+        let mut spare = Buffered::new_pages(missing.unwrap_or(0));
+        let complete = match missing {
+            Some(_) => {
+                let mut st = lock(&cell.stripe);
+                st.buffered.get_mut(&c).map(|b| {
+                    b.merge(at, d, &mut spare);
+                    b.is_complete()
+                })
             }
+            None => None,
         };
         let complete = match complete {
             Some(complete) => complete,
@@ -75,7 +83,7 @@ impl Core {
                 // Allocated outside the stripe lock; nobody else adds an entry for `c` (this
                 // thread holds the cluster).
                 let mut b = Box::new(Buffered::new(self.layout.cluster_size as usize));
-                b.merge(at, d);
+                b.merge(at, d, &mut spare);
                 let complete = b.is_complete();
                 lock(&cell.stripe).buffered.insert(c, b);
                 complete
