@@ -1915,6 +1915,39 @@ fn wait_for_hangup(fe: &TestFrontend) {
     );
 }
 
+/// `fe` hung up while the fake device held one of its requests, with `at_close` completed:
+/// once the backend has seen the hang-up, the held request is released and a next frontend is
+/// served (one connection at a time, so by then the first one's workers are gone and whatever
+/// they did is in its ring). Nothing may have completed after the hang-up, no head twice, and
+/// no request been taken after it.
+fn assert_nothing_completed_after_the_hang_up(served: &Served, fe: &TestFrontend, at_close: u16) {
+    let seen = wait_until(Duration::from_secs(10), || {
+        served.stop.last_connection_ended()
+    });
+    served.device().release();
+    let mut next = TestFrontend::connect(&served.socket, 1);
+    next.start_queue(0);
+    let status = next.submit(0);
+    next.wait_used(0, 1);
+    assert_eq!(next.status(status), 0);
+    assert_eq!(
+        fe.used_idx(0),
+        at_close,
+        "completed after the frontend left"
+    );
+    assert!(
+        seen,
+        "the backend did not see the frontend's hang-up within 10 s"
+    );
+    assert_no_head_returned_twice(fe, at_close);
+    // Those completed, the held one (executed, never completed) and the next frontend's.
+    assert_eq!(
+        served.device().processed.load(Ordering::SeqCst),
+        usize::from(at_close) + 2,
+        "a request was taken after the frontend left"
+    );
+}
+
 /// The used ring's entries `0..count` name distinct heads.
 fn assert_no_head_returned_twice(fe: &TestFrontend, count: u16) {
     let ids = fe.used_ids(0, 0, count);
@@ -1986,33 +2019,7 @@ fn after_the_frontend_closes_nothing_more_is_completed() {
     let rc = unsafe { libc::shutdown(fe.frontend.as_raw_fd(), libc::SHUT_RDWR) };
     assert_eq!(rc, 0);
     let at_close = fe.used_idx(0);
-    let seen = wait_until(Duration::from_secs(10), || {
-        served.stop.last_connection_ended()
-    });
-    served.device().release();
-    // The daemon serves the next frontend: one connection at a time, so by then the first
-    // one's workers are gone and whatever they did is in its ring.
-    let mut next = TestFrontend::connect(&served.socket, 1);
-    next.start_queue(0);
-    let status = next.submit(0);
-    next.wait_used(0, 1);
-    assert_eq!(next.status(status), 0);
-    assert_eq!(
-        fe.used_idx(0),
-        at_close,
-        "completed after the frontend left"
-    );
-    assert!(
-        seen,
-        "the backend did not see the frontend leave within 10 s"
-    );
-    assert_no_head_returned_twice(&fe, at_close);
-    // Those completed, the held one (executed, never completed) and the next frontend's.
-    assert_eq!(
-        served.device().processed.load(Ordering::SeqCst),
-        usize::from(at_close) + 2,
-        "a request was taken after the frontend left"
-    );
+    assert_nothing_completed_after_the_hang_up(&served, &fe, at_close);
     drop(fe);
     served.stop();
 }
@@ -2071,32 +2078,7 @@ fn a_hang_up_after_a_refused_and_a_pipelined_message_is_seen_during_the_drain() 
         .unwrap();
     stream.shutdown(std::net::Shutdown::Both).unwrap();
     let at_close = fe.used_idx(0);
-    let seen = wait_until(Duration::from_secs(10), || {
-        served.stop.last_connection_ended()
-    });
-    served.device().release();
-    // The daemon serves the next frontend: one connection at a time, so by then the first
-    // one's workers are gone and whatever they did is in its ring.
-    let mut next = TestFrontend::connect(&served.socket, 1);
-    next.start_queue(0);
-    let status = next.submit(0);
-    next.wait_used(0, 1);
-    assert_eq!(next.status(status), 0);
-    assert_eq!(
-        fe.used_idx(0),
-        at_close,
-        "completed after the frontend left"
-    );
-    assert!(
-        seen,
-        "the backend did not see the frontend's hang-up within 10 s"
-    );
-    // Those completed, the held one (executed, never completed) and the next frontend's.
-    assert_eq!(
-        served.device().processed.load(Ordering::SeqCst),
-        usize::from(at_close) + 2,
-        "a request was taken during the drain"
-    );
+    assert_nothing_completed_after_the_hang_up(&served, &fe, at_close);
     drop(fe);
     served.stop();
 }
