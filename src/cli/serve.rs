@@ -120,9 +120,8 @@ pub struct ServeArgs {
     pub poll_max_us: u64,
 
     /// RAM for small writes held back and merged per cluster until the cluster is complete, the
-    /// next FLUSH or the timer commit, in 4 KiB pages of what was written (default 32M per
-    /// image; 0 stores each write at once). Like a disk's write cache: a FLUSH makes them
-    /// durable.
+    /// next FLUSH or the timer commit (default 32M per image; 0 stores each write at once).
+    /// Like a disk's write cache: a FLUSH makes them durable.
     #[arg(long, value_name = "SIZE")]
     pub write_buffer: Option<ByteSize>,
 }

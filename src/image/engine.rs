@@ -364,12 +364,10 @@ pub struct Core {
     stale_queue: Mutex<VecDeque<(u32, u32, u64)>>,
     /// Clusters' stale-unit entries (one per cluster and slot) right now.
     stale_entries: AtomicUsize,
-    /// Most 4 KiB pages the write-back buffer holds (0: no buffering).
+    /// Most clusters the write-back buffer holds (0: no buffering).
     wb_limit: usize,
     /// Clusters in the write-back buffer.
     wb_entries: std::sync::atomic::AtomicUsize,
-    /// Pages the write-back buffer's entries hold.
-    wb_pages: std::sync::atomic::AtomicUsize,
     /// A loss found at load (see `Image::recovered_after_unclean_shutdown`) that no successful
     /// FLUSH has followed yet: the guest may not know. Every clean-close marker (quiesce, close,
     /// idle) records it, so a backend restarted before the guest's next FLUSH still reports it.
@@ -453,7 +451,7 @@ impl Core {
         let wb_limit = if read_only {
             0
         } else {
-            usize::try_from(write_buffer_bytes / format::BLOCK).unwrap_or(usize::MAX)
+            (write_buffer_bytes / u64::from(layout.cluster_size)) as usize
         };
         let geometry = Geometry {
             size: layout.size,
@@ -510,7 +508,6 @@ impl Core {
             stale_entries: AtomicUsize::new(0),
             wb_limit,
             wb_entries: std::sync::atomic::AtomicUsize::new(0),
-            wb_pages: std::sync::atomic::AtomicUsize::new(0),
             loss_unreported: AtomicBool::new(false),
             idle_marking: AtomicBool::new(false),
             idle_marker_turn: Mutex::new(()),

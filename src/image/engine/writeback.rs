@@ -19,11 +19,8 @@
 //! its stripe until the version made from it is published, so a FLUSH that looks for buffered
 //! clusters while another thread stores one waits for that cluster and then finds it stored.
 //!
-//! RAM is bounded by `wb_limit` 4 KiB pages (`--write-buffer`): an entry holds the pages its
-//! writes touched. When the buffer is full, a partial write to a cluster without an entry is
-//! stored at once (the old read-modify-write path), and one that adds pages to an entry stores
-//! that entry at once: the buffer never exceeds its budget by more than a cluster per writing
-//! thread.
+//! RAM is bounded by `wb_limit` entries of one cluster each: when the buffer is full, partial
+//! writes to clusters without an entry are stored at once (the old read-modify-write path).
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
@@ -59,50 +56,40 @@ impl Core {
             .buffered
             .get(&c)
             .map(|b| b.pages_missing(at, d.len()));
+        let mut spare = Buffered::new_pages(missing.unwrap_or(0));
         let complete = match missing {
-            Some(missing) => {
-                let mut spare = Buffered::new_pages(missing);
-                let merged = {
-                    let mut st = lock(&cell.stripe);
-                    st.buffered.get_mut(&c).map(|b| {
-                        let added = b.merge(at, d, &mut spare);
-                        (added, b.is_complete())
-                    })
-                };
-                merged.map(|(added, complete)| {
-                    // Over the budget: this entry is stored now, so RAM stays within the
-                    // budget plus one cluster per writing thread.
-                    let pages = self.wb_pages.fetch_add(added, Ordering::AcqRel) + added;
-                    complete || (added > 0 && pages > self.wb_limit)
+            Some(_) => {
+                let mut st = lock(&cell.stripe);
+                st.buffered.get_mut(&c).map(|b| {
+                    b.merge(at, d, &mut spare);
+                    b.is_complete()
                 })
             }
             None => None,
         };
-        let store = match complete {
-            Some(store) => store,
+        let complete = match complete {
+            Some(complete) => complete,
             None => {
-                let needed = Buffered::pages_touched(at, d.len());
-                if self.wb_pages.fetch_add(needed, Ordering::AcqRel) + needed > self.wb_limit {
-                    self.wb_pages.fetch_sub(needed, Ordering::AcqRel);
+                if self.wb_entries.fetch_add(1, Ordering::AcqRel) >= self.wb_limit {
+                    self.wb_entries.fetch_sub(1, Ordering::AcqRel);
                     return Ok(false);
                 }
                 // The stored version is verified now (not decoded): a partial write into a
                 // corrupt cluster fails itself (I4), not a later FLUSH.
                 if let Err(e) = self.verify_stored(c, &cur) {
-                    self.wb_pages.fetch_sub(needed, Ordering::AcqRel);
+                    self.wb_entries.fetch_sub(1, Ordering::AcqRel);
                     return Err(e);
                 }
                 // Allocated outside the stripe lock; nobody else adds an entry for `c` (this
                 // thread holds the cluster).
                 let mut b = Box::new(Buffered::new(self.layout.cluster_size as usize));
-                b.merge(at, d, &mut Vec::new());
+                b.merge(at, d, &mut spare);
                 let complete = b.is_complete();
-                self.wb_entries.fetch_add(1, Ordering::AcqRel);
                 lock(&cell.stripe).buffered.insert(c, b);
                 complete
             }
         };
-        if store {
+        if complete {
             self.buffer_store(c, cur, changes)?;
         }
         Ok(true)
@@ -115,9 +102,12 @@ impl Core {
             return;
         }
         let (s, _) = locate(c);
-        let removed = lock(&self.table.cells[s].stripe).buffered.remove(&c);
-        if let Some(b) = removed {
-            self.forget_entry(&b);
+        if lock(&self.table.cells[s].stripe)
+            .buffered
+            .remove(&c)
+            .is_some()
+        {
+            self.wb_entries.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -151,18 +141,10 @@ impl Core {
             }
             self.write_locked(c, cur, changes, Change::Full(&content))
         })?;
-        let removed = lock(&cell.stripe).buffered.remove(&c);
-        if let Some(b) = removed {
-            self.forget_entry(&b);
+        if lock(&cell.stripe).buffered.remove(&c).is_some() {
+            self.wb_entries.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(())
-    }
-
-    /// Accounts for an entry taken out of the buffer (dropped by the caller, outside any
-    /// stripe lock).
-    fn forget_entry(&self, b: &Buffered) {
-        self.wb_pages.fetch_sub(b.page_count(), Ordering::AcqRel);
-        self.wb_entries.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Reads the stored version `cur` of cluster `c` and checks its crc32c.
@@ -307,7 +289,6 @@ impl Core {
             st.buffered.clear();
         }
         self.wb_entries.store(0, Ordering::Release);
-        self.wb_pages.store(0, Ordering::Release);
         if dropped > 0 {
             log::warn!("{dropped} clusters of buffered writes dropped at reload");
         }
