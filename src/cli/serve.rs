@@ -6,9 +6,9 @@
 //!
 //! Life of the process: open the image quiesced (superblock only, no lock), listen at once, serve
 //! one frontend connection after another; the device resumes (takes the writer lock) when the
-//! frontend starts a ring and quiesces when it stops them or disconnects. SIGTERM/SIGINT (and SIGHUP, SIGQUIT) end the
-//! current connection, commit, checkpoint and close the image, and exit 0. SIGUSR1 logs live
-//! statistics (so does `--stats-interval`).
+//! frontend starts a ring and quiesces when it stops them or disconnects. SIGTERM, SIGINT,
+//! SIGHUP and SIGQUIT end the current connection, commit, checkpoint and close the image, and
+//! exit 0. SIGUSR1 logs live statistics (so does `--stats-interval`).
 
 use std::path::PathBuf;
 use std::sync::mpsc;

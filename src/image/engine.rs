@@ -877,11 +877,20 @@ impl Core {
 
     /// Writes `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.mutate(offset, data.len() as u64, || {
+            self.write_clusters(offset, data)
+        })
+    }
+
+    /// A guest write or zeroing of `len` bytes at `offset`, done by `store`: checked, counted
+    /// as a running request while it stores (what [`Core::mark_idle_if_quiet`] looks for), and
+    /// followed by the reopening of a journal the writer ended with an idle marker meanwhile.
+    fn mutate(&self, offset: u64, len: u64, store: impl FnOnce() -> Result<()>) -> Result<()> {
         self.writable()?;
-        self.check_range(offset, data.len() as u64)?;
+        self.check_range(offset, len)?;
         let _op = self.enter()?;
         self.shard().writes.fetch_add(1, Ordering::Relaxed);
-        let stored = self.write_clusters(offset, data);
+        let stored = store();
         let reopened = self.reopen_after_idle_marker();
         stored.and(reopened)
     }
@@ -907,13 +916,7 @@ impl Core {
 
     /// Zeroes a range: whole clusters become zero entries, partial ones are merged.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        self.writable()?;
-        self.check_range(offset, len)?;
-        let _op = self.enter()?;
-        self.shard().writes.fetch_add(1, Ordering::Relaxed);
-        let stored = self.zero_clusters(offset, len);
-        let reopened = self.reopen_after_idle_marker();
-        stored.and(reopened)
+        self.mutate(offset, len, || self.zero_clusters(offset, len))
     }
 
     fn zero_clusters(&self, offset: u64, len: u64) -> Result<()> {
@@ -1862,8 +1865,8 @@ impl Core {
     /// Writer thread, after a timer commit that found nothing to commit (and a FLUSH that
     /// reported a loss): when nothing the guest completed is left uncommitted and no request
     /// runs, ends the journal with a clean-close marker (once per idle spell; pwritten, not
-    /// flushed). A backend
-    /// killed from here on loses nothing, and the next one tells the guest nothing: its next
+    /// flushed). A backend killed from here on loses nothing, and the next one tells the guest
+    /// nothing: its next
     /// FLUSH succeeds instead of failing for writes that are not lost (an ext4 guest aborts its
     /// journal on a failed FLUSH). The marker says the space may hold unreferenced regions
     /// ([`format::RECORD_SPACE_UNRECLAIMED`]): freed space may still wait for its punch, and
@@ -1956,8 +1959,9 @@ impl Core {
 
     /// End of every write, WRITE_ZEROES and DISCARD (while its request still counts as running):
     /// when the writer has ended, or is ending, the journal with an idle marker, replaces it with
-    /// an empty record without flags before the request completes, so that a backend killed later does not take the
-    /// image for cleanly closed and the next one tells the guest about the writes it lost. The
+    /// an empty record without flags before the request completes, so that a backend killed
+    /// later does not take the image for cleanly closed and the next one tells the guest about
+    /// the writes it lost. The
     /// flag goes down only after that record is written: a mutation that finds it down knows the
     /// journal is open.
     fn reopen_after_idle_marker(&self) -> Result<()> {

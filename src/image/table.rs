@@ -178,8 +178,6 @@ pub struct Buffered {
     pages: Vec<Option<Box<[u8; BUFFER_PAGE]>>>,
     /// Bit per 512-byte sector written.
     written: [u64; MAX_SECTORS / 64],
-    /// The cluster size.
-    len: usize,
 }
 
 /// Allocation unit of a write-back buffer entry.
@@ -189,11 +187,8 @@ impl Buffered {
     /// An empty entry for a cluster of `cluster_size` bytes (a multiple of 4 KiB).
     pub fn new(cluster_size: usize) -> Buffered {
         Buffered {
-            pages: (0..cluster_size.div_ceil(BUFFER_PAGE))
-                .map(|_| None)
-                .collect(),
+            pages: vec![None; cluster_size.div_ceil(BUFFER_PAGE)],
             written: [0; MAX_SECTORS / 64],
-            len: cluster_size,
         }
     }
 
@@ -248,7 +243,7 @@ impl Buffered {
 
     /// True when the whole cluster was written (its stored version is not needed any more).
     pub fn is_complete(&self) -> bool {
-        self.covers(0, self.len)
+        self.covers(0, self.pages.len() * BUFFER_PAGE)
     }
 
     /// Copies the written sectors of `at..at + out.len()` into `out` (all of it when

@@ -56,17 +56,14 @@ impl Core {
             .buffered
             .get(&c)
             .map(|b| b.pages_missing(at, d.len()));
-        let mut spare = Buffered::new_pages(missing.unwrap_or(0));
-        let complete = match missing {
-            Some(_) => {
-                let mut st = lock(&cell.stripe);
-                st.buffered.get_mut(&c).map(|b| {
-                    b.merge(at, d, &mut spare);
-                    b.is_complete()
-                })
-            }
-            None => None,
-        };
+        let complete = missing.and_then(|missing| {
+            let mut spare = Buffered::new_pages(missing);
+            let mut st = lock(&cell.stripe);
+            st.buffered.get_mut(&c).map(|b| {
+                b.merge(at, d, &mut spare);
+                b.is_complete()
+            })
+        });
         let complete = match complete {
             Some(complete) => complete,
             None => {
@@ -83,7 +80,7 @@ impl Core {
                 // Allocated outside the stripe lock; nobody else adds an entry for `c` (this
                 // thread holds the cluster).
                 let mut b = Box::new(Buffered::new(self.layout.cluster_size as usize));
-                b.merge(at, d, &mut spare);
+                b.merge(at, d, &mut Vec::new());
                 let complete = b.is_complete();
                 lock(&cell.stripe).buffered.insert(c, b);
                 complete
